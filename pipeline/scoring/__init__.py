@@ -1,0 +1,23 @@
+"""Per-sample acquisition scores: LPLgrad gradient norms and the uncertainty baselines.
+
+`gradnorm_scores` is the production scorer (one batched forward and backward);
+`reference_gradnorm_scores` and `vmap_gradnorm_scores` exist to check and benchmark it.
+"""
+
+from pipeline.scoring.gradnorm import BatchScores, GradNormScorer, Norm, combine_norms, gradnorm_scores
+from pipeline.scoring.reference import reference_gradnorm_scores, vmap_gradnorm_scores
+from pipeline.scoring.uncertainty import entropy, least_confidence, margin, top2
+
+__all__ = [
+    "BatchScores",
+    "GradNormScorer",
+    "Norm",
+    "combine_norms",
+    "entropy",
+    "gradnorm_scores",
+    "least_confidence",
+    "margin",
+    "reference_gradnorm_scores",
+    "top2",
+    "vmap_gradnorm_scores",
+]

@@ -1,0 +1,207 @@
+"""Per-sample parameter gradients of one layer call, from the layer's input and output gradient.
+
+Each rule answers, for one call of a layer in a batched backward pass, either the squared L2 norm
+of every sample's gradient of each parameter ([B]), or the per-sample gradient itself
+([B, *param.shape]) when the caller must add several uses of the same parameter first.
+
+For a layer y = W a (per position t), the per-sample weight gradient is
+    G_b = sum_t g_{b,t} a_{b,t}^T,
+whose squared norm can be computed two ways (Li et al. 2022, "ghost clipping"):
+    materialise: build G_b ([out, in]) and sum its squares      cost ~ T * in * out
+    Gram:        sum_{t,s} (a_t . a_s) (g_t . g_s)              cost ~ T^2 * (in + out)
+Each call picks the cheaper for its own shape: early convolutions (large T) materialise,
+late ones (small T, wide channels) use the Gram form.
+
+Rules never approximate. Layers without a rule are handled by the exact fallbacks in
+``_fallback.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerRule", "rule_for", "MEMORY_BUDGET_ELEMENTS"]
+
+# Largest intermediate (in elements) a rule builds at once; batches are split to stay under it so
+# that scoring memory is bounded by the batch, not by the widest layer times the batch.
+MEMORY_BUDGET_ELEMENTS = 1 << 25
+
+LayerRule = Callable[[nn.Module, Tensor, Tensor, Sequence[str], Collection[str]], dict[str, Tensor]]
+
+
+def _chunks(batch: int, per_sample_elements: int) -> list[slice]:
+    size = max(1, MEMORY_BUDGET_ELEMENTS // max(1, per_sample_elements))
+    return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
+
+
+def _sq(t: Tensor) -> Tensor:
+    """[B, ...] -> [B] sum of squares per sample."""
+    return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+
+
+def _weight_from_patches(
+    activations: Tensor, grads: Tensor, materialize: bool
+) -> Tensor:
+    """Per-sample gradient (or its squared norm) of y[b,g,:,t] = W_g a[b,g,:,t].
+
+    Args:
+        activations: [B, G, K, T] layer inputs per group, position-major last.
+        grads: [B, G, O, T] output gradients per group.
+        materialize: return [B, G, O, K] gradients instead of [B] squared norms.
+    """
+    batch, groups, k, t = activations.shape
+    o = grads.shape[2]
+    if materialize:
+        return torch.matmul(grads, activations.transpose(-1, -2))
+    if t == 1:
+        return (_sq(activations) * _sq(grads)) if groups == 1 else (
+            activations.pow(2).sum((2, 3)) * grads.pow(2).sum((2, 3))
+        ).sum(1)
+    gram_cost = t * t * (k + o)
+    materialize_cost = t * k * o
+    out = activations.new_empty(batch)
+    if gram_cost < materialize_cost:
+        for part in _chunks(batch, 2 * groups * t * t):
+            a, g = activations[part], grads[part]
+            gram_a = torch.matmul(a.transpose(-1, -2), a)  # [b, G, T, T]
+            gram_g = torch.matmul(g.transpose(-1, -2), g)
+            out[part] = (gram_a * gram_g).sum((1, 2, 3))
+    else:
+        for part in _chunks(batch, groups * o * k):
+            out[part] = _sq(torch.matmul(grads[part], activations[part].transpose(-1, -2)))
+    return out
+
+
+def _linear(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    batch = x.shape[0]
+    # Linear on [B, ..., in]: every extra dimension is a position t sharing the weight.
+    a = x.reshape(batch, 1, -1, x.shape[-1]).transpose(-1, -2)  # [B, 1, in, T]
+    gg = g.reshape(batch, 1, -1, g.shape[-1]).transpose(-1, -2)  # [B, 1, out, T]
+    result: dict[str, Tensor] = {}
+    if "weight" in names:
+        w = _weight_from_patches(a, gg, "weight" in materialize)
+        result["weight"] = w.reshape(batch, *module.weight.shape) if "weight" in materialize else w
+    if "bias" in names:
+        gb = gg.sum(dim=-1).reshape(batch, -1)
+        result["bias"] = gb if "bias" in materialize else _sq(gb)
+    return result
+
+
+def _conv(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
+    batch = x.shape[0]
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        # Same rule as the module's own forward: pad explicitly (asymmetric for "same"), then
+        # convolve without padding.
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * (x.dim() - 2)
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    if x.dim() == 3:  # Conv1d as a Conv2d of height 1.
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+    result: dict[str, Tensor] = {}
+    out_channels, groups = g.shape[1], conv.groups
+    g = g.reshape(batch, groups, out_channels // groups, -1)  # [B, G, O, T]
+    if "weight" in names:
+        positions = g.shape[-1]
+        want_grad = "weight" in materialize
+        pieces = []
+        # (B, C, H, W) -> (B, C*kh*kw, T): unfold is the largest tensor here, so chunk the batch.
+        for part in _chunks(batch, x[0].numel() * kernel[0] * kernel[1]):
+            patches = F.unfold(x[part], kernel, dilation=dilation, padding=padding, stride=stride)
+            patches = patches.reshape(patches.shape[0], groups, -1, positions)
+            pieces.append(_weight_from_patches(patches, g[part], want_grad))
+        w = torch.cat(pieces)
+        result["weight"] = w.reshape(batch, *conv.weight.shape) if want_grad else w
+    if "bias" in names:
+        gb = g.sum(dim=-1).reshape(batch, -1)
+        result["bias"] = gb if "bias" in materialize else _sq(gb)
+    return result
+
+
+def _affine_norm(normalized: Tensor, g: Tensor, param_shape: torch.Size, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    """Per-sample gradients of y = xhat * weight + bias, weight and bias broadcast over positions.
+
+    normalized and g are [B, P, *param_shape]: P collects every position sharing the affine params.
+    """
+    result: dict[str, Tensor] = {}
+    if "weight" in names:
+        gw = (g * normalized).sum(dim=1)
+        result["weight"] = gw if "weight" in materialize else _sq(gw)
+    if "bias" in names:
+        gb = g.sum(dim=1)
+        result["bias"] = gb if "bias" in materialize else _sq(gb)
+    return result
+
+
+def _channels_last_positions(t: Tensor) -> Tensor:
+    """[B, C, *spatial] -> [B, P, C]."""
+    return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
+
+
+def _batch_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    bn: nn.modules.batchnorm._BatchNorm = module  # type: ignore[assignment]
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        # With batch statistics a sample's output depends on the rest of the batch, so a
+        # per-sample gradient is not defined by the batched pass.
+        raise ValueError(
+            f"{type(bn).__name__} uses batch statistics (training mode or track_running_stats=False); "
+            "per-sample scoring needs running statistics: call model.eval() and keep running stats"
+        )
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    normalized = (x - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var.view(shape) + bn.eps)
+    return _affine_norm(_channels_last_positions(normalized), _channels_last_positions(g), bn.weight.shape, names, materialize)
+
+
+def _layer_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    ln: nn.LayerNorm = module  # type: ignore[assignment]
+    dims = tuple(range(-len(ln.normalized_shape), 0))
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+    normalized = (x - mean) * torch.rsqrt(var + ln.eps)
+    batch = x.shape[0]
+    shape = (batch, -1, *ln.normalized_shape)
+    return _affine_norm(normalized.reshape(shape), g.reshape(shape), ln.normalized_shape, names, materialize)
+
+
+def _group_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    gn: nn.GroupNorm = module  # type: ignore[assignment]
+    batch = x.shape[0]
+    grouped = x.reshape(batch, gn.num_groups, -1)
+    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
+    normalized = ((grouped - mean) * torch.rsqrt(var + gn.eps)).reshape_as(x)
+    return _affine_norm(_channels_last_positions(normalized), _channels_last_positions(g), gn.weight.shape, names, materialize)
+
+
+_RULES: list[tuple[type[nn.Module], LayerRule]] = [
+    (nn.Linear, _linear),
+    (nn.Conv1d, _conv),
+    (nn.Conv2d, _conv),
+    (nn.modules.batchnorm._BatchNorm, _batch_norm),
+    (nn.LayerNorm, _layer_norm),
+    (nn.GroupNorm, _group_norm),
+]
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The fast rule for this layer, or None when it must take an exact fallback.
+
+    Only exact types and their plain subclasses that keep the parent's forward qualify: a subclass
+    that overrides forward computes something else, so it takes the fallback.
+    """
+    for layer_type, rule in _RULES:
+        if isinstance(module, layer_type) and _forward_owner(type(module)) is _forward_owner(layer_type):
+            return rule
+    return None
+
+
+def _forward_owner(cls: type) -> object:
+    for klass in cls.__mro__:
+        if "forward" in vars(klass):
+            return klass
+    return None

@@ -1,0 +1,372 @@
+"""LPLgrad scores for a whole batch with one forward and one backward pass.
+
+The LPLgrad score of a sample x (arXiv 2411.15217) is the norm of d H(x) / d theta, H the entropy
+of softmax(f(x)), with the model in eval mode. The authors run one backward per sample and sum the
+L2 norms of the per-tensor gradients. Here the batch is scored at once:
+
+1. Forward the batch with hooks on every layer that owns trainable parameters, recording each
+   call's inputs. In eval mode samples do not interact, so the gradient of sum_b H(x_b) w.r.t. a
+   layer's output holds every sample's own output gradient.
+2. Backward sum_b H(x_b) only down to the layer outputs: no summed parameter gradient is formed.
+   As each layer's output gradient arrives, its per-sample parameter-gradient norms are computed
+   from (input, output gradient) by the rules in `_layer_rules` and the activations are released.
+3. Parameters used more than once (a layer called twice, tied weights) have their per-sample
+   gradients materialised and added before taking the norm; layers with no rule, and parameters
+   used outside any module's forward, go through exact torch.func fallbacks.
+
+A parameter "receives a gradient" exactly when its AccumulateGrad node is reachable from the
+entropy, which is the set the authors' `p.grad is not None` loop sums over.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.scoring import _fallback
+from pipeline.scoring._layer_rules import LayerRule, rule_for
+from pipeline.scoring.uncertainty import entropy, top2
+
+__all__ = ["Norm", "BatchScores", "GradNormScorer", "gradnorm_scores", "combine_norms"]
+
+Norm = Literal["per_tensor_sum", "global"]
+NORMS: tuple[str, ...] = ("per_tensor_sum", "global")
+
+
+@dataclass
+class BatchScores:
+    """Everything one scoring pass yields, per sample. All tensors are [B] on the CPU.
+
+    Attributes:
+        gradnorm: LPLgrad score (NaN where invalid).
+        entropy: softmax entropy in nats.
+        margin: top-1 minus top-2 probability.
+        least_confidence: 1 - top-1 probability.
+        pred_class: argmax class (int64).
+        pred_prob: its probability.
+        predicted_loss: the loss module's prediction (LL4AL), or None without a loss module.
+        errors: per sample None, or why the sample could not be scored.
+    """
+
+    gradnorm: Tensor
+    entropy: Tensor
+    margin: Tensor
+    least_confidence: Tensor
+    pred_class: Tensor
+    pred_prob: Tensor
+    predicted_loss: Tensor | None
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def valid(self) -> Tensor:
+        """[B] bool: True where the sample was scored."""
+        return torch.tensor([e is None for e in self.errors], dtype=torch.bool)
+
+
+def combine_norms(squared: Tensor, norm: Norm) -> Tensor:
+    """[B, P] per-tensor squared norms -> [B] score.
+
+    per_tensor_sum: sum_t ||g_t|| (the authors' code); global: ||concat_t g_t||.
+    """
+    if norm == "per_tensor_sum":
+        return squared.clamp_min(0).sqrt().sum(dim=1)
+    return squared.sum(dim=1).clamp_min(0).sqrt()
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+@dataclass
+class _Call:
+    """One forward call of a hooked layer, kept until its output gradient has been used."""
+
+    module: nn.Module
+    rule: LayerRule | None
+    names: tuple[str, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    input_versions: tuple[int, ...]
+    grads: list[Tensor | None]
+    pending: int
+    source_outputs: tuple[tuple[int, Tensor], ...] = ()
+
+
+class GradNormScorer:
+    """Scores batches with LPLgrad and the uncertainty baselines in one pass.
+
+    Hooks are attached once, at construction; keep one scorer per model (a scoring actor holds
+    one for its lifetime). The hooks record only while a batch is being scored.
+
+    Args:
+        model: any classifier mapping [B, ...] float inputs to [B, C] logits.
+        norm: "per_tensor_sum" (the authors' sum of per-tensor L2 norms) or "global".
+        loss_module: optional LossNet; its predicted loss is reported, never part of the score.
+        tap: the FeatureTap feeding `loss_module` (required with it).
+    """
+
+    def __init__(self, model: nn.Module, norm: Norm = "per_tensor_sum", loss_module: nn.Module | None = None, tap: Any = None) -> None:
+        _check_norm(norm)
+        if (loss_module is None) != (tap is None):
+            raise ValueError("loss_module and tap go together: the loss module reads the tapped features")
+        self.model = model
+        self.norm: Norm = norm
+        self.loss_module = loss_module
+        self.tap = tap
+        self._recording = False
+        self._calls: list[_Call] = []
+        self._plan: dict[int, str] = {}
+        self._squared: dict[int, Tensor] = {}
+        self._summed: dict[int, Tensor] = {}
+        self._handles = [
+            module.register_forward_hook(functools.partial(self._on_forward, rule=rule_for(module)), with_kwargs=True)
+            for module in model.modules()
+            if any(p is not None for p in module._parameters.values())
+        ]
+
+    def remove(self) -> None:
+        """Detach the hooks; the scorer cannot be used afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, rule: LayerRule | None) -> Any:
+        if not self._recording:
+            return None
+        names = tuple(n for n, p in module._parameters.items() if p is not None and p.requires_grad)
+        outputs = output if isinstance(output, tuple) else (output,)
+        tracked = [isinstance(o, Tensor) and o.requires_grad for o in outputs]
+        if not names or not any(tracked):
+            return None  # frozen layer, or called under no_grad: its parameters get no gradient
+        if rule is not None and (len(args) != 1 or kwargs):
+            rule = None  # an unusual call signature: let the exact fallback reproduce it
+        tensors_in = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        call = _Call(
+            module=module, rule=rule, names=names, args=args, kwargs=kwargs,
+            input_versions=tuple(t._version for t in tensors_in),
+            grads=[None] * len(outputs), pending=sum(tracked),
+        )
+        self._calls.append(call)
+        if not any(t.requires_grad for t in tensors_in):
+            # A source layer: backward stops at its output. Keep the original (nothing else holds
+            # it, so in-place ops downstream cannot change it) and give the model a copy.
+            call.source_outputs = tuple((i, o) for i, (o, t) in enumerate(zip(outputs, tracked)) if t)
+            copies = tuple(o.clone() if t else o for o, t in zip(outputs, tracked))
+            return copies if isinstance(output, tuple) else copies[0]
+        for index, (o, t) in enumerate(zip(outputs, tracked)):
+            if t:
+                # Registered before any in-place op downstream, so it fires with the gradient of
+                # the value this layer produced (torch keeps hooks with the pre-mutation node).
+                o.register_hook(functools.partial(self._on_grad, call, index))
+        return None
+
+    # -- backward --------------------------------------------------------------------------------
+
+    def _on_grad(self, call: _Call, index: int, grad: Tensor) -> None:
+        call.grads[index] = grad
+        call.pending -= 1
+        if call.pending == 0:
+            self._contribute(call)
+
+    def _contribute(self, call: _Call) -> None:
+        module = call.module
+        tensors_in = [a for a in (*call.args, *call.kwargs.values()) if isinstance(a, Tensor)]
+        if tuple(t._version for t in tensors_in) != call.input_versions:
+            raise RuntimeError(
+                f"the input of {type(module).__name__} was modified in place after the layer used it; "
+                "its per-sample gradient cannot be recovered. Make that operation out-of-place"
+            )
+        params = {n: module._parameters[n] for n in call.names}
+        wanted = [n for n in call.names if self._plan.get(id(params[n])) in ("norm", "grad")]
+        if not wanted or all(g is None for g in call.grads):
+            call.args, call.kwargs = (), {}
+            return
+        materialize = {n for n in wanted if self._plan[id(params[n])] == "grad"}
+        if call.rule is not None:
+            result = call.rule(module, call.args[0], call.grads[0], wanted, materialize)
+        else:
+            grads = _fallback.module_per_sample_grads(module, call.args, call.kwargs, call.grads, wanted)
+            result = {n: g if n in materialize else g.reshape(g.shape[0], -1).pow(2).sum(1) for n, g in grads.items()}
+        for name, value in result.items():
+            key = id(params[name])
+            if name in materialize:
+                self._summed[key] = value if key not in self._summed else self._summed[key] + value
+            else:
+                self._squared[key] = value
+        call.args, call.kwargs, call.grads = (), {}, []  # release activations as backward proceeds
+
+    def _make_plan(self, root: Any) -> list[nn.Parameter]:
+        """Decide, per parameter reaching the entropy, how its per-sample norm is obtained.
+
+        Returns the parameters that need the whole-model fallback.
+        """
+        model_params = {id(p) for p in self.model.parameters()}
+        # Leaves that are not the model's parameters (a user tensor with requires_grad) are not
+        # part of the score, as in the reference's loop over model.parameters().
+        edges = {k: v for k, v in _parameter_edges(root).items() if k in model_params}
+        rule_uses: Counter[int] = Counter()
+        fallback_uses: Counter[int] = Counter()
+        for call in self._calls:
+            for name in call.names:
+                key = id(call.module._parameters[name])
+                (rule_uses if call.rule is not None else fallback_uses)[key] += 1
+        self._plan = {}
+        whole_model: list[nn.Parameter] = []
+        for key, (param, count) in edges.items():
+            uses = rule_uses[key] + fallback_uses[key]
+            # More autograd edges than recorded layer uses means the parameter is also read
+            # outside its layer's forward: only the whole-model fallback sees every use.
+            if uses == 0 or (fallback_uses[key] == 0 and count > rule_uses[key]):
+                self._plan[key] = "model"
+                whole_model.append(param)
+            else:
+                self._plan[key] = "grad" if uses > 1 else "norm"
+        return whole_model
+
+    # -- public ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _uncertainty(self, logits: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        safe = torch.where(valid[:, None], logits, torch.zeros_like(logits))
+        p1, p2, cls = top2(safe)
+        nan = torch.full_like(p1, float("nan"))
+        return {
+            "entropy": torch.where(valid, entropy(safe), nan),
+            "margin": torch.where(valid, p1 - p2, nan),
+            "least_confidence": torch.where(valid, 1.0 - p1, nan),
+            "pred_class": torch.where(valid, cls, torch.full_like(cls, -1)),
+            "pred_prob": torch.where(valid, p1, nan),
+        }
+
+    def __call__(self, inputs: Tensor) -> BatchScores:
+        """Score a batch.
+
+        Args:
+            inputs: [B, ...] floating-point batch in the model's input format.
+
+        Returns:
+            BatchScores; samples with non-finite logits or score carry an error, never a number.
+
+        Raises:
+            ValueError: inputs that are not a floating-point batch.
+        """
+        if not self._handles:
+            raise RuntimeError("this GradNormScorer was removed; build a new one")
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 1:
+            raise ValueError(f"inputs must be a floating-point tensor [B, ...], got {type(inputs).__name__} "
+                             f"{getattr(inputs, 'dtype', '')} {tuple(getattr(inputs, 'shape', ()))}")
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        if self.loss_module is not None:
+            self.loss_module.eval()
+        try:
+            return self._score(inputs.detach())
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+            self._calls, self._plan, self._squared, self._summed = [], {}, {}, {}
+            self._recording = False
+
+    def _score(self, inputs: Tensor) -> BatchScores:
+        batch = inputs.shape[0]
+        with torch.enable_grad():
+            self._recording = True
+            if self.tap is not None:
+                with self.tap.capture() as features:
+                    logits = self.model(inputs)
+            else:
+                logits = self.model(inputs)
+            self._recording = False
+            if logits.dim() != 2 or logits.shape[0] != batch:
+                raise ValueError(f"the model must return logits [B, C]; got shape {tuple(logits.shape)} for B={batch}")
+            valid = torch.isfinite(logits.detach()).all(dim=1)
+            predicted_loss = None
+            if self.loss_module is not None:
+                with torch.no_grad():
+                    predicted_loss = self.loss_module([f.detach() for f in features]).float().cpu()
+            stats = self._uncertainty(logits.detach().float(), valid)
+            # Invalid rows get a zero objective, so their gradients never mix into anything.
+            objective = torch.where(valid, entropy(logits.float()), torch.zeros((), device=logits.device)).sum()
+            squared = self._backward(objective, inputs, batch, bool(valid.any()))
+        gradnorm = combine_norms(squared, self.norm) if squared.shape[1] else torch.zeros(batch, device=inputs.device)
+        errors: list[str | None] = []
+        for ok, g in zip(valid.tolist(), torch.isfinite(gradnorm).tolist()):
+            errors.append(None if ok and g else ("non-finite logits" if not ok else "non-finite gradient norm"))
+        ok_mask = torch.tensor([e is None for e in errors], device=gradnorm.device)
+        return BatchScores(
+            gradnorm=torch.where(ok_mask, gradnorm, torch.full_like(gradnorm, float("nan"))).cpu(),
+            predicted_loss=predicted_loss,
+            errors=errors,
+            **{k: v.cpu() for k, v in stats.items()},
+        )
+
+    def _backward(self, objective: Tensor, inputs: Tensor, batch: int, any_valid: bool) -> Tensor:
+        """Run the single backward pass; returns per-tensor squared norms [B, P]."""
+        if objective.grad_fn is None or not any_valid:
+            return torch.zeros(batch, 0, device=inputs.device)
+        whole_model = self._make_plan(objective.grad_fn)
+        sources = [(call, index, o) for call in self._calls for index, o in call.source_outputs]
+        grads = torch.autograd.grad(objective, [o for *_, o in sources] + whole_model, allow_unused=True)
+        for (call, index, _), g in zip(sources, grads):
+            if g is not None:
+                self._on_grad(call, index, g)
+        for call in self._calls:
+            if call.pending > 0 and any(g is not None for g in call.grads):
+                self._contribute(call)  # outputs that got no gradient contribute zero
+        if whole_model:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            full = _fallback.model_per_sample_grads(self.model, inputs, [names[id(p)] for p in whole_model])
+            for p in whole_model:
+                self._squared[id(p)] = full[names[id(p)]].reshape(batch, -1).pow(2).sum(1)
+        for key, summed in self._summed.items():
+            self._squared[key] = summed.reshape(batch, -1).pow(2).sum(1)
+        if not self._squared:
+            return torch.zeros(batch, 0, device=inputs.device)
+        return torch.stack(list(self._squared.values()), dim=1)
+
+
+def _parameter_edges(root: Any) -> dict[int, tuple[nn.Parameter, int]]:
+    """Leaf tensors reachable from `root` in the autograd graph, with how many edges reach each."""
+    found: dict[int, tuple[nn.Parameter, int]] = {}
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                found[id(leaf)] = (leaf, found.get(id(leaf), (leaf, 0))[1] + 1)
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return found
+
+
+def gradnorm_scores(model: nn.Module, inputs: Tensor, norm: Norm = "per_tensor_sum") -> Tensor:
+    """LPLgrad scores of a batch: one forward and one backward for the whole batch.
+
+    Args:
+        model: classifier returning [B, C] logits; scored in eval mode, its mode restored after.
+        inputs: [B, ...] floating-point batch.
+        norm: "per_tensor_sum" (sum over parameter tensors of per-tensor L2 norms, as the authors'
+            code) or "global" (one L2 norm over all parameters).
+
+    Returns:
+        [B] scores, higher meaning more worth labeling; NaN for samples with non-finite logits.
+    """
+    scorer = GradNormScorer(model, norm)
+    try:
+        return scorer(inputs).gradnorm
+    finally:
+        scorer.remove()
