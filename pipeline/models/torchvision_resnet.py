@@ -1,0 +1,46 @@
+"""torchvision's ImageNet ResNet-18/50, randomly initialised, with any number of input channels.
+
+The modules are torchvision's own (including their in-place ReLUs), so behaviour and
+module names match upstream exactly; only the stem convolution is swapped when
+``in_channels != 3``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+from torchvision.models import ResNet, resnet18 as tv_resnet18, resnet50 as tv_resnet50
+
+from pipeline.models.registry import register_model
+
+__all__ = ["resnet18", "resnet50"]
+
+
+def _build(builder: Callable[..., ResNet], num_classes: int, in_channels: int) -> ResNet:
+    # weights=None: never download; pretrained weights come in through create_model(weights=path).
+    model = builder(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        old = model.conv1
+        model.conv1 = nn.Conv2d(
+            in_channels,
+            old.out_channels,
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            bias=False,
+        )
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@register_model("resnet18", input_shape=(3, 224, 224))
+def resnet18(num_classes: int, in_channels: int) -> nn.Module:
+    """Build torchvision's ResNet-18 (BasicBlocks, ``layer4`` width 512)."""
+    return _build(tv_resnet18, num_classes, in_channels)
+
+
+@register_model("resnet50", input_shape=(3, 224, 224))
+def resnet50(num_classes: int, in_channels: int) -> nn.Module:
+    """Build torchvision's ResNet-50 (Bottlenecks, ``layer4`` width 2048)."""
+    return _build(tv_resnet50, num_classes, in_channels)
