@@ -10,7 +10,9 @@ whose squared norm can be computed two ways (Li et al. 2022, "ghost clipping"):
     materialise: build G_b ([out, in]) and sum its squares      cost ~ T * in * out
     Gram:        sum_{t,s} (a_t . a_s) (g_t . g_s)              cost ~ T^2 * (in + out)
 Each call picks the cheaper for its own shape: early convolutions (large T) materialise,
-late ones (small T, wide channels) use the Gram form.
+late ones (small T, wide channels) use the Gram form. Convolutions materialise through the
+convolution's own weight-gradient kernel with the batch folded into groups, which is as fast as
+the summed weight gradient a training step computes.
 
 Rules never approximate. Layers without a rule are handled by the exact fallbacks in
 ``_fallback.py``.
@@ -33,8 +35,9 @@ MEMORY_BUDGET_ELEMENTS = 1 << 25
 LayerRule = Callable[[nn.Module, Tensor, Tensor, Sequence[str], Collection[str]], dict[str, Tensor]]
 
 
-def _chunks(batch: int, per_sample_elements: int) -> list[slice]:
+def _chunks(batch: int, per_sample_elements: int, cap: int | None = None) -> list[slice]:
     size = max(1, MEMORY_BUDGET_ELEMENTS // max(1, per_sample_elements))
+    size = min(size, cap) if cap else size
     return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
 
 
@@ -93,36 +96,82 @@ def _linear(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], mater
 
 def _conv(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
     conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
-    batch = x.shape[0]
+    batch, spatial = x.shape[0], x.dim() - 2
     padding = conv.padding
     if isinstance(padding, str) or conv.padding_mode != "zeros":
         # Same rule as the module's own forward: pad explicitly (asymmetric for "same"), then
         # convolve without padding.
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * (x.dim() - 2)
+        padding = (0,) * spatial
+    result: dict[str, Tensor] = {}
+    if "weight" in names:
+        groups = conv.groups
+        positions = g[0, 0].numel()
+        k = conv.weight[0].numel()  # (Cin/G) * prod(kernel): one group's patch length
+        o = conv.out_channels // groups
+        want_grad = "weight" in materialize
+        # Gram form only for 1-D/2-D convolutions (it needs unfold) and only where it is cheaper.
+        if not want_grad and spatial <= 2 and positions * (k + o) < k * o:
+            w = _conv_weight_gram(conv, x, g, padding)
+        else:
+            w = _conv_weight_per_sample(conv, x, g, padding, squared=not want_grad)
+        result["weight"] = w
+    if "bias" in names:
+        gb = g.reshape(batch, g.shape[1], -1).sum(dim=-1)
+        result["bias"] = gb if "bias" in materialize else _sq(gb)
+    return result
+
+
+def _conv_weight_per_sample(
+    conv: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, padding: tuple[int, ...], squared: bool
+) -> Tensor:
+    """[B, *weight.shape] per-sample weight gradients ([B] squared norms when `squared`), by the
+    convolution's own weight-gradient kernel run with the batch folded into groups:
+    (B, C, *S) -> (1, B*C, *S), groups B*G."""
+    batch = x.shape[0]
+    weight_shape = conv.weight.shape
+    # Small chunks keep the grouped kernel in cache on CPU (2-3x faster than one big call there).
+    cap = 16 if x.device.type == "cpu" else batch
+    pieces = []
+    for part in _chunks(batch, x[0].numel() + conv.weight.numel(), cap):
+        b = part.stop - part.start
+        folded_weight = x.new_empty(1).expand(b * weight_shape[0], *weight_shape[1:])
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            g[part].reshape(1, -1, *g.shape[2:]),
+            x[part].reshape(1, -1, *x.shape[2:]),
+            folded_weight,
+            None,
+            list(conv.stride),
+            list(padding),
+            list(conv.dilation),
+            False,
+            [0] * len(padding),
+            b * conv.groups,
+            [False, True, False],
+        )
+        grad_weight = grad_weight.reshape(b, *weight_shape)
+        pieces.append(_sq(grad_weight) if squared else grad_weight)
+    return torch.cat(pieces)
+
+
+def _conv_weight_gram(conv: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, padding: tuple[int, ...]) -> Tensor:
+    """[B] squared per-sample weight-gradient norms in the Gram form, via unfold."""
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
     if x.dim() == 3:  # Conv1d as a Conv2d of height 1.
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    result: dict[str, Tensor] = {}
-    out_channels, groups = g.shape[1], conv.groups
-    g = g.reshape(batch, groups, out_channels // groups, -1)  # [B, G, O, T]
-    if "weight" in names:
-        positions = g.shape[-1]
-        want_grad = "weight" in materialize
-        pieces = []
-        # (B, C, H, W) -> (B, C*kh*kw, T): unfold is the largest tensor here, so chunk the batch.
-        for part in _chunks(batch, x[0].numel() * kernel[0] * kernel[1]):
-            patches = F.unfold(x[part], kernel, dilation=dilation, padding=padding, stride=stride)
-            patches = patches.reshape(patches.shape[0], groups, -1, positions)
-            pieces.append(_weight_from_patches(patches, g[part], want_grad))
-        w = torch.cat(pieces)
-        result["weight"] = w.reshape(batch, *conv.weight.shape) if want_grad else w
-    if "bias" in names:
-        gb = g.sum(dim=-1).reshape(batch, -1)
-        result["bias"] = gb if "bias" in materialize else _sq(gb)
-    return result
+    batch, groups = x.shape[0], conv.groups
+    positions = g[0, 0].numel()
+    g = g.reshape(batch, groups, -1, positions)  # [B, G, O, T]
+    out = x.new_empty(batch)
+    # (B, C, H, W) -> (B, C*kh*kw, T) patches plus two [G, T, T] Grams per sample.
+    per_sample = conv.weight[0].numel() * groups * positions + 2 * groups * positions * positions
+    for part in _chunks(batch, per_sample):
+        patches = F.unfold(x[part], kernel, dilation=dilation, padding=padding, stride=stride)
+        patches = patches.reshape(patches.shape[0], groups, -1, positions)
+        out[part] = _weight_from_patches(patches, g[part], materialize=False)
+    return out
 
 
 def _affine_norm(normalized: Tensor, g: Tensor, param_shape: torch.Size, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
@@ -154,9 +203,20 @@ def _batch_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], m
             f"{type(bn).__name__} uses batch statistics (training mode or track_running_stats=False); "
             "per-sample scoring needs running statistics: call model.eval() and keep running stats"
         )
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    normalized = (x - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var.view(shape) + bn.eps)
-    return _affine_norm(_channels_last_positions(normalized), _channels_last_positions(g), bn.weight.shape, names, materialize)
+    # sum_p g * xhat = inv_std * (sum_p g * x - mean * sum_p g): no normalised copy of x needed.
+    batch, channels = x.shape[0], x.shape[1]
+    gg = g.reshape(batch * channels, 1, -1)
+    xx = x.reshape(batch * channels, -1, 1)
+    gx = torch.bmm(gg, xx).reshape(batch, channels)  # per (sample, channel) dot product
+    gb = gg.sum(dim=-1).reshape(batch, channels)
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    result: dict[str, Tensor] = {}
+    if "weight" in names:
+        gw = inv_std * (gx - bn.running_mean * gb)
+        result["weight"] = gw if "weight" in materialize else _sq(gw)
+    if "bias" in names:
+        result["bias"] = gb if "bias" in materialize else _sq(gb)
+    return result
 
 
 def _layer_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
