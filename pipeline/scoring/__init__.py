@@ -4,14 +4,18 @@
 `reference_gradnorm_scores` and `vmap_gradnorm_scores` exist to check and benchmark it.
 """
 
-from pipeline.scoring.gradnorm import BatchScores, GradNormScorer, Norm, combine_norms, gradnorm_scores
+from pipeline.scoring.gradnorm import NORMS, BatchScores, GradNormScorer, Norm, combine_norms, gradnorm_scores
+from pipeline.scoring.rows import SCORE_COLUMNS, RowScorer
 from pipeline.scoring.reference import reference_gradnorm_scores, vmap_gradnorm_scores
 from pipeline.scoring.uncertainty import entropy, least_confidence, margin, top2
 
 __all__ = [
     "BatchScores",
     "GradNormScorer",
+    "NORMS",
     "Norm",
+    "RowScorer",
+    "SCORE_COLUMNS",
     "combine_norms",
     "entropy",
     "gradnorm_scores",

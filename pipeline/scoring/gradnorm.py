@@ -29,11 +29,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from pipeline.models import validate_input
 from pipeline.scoring import _fallback
 from pipeline.scoring._layer_rules import LayerRule, rule_for
 from pipeline.scoring.uncertainty import entropy, top2
 
-__all__ = ["Norm", "BatchScores", "GradNormScorer", "gradnorm_scores", "combine_norms"]
+__all__ = ["Norm", "NORMS", "BatchScores", "GradNormScorer", "gradnorm_scores", "combine_norms"]
 
 Norm = Literal["per_tensor_sum", "global"]
 NORMS: tuple[str, ...] = ("per_tensor_sum", "global")
@@ -257,13 +258,17 @@ class GradNormScorer:
             BatchScores; samples with non-finite logits or score carry an error, never a number.
 
         Raises:
-            ValueError: inputs that are not a floating-point batch.
+            ValueError: inputs that are not a floating-point batch, or (for models built by
+                `pipeline.models.create_model`) not [B, C, H, W] with the model's channel count.
         """
         if not self._handles:
             raise RuntimeError("this GradNormScorer was removed; build a new one")
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 1:
             raise ValueError(f"inputs must be a floating-point tensor [B, ...], got {type(inputs).__name__} "
                              f"{getattr(inputs, 'dtype', '')} {tuple(getattr(inputs, 'shape', ()))}")
+        expected = getattr(self.model, "expected_input", None)
+        if expected is not None:
+            validate_input(inputs, expected[0])
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()
         if self.loss_module is not None:

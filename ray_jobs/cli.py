@@ -1,0 +1,49 @@
+"""`lplgrad`: one command line for the jobs and tools.
+
+    lplgrad demo [key=value ...]        scoring demo on local Ray (ray_jobs/score_demo.py)
+    lplgrad pool build|label ...        build and label WebDataset pools (ray_jobs/pool_cli.py)
+
+Job subcommands take the same `--config FILE key=value ...` arguments as `python -m ray_jobs.<job>`;
+modules load only when their subcommand runs, so `lplgrad --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with main(argv), help)
+JOBS = {
+    "demo": ("ray_jobs.score_demo", "score a synthetic pool on Ray and select the top-k (scoring demo)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lplgrad", description="LPLgrad active learning on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in JOBS.items():
+        job = commands.add_parser(name, help=help_text, add_help=False)
+        job.set_defaults(job_module=module)
+    try:
+        pool_cli = importlib.import_module("ray_jobs.pool_cli")
+    except ModuleNotFoundError as error:
+        if error.name != "ray_jobs.pool_cli":
+            raise
+    else:
+        pool_cli.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in JOBS:
+        # Jobs parse their own flags (config file plus key=value overrides).
+        return importlib.import_module(JOBS[argv[0]][0]).main(argv[1:])
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
