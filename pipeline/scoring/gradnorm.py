@@ -298,9 +298,9 @@ class GradNormScorer:
             if self.loss_module is not None:
                 with torch.no_grad():
                     predicted_loss = self.loss_module([f.detach() for f in features]).float().cpu()
-            stats = self._uncertainty(logits.detach().float(), valid)
+            stats = self._uncertainty(logits.detach(), valid)
             # Invalid rows get a zero objective, so their gradients never mix into anything.
-            objective = torch.where(valid, entropy(logits.float()), torch.zeros((), device=logits.device)).sum()
+            objective = torch.where(valid, entropy(logits), torch.zeros((), device=logits.device)).sum()
             squared = self._backward(objective, inputs, batch, bool(valid.any()))
         gradnorm = combine_norms(squared, self.norm) if squared.shape[1] else torch.zeros(batch, device=inputs.device)
         errors: list[str | None] = []

@@ -50,7 +50,7 @@ def reference_gradnorm_scores(model: nn.Module, inputs: Tensor, norm: Norm = "pe
                 if not torch.isfinite(logits).all():
                     scores.append(torch.tensor(float("nan")))
                     continue
-                grads = torch.autograd.grad(entropy(logits.float()).sum(), params, allow_unused=True)
+                grads = torch.autograd.grad(entropy(logits).sum(), params, allow_unused=True)
             squared = torch.stack([g.pow(2).sum() for g in grads if g is not None])
             scores.append(combine_norms(squared[None], norm)[0].cpu())
     finally:

@@ -12,6 +12,8 @@ from torch import Tensor
 
 __all__ = ["entropy", "top2", "margin", "least_confidence"]
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def entropy(logits: Tensor) -> Tensor:
     """Shannon entropy (nats) of softmax(logits).
@@ -23,6 +25,9 @@ def entropy(logits: Tensor) -> Tensor:
         [B] entropy of each row. Computed from log_softmax so that confident rows do not produce
         0 * log(0) = NaN.
     """
+    # Half-precision logits (autocast) are promoted: entropy gradients of confident samples are
+    # tiny differences that bf16 cannot resolve.
+    logits = logits.float() if logits.dtype in _LOW_PRECISION else logits
     log_probs = torch.log_softmax(logits, dim=-1)
     return -(log_probs.exp() * log_probs).sum(dim=-1)
 
@@ -36,7 +41,7 @@ def top2(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         (p1 [B], p2 [B], predicted class [B] int64). For a single-class model p2 is zero.
     """
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits.float() if logits.dtype in _LOW_PRECISION else logits, dim=-1)
     if probs.shape[-1] == 1:
         return probs[:, 0], torch.zeros_like(probs[:, 0]), torch.zeros(probs.shape[0], dtype=torch.long)
     values, indices = probs.topk(2, dim=-1)

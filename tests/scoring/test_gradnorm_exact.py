@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pipeline.models import available_models, create_model, input_spec
 from pipeline.scoring import gradnorm_scores, reference_gradnorm_scores, vmap_gradnorm_scores
 
 TOLERANCE = 1e-4
@@ -128,9 +129,6 @@ class FrozenPart(nn.Module):
         return self.fc(h)
 
 
-def cifar_like_resnet():
-    model = torchvision.models.resnet18(num_classes=10)
-    return model
 
 
 CASES = {
@@ -186,3 +184,25 @@ def test_frozen_parameters_are_not_part_of_the_score() -> None:
     model.frozen.requires_grad_(True)
     after = gradnorm_scores(model, inputs)
     assert torch.all(after > before)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_registered_model_scores_exactly(name: str) -> None:
+    torch.manual_seed(0)
+    channels, height, width = input_spec(name)
+    side = min(height, 64)  # ImageNet-size models are exact at any size; keep the test quick
+    # float64: deep random-init nets give near-one-hot softmaxes whose entropy gradients are at
+    # fp32's resolution in any implementation; the rules themselves must be exact.
+    model = randomize_norm_stats(create_model(name, num_classes=7)).double()
+    inputs = torch.randn(3, channels, side, side, dtype=torch.float64)
+    assert max_relative_error(gradnorm_scores(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_match_cpu_reference() -> None:
+    torch.manual_seed(0)
+    model = randomize_norm_stats(create_model("cifar_resnet18", num_classes=10))
+    inputs = torch.randn(8, 3, 32, 32)
+    expected = reference_gradnorm_scores(model, inputs)
+    actual = gradnorm_scores(model.cuda(), inputs.cuda()).cpu()
+    assert max_relative_error(actual, expected) <= 1e-3  # TF32/cuDNN kernels differ from CPU ones
