@@ -23,6 +23,7 @@ __all__ = [
     "TrainSchedule",
     "detach_features",
     "joint_forward",
+    "unwrap",
     "joint_train_step",
     "make_optimizers",
 ]
@@ -146,23 +147,27 @@ def make_optimizers(
 
 def joint_forward(
     model: nn.Module,
-    lossnet: LossNet,
+    lossnet: nn.Module,
     tap: FeatureTap,
     x: Tensor,
     y: Tensor,
     schedule: TrainSchedule,
     epoch: int,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, JointLoss]:
     """Forward backbone and LossNet and compute the joint loss, without stepping.
 
     Args:
-        model: The backbone (must be the module ``tap`` hooks).
-        lossnet: The loss prediction module.
-        tap: Feature tap on ``model``.
+        model: The backbone ``tap`` hooks, or a wrapper of it (DDP): the forward goes through
+            ``model`` so that a wrapper sees it.
+        lossnet: The loss prediction module (possibly DDP-wrapped).
+        tap: Feature tap on the backbone.
         x: Inputs ``[B, C, H, W]`` on the model's device.
         y: Class indices ``[B]``.
         schedule: Supplies ``epoch_loss``, ``lam`` and ``margin``.
         epoch: Current epoch, 0-based.
+        amp_dtype: autocast dtype (bf16 on GPU) or None for full precision. Losses are
+            computed in fp32 either way.
 
     Returns:
         ``(logits [B, num_classes], JointLoss)``.
@@ -170,14 +175,21 @@ def joint_forward(
     Raises:
         ValueError: If ``tap`` hooks a different module than ``model``.
     """
-    if tap.model is not model:
+    if tap.model is not unwrap(model):
         raise ValueError("tap must hook the model being trained (FeatureTap(model))")
-    logits, feats = tap(x)
-    if detach_features(epoch, schedule):
-        # Gradient of the ranking loss stops at the LossNet; the backbone sees CE only.
-        feats = [f.detach() for f in feats]
-    pred_loss = lossnet(feats)
-    return logits, joint_loss(logits, y, pred_loss, lam=schedule.lam, margin=schedule.margin)
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with tap.capture() as feats:
+            logits = model(x)
+        if detach_features(epoch, schedule):
+            # Gradient of the ranking loss stops at the LossNet; the backbone sees CE only.
+            feats = [f.detach() for f in feats]
+        pred_loss = lossnet(list(feats))
+    return logits, joint_loss(logits.float(), y, pred_loss.float(), lam=schedule.lam, margin=schedule.margin)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or DataParallel) wrapper."""
+    return module.module if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else module
 
 
 def joint_train_step(
@@ -189,6 +201,7 @@ def joint_train_step(
     optimizer: Optimizer,
     schedule: TrainSchedule,
     epoch: int,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One SGD step on ``CE + lam * ranking`` for backbone and LossNet together.
 
@@ -201,13 +214,14 @@ def joint_train_step(
         optimizer: Optimiser over both modules (see :func:`make_optimizers`).
         schedule: Supplies ``epoch_loss``, ``lam`` and ``margin``.
         epoch: Current epoch, 0-based.
+        amp_dtype: autocast dtype or None (see :func:`joint_forward`).
 
     Returns:
         ``{"loss", "ce", "ranking", "accuracy"}`` as Python floats, measured before the step.
     """
     model.train()
     lossnet.train()
-    logits, loss = joint_forward(model, lossnet, tap, x, y, schedule, epoch)
+    logits, loss = joint_forward(model, lossnet, tap, x, y, schedule, epoch, amp_dtype)
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
     optimizer.step()
