@@ -41,21 +41,44 @@ class RowScorer:
         self.scorer = GradNormScorer(self.model, norm=norm, loss_module=loss_module, tap=tap)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        array = np.ascontiguousarray(batch["image"])
-        # Ray hands out read-only views of its object store; torch needs a writable buffer.
-        array = array if array.flags.writeable else array.copy()
-        images = torch.from_numpy(array).to(self.device, torch.float32)
-        result = self.scorer(images)
-        rows = {name: values for name, values in batch.items() if name != "image"}
-        predicted = result.predicted_loss
-        rows.update(
-            score=result.gradnorm.numpy(),
-            entropy=result.entropy.numpy(),
-            margin=result.margin.numpy(),
-            least_confidence=result.least_confidence.numpy(),
-            pred_class=result.pred_class.numpy(),
-            pred_prob=result.pred_prob.numpy(),
-            predicted_loss=predicted.numpy() if predicted is not None else np.full(len(images), np.nan, np.float32),
-            error=np.array(result.errors, dtype=object),
-        )
+        """Score the rows that decoded; rows that arrive with an error pass through unscored.
+
+        Args:
+            batch: "image" [B, C, H, W] plus pass-through columns; an optional "error" column
+                (None or reason) marks rows that failed upstream (decode, read).
+
+        Returns:
+            The pass-through columns (without "image") plus SCORE_COLUMNS.
+        """
+        size = len(batch["image"])
+        upstream = batch.get("error")
+        errors: list[str | None] = list(upstream) if upstream is not None else [None] * size
+        ok = np.array([e is None for e in errors], dtype=bool)
+        out = {
+            "score": np.full(size, np.nan, np.float32),
+            "entropy": np.full(size, np.nan, np.float32),
+            "margin": np.full(size, np.nan, np.float32),
+            "least_confidence": np.full(size, np.nan, np.float32),
+            "pred_class": np.full(size, -1, np.int64),
+            "pred_prob": np.full(size, np.nan, np.float32),
+            "predicted_loss": np.full(size, np.nan, np.float32),
+        }
+        if ok.any():
+            array = np.ascontiguousarray(np.asarray(batch["image"])[ok] if not ok.all() else batch["image"])
+            # Ray hands out read-only views of its object store; torch needs a writable buffer.
+            array = array if array.flags.writeable else array.copy()
+            result = self.scorer(torch.from_numpy(array).to(self.device, torch.float32))
+            fields = {
+                "score": result.gradnorm, "entropy": result.entropy, "margin": result.margin,
+                "least_confidence": result.least_confidence, "pred_class": result.pred_class,
+                "pred_prob": result.pred_prob, "predicted_loss": result.predicted_loss,
+            }
+            for name, values in fields.items():
+                if values is not None:
+                    out[name][ok] = values.numpy()
+            for index, error in zip(np.flatnonzero(ok), result.errors):
+                errors[index] = error
+        rows = {name: values for name, values in batch.items() if name not in ("image", "error")}
+        rows.update(out)
+        rows["error"] = np.array(errors, dtype=object)
         return rows
