@@ -55,6 +55,10 @@ class DuplicateKeyError(PoolError, ValueError):
             "(rename one sample or drop one shard)"
         )
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        # Rebuild from the fields: errors raised in Ray tasks are pickled to reach the driver.
+        return (type(self), (self.key, self.first, self.second))
+
 
 class ShardFormatError(PoolError, ValueError):
     """A shard is not a well-formed WebDataset tar (truncated, not a tar, split samples).
@@ -69,6 +73,9 @@ class ShardFormatError(PoolError, ValueError):
         self.reason = reason
         super().__init__(f"shard {shard}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.shard, self.reason))
+
 
 class ShardReadError(PoolError, OSError):
     """One or more shards could not be read, after retries.
@@ -81,6 +88,9 @@ class ShardReadError(PoolError, OSError):
         self.problems = list(problems)
         lines = "\n".join(f"  {shard}: {reason}" for shard, reason in self.problems)
         super().__init__(f"{len(self.problems)} shard(s) could not be read:\n{lines}")
+
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, str]]]]:
+        return (type(self), (self.problems,))
 
 
 class LabelError(PoolError, ValueError):

@@ -1,0 +1,356 @@
+"""One storage code path for every pool URI: fsspec, with S3 endpoint overrides and retries.
+
+A local path, ``file://``, ``s3://`` (s3fs), ``gs://`` (gcsfs, if installed) and any other
+fsspec protocol go through :func:`filesystem_for`. For S3-compatible stores (MinIO, Ceph,
+a loopback test server) the endpoint comes from, in order of precedence:
+
+1. ``storage_options["endpoint_url"]`` (or ``storage_options["client_kwargs"]["endpoint_url"]``),
+2. the ``AWS_ENDPOINT_URL_S3`` environment variable,
+3. the ``AWS_ENDPOINT_URL`` environment variable.
+
+Credentials follow the usual botocore chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+profiles, instance roles) unless ``key``/``secret`` are given in ``storage_options``.
+
+Ray Data reads through pyarrow filesystems; :func:`arrow_filesystem` wraps the same fsspec
+filesystem so Ray tasks use this code path too, with reads retried and failures named.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO, TypeVar
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from pipeline.pools.errors import ShardReadError
+
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "RetryingReader",
+    "arrow_filesystem",
+    "display_uri",
+    "filesystem_for",
+    "is_local",
+    "join_path",
+    "open_for_read",
+    "parse_storage_options",
+    "retry_call",
+    "storage_options_for",
+    "uri_prefix",
+    "write_bytes_atomic",
+]
+
+T = TypeVar("T")
+
+DEFAULT_ATTEMPTS = 3
+_S3_PROTOCOLS = ("s3", "s3a")
+# Not transient: retrying a missing object or a denied request only delays the error.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def storage_options_for(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Resolve the fsspec storage options for ``uri``, applying S3 endpoint overrides.
+
+    Args:
+        uri: A pool URI or path.
+        storage_options: Explicit options (fsspec/s3fs keyword arguments); they win over
+            environment variables.
+
+    Returns:
+        A new dict of options to pass to ``fsspec.url_to_fs``.
+    """
+    options = dict(storage_options or {})
+    protocol = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if protocol in _S3_PROTOCOLS:
+        client_kwargs = options.get("client_kwargs") or {}
+        explicit = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
+        from_env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not explicit and from_env:
+            options["endpoint_url"] = from_env
+    return options
+
+
+def filesystem_for(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[AbstractFileSystem, str]:
+    """Open the fsspec filesystem for ``uri``.
+
+    Args:
+        uri: Local path, ``file://`` URI or any fsspec URI (``s3://bucket/prefix``, ...).
+        storage_options: Options for the filesystem (see :func:`storage_options_for`).
+
+    Returns:
+        ``(filesystem, path)`` with ``path`` stripped of its protocol (absolute for local).
+
+    Raises:
+        ValueError: If the protocol has no fsspec implementation installed.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
+    except (ImportError, ValueError) as err:
+        raise ValueError(
+            f"cannot open storage for {uri!r}: {err} "
+            "(install the fsspec implementation for this protocol, e.g. s3fs or gcsfs)"
+        ) from err
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """Return whether ``fs`` is the local filesystem."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def uri_prefix(fs: AbstractFileSystem) -> str:
+    """Return what turns a stripped path of ``fs`` back into a URI (``""`` for local paths)."""
+    if is_local(fs):
+        return ""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return f"{protocol}://"
+
+
+def display_uri(fs: AbstractFileSystem, path: str) -> str:
+    """Return the URI a user would type for ``path`` on ``fs`` (plain path when local)."""
+    return uri_prefix(fs) + path
+
+
+def join_path(base: str, name: str) -> str:
+    """Join a stripped fsspec path and a relative name with ``/`` (every fsspec separator)."""
+    return f"{base.rstrip('/')}/{name.lstrip('/')}"
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """Parse repeated ``key=value`` command-line flags into a storage options dict.
+
+    Values are read as JSON when they parse (``true``, ``3``, ``{"a": 1}``) and as plain
+    strings otherwise; dotted keys nest (``client_kwargs.region_name=us-east-1``).
+
+    Args:
+        pairs: Strings of the form ``key=value``.
+
+    Returns:
+        The options dict.
+
+    Raises:
+        ValueError: If an item has no ``=`` or an empty key.
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"storage option {pair!r} is not key=value (e.g. endpoint_url=http://host:9000)")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = options
+        *parents, leaf = key.strip().split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return options
+
+
+def retry_call(
+    fn: Callable[[], T], *, what: str, attempts: int = DEFAULT_ATTEMPTS, backoff_s: float = 0.1
+) -> T:
+    """Call ``fn``, retrying transient ``OSError``s with exponential backoff.
+
+    Args:
+        fn: The operation.
+        what: Shard URI or description, used in the error.
+        attempts: Total tries (>= 1).
+        backoff_s: Sleep before the second try; doubles each time.
+
+    Returns:
+        What ``fn`` returns.
+
+    Raises:
+        ShardReadError: If every attempt failed with a transient error, naming ``what``.
+        FileNotFoundError, PermissionError: At once; retrying would not help.
+    """
+    last: BaseException | None = None
+    for attempt in range(max(1, attempts)):
+        try:
+            return fn()
+        except _PERMANENT_OS_ERRORS:
+            raise
+        except OSError as err:
+            last = err
+            if attempt + 1 < attempts:
+                time.sleep(backoff_s * 2**attempt)
+    raise ShardReadError([(what, f"{type(last).__name__}: {last} (after {attempts} attempts)")])
+
+
+def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so readers see either the old object or the whole new one.
+
+    Object stores make a single PUT atomic already; on a local disk (and other
+    filesystems with a real rename) write a temporary sibling and rename it over.
+
+    Args:
+        fs: Target filesystem.
+        path: Stripped target path.
+        data: Full contents.
+    """
+    if is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only file that reopens and seeks back when a read fails transiently.
+
+    Long sequential reads from object stores can fail half-way (connection reset, 503);
+    the tar parser above this must not see a short read, so the failed read is replayed
+    from the same offset on a fresh handle.
+
+    Args:
+        opener: Returns a new binary file positioned at 0.
+        uri: Shard URI, for the error.
+        attempts: Tries per read (>= 1).
+        backoff_s: First sleep between tries; doubles.
+    """
+
+    def __init__(
+        self,
+        opener: Callable[[], BinaryIO],
+        uri: str,
+        attempts: int = DEFAULT_ATTEMPTS,
+        backoff_s: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self._opener = opener
+        self._uri = uri
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._pos = 0
+        self._file: BinaryIO | None = retry_call(
+            opener, what=uri, attempts=attempts, backoff_s=backoff_s
+        )
+
+    def _handle(self) -> BinaryIO:
+        if self._file is None:
+            self._file = self._opener()
+            self._file.seek(self._pos)
+        return self._file
+
+    def _drop_handle(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001  (the handle is broken; a fresh one replaces it)
+                pass
+            self._file = None
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        """Read up to ``size`` bytes (all when negative), replaying failed reads."""
+
+        def attempt() -> bytes:
+            try:
+                return self._handle().read(size)
+            except _PERMANENT_OS_ERRORS:
+                raise
+            except OSError:
+                self._drop_handle()
+                raise
+
+        data = retry_call(attempt, what=self._uri, attempts=self._attempts, backoff_s=self._backoff_s)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        """Fill ``buffer``; see :meth:`read`."""
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        """Read to the end of the file."""
+        return self.read(-1)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move the read position; returns the new absolute position."""
+        self._pos = self._handle().seek(offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        """Return the read position."""
+        return self._pos
+
+    def readable(self) -> bool:
+        """Always true."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always true: fsspec files support seeking."""
+        return True
+
+    def close(self) -> None:
+        """Close the underlying handle."""
+        if not self.closed:
+            self._drop_handle()
+        super().close()
+
+
+def open_for_read(
+    fs: AbstractFileSystem, path: str, attempts: int = DEFAULT_ATTEMPTS
+) -> RetryingReader:
+    """Open ``path`` for reading with retried opens and reads (see :class:`RetryingReader`).
+
+    Args:
+        fs: Filesystem holding the file.
+        path: Stripped path.
+        attempts: Tries per operation.
+
+    Returns:
+        A seekable binary reader.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ShardReadError: If it cannot be opened after ``attempts`` tries.
+    """
+    return RetryingReader(lambda: fs.open(path, mode="rb"), display_uri(fs, path), attempts)
+
+
+class _RetryingHandler(FSSpecHandler):
+    """pyarrow handler over an fsspec filesystem whose input files retry and name failures."""
+
+    def __init__(self, fs: AbstractFileSystem, attempts: int = DEFAULT_ATTEMPTS) -> None:
+        super().__init__(fs)
+        self.attempts = attempts
+
+    def open_input_stream(self, path: str) -> Any:
+        from pyarrow import PythonFile
+
+        return PythonFile(open_for_read(self.fs, path, self.attempts), mode="r")
+
+    def open_input_file(self, path: str) -> Any:
+        return self.open_input_stream(path)
+
+
+def arrow_filesystem(fs: AbstractFileSystem, attempts: int = DEFAULT_ATTEMPTS) -> PyFileSystem:
+    """Wrap ``fs`` as a pyarrow filesystem (what Ray Data's file readers take).
+
+    Args:
+        fs: The fsspec filesystem from :func:`filesystem_for`.
+        attempts: Tries per open and per read before a :class:`ShardReadError`.
+
+    Returns:
+        A picklable pyarrow filesystem; paths given to it are fsspec-stripped paths.
+    """
+    return PyFileSystem(_RetryingHandler(fs, attempts))

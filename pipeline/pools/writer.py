@@ -1,0 +1,258 @@
+"""Write a pool: deterministic WebDataset shards, then ``index.json`` last.
+
+Plain ``tarfile`` in the layout webdataset's ``TarWriter`` produces (one member per
+``<key>.<ext>``), without importing webdataset (which imports torch: a second of start-up
+in every task that writes).
+
+Determinism: members carry mtime 0, uid/gid 0, no owner names and mode 0444, a sample's
+members are written in sorted extension order, and shards rotate at fixed sample/byte thresholds, so
+the same samples in the same order give byte-identical shards (only the index's
+``created`` time differs between two builds).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from pipeline.pools.errors import DuplicateKeyError, EmptyPoolError, PoolError, PoolExistsError
+from pipeline.pools.format import (
+    IMAGE_EXTENSIONS,
+    INDEX_NAME,
+    LABEL_EXTENSION,
+    PoolIndex,
+    ShardEntry,
+    shard_name,
+    validate_key,
+)
+from pipeline.pools.storage import (
+    display_uri,
+    filesystem_for,
+    is_local,
+    join_path,
+    write_bytes_atomic,
+)
+
+__all__ = ["DEFAULT_SHARD_BYTES", "DEFAULT_SHARD_SAMPLES", "PoolWriter"]
+
+DEFAULT_SHARD_SAMPLES = 10_000
+DEFAULT_SHARD_BYTES = 256 * 2**20  # 100 MB - 1 GB shards keep object-store reads efficient
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tarfile pads the archive to whole 10 KiB records
+
+
+def _member_bytes(payload: int) -> int:
+    """Tar bytes for one member: a header block plus the payload rounded up to blocks."""
+    return _BLOCK + -(-payload // _BLOCK) * _BLOCK
+
+
+class _CountingFile:
+    """Pass-through writer that counts bytes, so the index needs no extra HEAD request."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+class PoolWriter:
+    """Write samples into rotating shards under ``uri``; :meth:`close` writes the index.
+
+    Use as a context manager: on an exception the shards written so far are deleted, so
+    a failed build leaves no index-less pool behind for a later listing to pick up.
+
+    Args:
+        uri: Output pool prefix (any fsspec URI). Must not hold a pool already.
+        shard_samples: Maximum samples per shard.
+        shard_bytes: Target maximum shard size; exceeded only by a single oversized sample.
+        storage_options: fsspec options for ``uri``.
+        classes: Class names recorded in the index (``cls`` indexes this list).
+        source: Provenance recorded in the index.
+
+    Raises:
+        ValueError: If a shard limit is not positive.
+        PoolExistsError: If ``uri`` already holds an index or ``.tar`` shards.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        shard_samples: int = DEFAULT_SHARD_SAMPLES,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        storage_options: Mapping[str, Any] | None = None,
+        classes: list[str] | tuple[str, ...] | None = None,
+        source: Mapping[str, Any] | None = None,
+    ) -> None:
+        if shard_samples <= 0 or shard_bytes <= 0:
+            raise ValueError(
+                f"shard_samples and shard_bytes must be positive, got {shard_samples}, {shard_bytes}"
+            )
+        self.uri = uri
+        self.fs, self.path = filesystem_for(uri, storage_options)
+        self._refuse_existing()
+        self.shard_samples = shard_samples
+        self.shard_bytes = shard_bytes
+        self.classes = tuple(classes) if classes is not None else None
+        self.source = dict(source or {})
+        self._entries: list[ShardEntry] = []
+        self._key_shard: dict[str, int] = {}
+        self._image_exts: set[str] = set()
+        self._labeled = True
+        self._file: BinaryIO | None = None
+        self._counter: _CountingFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._estimate = 0
+        self._closed = False
+
+    def _refuse_existing(self) -> None:
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.path):
+            return
+        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+        taken = [n for n in names if n == INDEX_NAME or n.endswith(".tar")]
+        if taken:
+            raise PoolExistsError(
+                f"{self.uri} already holds a pool ({', '.join(sorted(taken)[:3])}, ...); "
+                "write to a new prefix or delete the old pool first"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Samples written so far."""
+        return len(self._key_shard)
+
+    def _shard_uri(self, i: int) -> str:
+        return display_uri(self.fs, join_path(self.path, shard_name(i)))
+
+    def write(self, key: str, files: Mapping[str, bytes]) -> None:
+        """Append one sample.
+
+        Args:
+            key: The sample's ``__key__`` (see :func:`~pipeline.pools.format.validate_key`).
+            files: Extension -> payload, e.g. ``{"png": b"...", "cls": b"3"}``.
+
+        Raises:
+            ValueError: On an invalid key, no files, or non-bytes payloads.
+            DuplicateKeyError: If ``key`` was already written to this pool.
+        """
+        if self._closed:
+            raise PoolError(f"writer for {self.uri} is closed")
+        validate_key(key)
+        if not files:
+            raise ValueError(f"sample {key!r} has no files")
+        for ext, payload in files.items():
+            if not ext or "/" in ext or ext.startswith("_"):
+                raise ValueError(f"sample {key!r}: invalid extension {ext!r}")
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise ValueError(f"sample {key!r}: {ext} is {type(payload).__name__}, not bytes")
+        size = sum(_member_bytes(len(p)) for p in files.values())
+        full = self._count >= self.shard_samples or self._estimate + size > self.shard_bytes
+        if self._tar is None or (self._count > 0 and full):
+            self._next_shard()
+        shard = len(self._entries)
+        if key in self._key_shard:
+            raise DuplicateKeyError(key, self._shard_uri(self._key_shard[key]), self._shard_uri(shard))
+        self._key_shard[key] = shard
+        assert self._tar is not None
+        for ext in sorted(files):
+            payload = bytes(files[ext])
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(payload))
+        self._count += 1
+        self._estimate += size
+        self._image_exts.update(e for e in files if e in IMAGE_EXTENSIONS)
+        self._labeled &= LABEL_EXTENSION in files
+
+    def _next_shard(self) -> None:
+        self._finish_shard()
+        path = join_path(self.path, shard_name(len(self._entries)))
+        if is_local(self.fs):
+            self.fs.makedirs(self.path, exist_ok=True)  # object stores have no directories to make
+        self._file = self.fs.open(path, mode="wb")
+        self._counter = _CountingFile(self._file)
+        # Stream mode ("w|"): no seeks, as object-store uploads require. PAX format: names
+        # over 100 bytes get an extended header instead of an error.
+        self._tar = tarfile.open(fileobj=self._counter, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+        self._count = 0
+        self._estimate = 2 * _BLOCK  # the end-of-archive marker
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        assert self._file is not None and self._counter is not None
+        self._tar.close()
+        self._file.close()  # for object stores this completes the upload
+        name = shard_name(len(self._entries))
+        self._entries.append(ShardEntry(name=name, samples=self._count, bytes=self._counter.count))
+        self._tar = self._file = self._counter = None
+
+    def close(self) -> PoolIndex:
+        """Finish the last shard and write ``index.json`` (atomically, after every shard).
+
+        Returns:
+            The index written.
+
+        Raises:
+            EmptyPoolError: If no sample was written (no index is written then).
+        """
+        if self._closed:
+            raise PoolError(f"writer for {self.uri} is already closed")
+        self._finish_shard()
+        self._closed = True
+        if not self._entries:
+            raise EmptyPoolError(f"no samples were written to {self.uri}; the pool would be empty")
+        exts = sorted(self._image_exts)
+        index = PoolIndex(
+            shards=tuple(self._entries),
+            classes=self.classes,
+            labeled=self._labeled,
+            image_encoding=exts[0] if len(exts) == 1 else ("mixed" if exts else None),
+            source=self.source,
+        )
+        write_bytes_atomic(self.fs, join_path(self.path, INDEX_NAME), index.to_json().encode())
+        return index
+
+    def abort(self) -> None:
+        """Stop writing and delete the shards written so far; no index is written."""
+        if self._tar is not None and self._file is not None:
+            try:
+                self._tar.close()
+                self._file.close()
+            except Exception:  # noqa: BLE001  (cleanup after a failure: deletion follows anyway)
+                pass
+            self._entries.append(ShardEntry(shard_name(len(self._entries)), self._count, 0))
+        self._tar = self._file = self._counter = None
+        self._closed = True
+        for entry in self._entries:
+            path = join_path(self.path, entry.name)
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def __enter__(self) -> PoolWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None and not self._closed:
+            self.abort()
+        elif not self._closed:
+            self.close()

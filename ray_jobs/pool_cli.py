@@ -1,0 +1,176 @@
+"""``lplgrad pool build`` and ``lplgrad pool label``: make pools and labeled sets.
+
+    lplgrad pool build --synthetic 20000 --out /data/pools/synth --seed 0
+    lplgrad pool build --idx /usr/share/datasets/fashion-mnist --split train --out s3://bucket/pools/fmnist-train \
+        --storage-option endpoint_url=http://minio:9000
+    lplgrad pool build --cifar ~/data/cifar-10-batches-py --split test --encoding png --out /data/pools/cifar-test
+    lplgrad pool build --image-folder ~/photos --out gs://bucket/pools/photos --encoding jpg
+    lplgrad pool label --pool /data/pools/synth --labels answers.csv --out /data/pools/labeled-1 \
+        --append-to /data/pools/labeled-0
+
+The same commands run without the ``lplgrad`` entry point as ``python -m ray_jobs.pool_cli build ...``.
+Neither command starts Ray: building and labeling are single-process streaming writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.pools import (
+    DEFAULT_SHARD_BYTES,
+    DEFAULT_SHARD_SAMPLES,
+    ENCODINGS,
+    CifarSource,
+    IdxSource,
+    ImageFolderSource,
+    ImageSource,
+    PoolError,
+    PoolIndex,
+    brace_pattern,
+    build_pool,
+    label_pool,
+    parse_storage_options,
+    synthetic,
+)
+
+__all__ = ["add_commands", "main"]
+
+
+def _common_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="new pool prefix: path, file://, s3://, gs://, ...")
+    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
+                        help=f"maximum samples per shard (default {DEFAULT_SHARD_SAMPLES})")
+    parser.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
+                        help=f"target maximum bytes per shard (default {DEFAULT_SHARD_BYTES})")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for every URI, repeatable (endpoint_url=http://host:9000, "
+                             "anon=true, client_kwargs.region_name=eu-west-1)")
+
+
+def _add_build(subparsers: Any) -> None:
+    parser = subparsers.add_parser("build", help="build a pool from images, IDX, CIFAR or a synthetic task",
+                                   description="Build a pool: WebDataset shards plus index.json.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image-folder", metavar="DIR", help="folder of images, optional class subfolders")
+    source.add_argument("--idx", metavar="DIR", help="folder of MNIST/Fashion-MNIST IDX files (gzip or raw)")
+    source.add_argument("--cifar", metavar="DIR", help="local CIFAR-10/100 python batch folder (trusted file)")
+    source.add_argument("--synthetic", metavar="N", type=int, help="N images of a learnable synthetic task")
+    parser.add_argument("--split", choices=("train", "test"), default=None,
+                        help="split for sources that have one (default train; image folders: a subfolder)")
+    parser.add_argument("--encoding", choices=ENCODINGS, default=None,
+                        help="image encoding (default: keep jpg/png/webp files, else png)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
+    parser.add_argument("--num-classes", type=int, default=10, help="classes of --synthetic")
+    parser.add_argument("--image-size", type=int, default=32, help="height and width of --synthetic")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="channels of --synthetic")
+    parser.add_argument("--class-names", help="comma-separated class names replacing the source's")
+    parser.add_argument("--unlabeled", action="store_true", help="drop labels (a pool for annotators)")
+    _common_output(parser)
+    parser.set_defaults(func=run_build)
+
+
+def _add_label(subparsers: Any) -> None:
+    parser = subparsers.add_parser("label", help="make a labeled pool from a pool and a key,label table",
+                                   description="Write a labeled pool (samples with cls) from a pool and a "
+                                               "CSV/Parquet key,label table.")
+    parser.add_argument("--pool", required=True, help="pool the keys refer to")
+    parser.add_argument("--labels", required=True, help="CSV (header key,label) or Parquet table")
+    parser.add_argument("--append-to", help="existing labeled pool whose samples come first")
+    parser.add_argument("--classes", help="comma-separated class list, for pools without one")
+    _common_output(parser)
+    parser.set_defaults(func=run_label)
+
+
+def _add_pool_commands(subparsers: Any) -> None:
+    _add_build(subparsers)
+    _add_label(subparsers)
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``pool build`` and ``pool label`` to a top-level CLI.
+
+    Args:
+        subparsers: The object ``ArgumentParser.add_subparsers()`` returned; each leaf
+            parser sets ``func`` to a callable ``(args) -> int`` exit code.
+    """
+    pool = subparsers.add_parser("pool", help="build and label pools", description="Build and label pools.")
+    _add_pool_commands(pool.add_subparsers(dest="pool_command", required=True, metavar="{build,label}"))
+
+
+def _source(args: argparse.Namespace, storage_options: dict[str, Any]) -> ImageSource:
+    split = args.split or "train"
+    if args.image_folder:
+        return ImageFolderSource(args.image_folder, split=args.split, storage_options=storage_options)
+    if args.idx:
+        return IdxSource(args.idx, split=split, storage_options=storage_options)
+    if args.cifar:
+        return CifarSource(args.cifar, split=split)
+    return synthetic(args.synthetic, seed=args.seed, num_classes=args.num_classes,
+                     image_size=args.image_size, channels=args.channels, split=split)
+
+
+def _summary(uri: str, index: PoolIndex, **extra: Any) -> str:
+    return json.dumps({
+        "pool": uri, "samples": index.num_samples, "shards": len(index.shards), "bytes": index.total_bytes,
+        "labeled": index.labeled, "classes": len(index.classes) if index.classes else None,
+        "brace_pattern": brace_pattern(len(index.shards)), **extra,
+    })
+
+
+def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    # Input problems print one clear line and exit 1; bugs keep their traceback.
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (PoolError, ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+
+    wrapper.__name__ = run.__name__
+    wrapper.__doc__ = run.__doc__
+    return wrapper
+
+
+@_guarded
+def run_build(args: argparse.Namespace) -> int:
+    """Run ``pool build``; prints a one-line JSON summary."""
+    storage_options = parse_storage_options(args.storage_option)
+    class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
+    index = build_pool(
+        _source(args, storage_options), args.out, encoding=args.encoding,
+        shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
+        storage_options=storage_options, class_names=class_names, unlabeled=args.unlabeled,
+    )
+    print(_summary(args.out, index))
+    return 0
+
+
+@_guarded
+def run_label(args: argparse.Namespace) -> int:
+    """Run ``pool label``; prints a one-line JSON summary."""
+    storage_options = parse_storage_options(args.storage_option)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    report = label_pool(
+        args.pool, args.labels, args.out, append_to=args.append_to, classes=classes,
+        storage_options=storage_options, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
+    )
+    print(_summary(args.out, report.index, added=report.added, carried=report.carried,
+                   already_labeled=report.already_labeled))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m ray_jobs.pool_cli {build,label} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.pool_cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_pool_commands(parser.add_subparsers(dest="pool_command", required=True, metavar="{build,label}"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Ray Data over pools: read shards, decode in CPU tasks, iterate labeled pools for training.
+
+    python -m ray_jobs.pool_data /data/pools/fmnist-train --model small_cnn
+    python -m ray_jobs.pool_data s3://bucket/pools/cifar --model cifar_resnet18 \
+        --storage-option endpoint_url=http://minio:9000
+    ray job submit --working-dir . -- python -m ray_jobs.pool_data s3://bucket/pools/cifar --model cifar_resnet18
+
+(The command reads the whole pool and prints row and error counts: a smoke test for storage
+access and decoding.)
+
+Pipeline: ``resolve_pool`` + ``check_pool`` on the driver (fail fast, every bad shard
+named) -> ``ray.data.read_webdataset(decoder=None)``, so payload bytes stay bytes and
+nothing is unpickled -> ``decode`` as ``map_batches`` CPU tasks -> rows
+``__key__, shard, image [C, H, W] float32, label (-1 if none), error (None or reason), meta``.
+A sample that fails to decode is an error row; it flows to the end of the job to be counted.
+
+Storage goes through the same fsspec filesystem as the library (``arrow_filesystem``): a
+read that fails mid-shard is retried from the same offset on a fresh handle, and a shard
+still failing raises an error naming it.
+
+CPU accounting: read tasks reserve ``read_num_cpus=0.5`` (they alternate between waiting on
+storage and parsing tar headers), decode tasks ``decode_num_cpus=1`` (pure CPU work: reserving
+less oversubscribes the cores and halved throughput on a 2-core machine, see
+``benchmarks/bench_read.py``). Lower both when scoring actors hold most of the CPUs, so reads
+can still be scheduled beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data import DataIterator, Dataset, FileShuffleConfig, RandomSeedConfig
+from ray.data.expressions import col
+from ray.data.extensions import ArrowTensorArray
+
+from pipeline.pools import (
+    CheckMode,
+    DecodeSpec,
+    PoolError,
+    ShardReadError,
+    arrow_filesystem,
+    check_pool,
+    decode_batch,
+    parse_storage_options,
+    resolve_pool,
+    spec_for_model,
+)
+from pipeline.pools.storage import DEFAULT_ATTEMPTS, uri_prefix
+
+__all__ = [
+    "ErrorTally",
+    "RawPool",
+    "decode",
+    "error_mask",
+    "iter_labeled_batches",
+    "labeled_training_data",
+    "read_pool",
+    "read_pool_raw",
+    "split_for_workers",
+]
+
+BadShardPolicy = Literal["raise", "error_row"]
+
+
+@dataclass(frozen=True)
+class RawPool:
+    """A checked pool opened for reading, payloads still bytes.
+
+    Attributes:
+        dataset: ``read_webdataset`` over the good shards (``None`` if no shard is good).
+            Rows hold ``__key__``, ``__url__`` (the protocol-stripped shard path) and one
+            bytes column per member extension.
+        bad_shards: ``(shard URI, reason)`` for shards that failed the check.
+        shard_prefix: Prepended to ``__url__`` gives the shard URI (``"s3://"``, or ``""`` locally).
+        classes: The pool's class list, when its index has one.
+    """
+
+    dataset: Dataset | None
+    bad_shards: tuple[tuple[str, str], ...]
+    shard_prefix: str
+    classes: tuple[str, ...] | None
+
+
+def read_pool_raw(
+    uri: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    check: CheckMode = "auto",
+    on_bad_shard: BadShardPolicy = "raise",
+    shuffle_seed: int | None = None,
+    read_num_cpus: float = 0.5,
+    attempts: int = DEFAULT_ATTEMPTS,
+    override_num_blocks: int | None = None,
+) -> RawPool:
+    """Check a pool and open its good shards with ``read_webdataset``, bytes undecoded.
+
+    Args:
+        uri: Pool prefix, index, brace pattern or glob (see ``resolve_pool``).
+        storage_options: fsspec options (S3 endpoint, credentials, ...).
+        check: Pre-read check (``auto``: size/end-marker for indexed pools, a full header
+            walk for pools made by other tools).
+        on_bad_shard: ``raise``: any bad shard fails here, all named; ``error_row``: bad
+            shards are returned for the caller to turn into error rows.
+        shuffle_seed: Shuffle the shard order with this seed (per execution).
+        read_num_cpus: CPUs reserved per read task.
+        attempts: Tries per storage operation.
+        override_num_blocks: Passed to ``read_webdataset``.
+
+    Returns:
+        The :class:`RawPool`.
+
+    Raises:
+        ShardReadError: With ``on_bad_shard="raise"``, listing every bad shard and why.
+        PoolNotFoundError, EmptyPoolError, DuplicateKeyError: From resolving/checking the pool.
+    """
+    pool = resolve_pool(uri, storage_options, attempts=attempts)
+    result = check_pool(pool, mode=check, attempts=attempts)
+    problems = list(result.problems)
+    if problems and on_bad_shard == "raise":
+        raise ShardReadError(problems)
+    raw = None
+    if result.good:
+        raw = ray.data.read_webdataset(
+            [s.path for s in result.good],
+            filesystem=arrow_filesystem(pool.fs, attempts),
+            decoder=None,  # keep payloads as bytes: the library decides what is safe to decode
+            num_cpus=read_num_cpus,
+            shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
+            override_num_blocks=override_num_blocks,
+        )
+    return RawPool(raw, tuple(problems), uri_prefix(pool.fs), pool.classes)
+
+
+def _decode_to_arrow(batch: dict[str, np.ndarray], spec: DecodeSpec, shard_prefix: str) -> pa.Table:
+    # An explicit schema: a batch without errors would otherwise type "error" as null, which
+    # Ray hands back as float NaN, not None.
+    cols = decode_batch(batch, spec, shard_prefix=shard_prefix)
+    return pa.table({
+        "__key__": pa.array(cols["__key__"], type=pa.string()),
+        "shard": pa.array(cols["shard"], type=pa.string()),
+        "image": ArrowTensorArray.from_numpy(cols["image"]),
+        "label": pa.array(cols["label"], type=pa.int64()),
+        "error": pa.array(cols["error"], type=pa.string()),
+        "meta": pa.array(cols["meta"], type=pa.string()),
+    })
+
+
+def decode(
+    raw: Dataset,
+    spec: DecodeSpec,
+    *,
+    shard_prefix: str = "",
+    num_cpus: float = 1.0,
+    batch_size: int = 256,
+) -> Dataset:
+    """Decode raw pool rows into model inputs with ``map_batches`` CPU tasks.
+
+    Args:
+        raw: ``RawPool.dataset`` from :func:`read_pool_raw`.
+        spec: Target shape, normalisation and class count.
+        shard_prefix: ``RawPool.shard_prefix``: turns ``__url__`` into a shard URI.
+        num_cpus: CPUs reserved per decode task.
+        batch_size: Samples per decode call.
+
+    Returns:
+        Rows ``__key__`` (string), ``shard`` (string), ``image`` (float32 tensor ``[C, H, W]``),
+        ``label`` (int64, -1 when absent), ``error`` (string, null when the row is good),
+        ``meta`` (string or null); see ``pipeline.pools.decode_batch``.
+    """
+    return raw.map_batches(
+        _decode_to_arrow,
+        fn_kwargs={"spec": spec, "shard_prefix": shard_prefix},
+        batch_format="numpy",
+        batch_size=batch_size,
+        num_cpus=num_cpus,
+    )
+
+
+def error_mask(errors: Sequence[Any]) -> np.ndarray:
+    """Return a bool mask of error rows from a batch's ``error`` column.
+
+    Args:
+        errors: The column (strings and None; NaN also counts as no error, which is what
+            Ray gives for an all-null column typed by inference).
+
+    Returns:
+        ``True`` where the row is an error row.
+    """
+    return np.array([isinstance(e, str) for e in errors], dtype=bool)
+
+
+def _shard_error_rows(problems: Sequence[tuple[str, str]], spec: DecodeSpec) -> Dataset:
+    rows = [
+        {"__key__": None, "shard": shard, "image": np.zeros(spec.shape, np.float32), "label": -1,
+         "error": f"shard unreadable: {reason}", "meta": None}
+        for shard, reason in problems
+    ]
+    return ray.data.from_items(rows)
+
+
+def read_pool(
+    uri: str,
+    spec: DecodeSpec,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    check: CheckMode = "auto",
+    on_bad_shard: BadShardPolicy = "raise",
+    shuffle_seed: int | None = None,
+    read_num_cpus: float = 0.5,
+    decode_num_cpus: float = 1.0,
+    batch_size: int = 256,
+    attempts: int = DEFAULT_ATTEMPTS,
+) -> Dataset:
+    """Read and decode a pool: the dataset later jobs score or train on.
+
+    If ``spec.num_classes`` is unset and the pool's index has a class list, labels outside
+    it become error rows.
+
+    Args:
+        uri: Pool location (see :func:`read_pool_raw`).
+        spec: Target shape and normalisation (e.g. ``spec_for_model("small_cnn")``).
+        storage_options: fsspec options.
+        check: Pre-read check mode.
+        on_bad_shard: ``raise`` (default) or ``error_row``: one error row per bad shard
+            (``__key__`` None, ``shard`` its URI, ``error`` the reason).
+        shuffle_seed: Shuffle the shard order.
+        read_num_cpus: CPUs per read task.
+        decode_num_cpus: CPUs per decode task.
+        batch_size: Samples per decode call.
+        attempts: Tries per storage operation.
+
+    Returns:
+        Rows ``__key__, shard, image, label, error, meta``.
+
+    Raises:
+        ShardReadError, PoolNotFoundError, EmptyPoolError, DuplicateKeyError: See
+        :func:`read_pool_raw`.
+    """
+    raw = read_pool_raw(
+        uri, storage_options=storage_options, check=check, on_bad_shard=on_bad_shard,
+        shuffle_seed=shuffle_seed, read_num_cpus=read_num_cpus, attempts=attempts,
+    )
+    if spec.num_classes is None and raw.classes is not None:
+        spec = dataclasses.replace(spec, num_classes=len(raw.classes))
+    parts = []
+    if raw.dataset is not None:
+        parts.append(
+            decode(raw.dataset, spec, shard_prefix=raw.shard_prefix, num_cpus=decode_num_cpus, batch_size=batch_size)
+        )
+    if raw.bad_shards:
+        parts.append(_shard_error_rows(raw.bad_shards, spec))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def split_for_workers(ds: Dataset, num_workers: int, *, seed: int | None = None) -> list[DataIterator]:
+    """Split a decoded labeled pool into one streaming iterator per training worker.
+
+    Block order is randomised per execution (reproducibly from ``seed``), so each epoch
+    sees a new order; iterators get equal row counts (a few rows may be dropped) so every
+    worker runs the same number of steps. Consume all iterators concurrently (one per
+    worker); with Ray Train pass ``datasets={"train": ds}`` and call
+    ``ray.train.get_dataset_shard("train")`` in the worker instead.
+
+    Args:
+        ds: From :func:`read_pool`.
+        num_workers: Number of iterators.
+        seed: Seed of the block-order shuffle.
+
+    Returns:
+        ``num_workers`` iterators over disjoint parts of ``ds``.
+    """
+    shuffled = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return shuffled.streaming_split(num_workers, equal=True)
+
+
+@dataclass
+class ErrorTally:
+    """Error rows seen while iterating: counted, with the first few kept for the report.
+
+    Attributes:
+        count: Error rows seen.
+        examples: ``(key, shard, reason)`` of the first ``keep`` error rows.
+        keep: How many examples to keep.
+    """
+
+    count: int = 0
+    examples: list[tuple[str | None, str | None, str]] = field(default_factory=list)
+    keep: int = 20
+
+    def add(self, key: str | None, shard: str | None, reason: str) -> None:
+        """Record one error row."""
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append((key, shard, reason))
+
+
+def iter_labeled_batches(
+    data: Dataset | DataIterator,
+    batch_size: int,
+    *,
+    shuffle_buffer: int = 2048,
+    seed: int | None = None,
+    drop_last: bool = False,
+    errors: ErrorTally | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield shuffled ``(images [B, C, H, W], labels [B])`` from a decoded labeled pool.
+
+    Rows are shuffled in a local buffer of ``shuffle_buffer`` rows (on top of the block
+    order shuffle of :func:`split_for_workers`); pass ``seed=base + epoch`` to reshuffle
+    per epoch reproducibly. Error rows are skipped and counted in ``errors``, so a batch can
+    be a few rows short of ``batch_size``.
+
+    Args:
+        data: A decoded dataset or a worker's iterator (``streaming_split`` / Ray Train shard).
+        batch_size: Rows per batch before error rows are removed.
+        shuffle_buffer: Local shuffle buffer size in rows (0 disables shuffling).
+        seed: Local shuffle seed.
+        drop_last: Drop a final partial batch.
+        errors: Tally to record error rows in.
+
+    Yields:
+        ``(float32 images, int64 labels)`` CPU tensors.
+
+    Raises:
+        ValueError: If a decoded row has no label (the pool is not a labeled set).
+    """
+    tally = errors if errors is not None else ErrorTally()
+    batches = data.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        drop_last=drop_last,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=seed,
+    )
+    for batch in batches:
+        ok = ~error_mask(batch["error"])
+        for i in np.flatnonzero(~ok):
+            tally.add(batch["__key__"][i], batch["shard"][i], str(batch["error"][i]))
+        labels = batch["label"][ok]
+        if (labels < 0).any():
+            key = batch["__key__"][ok][int(np.argmax(labels < 0))]
+            raise ValueError(f"sample {key!r} has no label: train on a labeled set (lplgrad pool label)")
+        if ok.any():
+            yield torch.from_numpy(np.ascontiguousarray(batch["image"][ok])), torch.from_numpy(labels)
+
+
+def _error_report(ds: Dataset, keep: int = 20) -> ErrorTally:
+    tally = ErrorTally(keep=keep)
+    for batch in ds.select_columns(["__key__", "shard", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
+        for i in np.flatnonzero(error_mask(batch["error"])):
+            tally.add(batch["__key__"][i], batch["shard"][i], batch["error"][i])
+    return tally
+
+
+def labeled_training_data(
+    labeled: str,
+    holdout: str | None,
+    model: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    errors: Literal["drop", "raise"] = "drop",
+    in_channels: int | None = None,
+) -> tuple[dict[str, Dataset], list[str]]:
+    """Decoded ``{"train": ..., "holdout": ...}`` datasets of ``image``/``label`` rows for Ray Train.
+
+    Error rows are found by one decode pass over each set before training (labeled sets are
+    small), reported on stdout with their keys and shards, and then dropped (``errors="drop"``)
+    or turned into an error listing them (``errors="raise"``): training never sees label -1.
+
+    Args:
+        labeled: The labeled pool (from ``lplgrad pool label``); its index carries the class list.
+        holdout: Optional labeled pool for evaluation, with the same class list.
+        model: Registered model name: decoding follows its input spec.
+        storage_options: fsspec options for both pools.
+        errors: What to do about error rows (see above).
+        in_channels: The model's input channels when not its default.
+
+    Returns:
+        ``(datasets, classes)``; ``datasets`` has ``"train"`` and, with a holdout, ``"holdout"``.
+
+    Raises:
+        PoolError: A pool without a class list, or class lists that differ.
+        ValueError: Error rows with ``errors="raise"``.
+    """
+    uris = {"train": labeled, **({"holdout": holdout} if holdout else {})}
+    classes = None
+    for name, uri in uris.items():
+        pool_classes = resolve_pool(uri, storage_options).classes
+        if pool_classes is None:
+            raise PoolError(f"the {name} pool {uri} has no class list: build it with lplgrad pool label")
+        if classes is not None and list(pool_classes) != classes:
+            raise PoolError(f"class lists differ: {labeled} has {classes}, {uri} has {list(pool_classes)}")
+        classes = list(pool_classes)
+    assert classes is not None
+    spec = spec_for_model(model, in_channels=in_channels, num_classes=len(classes))
+    datasets = {}
+    for name, uri in uris.items():
+        ds = read_pool(uri, spec, storage_options=storage_options)
+        tally = _error_report(ds)
+        if tally.count:
+            lines = "\n".join(f"  {key} in {shard}: {reason}" for key, shard, reason in tally.examples)
+            message = f"{tally.count} sample(s) of the {name} set {uri} cannot be used:\n{lines}"
+            if errors == "raise":
+                raise ValueError(message)
+            print(f"warning: {message}\n  (dropped from training)", flush=True)
+        datasets[name] = ds.filter(expr=col("error").is_null()).select_columns(["image", "label"])
+    return datasets, classes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Read a pool end to end and print rows, error rows and the first errors."""
+    parser = argparse.ArgumentParser(description="Read and decode a pool with Ray Data; print counts.")
+    parser.add_argument("uri")
+    parser.add_argument("--model", default="small_cnn", help="decode for this model's input spec")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--on-bad-shard", choices=("raise", "error_row"), default="raise")
+    args = parser.parse_args(argv)
+    spec = spec_for_model(args.model)
+    storage_options = parse_storage_options(args.storage_option)
+    ray.init()
+    ds = read_pool(args.uri, spec, storage_options=storage_options, on_bad_shard=args.on_bad_shard)
+    rows, tally = 0, ErrorTally()
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        rows += len(batch["__key__"])
+        for i in np.flatnonzero(error_mask(batch["error"])):
+            tally.add(batch["__key__"][i], batch["shard"][i], batch["error"][i])
+    print(f"{args.uri}: {rows} rows, {tally.count} error rows")
+    for key, shard, reason in tally.examples:
+        print(f"  {key} in {shard}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

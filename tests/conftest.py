@@ -1,0 +1,91 @@
+"""Shared session fixtures: a loopback S3 server (moto) and one local Ray session.
+
+Both start on first use only, once per test session, so test files that need neither pay
+nothing. Other test packages reuse them as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3-compatible server on 127.0.0.1 (attributes, or keys as in a dict).
+
+    Attributes:
+        endpoint: ``http://127.0.0.1:<port>``.
+        bucket: A bucket created for the session.
+        storage_options: fsspec/s3fs options reaching the server (endpoint and dummy credentials).
+    """
+
+    endpoint: str
+    bucket: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        """Mapping-style access (``s3_server["storage_options"]``), same as the attributes."""
+        if name not in ("endpoint", "bucket", "storage_options"):
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def uri(self, name: str = "") -> str:
+        """Return a fresh ``s3://bucket/<unique>/<name>`` URI, unique per call."""
+        return f"s3://{self.bucket}/{uuid.uuid4().hex[:12]}/{name}".rstrip("/")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """Start moto's S3 server on loopback (as s3fs's own tests do) with one bucket."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    bucket = "lplgrad-test"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials).create_bucket(Bucket=bucket)
+    options = {
+        "endpoint_url": endpoint,
+        "key": credentials["aws_access_key_id"],
+        "secret": credentials["aws_secret_access_key"],
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    try:
+        yield S3Server(endpoint=endpoint, bucket=bucket, storage_options=options)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[Any]:
+    """One local Ray session for the whole test run, with 4 logical CPUs.
+
+    More logical CPUs than the 2 cores CI machines have: Ray Data reserves CPUs per task and
+    actor, and a stage waiting on CPUs held by another stage would stall the test.
+    """
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
