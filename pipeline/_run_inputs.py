@@ -1,0 +1,98 @@
+"""The inputs of a query run, and the fingerprint that decides whether two runs are the same.
+
+Everything that defines a query's result goes into :class:`QueryInputs`; its canonical JSON
+(sorted keys, no spaces, ASCII, no NaN) is hashed with sha256 into the manifest's
+``inputs_fingerprint``. A reader can recompute it from manifest.json alone::
+
+    hashlib.sha256(json.dumps(m["inputs"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PoolShard", "QueryInputs", "inputs_fingerprint", "keys_digest"]
+
+
+@dataclass(frozen=True)
+class PoolShard:
+    """One pool shard as recorded in the manifest (sizes ``None`` when the pool has no index)."""
+
+    uri: str
+    samples: int | None = None
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class QueryInputs:
+    """Everything that defines a query's result; its canonical JSON is fingerprinted.
+
+    The checkpoint enters by content hash only (a copy elsewhere is the same model); its URI is
+    recorded beside the inputs. The pool has no content hash, so it enters by URI, shard list and
+    shard sizes: the same pool copied elsewhere counts as different inputs (the safe side). ``exclusion_runs`` are resolved run directories (not ``{out}``
+    with LATEST, which moves) and ``excluded_keys_sha256`` is :func:`keys_digest` of their keys.
+    ``strategy_params`` (seed, stochastic mode, beta, ...) must be JSON-serialisable.
+    """
+
+    pool_uri: str
+    shards: tuple[PoolShard, ...]
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    strategy: str
+    k: int
+    strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    exclusion_runs: tuple[str, ...] = ()
+    excluded_keys_sha256: str | None = None
+    excluded_keys_count: int = 0
+    subset_size: int | None = None
+    subset_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if self.subset_size is not None and self.subset_size <= 0:
+            raise ValueError(f"subset_size must be positive or None, got {self.subset_size!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``inputs`` object of manifest.json (what the fingerprint covers)."""
+        return {
+            "pool": {
+                "uri": self.pool_uri,
+                "shards": [{"uri": s.uri, "samples": s.samples, "bytes": s.bytes} for s in self.shards],
+            },
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "strategy": {"name": self.strategy, "params": dict(self.strategy_params)},
+            "k": self.k,
+            "exclusions": {
+                "runs": list(self.exclusion_runs),
+                "keys_sha256": self.excluded_keys_sha256,
+                "num_keys": self.excluded_keys_count,
+            },
+            "subset": {"size": self.subset_size, "seed": self.subset_seed},
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 hex of :meth:`to_dict` (see :func:`inputs_fingerprint`)."""
+        return inputs_fingerprint(self.to_dict())
+
+
+def inputs_fingerprint(inputs: Mapping[str, Any]) -> str:
+    """sha256 hex of the canonical JSON of ``inputs`` (sorted keys, no spaces, ASCII, no NaN).
+
+    Raises:
+        ValueError: If ``inputs`` holds NaN/inf or a value JSON cannot encode.
+    """
+    try:
+        text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"query inputs are not canonical JSON: {err}") from err
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    """sha256 hex of a key set, independent of order and repeats (JSON of the sorted keys)."""
+    return hashlib.sha256(json.dumps(sorted(set(keys)), ensure_ascii=True).encode("ascii")).hexdigest()

@@ -1,0 +1,420 @@
+"""The selection manifest of a query run: layout, commit protocol and readers (schema version 1).
+
+A run lives under ``{out}/{run_id}/`` on any fsspec storage (local path, ``s3://``, ...)::
+
+    selection.parquet   the selected rows, rank 1 first
+    errors.parquet      rows (or whole shards) that could not be scored, with the reason
+    scores/part-*.parquet  every scored row (written by the job through ScoresWriter)
+    manifest.json       written LAST: its presence is what makes the run committed
+
+and ``{out}/LATEST`` holds the id of the newest committed run. A directory without
+``manifest.json`` is a failed or running job: readers refuse it, and :func:`begin_run` deletes it
+before starting again. A committed run is never overwritten. See docs/manifest.md for every field.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import platform
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from pipeline._manifest_tables import (
+    ERRORS_SCHEMA,
+    SELECTION_SCHEMA,
+    ScoresWriter,
+    errors_table,
+    iter_parquet_batches,
+    selection_rows,
+    selection_table,
+    write_table,
+)
+from pipeline._run_inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest
+from pipeline._score_summary import ScoreSummary
+from pipeline.pools.storage import display_uri, filesystem_for, join_path, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "ERRORS_NAME",
+    "ERRORS_SCHEMA",
+    "LATEST_NAME",
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "SCORES_DIR",
+    "SELECTION_NAME",
+    "SELECTION_SCHEMA",
+    "ManifestError",
+    "PoolShard",
+    "QueryInputs",
+    "RunConflictError",
+    "RunState",
+    "SchemaVersionError",
+    "ScoreSummary",
+    "ScoresWriter",
+    "UncommittedRunError",
+    "begin_run",
+    "commit_run",
+    "errors_table",
+    "inputs_fingerprint",
+    "iter_scores",
+    "keys_digest",
+    "load",
+    "new_run_id",
+    "previously_selected_keys",
+    "read_manifest",
+    "resolve_run",
+    "selection_rows",
+    "selection_table",
+    "software_versions",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SELECTION_NAME = "selection.parquet"
+ERRORS_NAME = "errors.parquet"
+SCORES_DIR = "scores"
+LATEST_NAME = "LATEST"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ManifestError(Exception):
+    """Base class of manifest errors; each message names the run and the fix."""
+
+
+class UncommittedRunError(ManifestError, FileNotFoundError):
+    """The run directory has no manifest.json: the job failed or is still running."""
+
+
+class RunConflictError(ManifestError, FileExistsError):
+    """A run with this id was committed with different inputs."""
+
+
+class SchemaVersionError(ManifestError, ValueError):
+    """manifest.json has a schema version this code does not read."""
+
+
+def new_run_id(prefix: str = "query") -> str:
+    """``{prefix}-YYYYmmddTHHMMSSZ`` in UTC: ids that sort in time order, as LATEST assumes."""
+    return f"{prefix}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What :func:`begin_run` found and decided.
+
+    Attributes:
+        run_id: The run id.
+        run_uri: ``{out}/{run_id}`` as a user would type it.
+        fingerprint: The inputs fingerprint the run is for.
+        started_at: UTC ISO time of :func:`begin_run`.
+        committed: The existing manifest when the run was already committed with these inputs
+            (then there is nothing to do), else ``None``.
+        replaced_partial: Whether a partial (uncommitted) run directory was deleted.
+        fs: Filesystem of ``out``.
+        out_path: Stripped path of ``out``.
+    """
+
+    run_id: str
+    run_uri: str
+    fingerprint: str
+    started_at: str
+    committed: dict[str, Any] | None
+    replaced_partial: bool
+    fs: AbstractFileSystem
+    out_path: str
+
+    @property
+    def already_committed(self) -> bool:
+        """True when the job has nothing to do (same run id, same inputs, committed)."""
+        return self.committed is not None
+
+    @property
+    def run_path(self) -> str:
+        """Stripped path of the run directory."""
+        return join_path(self.out_path, self.run_id)
+
+    @property
+    def message(self) -> str:
+        """One line for the job to print."""
+        if self.already_committed:
+            return f"run {self.run_id} is already committed at {self.run_uri} with the same inputs: nothing to do"
+        replaced = " (replaced a partial run left by a failed job)" if self.replaced_partial else ""
+        return f"starting run {self.run_id} at {self.run_uri}{replaced}"
+
+    def scores_writer(self, rows_per_part: int = 262_144) -> ScoresWriter:
+        """A writer of the run's ``scores/`` part files."""
+        return ScoresWriter(self.fs, join_path(self.run_path, SCORES_DIR), rows_per_part)
+
+
+def begin_run(
+    out: str, run_id: str, fingerprint: str, storage_options: Mapping[str, Any] | None = None
+) -> RunState:
+    """Decide what a query job does with ``{out}/{run_id}``: no-op, refuse, or start fresh.
+
+    Args:
+        out: Output root (local path or fsspec URI).
+        run_id: Letters, digits, ``.``, ``_``, ``-`` (not starting with a symbol), at most 128.
+        fingerprint: ``QueryInputs.fingerprint()`` of this job.
+        storage_options: fsspec options (S3 endpoint, credentials).
+
+    Returns:
+        A :class:`RunState`; when ``already_committed``, the job prints ``message`` and exits 0.
+
+    Raises:
+        ValueError: On a malformed run id.
+        RunConflictError: If the run was committed with a different fingerprint.
+        SchemaVersionError: If the committed manifest has an unknown schema version.
+    """
+    if not _RUN_ID.match(run_id) or run_id == LATEST_NAME:
+        raise ValueError(
+            f"run id {run_id!r} must be 1-128 letters, digits, '.', '_' or '-', start with a letter "
+            f"or digit, and not be {LATEST_NAME!r} (e.g. {new_run_id()})"
+        )
+    fs, out_path = filesystem_for(out, storage_options)
+    fs.invalidate_cache()  # listings may be cached from before another process wrote
+    run_path = join_path(out_path, run_id)
+    run_uri = display_uri(fs, run_path)
+    committed, replaced = None, False
+    if fs.exists(join_path(run_path, MANIFEST_NAME)):
+        committed = _read_manifest_file(fs, run_path)
+        if committed.get("inputs_fingerprint") != fingerprint:
+            raise RunConflictError(
+                f"run {run_id} at {run_uri} is committed with inputs fingerprint "
+                f"{committed.get('inputs_fingerprint')}, but these inputs give {fingerprint}; a committed "
+                f"run is never overwritten: choose a new run id (e.g. {new_run_id()})"
+            )
+    elif fs.exists(run_path):
+        fs.rm(run_path, recursive=True)
+        replaced = True
+    return RunState(run_id, run_uri, fingerprint, _utc_now(), committed, replaced, fs, out_path)
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of python and the packages a result depends on (``None`` when not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("lplgrad", "torch", "ray", "pyarrow", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def commit_run(
+    state: RunState,
+    inputs: QueryInputs,
+    selection: pa.Table | Sequence[tuple[str, float, Mapping[str, Any]]],
+    errors: pa.Table | Iterable[tuple[str | None, str | None, str]],
+    *,
+    scored: int,
+    excluded: int,
+    summary: ScoreSummary,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write selection.parquet and errors.parquet, then manifest.json (atomically), then LATEST.
+
+    Args:
+        state: From :func:`begin_run` (not already committed).
+        inputs: The inputs whose fingerprint ``state`` was begun with.
+        selection: A :func:`selection_table`, or ``TopK.result()`` triples to build one from.
+        errors: An :data:`ERRORS_SCHEMA` table or ``(key, shard, reason)`` triples.
+        scored: Rows that got an acquisition value (selection candidates).
+        excluded: Rows skipped because an earlier run selected them.
+        summary: Statistics of the acquisition values of the scored rows.
+        extra: JSON-serialisable job details (resolved config, cluster) stored under ``extra``.
+
+    Returns:
+        The manifest as written.
+
+    Raises:
+        ManifestError: If the state is a no-op, the fingerprint differs from ``state``'s, or the
+            selection is larger than ``k``.
+        RunConflictError: If another job committed this run id meanwhile.
+    """
+    if state.already_committed:
+        raise ManifestError(f"run {state.run_id} is already committed; the job should have stopped at begin_run")
+    if inputs.fingerprint() != state.fingerprint:
+        raise ManifestError(f"run {state.run_id} was begun for fingerprint {state.fingerprint}, not these inputs'")
+    table = selection if isinstance(selection, pa.Table) else selection_table(selection)
+    table = table.select(SELECTION_SCHEMA.names).cast(SELECTION_SCHEMA)
+    if table.num_rows > inputs.k:
+        raise ManifestError(f"selection has {table.num_rows} rows, more than k={inputs.k}")
+    fs, run_path = state.fs, state.run_path
+    fs.invalidate_cache()
+    if fs.exists(join_path(run_path, MANIFEST_NAME)):
+        raise RunConflictError(f"run {state.run_id} at {state.run_uri} was committed by another job meanwhile")
+    error_rows = errors_table(errors)
+    write_table(fs, join_path(run_path, SELECTION_NAME), table)
+    write_table(fs, join_path(run_path, ERRORS_NAME), error_rows)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": state.run_id,
+        "started_at": state.started_at,
+        "finished_at": _utc_now(),
+        "inputs_fingerprint": state.fingerprint,
+        "inputs": inputs.to_dict(),
+        "checkpoint": {"uri": inputs.checkpoint_uri, "sha256": inputs.checkpoint_sha256},
+        "counts": {"scored": scored, "excluded": excluded, "errors": error_rows.num_rows, "selected": table.num_rows},
+        "score_summary": summary.to_dict(),
+        "files": {"selection": SELECTION_NAME, "errors": ERRORS_NAME, "scores": _score_parts(fs, run_path)},
+        "software": software_versions(),
+        "extra": dict(extra or {}),
+    }
+    data = json.dumps(manifest, indent=2, allow_nan=False).encode()
+    write_bytes_atomic(fs, join_path(run_path, MANIFEST_NAME), data)  # the commit point
+    _advance_latest(fs, state.out_path, state.run_id)
+    return manifest
+
+
+def _score_parts(fs: AbstractFileSystem, run_path: str) -> list[str]:
+    directory = join_path(run_path, SCORES_DIR)
+    if not fs.exists(directory):
+        return []
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False) if p.endswith(".parquet"))
+    return [f"{SCORES_DIR}/{name}" for name in names]
+
+
+def _advance_latest(fs: AbstractFileSystem, out_path: str, run_id: str) -> None:
+    # LATEST only moves forward in run-id order, so committing an old-sorting id (a backfill, a
+    # rerun) never hides a newer run. Read-then-write: concurrent committers may race.
+    latest = join_path(out_path, LATEST_NAME)
+    current = fs.cat_file(latest).decode().strip() if fs.exists(latest) else None
+    if current is None or run_id >= current:
+        write_bytes_atomic(fs, latest, run_id.encode())
+
+
+def _read_manifest_file(fs: AbstractFileSystem, run_path: str) -> dict[str, Any]:
+    where = display_uri(fs, join_path(run_path, MANIFEST_NAME))
+    try:
+        manifest = json.loads(fs.cat_file(join_path(run_path, MANIFEST_NAME)))
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{where} is not valid JSON: {err}") from err
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        fix = "upgrade lplgrad to read it" if newer else "it was not written by this tool"
+        raise SchemaVersionError(f"{where} has schema_version {version!r}; this code reads {SCHEMA_VERSION}: {fix}")
+    return manifest
+
+
+def _resolve(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[AbstractFileSystem, str]:
+    fs, path = filesystem_for(uri, storage_options)
+    fs.invalidate_cache()
+    if fs.exists(join_path(path, MANIFEST_NAME)):
+        return fs, path
+    latest = join_path(path, LATEST_NAME)
+    if fs.exists(latest):
+        run_path = join_path(path, fs.cat_file(latest).decode().strip())
+        if not fs.exists(join_path(run_path, MANIFEST_NAME)):
+            raise UncommittedRunError(f"{display_uri(fs, latest)} names {display_uri(fs, run_path)}, which has no {MANIFEST_NAME}")
+        return fs, run_path
+    if fs.exists(path):
+        raise UncommittedRunError(
+            f"{uri} has no {MANIFEST_NAME}: the query run failed or is still running, so its files are "
+            "not a result; rerun the query job with the same run id to replace it"
+        )
+    raise FileNotFoundError(f"no query run at {uri}: expected {MANIFEST_NAME} (a run) or {LATEST_NAME} (an output root)")
+
+
+def resolve_run(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The committed run directory that ``uri`` (a run, or an output root with LATEST) names.
+
+    Raises:
+        UncommittedRunError: If the run has no manifest.json.
+        FileNotFoundError: If nothing is there.
+    """
+    fs, run_path = _resolve(uri, storage_options)
+    return display_uri(fs, run_path)
+
+
+def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """manifest.json of a committed run (``uri`` = run directory, or output root: follows LATEST).
+
+    Raises:
+        UncommittedRunError: If the run has no manifest.json.
+        SchemaVersionError: If its schema version is not :data:`SCHEMA_VERSION`.
+        FileNotFoundError: If nothing is there.
+    """
+    fs, run_path = _resolve(uri, storage_options)
+    return _read_manifest_file(fs, run_path)
+
+
+def load(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+    as_pandas: bool = False,
+) -> pa.Table | pd.DataFrame:
+    """The selection of a committed run, rank 1 first.
+
+    Args:
+        uri: Run directory ``{out}/{run_id}``, or ``{out}`` to follow LATEST.
+        storage_options: fsspec options.
+        columns: Subset of :data:`SELECTION_SCHEMA` columns (all by default).
+        as_pandas: Return a pandas DataFrame instead of a pyarrow Table.
+
+    Returns:
+        The selection table (or DataFrame).
+
+    Raises:
+        UncommittedRunError: If the run has no manifest.json.
+        SchemaVersionError: If its schema version is not :data:`SCHEMA_VERSION`.
+        FileNotFoundError: If nothing is there.
+    """
+    fs, run_path = _resolve(uri, storage_options)
+    manifest = _read_manifest_file(fs, run_path)
+    with fs.open(join_path(run_path, manifest["files"]["selection"]), "rb") as handle:
+        table = pq.read_table(handle, columns=list(columns) if columns is not None else None)
+    return table.to_pandas() if as_pandas else table
+
+
+def iter_scores(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 65_536,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the full scores table of a committed run, one part file at a time.
+
+    Raises:
+        UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
+    """
+    fs, run_path = _resolve(uri, storage_options)
+    parts = [join_path(run_path, name) for name in _read_manifest_file(fs, run_path)["files"]["scores"]]
+    return iter_parquet_batches(fs, parts, columns, batch_size)
+
+
+def previously_selected_keys(
+    manifest_uris: Iterable[str], storage_options: Mapping[str, Any] | None = None
+) -> set[str]:
+    """Keys selected by earlier committed runs, to exclude from a new query.
+
+    Args:
+        manifest_uris: Run directories, or output roots (each follows its LATEST).
+        storage_options: fsspec options shared by all of them.
+
+    Returns:
+        The union of their selection keys.
+
+    Raises:
+        UncommittedRunError: If one of them is not committed (its selection is not a result).
+    """
+    keys: set[str] = set()
+    for uri in manifest_uris:
+        keys.update(load(uri, storage_options, columns=["key"]).column("key").to_pylist())
+    return keys
