@@ -33,5 +33,8 @@ def connect(address: str | None) -> str:
         ray.init(address=address)
         return f"joined Ray cluster at {address}"
     cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    context = ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # Helpers that Ray libraries start later call ray.init() themselves; with another Ray running
+    # on the same machine they would otherwise refuse to guess which cluster is ours.
+    os.environ["RAY_ADDRESS"] = context.address_info["address"]
     return f"started local Ray with {cpus} logical CPUs on {os.cpu_count()} cores"

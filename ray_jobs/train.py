@@ -1,0 +1,320 @@
+"""Joint LPLgrad training on Ray Train: classifier + LossNet under DDP, checkpoints to storage.
+
+    lplgrad train labeled=runs/pools/labeled model=small_cnn epochs=20
+    python -m ray_jobs.train --config configs/train/fashion_mnist.yaml storage_path=s3://bucket/train
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m ray_jobs.train --config configs/train/cifar10.yaml use_gpu=true num_workers=8
+
+Each worker builds the model, its LossNet and feature tap from the registry, wraps both in DDP,
+and runs `pipeline.training.joint_train_step` over its part of each shuffled epoch of the labeled
+pool (streamed by Ray Data). Rank 0 writes checkpoints (model, LossNet, optimiser, scheduler,
+epoch, spec, classes, metrics) through `ray.train.report`; a failed worker group restarts from the
+latest one (`max_failures`). The job prints the final checkpoint URI, which the query job takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from pipeline.checkpoint import ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.config import config_from_dict, config_to_dict, config_to_yaml, load_config
+from pipeline.models import available_models
+from pipeline.pools.storage import arrow_filesystem, display_uri, filesystem_for, is_local
+from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
+from ray_jobs._cluster import connect
+from ray_jobs import pool_data
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    labeled: str = ""
+    holdout: str | None = None
+    model: str = "small_cnn"
+    num_classes: int | None = None  # default: the labeled pool's class list
+    in_channels: int | None = None
+    tap_layers: tuple[str, ...] | None = None
+    lossnet_hidden: int = 128
+    epochs: int = 200
+    schedule: TrainSchedule | None = None  # default: the paper's schedule scaled to `epochs`
+    batch_size: int = 128  # per worker
+    shuffle_buffer: int = 10_000  # rows per worker's local shuffle buffer (on top of block order)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional: leaves CPUs to Ray Data's read tasks on a laptop
+    storage_path: str = "runs/train"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    checkpoint_every: int = 10
+    eval_every: int = 1  # held-out accuracy every N epochs (and always at the last epoch)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    warm_start: str | None = None
+    max_failures: int = 0
+    seed: int = 0
+    fail_once_at_epoch: int | None = None  # fault drill: rank 0 raises once at this epoch
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.labeled:
+            raise ValueError("labeled is required: the URI of the labeled pool to train on")
+        if self.model not in available_models():
+            raise ValueError(f"model {self.model!r} is unknown; choose one of {', '.join(available_models())}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2: the ranking loss compares pairs within a batch, got {self.batch_size}")
+        for name in ("epochs", "num_workers", "checkpoint_every", "keep_checkpoints", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.schedule is not None and self.schedule.epochs != self.epochs:
+            raise ValueError(f"schedule.epochs ({self.schedule.epochs}) differs from epochs ({self.epochs}); set one")
+        if self.max_failures < 0 or self.cpus_per_worker < 0:
+            raise ValueError("max_failures and cpus_per_worker cannot be negative")
+        if self.resume and not self.name:
+            raise ValueError("resume=true needs the name of the run to continue (name=...)")
+
+    def resolved_schedule(self) -> TrainSchedule:
+        return self.schedule or TrainSchedule.scaled(self.epochs)
+
+
+# -- worker ----------------------------------------------------------------------------------
+
+
+def _global_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum metric accumulators over workers (every worker must call this the same number of times)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _evaluate(model: torch.nn.Module, device: torch.device, batch_size: int) -> float:
+    shard = ray.train.get_dataset_shard("holdout")
+    model.eval()
+    correct = count = 0.0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=max(batch_size, 512), device=device):
+            correct += (model(batch["image"].float()).argmax(1) == batch["label"]).sum().item()
+            count += len(batch["label"])
+    correct, count = _global_sums([correct, count], device)
+    return correct / count if count else None
+
+
+def _maybe_fail(config: TrainConfig, epoch: int, rank: int, run_dir: str) -> None:
+    if config.fail_once_at_epoch != epoch or rank != 0:
+        return
+    fs, root = filesystem_for(run_dir, config.storage_options)
+    marker = f"{root.rstrip('/')}/injected_failure"
+    if not fs.exists(marker):
+        fs.pipe(marker, b"1")
+        raise RuntimeError(f"injected failure at epoch {epoch} (fail_once_at_epoch)")
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    config = config_from_dict(TrainConfig, loop_config["config"])
+    spec = ModelSpec.from_dict(loop_config["spec"])
+    schedule = config.resolved_schedule()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+
+    model, lossnet, tap = spec.build()
+    resume_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume_state = load_checkpoint(directory)
+        model.load_state_dict(resume_state["model"])
+        lossnet.load_state_dict(resume_state["lossnet"])
+    elif config.warm_start:
+        # The reference implementation keeps the model across cycles: weights only, fresh optimiser.
+        warm_model, warm_lossnet, _ = build_from_checkpoint(load_checkpoint(fetch_checkpoint(config.warm_start, config.storage_options)), spec.num_classes)
+        model.load_state_dict(warm_model.state_dict())
+        lossnet.load_state_dict(warm_lossnet.state_dict())
+
+    optimizer, lr_scheduler = make_optimizers(model, lossnet, schedule)
+    start_epoch, history = 0, []
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        lr_scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch, history = resume_state["epoch"] + 1, list(resume_state["metrics"])
+    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_lossnet = ray.train.torch.prepare_model(lossnet)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, schedule.epochs):
+        _maybe_fail(config, epoch, rank, loop_config["run_dir"])
+        epoch_start = time.perf_counter()
+        sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, ce, ranking, correct, samples
+        # Local shuffle buffer: a fresh order every epoch without a global shuffle stage per epoch.
+        for batch in shard.iter_torch_batches(batch_size=config.batch_size, device=device,
+                                              local_shuffle_buffer_size=config.shuffle_buffer,
+                                              local_shuffle_seed=config.seed * 100_003 + epoch):
+            x, y = batch["image"].float(), batch["label"].long()
+            step = joint_train_step(ddp_model, ddp_lossnet, tap, x, y, optimizer, schedule, epoch, amp_dtype)
+            n = float(len(y))
+            for i, key in enumerate(("loss", "ce", "ranking", "accuracy")):
+                sums[i] += step[key] * n
+            sums[4] += n
+        lr_scheduler.step()
+        total = _global_sums(sums, device)
+        epoch_seconds = time.perf_counter() - epoch_start
+        last = epoch == schedule.epochs - 1
+        evaluate = loop_config["has_holdout"] and (last or (epoch + 1) % config.eval_every == 0)
+        samples = max(total[4], 1.0)
+        metrics = {
+            "epoch": epoch,
+            "loss": total[0] / samples,
+            "ce": total[1] / samples,
+            "ranking": total[2] / samples,
+            "train_accuracy": total[3] / samples,
+            "holdout_accuracy": _evaluate(model, device, config.batch_size) if evaluate else None,
+            "samples": int(total[4]),
+            "epoch_seconds": epoch_seconds,
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(json.dumps(metrics))
+        if (last or (epoch + 1) % config.checkpoint_every == 0) and rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                save_checkpoint(directory, {
+                    "model": model.state_dict(),
+                    "lossnet": lossnet.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": lr_scheduler.state_dict(),
+                    "epoch": epoch,
+                    "spec": spec.to_dict(),
+                    "classes": list(loop_config["classes"]),
+                    "config": loop_config["config"],
+                    "metrics": history,
+                })
+                with open(os.path.join(directory, "metrics.json"), "w") as handle:
+                    json.dump(history, handle, indent=1)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+
+def labeled_training_data(config: TrainConfig) -> tuple[dict[str, ray.data.Dataset], list[str]]:
+    """The labeled (and held-out) pool as materialised `image`, `label` datasets, plus classes.
+
+    Samples that cannot be decoded are reported and dropped (`pool_data.labeled_training_data`).
+    Materialising decodes once, not once per epoch; the train set's block order is reshuffled on
+    every epoch's execution, rows within by each worker's local shuffle buffer.
+    """
+    datasets, classes = pool_data.labeled_training_data(
+        config.labeled, config.holdout, config.model, config.storage_options, in_channels=config.in_channels
+    )
+    datasets["train"] = datasets["train"].materialize().randomize_block_order()
+    if "holdout" in datasets:
+        datasets["holdout"] = datasets["holdout"].materialize()
+    return datasets, classes
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="lplgrad train", description="Joint LPLgrad training on Ray Train.")
+    parser.add_argument("--config", help="YAML config (configs/train/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=20 num_workers=4")
+    args = parser.parse_args(argv)
+    return load_config(TrainConfig, args.config, args.overrides)
+
+
+def check_storage(config: TrainConfig) -> None:
+    """Fail before training if checkpoints could not be written, or a run would be silently resumed."""
+    fs, root = filesystem_for(config.storage_path, config.storage_options)
+    run_root = f"{root.rstrip('/')}/{config.name}"
+    probe = f"{run_root}/.write-probe"
+    try:
+        fs.makedirs(run_root, exist_ok=True)
+        fs.pipe(probe, b"ok")
+        fs.rm(probe)
+    except Exception as error:  # permission, missing bucket, read-only mount: all mean "not writable"
+        raise ValueError(f"storage_path {config.storage_path} is not writable: {error}") from error
+    try:
+        listing = fs.ls(run_root, detail=False)
+    except FileNotFoundError:  # object stores have no empty directories
+        listing = []
+    existing = [p for p in listing if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
+    if existing and not config.resume:
+        raise ValueError(f"run {config.name!r} already has checkpoints under {config.storage_path}; "
+                         "pass resume=true to continue it, or choose another name")
+
+
+def check_labels(datasets: dict[str, ray.data.Dataset], num_classes: int) -> None:
+    """Refuse an empty labeled set or labels outside the class list before any worker starts."""
+    for name, dataset in datasets.items():
+        stats = dataset.aggregate(ray.data.aggregate.Count(), ray.data.aggregate.Min("label"), ray.data.aggregate.Max("label"))
+        if not stats["count()"]:
+            raise ValueError(f"the {name} set is empty: label some samples first (lplgrad pool label)")
+        low, high = stats["min(label)"], stats["max(label)"]
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"the {name} set has labels in [{low}, {high}] but the model has {num_classes} classes (0..{num_classes - 1})")
+
+
+def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: list[str]) -> str:
+    """Train and return the final checkpoint URI."""
+    if config.name is None:
+        config = replace(config, name=datetime.now(timezone.utc).strftime("train-%Y%m%dT%H%M%SZ"))
+    spec = ModelSpec(config.model, config.num_classes or len(classes), config.in_channels, config.tap_layers, config.lossnet_hidden)
+    check_storage(config)
+    check_labels(datasets, spec.num_classes)
+    fs, root = filesystem_for(config.storage_path, config.storage_options)
+    local = is_local(fs)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config_to_dict(config),
+            "spec": spec.to_dict(),
+            "classes": list(classes),
+            "run_dir": config.storage_path.rstrip("/") + "/" + config.name,
+            "has_holdout": "holdout" in datasets,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=root,
+            # Remote storage goes through the same fsspec filesystem (and S3 endpoint) as pools.
+            storage_filesystem=None if local else arrow_filesystem(fs),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return display_uri(fs, result.checkpoint.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    print(config_to_yaml(config), end="")
+    print(connect(config.address))
+    datasets, classes = labeled_training_data(config)
+    uri = run(config, datasets, classes)
+    print(f"final checkpoint: {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""The training job on a local Ray with 2 CPU workers (gloo): checkpoints, fault tolerance, resume,
+object storage and the refusals that must happen before any worker starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from pipeline.checkpoint import build_from_checkpoint, fetch_checkpoint, load_checkpoint
+from pipeline.config import ConfigError
+from ray_jobs import train
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def quadrant_task(n: int, seed: int = 0) -> list[dict]:
+    """Learnable 28x28 task: the label says which quadrant is bright."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for label in rng.integers(0, 4, n):
+        image = rng.normal(scale=0.5, size=(1, 28, 28)).astype(np.float32)
+        image[0, (label // 2) * 14 : (label // 2) * 14 + 14, (label % 2) * 14 : (label % 2) * 14 + 14] += 1.5
+        items.append({"image": image, "label": int(label)})
+    return items
+
+
+@pytest.fixture(scope="module")
+def task(ray_local) -> dict[str, ray.data.Dataset]:
+    return {"train": ray.data.from_items(quadrant_task(192)), "holdout": ray.data.from_items(quadrant_task(64, seed=1))}
+
+
+def config(tmp_path, **overrides) -> train.TrainConfig:
+    values = dict(labeled="in-memory", model="small_cnn", epochs=3, batch_size=32, num_workers=2,
+                  checkpoint_every=1, storage_path=str(tmp_path / "train"), name="run")
+    values.update(overrides)
+    return train.TrainConfig(**values)
+
+
+def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) -> None:
+    uri = train.run(config(tmp_path, fail_once_at_epoch=1, max_failures=1), task, CLASSES)
+    state = load_checkpoint(uri)  # weights_only load
+    assert state["epoch"] == 2 and state["classes"] == CLASSES
+    assert set(state) >= {"model", "lossnet", "optimizer", "scheduler", "spec", "config", "metrics"}
+    metrics = state["metrics"]
+    # The failed epoch was redone from the epoch-0 checkpoint: every epoch exactly once.
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert all(m["samples"] == 192 for m in metrics)  # the two workers covered the set once per epoch
+    assert metrics[-1]["ce"] < metrics[0]["ce"]
+    assert metrics[-1]["holdout_accuracy"] is not None
+    assert (tmp_path / "train" / "run" / "injected_failure").exists()
+    model, lossnet, tap = build_from_checkpoint(state, expected_classes=4)
+    assert tap.layers and sum(p.numel() for p in lossnet.parameters()) > 0
+
+
+def test_resume_continues_a_named_run_and_refuses_to_resume_by_accident(task, tmp_path) -> None:
+    first = load_checkpoint(train.run(config(tmp_path, epochs=2, num_workers=1), {"train": task["train"]}, CLASSES))
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        train.run(config(tmp_path, epochs=3, num_workers=1), {"train": task["train"]}, CLASSES)
+    resumed = load_checkpoint(train.run(config(tmp_path, epochs=3, num_workers=1, resume=True), {"train": task["train"]}, CLASSES))
+    assert [m["epoch"] for m in resumed["metrics"]] == [0, 1, 2]
+    assert resumed["metrics"][:2] == first["metrics"]
+
+
+def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
+    storage = f"s3://{s3_server.bucket}/train-runs"
+    uri = train.run(config(tmp_path, epochs=1, num_workers=2, storage_path=storage, storage_options=s3_server.storage_options),
+                    {"train": task["train"]}, CLASSES)
+    assert uri.startswith(storage + "/run/checkpoint_")
+    state = load_checkpoint(fetch_checkpoint(uri, s3_server.storage_options))
+    assert state["epoch"] == 0
+
+
+def test_bad_input_is_refused_before_training(task, tmp_path) -> None:
+    with pytest.raises(ValueError, match="train set is empty"):
+        train.run(config(tmp_path), {"train": ray.data.from_items([{"image": np.zeros((1, 28, 28), np.float32), "label": 0}]).filter(lambda r: False)}, CLASSES)
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\] but the model has 2 classes"):
+        train.run(config(tmp_path, name="two"), {"train": task["train"]}, ["a", "b"])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="is not writable"):
+        train.run(config(tmp_path, storage_path=str(blocker / "sub")), {"train": task["train"]}, CLASSES)
+    with pytest.raises(ConfigError, match="batch_size must be at least 2"):
+        train.parse_args(["labeled=x", "batch_size=1"])
+    with pytest.raises(ConfigError, match="labeled is required"):
+        train.parse_args([])
