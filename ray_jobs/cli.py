@@ -1,7 +1,10 @@
 """`lplgrad`: one command line for the jobs and tools.
 
     lplgrad demo [key=value ...]        scoring demo on local Ray (ray_jobs/score_demo.py)
+    lplgrad train [key=value ...]       joint training on Ray Train (ray_jobs/train.py)
+    lplgrad query [key=value ...]       score a pool, commit a manifest (ray_jobs/query.py)
     lplgrad pool build|label ...        build and label WebDataset pools (ray_jobs/pool_cli.py)
+    lplgrad manifest show|verify|export|extract ...  read committed query runs (ray_jobs/manifest_cli.py)
 
 Job subcommands take the same `--config FILE key=value ...` arguments as `python -m ray_jobs.<job>`;
 modules load only when their subcommand runs, so `lplgrad --help` stays fast.
@@ -16,6 +19,8 @@ import sys
 # subcommand -> (module with main(argv), help)
 JOBS = {
     "demo": ("ray_jobs.score_demo", "score a synthetic pool on Ray and select the top-k (scoring demo)"),
+    "train": ("ray_jobs.train", "joint LPLgrad training on Ray Train; prints the final checkpoint URI"),
+    "query": ("ray_jobs.query", "score a pool with a checkpoint and commit a selection manifest"),
 }
 
 
@@ -32,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
             raise
     else:
         pool_cli.add_commands(commands)
+    try:
+        manifest_cli = importlib.import_module("ray_jobs.manifest_cli")
+    except ModuleNotFoundError as error:
+        if error.name != "ray_jobs.manifest_cli":
+            raise
+    else:
+        manifest_cli.add_commands(commands)
     return parser
 
 

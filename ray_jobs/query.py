@@ -1,0 +1,318 @@
+"""The main job: score a pool with a trained checkpoint on Ray, select the exact top-k, commit a
+selection manifest to object storage.
+
+    lplgrad query pool=runs/pools/unlabeled checkpoint=runs/train/RUN/checkpoint_... k=1000
+    python -m ray_jobs.query --config configs/query/nightly.yaml run_id=2026-11-21
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m ray_jobs.query --config configs/query/nightly.yaml actors=8 gpus_per_actor=1
+
+Pipeline: shards are read by Ray Data (`read_webdataset`, no default decoder) and decoded in CPU
+tasks; keys already labeled or selected by earlier manifests are dropped; an actor pool of
+`RowScorer`s (model loaded once per actor) scores batches with one forward and one backward; the
+driver streams the rows to `scores/` parquet parts, keeps the exact top-k (ties by key) in O(k)
+memory and commits `selection.parquet`, `errors.parquet` and, last, `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import ray
+
+from pipeline.acquisition import (
+    ScoreRanks,
+    acquisition_values,
+    available_strategies,
+    check_stochastic,
+    random_values,
+    stochastic_values,
+)
+from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
+from pipeline.config import config_to_dict, config_to_yaml, load_config
+from pipeline.manifest import (
+    PoolShard,
+    QueryInputs,
+    ScoreSummary,
+    begin_run,
+    commit_run,
+    keys_digest,
+    new_run_id,
+    previously_selected_keys,
+    resolve_run,
+    selection_rows,
+)
+from pipeline.pools import resolve_pool, spec_for_model
+from pipeline.pools.storage import filesystem_for
+from pipeline.scoring import NORMS, RowScorer
+from pipeline.selection import TopK
+from ray_jobs._cluster import connect
+from ray_jobs.pool_data import read_pool, read_pool_raw
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    pool: str = ""
+    checkpoint: str = ""
+    strategy: str = "lplgrad"
+    k: int = 1000
+    exclude_labeled: str | None = None  # a labeled pool: its keys are never selected
+    exclude_manifests: tuple[str, ...] = ()  # earlier runs (or output roots, via LATEST)
+    out: str = "runs/query"
+    run_id: str | None = None  # default: a UTC timestamp; nightly runs pass the date
+    batch_size: int = 128
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    subset: int | None = None  # score a random subset of about this many samples (paper: 10k)
+    stochastic: str | None = None  # power | softmax | softrank (stochastic batch acquisition)
+    beta: float = 1.0
+    seed: int = 0
+    norm: str = "per_tensor_sum"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    fail_once_after_batches: int | None = None  # fault drill: one actor dies once after N batches
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pool or not self.checkpoint:
+            raise ValueError("pool and checkpoint are required (pool=URI checkpoint=URI)")
+        if self.strategy not in available_strategies():
+            raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(available_strategies())}")
+        if self.k <= 0:
+            raise ValueError(f"k must be positive, got {self.k}")
+        if self.batch_size <= 0 or self.actors <= 0:
+            raise ValueError("batch_size and actors must be positive")
+        if self.subset is not None and self.subset <= 0:
+            raise ValueError(f"subset must be positive, got {self.subset}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm {self.norm!r} is unknown; choose one of {', '.join(NORMS)}")
+        if self.stochastic is not None:
+            check_stochastic(self.stochastic, self.beta, self.strategy)
+
+
+def parse_args(argv: list[str] | None = None) -> QueryConfig:
+    parser = argparse.ArgumentParser(prog="lplgrad query", description="Score a pool and commit a selection manifest.")
+    parser.add_argument("--config", help="YAML config (configs/query/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. k=500 run_id=2026-11-21")
+    args = parser.parse_args(argv)
+    return load_config(QueryConfig, args.config, args.overrides)
+
+
+# -- actors ----------------------------------------------------------------------------------
+
+
+def build_scoring_model(checkpoint: str, storage_options: dict[str, Any], num_classes: int):
+    """Runs inside each actor: fetch the checkpoint once and rebuild model, LossNet and tap."""
+    return build_from_checkpoint(load_checkpoint(fetch_checkpoint(checkpoint, storage_options)), num_classes)
+
+
+class QueryScorer(RowScorer):
+    """RowScorer plus the fault drill: with `fail_after`, the first actor to reach that many
+    batches exits hard once (a marker file keeps its restart from failing again)."""
+
+    def __init__(self, build, norm: str, fail_after: int | None = None, marker: str | None = None) -> None:
+        super().__init__(build, norm=norm)
+        self.batches, self.fail_after, self.marker = 0, fail_after, marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches += 1
+        if self.fail_after is not None and self.batches > self.fail_after and self.marker:
+            import os
+
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return super().__call__(batch)
+
+
+# Excluded rows travel as marked, unscored rows so that the driver can count them; they are
+# written neither to the scores table nor to errors.
+EXCLUDED = "__excluded__"
+
+
+def _mark_excluded(batch: pa.Table, excluded: frozenset[str]) -> pa.Table:
+    hit = [k in excluded for k in batch.column("__key__").to_pylist()]
+    errors = [EXCLUDED if h else e for h, e in zip(hit, batch.column("error").to_pylist())]
+    return batch.set_column(batch.column_names.index("error"), "error", pa.array(errors, pa.string()))
+
+
+def _in_subset(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    # Bernoulli by key hash: the same keys whatever the sharding or the number of actors.
+    return batch.filter(pa.array(random_values(batch.column("__key__").to_pylist(), seed + 1) < fraction))
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+
+def prepare(config: QueryConfig) -> dict[str, Any]:
+    """Everything that can fail before scoring: pool, checkpoint, output, exclusions."""
+    pool = resolve_pool(config.pool, config.storage_options)
+    local_checkpoint = fetch_checkpoint(config.checkpoint, config.storage_options)
+    state = load_checkpoint(local_checkpoint)
+    classes = list(state["classes"])
+    if pool.classes is not None and list(pool.classes) != classes:
+        raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)}")
+    build_from_checkpoint(state, len(classes))  # weights must fit the recorded model now, not in an actor
+    exclusion_runs = tuple(resolve_run(uri, config.storage_options) for uri in config.exclude_manifests)
+    excluded = set(previously_selected_keys(exclusion_runs, config.storage_options))
+    if config.exclude_labeled:
+        raw = read_pool_raw(config.exclude_labeled, storage_options=config.storage_options)
+        if raw.dataset is not None:
+            excluded.update(k for batch in raw.dataset.select_columns(["__key__"]).iter_batches(batch_format="pyarrow") for k in batch.column("__key__").to_pylist())
+    out_fs, out_path = filesystem_for(config.out, config.storage_options)
+    probe = f"{out_path.rstrip('/')}/.write-probe"
+    try:
+        out_fs.makedirs(out_path, exist_ok=True)
+        out_fs.pipe(probe, b"ok")
+        out_fs.rm(probe)
+    except Exception as error:  # permission, missing bucket, read-only mount: all mean "not writable"
+        raise ValueError(f"output prefix {config.out} is not writable: {error}") from error
+    params = {"seed": config.seed, "norm": config.norm, "stochastic": config.stochastic, "beta": config.beta if config.stochastic else None}
+    inputs = QueryInputs(
+        pool_uri=config.pool,
+        shards=tuple(PoolShard(s.uri, s.samples, s.bytes) for s in pool.shards),
+        checkpoint_uri=config.checkpoint,
+        checkpoint_sha256=checkpoint_digest(local_checkpoint),
+        strategy=config.strategy,
+        k=config.k,
+        strategy_params=params,
+        exclusion_runs=exclusion_runs,
+        excluded_keys_sha256=keys_digest(excluded) if excluded else None,
+        excluded_keys_count=len(excluded),
+        subset_size=config.subset,
+        subset_seed=config.seed,
+    )
+    return {"pool": pool, "classes": classes, "state": state, "excluded": frozenset(excluded), "inputs": inputs}
+
+
+def score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: read, decode, exclude, subset, score."""
+    spec = spec_for_model(prepared["state"]["spec"]["model"], in_channels=prepared["state"]["spec"].get("in_channels"),
+                          num_classes=len(prepared["classes"]))
+    data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row", batch_size=config.batch_size)
+    if prepared["excluded"]:
+        data = data.map_batches(_mark_excluded, fn_kwargs={"excluded": prepared["excluded"]}, batch_format="pyarrow", num_cpus=0.25)
+    total = prepared["pool"].num_samples
+    if config.subset is not None and (total is None or config.subset < total):
+        if total is None:
+            total = data.count()
+        data = data.map_batches(_in_subset, fn_kwargs={"fraction": config.subset / total, "seed": config.seed}, batch_format="pyarrow", num_cpus=0.25)
+    marker = None
+    if config.fail_once_after_batches is not None:
+        marker = f"{config.out.rstrip('/')}/.actor-failure-drill" if "://" not in config.out else None
+    return data.drop_columns(["label", "meta"]).map_batches(
+        QueryScorer,
+        fn_constructor_args=(functools.partial(build_scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
+        fn_constructor_kwargs={"norm": config.norm, "fail_after": config.fail_once_after_batches, "marker": marker},
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        batch_size=config.batch_size,
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor,
+    )
+
+
+def select(config: QueryConfig, run, rows: ray.data.Dataset) -> dict[str, Any]:
+    """Stream scored rows: write them, merge the top-k, collect errors, summarise.
+
+    Driver memory is O(k + batch), except for softrank, which keeps one float per scored row to
+    know global ranks (pipeline.acquisition.ScoreRanks) and reads the scores back for a second pass.
+    """
+    top = TopK(config.k)
+    summary = ScoreSummary()
+    ranks = ScoreRanks() if config.stochastic == "softrank" else None
+    errors: list[tuple[str | None, str | None, str]] = []
+    scored = excluded = 0
+    with run.scores_writer() as writer:
+        for batch in rows.iter_batches(batch_size=4096, batch_format="pyarrow"):
+            batch = batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names])
+            marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()])
+            excluded += marked.true_count
+            batch = batch.filter(pa.compute.invert(marked)) if marked.true_count else batch
+            writer.write(batch)
+            columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
+            failed = np.array([e is not None for e in columns["error"]], dtype=bool)
+            errors.extend((columns["key"][i], columns["shard"][i], str(columns["error"][i])) for i in np.flatnonzero(failed))
+            values = acquisition_values(config.strategy, columns, seed=config.seed)
+            values[failed] = np.nan
+            scored += int((~failed).sum())
+            summary.add(values[~failed], columns["key"][~failed].tolist())
+            if ranks is not None:
+                ranks.add(values)
+            else:
+                _offer(top, config, columns, values)
+    if ranks is not None:
+        for batch in writer.iter_batches():
+            columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
+            values = acquisition_values(config.strategy, columns, seed=config.seed)
+            values[np.array([e is not None for e in columns["error"]], dtype=bool)] = np.nan
+            _offer(top, config, columns, values, ranks.ranks(values))
+    return {"top": top, "summary": summary, "errors": errors, "scored": scored, "excluded": excluded}
+
+
+def _offer(top: TopK, config: QueryConfig, columns: dict[str, np.ndarray], values: np.ndarray, ranks: np.ndarray | None = None) -> None:
+    """Offer a batch to the running top-k, building selection rows only for its candidates."""
+    ranked = values
+    if config.stochastic is not None:
+        ranked = stochastic_values(config.stochastic, values, columns["key"].tolist(), config.beta, config.seed, ranks=ranks)
+    candidates = _batch_candidates(ranked, config.k)
+    if len(candidates):
+        picked = {name: col[candidates] for name, col in columns.items()}
+        top.add(picked["key"].tolist(), ranked[candidates], rows=selection_rows(picked, values[candidates]))
+
+
+def _batch_candidates(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of a batch that can still enter a global top-k: its own top-k plus ties."""
+    finite = np.flatnonzero(np.isfinite(values))
+    if len(finite) <= k:
+        return finite
+    threshold = np.partition(values[finite], len(finite) - k)[len(finite) - k]
+    return finite[values[finite] >= threshold]
+
+
+def run(config: QueryConfig) -> dict[str, Any]:
+    """Run the query; returns the committed manifest (or the existing one for a no-op re-run)."""
+    config = config if config.run_id else dataclasses.replace(config, run_id=new_run_id())
+    prepared = prepare(config)
+    state = begin_run(config.out, config.run_id, prepared["inputs"].fingerprint(), config.storage_options)
+    print(state.message)
+    if state.already_committed:
+        return state.committed
+    start = time.perf_counter()
+    result = select(config, state, score_stream(config, prepared))
+    elapsed = time.perf_counter() - start
+    selection = result["top"].result()
+    if len(selection) < config.k:
+        print(f"k={config.k} is larger than the {len(selection)} scoreable samples: selecting all of them")
+    rate = (result["scored"] + len(result["errors"])) / elapsed
+    manifest = commit_run(
+        state, prepared["inputs"], selection, result["errors"],
+        scored=result["scored"], excluded=result["excluded"], summary=result["summary"],
+        extra={"samples_per_s": rate, "seconds": elapsed, "config": config_to_dict(config)},
+    )
+    print(
+        f"scored {result['scored']} samples at {rate:.1f} samples/s, selected {len(selection)}, "
+        f"errors {len(result['errors'])}, excluded {result['excluded']}, manifest {state.run_uri}/manifest.json"
+    )
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    print(config_to_yaml(config), end="")
+    print(connect(config.address))
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""The query job end to end on a local Ray: a pool written by another tool (plain tar, no index)
+with one corrupt sample, a labeled subset built with the pools layer, a checkpoint from the real
+training job, then querying: exact selection, exclusions, no-op re-runs, an actor killed mid-run,
+S3 output read back with plain pyarrow, and the refusals that come before any scoring."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import torch
+
+from pipeline import manifest
+from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from pipeline.config import ConfigError
+from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
+from pipeline.scoring import gradnorm_scores
+from pipeline.selection import select_topk
+from ray_jobs import query, train
+
+CLASSES = [str(c) for c in range(4)]
+
+
+def write_tar_pool(directory, samples: list, per_shard: int = 50) -> None:
+    """Shards as another tool would write them: GNU-tar layout, no index, no class list."""
+    directory.mkdir(parents=True)
+    for start in range(0, len(samples), per_shard):
+        with tarfile.open(directory / f"shard-{start // per_shard:04d}.tar", "w") as tar:
+            for key, payload in samples[start : start + per_shard]:
+                info = tarfile.TarInfo(f"{key}.png")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture(scope="module")
+def cycle(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cycle")
+    source = list(synthetic(230, seed=3, num_classes=4, image_size=28, channels=1))
+    samples = [(s.key, encode_image(s.image, "png")) for s in source]
+    samples.insert(117, ("corrupt-0001", b"this is not a png"))
+    write_tar_pool(root / "pool", samples)
+    truth = {s.key: s.label for s in source}
+    labeled = {s.key: s.label for s in source[:96]}
+    label_pool(str(root / "pool"), labeled, str(root / "labeled"), classes=CLASSES)
+    config = train.TrainConfig(labeled=str(root / "labeled"), model="small_cnn", epochs=2, batch_size=32,
+                               num_workers=2, storage_path=str(root / "train"), name="cycle")
+    checkpoint = train.run(config, *train.labeled_training_data(config))
+    return {"root": root, "pool": str(root / "pool"), "labeled": str(root / "labeled"), "checkpoint": checkpoint,
+            "samples": dict(samples), "truth": truth, "labeled_keys": set(labeled)}
+
+
+def library_scores(cycle, keys: list[str]) -> np.ndarray:
+    """Scores computed by the library directly, without Ray: decode, rebuild, score."""
+    model, _, _ = build_from_checkpoint(load_checkpoint(cycle["checkpoint"]))
+    spec = spec_for_model("small_cnn", num_classes=4)
+    images = np.stack([decode_sample({"png": cycle["samples"][k]}, spec).image for k in keys])
+    return gradnorm_scores(model, torch.from_numpy(images)).numpy()
+
+
+def query_config(cycle, **overrides) -> query.QueryConfig:
+    values = dict(pool=cycle["pool"], checkpoint=cycle["checkpoint"], k=12, out=str(cycle["root"] / "queries"),
+                  batch_size=32, actors=2, cpus_per_actor=0.5)
+    values.update(overrides)
+    return query.QueryConfig(**values)
+
+
+def test_selection_is_the_exact_topk_of_library_scores(cycle) -> None:
+    written = query.run(query_config(cycle, run_id="r1"))
+    run_dir = cycle["root"] / "queries" / "r1"
+    scores = pq.read_table(run_dir / "scores").to_pydict()
+    keys = scores["key"]
+    assert len(keys) == len(set(keys)) == 231  # every sample exactly once, the corrupt one included
+    good = [k for k, e in zip(keys, scores["error"]) if e is None]
+    expected = library_scores(cycle, good)
+    by_key = dict(zip(keys, scores["score"]))
+    assert np.allclose([by_key[k] for k in good], expected, rtol=1e-4)
+    selection = manifest.load(str(run_dir))
+    assert selection.column("key").to_pylist() == select_topk(good, expected, 12)
+    assert selection.column("rank").to_pylist() == list(range(1, 13))
+    errors = pq.read_table(run_dir / "errors.parquet").to_pydict()
+    assert errors["key"] == ["corrupt-0001"] and errors["reason"][0]
+    counts = json.loads((run_dir / "manifest.json").read_text())["counts"]
+    assert counts == {"scored": 230, "excluded": 0, "errors": 1, "selected": 12}
+    assert written["checkpoint"]["sha256"] and (cycle["root"] / "queries" / "LATEST").read_text().strip() == "r1"
+
+
+def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, capsys) -> None:
+    first = manifest.read_manifest(str(cycle["root"] / "queries" / "r1"))
+    assert query.run(query_config(cycle, run_id="r1")) == first
+    assert "nothing to do" in capsys.readouterr().out
+    query.run(query_config(cycle, run_id="r2", exclude_labeled=cycle["labeled"],
+                           exclude_manifests=(str(cycle["root"] / "queries" / "r1"),)))
+    second = manifest.load(str(cycle["root"] / "queries" / "r2")).column("key").to_pylist()
+    first_keys = set(manifest.load(str(cycle["root"] / "queries" / "r1")).column("key").to_pylist())
+    assert len(second) == 12 and not (set(second) & (first_keys | cycle["labeled_keys"]))
+    counts = manifest.read_manifest(str(cycle["root"] / "queries" / "r2"))["counts"]
+    assert counts["excluded"] == len(first_keys | cycle["labeled_keys"])
+
+
+def test_a_scoring_actor_killed_mid_run_still_gives_a_complete_manifest(cycle) -> None:
+    query.run(query_config(cycle, run_id="r3", fail_once_after_batches=2, out=str(cycle["root"] / "drill")))
+    assert (cycle["root"] / "drill" / ".actor-failure-drill").exists()  # the actor really died
+    keys = pq.read_table(cycle["root"] / "drill" / "r3" / "scores").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 231
+    reference = manifest.load(str(cycle["root"] / "queries" / "r1")).column("key").to_pylist()
+    assert manifest.load(str(cycle["root"] / "drill" / "r3")).column("key").to_pylist() == reference
+
+
+def test_pool_and_manifest_on_s3_read_back_with_plain_pyarrow(cycle, s3_server) -> None:
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    pool = s3_server.uri("pool")
+    fs.put(cycle["pool"] + "/", pool.removeprefix("s3://") + "/", recursive=True)
+    out = s3_server.uri("queries")
+    query.run(query_config(cycle, pool=pool, out=out, run_id="s3run", storage_options=s3_server.storage_options))
+    via_library = manifest.load(out, storage_options=s3_server.storage_options)  # follows LATEST
+    with fs.open(out.removeprefix("s3://") + "/s3run/selection.parquet", "rb") as handle:
+        plain = pq.read_table(handle)
+    assert via_library.column("key").to_pylist() == plain.column("key").to_pylist()
+    local = manifest.load(str(cycle["root"] / "queries" / "r1")).column("key").to_pylist()
+    assert plain.column("key").to_pylist() == local
+
+
+def test_bad_input_is_refused_before_scoring(cycle, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="k must be positive"):
+        query.parse_args([f"pool={cycle['pool']}", f"checkpoint={cycle['checkpoint']}", "k=0"])
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        query.run(query_config(cycle, checkpoint=str(tmp_path), run_id="bad1"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="is not writable"):
+        query.run(query_config(cycle, out=str(blocker / "out"), run_id="bad2"))
+    assert not (cycle["root"] / "queries" / "bad1").exists()
+
+
+def test_k_larger_than_the_pool_selects_everything_scoreable(cycle, capsys) -> None:
+    query.run(query_config(cycle, k=1000, run_id="all", out=str(tmp_out := cycle["root"] / "all")))
+    assert manifest.load(str(tmp_out / "all")).num_rows == 230
+    assert "larger than the 230 scoreable samples" in capsys.readouterr().out
