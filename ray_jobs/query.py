@@ -135,20 +135,35 @@ class QueryScorer(RowScorer):
         return super().__call__(batch)
 
 
-# Excluded rows travel as marked, unscored rows so that the driver can count them; they are
-# written neither to the scores table nor to errors.
+# Excluded rows travel as marked, unscored rows so that the driver can count them: their image
+# bytes are dropped before decoding (decoding then fails cheaply) and the error is replaced by this
+# marker after it. They are written neither to the scores table nor to errors.
 EXCLUDED = "__excluded__"
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
+
+
+def _prefilter(batch: dict[str, np.ndarray], excluded: frozenset[str], fraction: float | None, seed: int) -> dict[str, np.ndarray]:
+    """Raw rows -> raw rows: drop rows outside the random subset, blank excluded rows' images."""
+    keys = batch["__key__"].tolist()
+    if fraction is not None:
+        # Bernoulli by key hash: the same keys whatever the sharding or the number of actors.
+        keep = random_values(keys, seed + 1) < fraction
+        batch = {name: values[keep] for name, values in batch.items()}
+        keys = [k for k, kept in zip(keys, keep) if kept]
+    hit = np.array([k in excluded for k in keys], dtype=bool)
+    if hit.any():
+        for name in IMAGE_COLUMNS:
+            if name in batch:
+                column = batch[name].copy()
+                column[hit] = None
+                batch[name] = column
+    return batch
 
 
 def _mark_excluded(batch: pa.Table, excluded: frozenset[str]) -> pa.Table:
     hit = [k in excluded for k in batch.column("__key__").to_pylist()]
     errors = [EXCLUDED if h else e for h, e in zip(hit, batch.column("error").to_pylist())]
     return batch.set_column(batch.column_names.index("error"), "error", pa.array(errors, pa.string()))
-
-
-def _in_subset(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
-    # Bernoulli by key hash: the same keys whatever the sharding or the number of actors.
-    return batch.filter(pa.array(random_values(batch.column("__key__").to_pylist(), seed + 1) < fraction))
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -199,14 +214,21 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Data
     """The lazy Ray Data pipeline: read, decode, exclude, subset, score."""
     spec = spec_for_model(prepared["state"]["spec"]["model"], in_channels=prepared["state"]["spec"].get("in_channels"),
                           num_classes=len(prepared["classes"]))
-    data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row", batch_size=config.batch_size)
+    total = prepared["pool"].num_samples
+    fraction = None
+    if config.subset is not None:
+        if total is None:
+            total = sum(s.samples or 0 for s in prepared["pool"].shards) or None
+        if total is None:  # a pool without index: count it once (keys only, no decoding)
+            total = read_pool_raw(config.pool, storage_options=config.storage_options).dataset.count()
+        fraction = min(1.0, config.subset / total)
+    prefilter = None
+    if prepared["excluded"] or fraction is not None:
+        prefilter = functools.partial(_prefilter, excluded=prepared["excluded"], fraction=fraction, seed=config.seed)
+    data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
+                     batch_size=config.batch_size, prefilter=prefilter)
     if prepared["excluded"]:
         data = data.map_batches(_mark_excluded, fn_kwargs={"excluded": prepared["excluded"]}, batch_format="pyarrow", num_cpus=0.25)
-    total = prepared["pool"].num_samples
-    if config.subset is not None and (total is None or config.subset < total):
-        if total is None:
-            total = data.count()
-        data = data.map_batches(_in_subset, fn_kwargs={"fraction": config.subset / total, "seed": config.seed}, batch_format="pyarrow", num_cpus=0.25)
     marker = None
     if config.fail_once_after_batches is not None:
         marker = f"{config.out.rstrip('/')}/.actor-failure-drill" if "://" not in config.out else None

@@ -141,3 +141,16 @@ def test_k_larger_than_the_pool_selects_everything_scoreable(cycle, capsys) -> N
     query.run(query_config(cycle, k=1000, run_id="all", out=str(tmp_out := cycle["root"] / "all")))
     assert manifest.load(str(tmp_out / "all")).num_rows == 230
     assert "larger than the 230 scoreable samples" in capsys.readouterr().out
+
+
+def test_random_subset_and_stochastic_acquisition_are_reproducible(cycle) -> None:
+    out = cycle["root"] / "stochastic"
+    first = query.run(query_config(cycle, run_id="a", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7))
+    again = query.run(query_config(cycle, run_id="b", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7, actors=1))
+    other = query.run(query_config(cycle, run_id="c", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=8))
+    assert 60 < first["counts"]["scored"] + first["counts"]["errors"] < 140  # about `subset` of 231 rows
+    keys = {run: manifest.load(str(out / run)).column("key").to_pylist() for run in "abc"}
+    assert keys["a"] == keys["b"] and keys["a"] != keys["c"]
+    scored = set(pq.read_table(out / "a" / "scores").column("key").to_pylist())
+    assert set(keys["a"]) <= scored
+    assert again["counts"] == first["counts"]
