@@ -411,7 +411,8 @@ def labeled_training_data(
     spec = spec_for_model(model, in_channels=in_channels, num_classes=len(classes))
     datasets = {}
     for name, uri in uris.items():
-        ds = read_pool(uri, spec, storage_options=storage_options)
+        # Decoded once: the error report and every epoch then read the materialised blocks.
+        ds = read_pool(uri, spec, storage_options=storage_options).materialize()
         tally = _error_report(ds)
         if tally.count:
             lines = "\n".join(f"  {key} in {shard}: {reason}" for key, shard, reason in tally.examples)

@@ -188,7 +188,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             print(json.dumps(metrics))
-        if (last or (epoch + 1) % config.checkpoint_every == 0) and rank == 0:
+        # Reports go to Ray Train only with checkpoints: each report is a synchronisation with
+        # the controller (about a second here), and every epoch's metrics travel in the history.
+        if not (last or (epoch + 1) % config.checkpoint_every == 0):
+            continue
+        if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 save_checkpoint(directory, {
                     "model": model.state_dict(),
