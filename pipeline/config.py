@@ -2,7 +2,8 @@
 
 Every job has one config class. `load_config(Config, "configs/job/name.yaml", ["k=v", ...])`
 reads the file, applies the overrides (values parsed as YAML scalars, so `epochs=10` is an int
-and `address=null` is None; nested fields as `schedule.lr=0.05`), rejects unknown keys and wrong
+and `address=null` is None, but dates stay strings: `run_id=2026-11-21` is the run id a nightly
+job passes, not a date; nested fields as `schedule.lr=0.05`), rejects unknown keys and wrong
 types with the key's name in the message, and builds the dataclass, whose `__post_init__` does the
 job-specific validation. The resolved config is saved next to the outputs with `config_to_yaml`.
 """
@@ -27,6 +28,21 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the job's config class."""
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML without implicit timestamps: no config field is a date, while run ids and
+    names often look like one (`run_id=$(date -u +%F)`), and must stay the strings they are."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """['a=1', 'b.c=x'] -> {'a': 1, 'b': {'c': 'x'}}; values are YAML scalars."""
     tree: dict[str, Any] = {}
@@ -40,7 +56,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets a field inside {part!r}, which is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        node[leaf] = _load_yaml(raw) if raw != "" else ""
     return tree
 
 
@@ -133,7 +149,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = _load_yaml(Path(path).read_text())
         except OSError as error:
             raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
         if loaded is not None and not isinstance(loaded, dict):

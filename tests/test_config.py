@@ -52,3 +52,14 @@ def test_bad_values_name_the_key(overrides, message) -> None:
 def test_missing_file_is_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(Job, tmp_path / "absent.yaml")
+
+
+def test_dates_stay_strings(tmp_path) -> None:
+    # A nightly job passes run_id=$(date -u +%F); YAML would read 2026-11-21 as a date.
+    path = tmp_path / "job.yaml"
+    path.write_text("model: 2026-11-20\n")
+    config = load_config(Job, path, ["address=2026-11-21"])
+    assert config.model == "2026-11-20" and config.address == "2026-11-21"
+    assert load_config(Job, None, ["epochs=7"]).epochs == 7  # other scalars still parse
+    with pytest.raises(ConfigError, match="epochs: expected int"):
+        load_config(Job, None, ["epochs=2026-11-21"])
