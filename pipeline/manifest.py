@@ -71,6 +71,7 @@ __all__ = [
     "load",
     "new_run_id",
     "previously_selected_keys",
+    "previous_run",
     "read_manifest",
     "resolve_run",
     "selection_rows",
@@ -341,6 +342,26 @@ def resolve_run(uri: str, storage_options: Mapping[str, Any] | None = None) -> s
     return display_uri(fs, run_path)
 
 
+def previous_run(out: str, before: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The newest committed run under the output root `out` whose id sorts before `before`.
+
+    A nightly job excludes what earlier nights selected by naming its own output root. Following
+    LATEST would, on a re-run of a committed night, name that night itself; this names the night
+    before (None on the first night).
+    """
+    fs, path = filesystem_for(out, storage_options)
+    fs.invalidate_cache()
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return None
+    runs = sorted(
+        name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        if _RUN_ID.match(name) and name < before and fs.exists(join_path(join_path(path, name), MANIFEST_NAME))
+    )
+    return display_uri(fs, join_path(path, runs[-1])) if runs else None
+
+
 def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """manifest.json of a committed run (``uri`` = run directory, or output root: follows LATEST).
 
@@ -379,7 +400,10 @@ def load(
     fs, run_path = _resolve(uri, storage_options)
     manifest = _read_manifest_file(fs, run_path)
     with fs.open(join_path(run_path, manifest["files"]["selection"]), "rb") as handle:
-        table = pq.read_table(handle, columns=list(columns) if columns is not None else None)
+        # ParquetFile.read, not pq.read_table: on a Python file object read_table leaves pool threads
+        # releasing Python objects after it returns, which can abort a short-lived process at exit
+        # ("terminate called without an active exception"; pyarrow 26, Python 3.11).
+        table = pq.ParquetFile(handle).read(columns=list(columns) if columns is not None else None)
     return table.to_pandas() if as_pandas else table
 
 

@@ -45,6 +45,7 @@ from pipeline.manifest import (
     commit_run,
     keys_digest,
     new_run_id,
+    previous_run,
     previously_selected_keys,
     resolve_run,
     selection_rows,
@@ -169,6 +170,16 @@ def _mark_excluded(batch: pa.Table, excluded: frozenset[str]) -> pa.Table:
 # -- driver ----------------------------------------------------------------------------------
 
 
+def exclusion_run(uri: str, config: QueryConfig) -> str | None:
+    """A run directory as given, or for an output root the newest committed run before this one."""
+    fs, path = filesystem_for(uri, config.storage_options)
+    if fs.exists(f"{path.rstrip('/')}/manifest.json"):
+        return resolve_run(uri, config.storage_options)
+    earlier = previous_run(uri, str(config.run_id), config.storage_options)
+    print(f"excluding selections of {earlier}" if earlier else f"no committed run under {uri} before {config.run_id}: nothing to exclude from it")
+    return earlier
+
+
 def prepare(config: QueryConfig) -> dict[str, Any]:
     """Everything that can fail before scoring: pool, checkpoint, output, exclusions."""
     pool = resolve_pool(config.pool, config.storage_options)
@@ -178,7 +189,7 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
     if pool.classes is not None and list(pool.classes) != classes:
         raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)}")
     build_from_checkpoint(state, len(classes))  # weights must fit the recorded model now, not in an actor
-    exclusion_runs = tuple(resolve_run(uri, config.storage_options) for uri in config.exclude_manifests)
+    exclusion_runs = tuple(run for uri in config.exclude_manifests if (run := exclusion_run(uri, config)) is not None)
     excluded = set(previously_selected_keys(exclusion_runs, config.storage_options))
     if config.exclude_labeled:
         raw = read_pool_raw(config.exclude_labeled, storage_options=config.storage_options)

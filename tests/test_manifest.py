@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -30,6 +27,7 @@ from pipeline.manifest import (
     iter_scores,
     keys_digest,
     load,
+    previous_run,
     previously_selected_keys,
     read_manifest,
     resolve_run,
@@ -37,45 +35,13 @@ from pipeline.manifest import (
 )
 from pipeline.selection import TopK
 
-BUCKET = "lplgrad-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on loopback with one bucket; credentials are moto's dummies."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(name, raising=False)
-        port = _free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        endpoint = f"http://127.0.0.1:{port}"
-        fs = fsspec.filesystem("s3", endpoint_url=endpoint, key="testing", secret="testing")
-        fs.mkdir(BUCKET)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
     """(output root URI, storage_options) on a local tmp dir or a fresh S3 prefix."""
     if request.param == "local":
         return str(tmp_path / "queries"), {}
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return f"s3://{BUCKET}/{uuid.uuid4().hex}/queries", {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    server = request.getfixturevalue("s3_server")  # the session's loopback S3 (tests/conftest.py)
+    return server.uri("queries"), dict(server.storage_options)
 
 
 def _inputs(k: int = 3, **changes: Any) -> QueryInputs:
@@ -314,3 +280,15 @@ def test_score_summary_is_order_free_and_mergeable() -> None:
     assert a["min"] == finite.min() and a["non_finite"] == 52
     assert a["quantiles"]["0.5"] == pytest.approx(np.median(finite), abs=0.15)  # a 512-row sample
     assert a["quantile_method"].startswith("key-hash bottom-k")
+
+
+def test_previous_run_names_the_newest_committed_run_before_an_id(store: tuple[str, dict[str, Any]]) -> None:
+    out, options = store
+    assert previous_run(out, "2026-11-21", options) is None  # first night: nothing yet
+    _run(out, options, "2026-11-19", _inputs(), offset=10)
+    _run(out, options, "2026-11-20", _inputs(), offset=20)
+    begin_run(out, "2026-11-20b", _inputs().fingerprint(), options).scores_writer().write(_score_batches()[0])  # uncommitted
+    assert previous_run(out, "2026-11-21", options).endswith("/2026-11-20b") is False
+    assert previous_run(out, "2026-11-21", options).endswith("/2026-11-20")
+    # Re-running a committed night names the night before it, not itself (LATEST would).
+    assert previous_run(out, "2026-11-20", options).endswith("/2026-11-19")

@@ -51,7 +51,7 @@ def read_labels_table(
     fs, path = filesystem_for(uri, storage_options)
     with fs.open(path, "rb") as f:
         if path.lower().endswith((".parquet", ".pq")):
-            table = pa_parquet.read_table(f)
+            table = pa_parquet.ParquetFile(f).read()  # read_table on a handle can abort at exit (pyarrow 26)
         else:
             # Everything as strings: "007" must stay a key, and labels may be names.
             table = pa_csv.read_csv(
