@@ -32,7 +32,7 @@ import torch.distributed as dist
 from pipeline.checkpoint import ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import config_from_dict, config_to_dict, config_to_yaml, load_config
 from pipeline.models import available_models
-from pipeline.pools.storage import arrow_filesystem, display_uri, filesystem_for, is_local
+from pipeline.pools.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 from ray_jobs._cluster import connect
 from ray_jobs import pool_data
@@ -241,15 +241,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def check_storage(config: TrainConfig) -> None:
     """Fail before training if checkpoints could not be written, or a run would be silently resumed."""
+    check_writable(f"{config.storage_path.rstrip('/')}/{config.name}", config.storage_options, what="storage_path")
     fs, root = filesystem_for(config.storage_path, config.storage_options)
     run_root = f"{root.rstrip('/')}/{config.name}"
-    probe = f"{run_root}/.write-probe"
-    try:
-        fs.makedirs(run_root, exist_ok=True)
-        fs.pipe(probe, b"ok")
-        fs.rm(probe)
-    except Exception as error:  # permission, missing bucket, read-only mount: all mean "not writable"
-        raise ValueError(f"storage_path {config.storage_path} is not writable: {error}") from error
     try:
         listing = fs.ls(run_root, detail=False)
     except FileNotFoundError:  # object stores have no empty directories

@@ -105,6 +105,23 @@ def filesystem_for(
     return fs, path.rstrip("/") or path
 
 
+def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None, what: str = "output") -> None:
+    """Write and delete a probe object under `uri`, so a job fails before its work, not after.
+
+    Raises:
+        ValueError: naming `what` and `uri` when anything about the write fails (permission,
+            missing bucket, read-only mount, a file where a directory should be).
+    """
+    fs, path = filesystem_for(uri, storage_options)
+    probe = join_path(path, ".write-probe")
+    try:
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe(probe, b"ok")
+        fs.rm(probe)
+    except Exception as error:  # every failure means the same thing to the caller: not writable
+        raise ValueError(f"{what} {uri} is not writable: {error}") from error
+
+
 def is_local(fs: AbstractFileSystem) -> bool:
     """Return whether ``fs`` is the local filesystem."""
     return isinstance(fs, LocalFileSystem)
