@@ -1,0 +1,407 @@
+"""The query job measured against its own scorer, for driver memory, and for an exact selection.
+
+    python benchmarks/bench_query.py                                  # 20k pool; 100k and 1M memory pools
+    python benchmarks/bench_query.py --memory-sizes 100000,300000     # when 1M does not fit the time
+    python benchmarks/bench_query.py --samples 2000 --memory-sizes 5000,20000 --json   # quick check
+
+Three figures, in one run:
+
+1. Pipeline efficiency: the job's samples/s (``extra.samples_per_s`` of its manifest: the
+   streaming and scoring phase, startup excluded) divided by the samples/s of the same scorer
+   (``RowScorer`` on the same checkpoint, same batch size, same torch thread count) run in this
+   process on pre-decoded images. A small_cnn checkpoint with fresh weights (training is not what
+   is measured) scores a synthetic 28x28 grayscale pool from local disk, then the same pool copied
+   to a loopback S3 server (moto, started here in its own process; output written to S3 too).
+   The in-memory rate is measured right before and right after each job run and averaged, so that
+   background load drifting during the run affects both sides of the ratio alike. The wall time of
+   ``query.run`` (Ray Data planning, actor start, commit) is reported beside it. A first query of
+   a few batches runs before both: on a fresh Ray it pays for starting worker processes and their
+   torch import (reported as the cold start), which would otherwise fall on the local run only.
+   Each run writes to its own output root, so an incremental query has nothing to reuse.
+   Torch threads: Ray gives an actor ``floor(num_cpus)`` OpenMP threads only in a fresh worker
+   process; to compare like with like the benchmark pins ``OMP_NUM_THREADS`` for its Ray job
+   (``--threads``), checks it inside a probe actor, and uses ``torch.set_num_threads`` here.
+2. Driver memory: each memory query runs in a fresh child process (this script with ``--child``)
+   connected to the same local Ray; its peak RSS during ``query.run`` is read from VmHWM after
+   resetting it through ``/proc/self/clear_refs`` (else ``ru_maxrss``, which includes start-up).
+   Pools are 8x8 grayscale PNGs (a few hundred distinct payloads, repeated) scored by a two-stage
+   CNN registered here as ``bench_tiny_cnn`` (in the child's workers through Ray's
+   ``worker_process_setup_hook``); 50k samples per shard.
+3. Exactness: for every run, the selection equals a brute-force sort of its ``scores/`` parts
+   (good rows by score descending, then key ascending), and every key is scored exactly once.
+
+Pools, checkpoints and outputs live in a temporary directory (``--workdir``) deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+import ray
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.checkpoint import ModelSpec, save_checkpoint  # noqa: E402
+from pipeline.models import available_models, register_model  # noqa: E402
+from pipeline.pools import PoolWriter, build_pool, decode_sample, encode_image, iter_pool_samples, resolve_pool, spec_for_model, synthetic  # noqa: E402
+from pipeline.pools.storage import filesystem_for  # noqa: E402
+from pipeline.scoring import RowScorer  # noqa: E402
+from ray_jobs import query  # noqa: E402
+from ray_jobs._cluster import LOCAL_MIN_CPUS  # noqa: E402
+
+TINY_MODEL = "bench_tiny_cnn"
+TARGETS = {"efficiency_local": 0.85, "efficiency_s3": 0.75, "memory_growth": 1.2}
+
+
+# -- the tiny model of the memory runs ------------------------------------------------------------
+
+
+class TinyCNN(nn.Module):
+    """Two conv-BN-ReLU stages (8, 16 wide) on 8x8 inputs, GAP, ``fc``: a model whose scoring is
+    cheap next to reading and decoding, so that a 1M-sample pool runs in minutes."""
+
+    tap_layers = ("layer1", "layer2")
+
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, 8, 8] -> [B, num_classes]."""
+        return self.fc(torch.flatten(self.avgpool(self.layer2(self.layer1(x))), 1))
+
+
+def register_tiny_model() -> None:
+    """Register ``bench_tiny_cnn`` once per process (here and, as the setup hook, in each worker)."""
+    if TINY_MODEL not in available_models():
+        register_model(TINY_MODEL, input_shape=(1, 8, 8))(lambda num_classes, in_channels: TinyCNN(num_classes, in_channels))
+
+
+register_tiny_model()
+
+
+# -- inputs: S3 server, pools, checkpoints ---------------------------------------------------------
+
+
+def start_s3() -> tuple[subprocess.Popen, dict[str, Any]]:
+    """Moto's S3 server on 127.0.0.1 in its own process (not competing for this one's GIL), bucket ``bench``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                          aws_secret_access_key="bench")
+    for _ in range(150):
+        try:
+            client.create_bucket(Bucket="bench")
+            break
+        except Exception:  # noqa: BLE001  (server still starting)
+            time.sleep(0.2)
+    else:
+        server.kill()
+        raise RuntimeError(f"moto server did not start on {endpoint}")
+    return server, {"endpoint_url": endpoint, "key": "bench", "secret": "bench", "client_kwargs": {"region_name": "us-east-1"}}
+
+
+def make_checkpoint(directory: Path, model: str, classes: list[str], lossnet_hidden: int = 128) -> str:
+    """A checkpoint of fresh (seeded) weights, laid out as `lplgrad train` writes it."""
+    torch.manual_seed(0)
+    spec = ModelSpec(model=model, num_classes=len(classes), lossnet_hidden=lossnet_hidden)
+    net, lossnet, _ = spec.build()
+    save_checkpoint(directory, {"model": net.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {}, "scheduler": {},
+                                "epoch": 0, "spec": spec.to_dict(), "classes": classes, "config": {}, "metrics": []})
+    return str(directory)
+
+
+def build_repeated_pool(uri: str, samples: int, classes: list[str], distinct: int = 512, shard_samples: int = 50_000) -> None:
+    """An 8x8 grayscale PNG pool cycling through `distinct` random payloads (encoded once): fast to write."""
+    rng = np.random.default_rng(0)
+    payloads = [encode_image(rng.integers(0, 256, (8, 8), dtype=np.uint8), "png") for _ in range(distinct)]
+    with PoolWriter(uri, shard_samples=shard_samples, classes=classes, source={"kind": "bench_query"}) as writer:
+        for i in range(samples):
+            writer.write(f"s{i:08d}", {"png": payloads[i % distinct]})
+
+
+def predecode(pool_uri: str, model: str, num_classes: int) -> dict[str, np.ndarray]:
+    """Every sample of a pool decoded by the library, as the scoring actors receive them."""
+    spec = spec_for_model(model, num_classes=num_classes)
+    keys, shards, images = [], [], []
+    for sample in iter_pool_samples(resolve_pool(pool_uri)):
+        keys.append(sample.key)
+        shards.append(sample.shard)
+        images.append(decode_sample(sample.files, spec).image)
+    return {"__key__": np.array(keys, dtype=object), "shard": np.array(shards, dtype=object), "image": np.stack(images)}
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def in_memory_rate(checkpoint: str, num_classes: int, data: dict[str, np.ndarray], batch_size: int) -> float:
+    """Samples/s of `RowScorer` over pre-decoded batches in this process (one warm-up batch first)."""
+    scorer = RowScorer(lambda: query.build_scoring_model(checkpoint, {}, num_classes), device="cpu")
+    n = len(data["image"])
+
+    def batch(start: int) -> dict[str, np.ndarray]:
+        stop = min(start + batch_size, n)
+        return {"__key__": data["__key__"][start:stop], "shard": data["shard"][start:stop], "image": data["image"][start:stop],
+                "error": np.full(stop - start, None, dtype=object)}
+
+    scorer(batch(0))
+    begin = time.perf_counter()
+    for start in range(0, n, batch_size):
+        scorer(batch(start))
+    return n / (time.perf_counter() - begin)
+
+
+def timed_query(config: query.QueryConfig) -> dict[str, Any]:
+    """Run the job; its manifest's rate plus the wall time of the whole call."""
+    begin = time.perf_counter()
+    manifest = query.run(config)
+    wall = time.perf_counter() - begin
+    return {"job_sps": manifest["extra"]["samples_per_s"], "stream_s": manifest["extra"]["seconds"], "wall_s": wall,
+            "counts": manifest["counts"]}
+
+
+def check_selection(run_uri: str, k: int, samples: int, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Compare selection.parquet with a brute-force sort of every row in scores/*.parquet."""
+    fs, path = filesystem_for(run_uri, storage_options)
+    parts = sorted(fs.glob(f"{path.rstrip('/')}/scores/*.parquet"))
+    tables = []
+    for part in parts:
+        with fs.open(part, "rb") as handle:
+            tables.append(pq.ParquetFile(handle).read(columns=["key", "score", "error"]))
+    scores = pa.concat_tables(tables)
+    keys = scores.column("key")
+    good = scores.filter(pa.compute.and_(pa.compute.is_null(scores.column("error")), pa.compute.is_finite(scores.column("score"))))
+    expected = good.sort_by([("score", "descending"), ("key", "ascending")]).column("key").slice(0, k).to_pylist()
+    with fs.open(f"{path.rstrip('/')}/selection.parquet", "rb") as handle:
+        selected = pq.ParquetFile(handle).read(columns=["key"]).column("key").to_pylist()
+    return {"exact": selected == expected, "rows": scores.num_rows, "every_key_once": scores.num_rows == samples == len(pa.compute.unique(keys)),
+            "parts": len(parts)}
+
+
+def probe_threads(cpus: float) -> int:
+    """torch's thread count inside an actor reserving `cpus`, under this job's runtime env."""
+
+    @ray.remote(num_cpus=cpus)
+    class Probe:
+        def threads(self) -> int:
+            return torch.get_num_threads()
+
+    actor = Probe.remote()
+    try:
+        return int(ray.get(actor.threads.remote()))
+    finally:
+        ray.kill(actor)
+
+
+def efficiency(args: argparse.Namespace, work: Path, s3: dict[str, Any] | None) -> dict[str, Any]:
+    """Job rate over in-memory scorer rate, from local disk and from S3."""
+    pool = str(work / "pool20k")
+    begin = time.perf_counter()
+    index = build_pool(synthetic(args.samples, seed=0, num_classes=10, image_size=28, channels=1), pool,
+                       shard_samples=args.shard_samples, unlabeled=True)
+    build_s = time.perf_counter() - begin
+    classes = list(resolve_pool(pool).classes)
+    checkpoint = make_checkpoint(work / "ckpt_small_cnn", "small_cnn", classes)
+    data = predecode(pool, "small_cnn", len(classes))
+    base = dict(checkpoint=checkpoint, k=args.k, batch_size=args.batch_size, actors=1, cpus_per_actor=args.cpus_per_actor)
+    results: dict[str, Any] = {"samples": args.samples, "shards": len(index.shards), "pool_build_s": build_s}
+    # A first query on a fresh Ray pays for worker processes (and their torch import): measured
+    # here on a tiny pool, so that the local and S3 runs below start equally warm.
+    warm_pool = str(work / "warmup_pool")
+    build_pool(synthetic(4 * args.batch_size, seed=1, num_classes=10, image_size=28, channels=1), warm_pool, unlabeled=True)
+    results["cold_start_wall_s"] = timed_query(query.QueryConfig(pool=warm_pool, out=str(work / "warmup_out"), run_id="warmup", **base))["wall_s"]
+    targets = [("local", pool, str(work / "out"), {})]
+    if s3 is not None:
+        filesystem_for("s3://bench", s3)[0].put(f"{pool}/", "bench/pool20k/", recursive=True)
+        targets.append(("s3", "s3://bench/pool20k", "s3://bench/out", s3))
+    for name, pool_uri, out, options in targets:
+        before = in_memory_rate(checkpoint, len(classes), data, args.batch_size)
+        run = timed_query(query.QueryConfig(pool=pool_uri, out=out, run_id=name, storage_options=options, **base))
+        after = in_memory_rate(checkpoint, len(classes), data, args.batch_size)
+        memory_sps = (before + after) / 2
+        results[name] = {**run, "in_memory_sps": memory_sps, "in_memory_before_after": [before, after],
+                         "efficiency": run["job_sps"] / memory_sps, "wall_efficiency": args.samples / run["wall_s"] / memory_sps,
+                         "selection": check_selection(f"{out}/{name}", args.k, args.samples, options)}
+    return results
+
+
+def child_main(spec: dict[str, Any]) -> None:
+    """One memory query in this fresh process: print its driver's peak RSS during query.run as JSON."""
+    ray.init(address=spec["address"], log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"worker_process_setup_hook": register_tiny_model, "env_vars": {"OMP_NUM_THREADS": str(spec["threads"])}})
+    quiet_ray_data()
+    config = query.QueryConfig(**spec["config"])
+    baseline = proc_status_kb("VmRSS")
+    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0): the peak then covers the run only
+        Path("/proc/self/clear_refs").write_text("5")
+        peak_source = "VmHWM after clear_refs"
+    except OSError:
+        peak_source = "ru_maxrss (includes start-up)"
+    begin = time.perf_counter()
+    manifest = query.run(config)
+    wall = time.perf_counter() - begin
+    peak = proc_status_kb("VmHWM") if peak_source.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("CHILD_RESULT " + json.dumps({"baseline_mb": baseline / 1024, "peak_mb": peak / 1024, "peak_source": peak_source,
+                                        "wall_s": wall, "job_sps": manifest["extra"]["samples_per_s"], "counts": manifest["counts"]}))
+
+
+def proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def driver_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Peak driver RSS of query.run over tiny-image pools of each size, each in a fresh process."""
+    classes = [f"c{i}" for i in range(10)]
+    checkpoint = make_checkpoint(work / "ckpt_tiny", TINY_MODEL, classes, lossnet_hidden=16)
+    results: dict[str, Any] = {}
+    for size in args.memory_sizes:
+        pool = str(work / f"pool{size}")
+        begin = time.perf_counter()
+        build_repeated_pool(pool, size, classes)
+        build_s = time.perf_counter() - begin
+        out = str(work / f"memory_out{size}")  # one output root per run: nothing to reuse from an earlier run
+        config = dict(pool=pool, checkpoint=checkpoint, k=args.k, out=out, run_id=f"n{size}", batch_size=args.memory_batch_size,
+                      actors=1, cpus_per_actor=args.cpus_per_actor)
+        spec = {"address": ray.get_runtime_context().gcs_address, "threads": args.threads, "config": config}
+        child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("CHILD_RESULT ")]
+        if child.returncode != 0 or not lines:
+            raise RuntimeError(f"memory run of {size} samples failed ({child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+        result = json.loads(lines[-1].removeprefix("CHILD_RESULT "))
+        result["pool_build_s"] = build_s
+        result["selection"] = check_selection(f"{out}/n{size}", args.k, size, {})
+        results[str(size)] = result
+        subprocess.run(["rm", "-rf", pool, out], check=True)  # a 1M pool is about 1 GB
+    return results
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def quiet_ray_data() -> None:
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)  # as ray_jobs._cluster.connect sizes a local Ray
+    context = ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                       runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+    os.environ["RAY_ADDRESS"] = context.address_info["address"]  # another Ray may run on this machine
+    quiet_ray_data()
+    if args.target_block_mb is not None:  # an experiment: smaller blocks stream a shard in pieces
+        ray.data.DataContext.get_current().target_max_block_size = int(args.target_block_mb * 2**20)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"batch_size": args.batch_size, "k": args.k, "target_block_mb": args.target_block_mb, "cpus_per_actor": args.cpus_per_actor, "ray_logical_cpus": cpus,
+                               "cores": os.cpu_count(), "torch_threads_here": torch.get_num_threads(),
+                               "torch_threads_actor": probe_threads(args.cpus_per_actor), "load_avg_start": os.getloadavg()[0]}
+    server, s3 = start_s3() if not args.skip_s3 else (None, None)
+    try:
+        if not args.skip_efficiency:
+            results["efficiency"] = efficiency(args, work, s3)
+        if args.memory_sizes:
+            results["memory"] = driver_memory(args, work)
+    finally:
+        ray.shutdown()
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+    results["load_avg_end"] = os.getloadavg()[0]
+    memory = results.get("memory", {})
+    if len(memory) >= 2:
+        sizes = sorted(memory, key=int)
+        results["memory_growth"] = memory[sizes[-1]]["peak_mb"] / memory[sizes[0]]["peak_mb"]
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    print(f"\ncores {results['cores']}, Ray logical CPUs {results['ray_logical_cpus']}, actor cpus {results['cpus_per_actor']}, "
+          f"torch threads here/actor {results['torch_threads_here']}/{results['torch_threads_actor']}, "
+          f"load avg {results['load_avg_start']:.1f} -> {results['load_avg_end']:.1f}")
+    eff = results.get("efficiency")
+    if eff:
+        print(f"\nefficiency: {eff['samples']} samples, {eff['shards']} shards, batch {results['batch_size']}; "
+              f"cold-start query of {4 * results['batch_size']} samples took {eff['cold_start_wall_s']:.1f} s")
+        print(f"  {'':<6} {'job sps':>9} {'in-mem sps':>11} {'ratio':>6} {'target':>6} {'stream s':>9} {'wall s':>7} {'wall ratio':>10} exact")
+        for name in ("local", "s3"):
+            if name in eff:
+                r = eff[name]
+                print(f"  {name:<6} {r['job_sps']:>9.0f} {r['in_memory_sps']:>11.0f} {r['efficiency']:>6.2f} {TARGETS['efficiency_' + name]:>6.2f} "
+                      f"{r['stream_s']:>9.1f} {r['wall_s']:>7.1f} {r['wall_efficiency']:>10.2f} {r['selection']['exact'] and r['selection']['every_key_once']}")
+    memory = results.get("memory")
+    if memory:
+        print(f"\ndriver memory ({TINY_MODEL}, 8x8 PNG):")
+        print(f"  {'samples':>9} {'baseline MB':>11} {'peak MB':>8} {'job sps':>8} {'wall s':>7} exact")
+        for size, r in sorted(memory.items(), key=lambda item: int(item[0])):
+            print(f"  {int(size):>9} {r['baseline_mb']:>11.0f} {r['peak_mb']:>8.0f} {r['job_sps']:>8.0f} {r['wall_s']:>7.1f} "
+                  f"{r['selection']['exact'] and r['selection']['every_key_once']}")
+        if "memory_growth" in results:
+            print(f"  peak growth largest/smallest {results['memory_growth']:.2f}x (target <= {TARGETS['memory_growth']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=20_000, help="efficiency pool size (28x28 grayscale)")
+    parser.add_argument("--shard-samples", type=int, default=None, help="efficiency pool shard size (default: the pool default)")
+    parser.add_argument("--memory-sizes", default="100000,1000000", help="comma-separated driver-memory pool sizes ('' skips)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--memory-batch-size", type=int, default=1024, help="batch size of the memory runs (tiny model)")
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--cpus-per-actor", type=float, default=float(os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, in the actor and here")
+    parser.add_argument("--target-block-mb", type=float, default=None, help="Ray Data target_max_block_size for the efficiency runs (default: Ray's)")
+    parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--skip-efficiency", action="store_true")
+    parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object after the table")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    args.memory_sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
+    if args.shard_samples is None:
+        from pipeline.pools import DEFAULT_SHARD_SAMPLES
+
+        args.shard_samples = DEFAULT_SHARD_SAMPLES
+    with tempfile.TemporaryDirectory(prefix="bench_query_", dir=args.workdir) as workdir:
+        results = measure(args, Path(workdir))
+    report(results)
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
