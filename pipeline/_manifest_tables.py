@@ -19,9 +19,11 @@ from pipeline.pools.storage import display_uri, is_local, join_path
 
 __all__ = [
     "ERRORS_SCHEMA",
+    "EXCLUDED_SCHEMA",
     "SELECTION_SCHEMA",
     "ScoresWriter",
     "errors_table",
+    "excluded_table",
     "iter_parquet_batches",
     "selection_rows",
     "selection_table",
@@ -52,6 +54,9 @@ SELECTION_SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema(
     [pa.field("key", pa.string()), pa.field("shard", pa.string()), pa.field("reason", pa.string(), nullable=False)]
 )
+# Pool rows skipped because an earlier selection or the labeled pool holds their key: kept so that
+# a later incremental run knows which keys of a reused shard have no row in scores/.
+EXCLUDED_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("shard", pa.string())])
 # Selection column -> RowScorer column it comes from, where the names differ.
 _SOURCE_COLUMN = {"gradnorm": "score"}
 
@@ -122,6 +127,26 @@ def errors_table(errors: pa.Table | Iterable[tuple[str | None, str | None, str]]
     if any(reason is None for _, _, reason in rows):
         raise ValueError("every error row needs a reason")
     return pa.table({name: [row[i] for row in rows] for i, name in enumerate(ERRORS_SCHEMA.names)}, schema=ERRORS_SCHEMA)
+
+
+def excluded_table(rows: pa.Table | Iterable[tuple[str, str | None]]) -> pa.Table:
+    """The excluded-rows table from ``(key, shard)`` pairs, sorted by shard then key.
+
+    Raises:
+        ValueError: If a key is missing, or a table lacks a column.
+    """
+    if isinstance(rows, pa.Table):
+        missing = set(EXCLUDED_SCHEMA.names) - set(rows.column_names)
+        if missing:
+            raise ValueError(f"excluded table lacks columns {sorted(missing)}")
+        table = rows.select(EXCLUDED_SCHEMA.names)
+    else:
+        pairs = list(rows)
+        table = pa.table({"key": [k for k, _ in pairs], "shard": [s for _, s in pairs]})
+    if table.column("key").null_count:
+        raise ValueError("every excluded row needs a key")
+    table = table.cast(EXCLUDED_SCHEMA)
+    return table.sort_by([("shard", "ascending"), ("key", "ascending")]) if table.num_rows else table
 
 
 def _plain(value: Any) -> Any:

@@ -20,11 +20,16 @@ __all__ = ["PoolShard", "QueryInputs", "inputs_fingerprint", "keys_digest"]
 
 @dataclass(frozen=True)
 class PoolShard:
-    """One pool shard as recorded in the manifest (sizes ``None`` when the pool has no index)."""
+    """One pool shard as recorded in the manifest (sizes ``None`` when the pool has no index).
+
+    ``identity`` is what the storage says about the shard's version (``pipeline.incremental``:
+    size plus ETag, or size plus modification time), ``None`` when it says nothing usable.
+    """
 
     uri: str
     samples: int | None = None
     bytes: int | None = None
+    identity: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,11 @@ class QueryInputs:
     """Everything that defines a query's result; its canonical JSON is fingerprinted.
 
     The checkpoint enters by content hash only (a copy elsewhere is the same model); its URI is
-    recorded beside the inputs. The pool has no content hash, so it enters by URI, shard list and
-    shard sizes: the same pool copied elsewhere counts as different inputs (the safe side). ``exclusion_runs`` are resolved run directories (not ``{out}``
-    with LATEST, which moves) and ``excluded_keys_sha256`` is :func:`keys_digest` of their keys.
+    recorded beside the inputs. The pool has no content hash, so it enters by URI, shard list,
+    shard sizes and shard identities (ETag or modification time): the same pool copied elsewhere,
+    or a shard rewritten in place, counts as different inputs (the safe side). ``exclusion_runs``
+    are resolved run directories (not ``{out}`` with LATEST, which moves) and
+    ``excluded_keys_sha256`` is :func:`keys_digest` of their keys.
     ``strategy_params`` (seed, stochastic mode, beta, ...) must be JSON-serialisable.
     """
 
@@ -62,7 +69,7 @@ class QueryInputs:
         return {
             "pool": {
                 "uri": self.pool_uri,
-                "shards": [{"uri": s.uri, "samples": s.samples, "bytes": s.bytes} for s in self.shards],
+                "shards": [_shard_dict(s) for s in self.shards],
             },
             "checkpoint_sha256": self.checkpoint_sha256,
             "strategy": {"name": self.strategy, "params": dict(self.strategy_params)},
@@ -78,6 +85,14 @@ class QueryInputs:
     def fingerprint(self) -> str:
         """sha256 hex of :meth:`to_dict` (see :func:`inputs_fingerprint`)."""
         return inputs_fingerprint(self.to_dict())
+
+
+def _shard_dict(shard: PoolShard) -> dict[str, Any]:
+    # "identity" only when known, so that inputs without one fingerprint as they always did.
+    entry: dict[str, Any] = {"uri": shard.uri, "samples": shard.samples, "bytes": shard.bytes}
+    if shard.identity is not None:
+        entry["identity"] = dict(shard.identity)
+    return entry
 
 
 def inputs_fingerprint(inputs: Mapping[str, Any]) -> str:

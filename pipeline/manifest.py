@@ -4,6 +4,7 @@ A run lives under ``{out}/{run_id}/`` on any fsspec storage (local path, ``s3://
 
     selection.parquet   the selected rows, rank 1 first
     errors.parquet      rows (or whole shards) that could not be scored, with the reason
+    excluded.parquet    pool rows skipped because an exclusion named their key (key, shard)
     scores/part-*.parquet  every scored row (written by the job through ScoresWriter)
     manifest.json       written LAST: its presence is what makes the run committed
 
@@ -24,14 +25,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from pipeline._manifest_tables import (
     ERRORS_SCHEMA,
+    EXCLUDED_SCHEMA,
     SELECTION_SCHEMA,
     ScoresWriter,
     errors_table,
+    excluded_table,
     iter_parquet_batches,
     selection_rows,
     selection_table,
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ERRORS_NAME",
     "ERRORS_SCHEMA",
+    "EXCLUDED_NAME",
+    "EXCLUDED_SCHEMA",
     "LATEST_NAME",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
@@ -65,10 +71,13 @@ __all__ = [
     "begin_run",
     "commit_run",
     "errors_table",
+    "excluded_table",
     "inputs_fingerprint",
     "iter_scores",
     "keys_digest",
     "load",
+    "load_errors",
+    "load_excluded",
     "new_run_id",
     "previously_selected_keys",
     "previous_run",
@@ -83,6 +92,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SELECTION_NAME = "selection.parquet"
 ERRORS_NAME = "errors.parquet"
+EXCLUDED_NAME = "excluded.parquet"
 SCORES_DIR = "scores"
 LATEST_NAME = "LATEST"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -225,8 +235,12 @@ def commit_run(
     excluded: int,
     summary: ScoreSummary,
     extra: Mapping[str, Any] | None = None,
+    excluded_rows: pa.Table | Iterable[tuple[str, str | None]] | None = None,
+    shards: Sequence[Mapping[str, Any]] | None = None,
+    reuse: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write selection.parquet and errors.parquet, then manifest.json (atomically), then LATEST.
+    """Write selection.parquet, errors.parquet (and excluded.parquet), then manifest.json
+    (atomically), then LATEST.
 
     Args:
         state: From :func:`begin_run` (not already committed).
@@ -237,13 +251,19 @@ def commit_run(
         excluded: Rows skipped because an earlier run selected them.
         summary: Statistics of the acquisition values of the scored rows.
         extra: JSON-serialisable job details (resolved config, cluster) stored under ``extra``.
+        excluded_rows: The ``excluded`` rows as ``(key, shard)`` pairs or an
+            :data:`EXCLUDED_SCHEMA` table, written to excluded.parquet; ``None`` writes no file
+            (a later incremental run then reuses nothing from this one).
+        shards: Per-shard records (``uri``, ``identity``, ``reused_from``, row counts; see
+            docs/manifest.md), stored under ``shards``.
+        reuse: Where an incremental run took rows from and why (``source``, ``reason``).
 
     Returns:
         The manifest as written.
 
     Raises:
-        ManifestError: If the state is a no-op, the fingerprint differs from ``state``'s, or the
-            selection is larger than ``k``.
+        ManifestError: If the state is a no-op, the fingerprint differs from ``state``'s, the
+            selection is larger than ``k``, or ``excluded_rows`` does not hold ``excluded`` rows.
         RunConflictError: If another job committed this run id meanwhile.
     """
     if state.already_committed:
@@ -259,8 +279,16 @@ def commit_run(
     if fs.exists(join_path(run_path, MANIFEST_NAME)):
         raise RunConflictError(f"run {state.run_id} at {state.run_uri} was committed by another job meanwhile")
     error_rows = errors_table(errors)
+    excluded_keys = excluded_table(excluded_rows) if excluded_rows is not None else None
+    if excluded_keys is not None and excluded_keys.num_rows != excluded:
+        raise ManifestError(f"excluded_rows holds {excluded_keys.num_rows} rows but excluded={excluded}")
     write_table(fs, join_path(run_path, SELECTION_NAME), table)
     write_table(fs, join_path(run_path, ERRORS_NAME), error_rows)
+    files: dict[str, Any] = {"selection": SELECTION_NAME, "errors": ERRORS_NAME}
+    if excluded_keys is not None:
+        write_table(fs, join_path(run_path, EXCLUDED_NAME), excluded_keys)
+        files["excluded"] = EXCLUDED_NAME
+    files["scores"] = _score_parts(fs, run_path)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "run_id": state.run_id,
@@ -271,10 +299,14 @@ def commit_run(
         "checkpoint": {"uri": inputs.checkpoint_uri, "sha256": inputs.checkpoint_sha256},
         "counts": {"scored": scored, "excluded": excluded, "errors": error_rows.num_rows, "selected": table.num_rows},
         "score_summary": summary.to_dict(),
-        "files": {"selection": SELECTION_NAME, "errors": ERRORS_NAME, "scores": _score_parts(fs, run_path)},
+        "files": files,
         "software": software_versions(),
         "extra": dict(extra or {}),
     }
+    if shards is not None:
+        manifest["shards"] = [dict(entry) for entry in shards]
+    if reuse is not None:
+        manifest["reuse"] = dict(reuse)
     data = json.dumps(manifest, indent=2, allow_nan=False).encode()
     write_bytes_atomic(fs, join_path(run_path, MANIFEST_NAME), data)  # the commit point
     _advance_latest(fs, state.out_path, state.run_id)
@@ -412,15 +444,65 @@ def iter_scores(
     storage_options: Mapping[str, Any] | None = None,
     columns: Sequence[str] | None = None,
     batch_size: int = 65_536,
+    shards: Iterable[str] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream the full scores table of a committed run, one part file at a time.
+
+    Args:
+        uri: Run directory, or output root (follows LATEST).
+        storage_options: fsspec options.
+        columns: Columns to read (all by default).
+        batch_size: Rows per record batch read (batches are smaller after a ``shards`` filter).
+        shards: Only rows whose ``shard`` is one of these URIs (empty batches are skipped).
 
     Raises:
         UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
     """
     fs, run_path = _resolve(uri, storage_options)
     parts = [join_path(run_path, name) for name in _read_manifest_file(fs, run_path)["files"]["scores"]]
-    return iter_parquet_batches(fs, parts, columns, batch_size)
+    batches = iter_parquet_batches(fs, parts, columns, batch_size)
+    if shards is None:
+        return batches
+    wanted = pa.array(sorted(set(shards)), pa.string())
+    return _rows_of_shards(batches, wanted)
+
+
+def _rows_of_shards(batches: Iterator[pa.RecordBatch], wanted: pa.Array) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        kept = batch.filter(pa.compute.is_in(batch.column("shard"), value_set=wanted))
+        if kept.num_rows:
+            yield kept
+
+
+def _run_table(uri: str, name: str, storage_options: Mapping[str, Any] | None) -> pa.Table | None:
+    fs, run_path = _resolve(uri, storage_options)
+    relative = _read_manifest_file(fs, run_path)["files"].get(name)
+    if relative is None:
+        return None
+    with fs.open(join_path(run_path, relative), "rb") as handle:
+        return pq.ParquetFile(handle).read()  # not read_table: see load()
+
+
+def load_errors(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """errors.parquet of a committed run (:data:`ERRORS_SCHEMA`).
+
+    Raises:
+        UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
+    """
+    table = _run_table(uri, "errors", storage_options)
+    if table is None:
+        raise ManifestError(f"{uri}: manifest.json lists no errors file; check it with `lplgrad manifest verify`")
+    return table
+
+
+def load_excluded(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
+    """excluded.parquet of a committed run (:data:`EXCLUDED_SCHEMA`), ``None`` if it has none
+    (runs committed before incremental runs existed).
+
+    Raises:
+        UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
+    """
+    return _run_table(uri, "excluded", storage_options)
 
 
 def previously_selected_keys(

@@ -100,6 +100,7 @@ def read_pool_raw(
     read_num_cpus: float = 0.5,
     attempts: int = DEFAULT_ATTEMPTS,
     override_num_blocks: int | None = None,
+    shards: Sequence[str] | None = None,
 ) -> RawPool:
     """Check a pool and open its good shards with ``read_webdataset``, bytes undecoded.
 
@@ -114,6 +115,7 @@ def read_pool_raw(
         read_num_cpus: CPUs reserved per read task.
         attempts: Tries per storage operation.
         override_num_blocks: Passed to ``read_webdataset``.
+        shards: Read only these shards of the pool (``ShardRef.uri`` values); ``None``: all.
 
     Returns:
         The :class:`RawPool`.
@@ -121,8 +123,15 @@ def read_pool_raw(
     Raises:
         ShardReadError: With ``on_bad_shard="raise"``, listing every bad shard and why.
         PoolNotFoundError, EmptyPoolError, DuplicateKeyError: From resolving/checking the pool.
+        ValueError: If ``shards`` is empty or names a shard the pool does not have.
     """
     pool = resolve_pool(uri, storage_options, attempts=attempts)
+    if shards is not None:
+        wanted = set(shards)
+        unknown = sorted(wanted - {s.uri for s in pool.shards})
+        if unknown or not wanted:
+            raise ValueError(f"shards must be a non-empty subset of the shards of {uri}; not in it: {unknown[:5]}")
+        pool = dataclasses.replace(pool, shards=tuple(s for s in pool.shards if s.uri in wanted))
     result = check_pool(pool, mode=check, attempts=attempts)
     problems = list(result.problems)
     if problems and on_bad_shard == "raise":
@@ -220,6 +229,7 @@ def read_pool(
     batch_size: int = 256,
     attempts: int = DEFAULT_ATTEMPTS,
     prefilter: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    shards: Sequence[str] | None = None,
 ) -> Dataset:
     """Read and decode a pool: the dataset later jobs score or train on.
 
@@ -241,6 +251,7 @@ def read_pool(
         prefilter: Applied to raw (undecoded) batches before decoding, in the same task: the
             query job drops rows outside a random subset and blanks excluded rows there, so
             that they cost no decoding.
+        shards: Read only these shards (see :func:`read_pool_raw`).
 
     Returns:
         Rows ``__key__, shard, image, label, error, meta``.
@@ -251,7 +262,7 @@ def read_pool(
     """
     raw = read_pool_raw(
         uri, storage_options=storage_options, check=check, on_bad_shard=on_bad_shard,
-        shuffle_seed=shuffle_seed, read_num_cpus=read_num_cpus, attempts=attempts,
+        shuffle_seed=shuffle_seed, read_num_cpus=read_num_cpus, attempts=attempts, shards=shards,
     )
     if spec.num_classes is None and raw.classes is not None:
         spec = dataclasses.replace(spec, num_classes=len(raw.classes))

@@ -10,7 +10,14 @@ Pipeline: shards are read by Ray Data (`read_webdataset`, no default decoder) an
 tasks; keys already labeled or selected by earlier manifests are dropped; an actor pool of
 `RowScorer`s (model loaded once per actor) scores batches with one forward and one backward; the
 driver streams the rows to `scores/` parquet parts, keeps the exact top-k (ties by key) in O(k)
-memory and commits `selection.parquet`, `errors.parquet` and, last, `manifest.json`.
+memory and commits `selection.parquet`, `errors.parquet`, `excluded.parquet` and, last,
+`manifest.json`.
+
+Incremental (`incremental=true`, the default; never with `subset`): shards whose identity (size
+plus ETag or mtime) is unchanged since the previous committed run under `out`, scored with the
+same checkpoint hash and `norm`, are not read: that run's rows for them are copied into this
+run's `scores/` and go through the same exclusion, top-k and summary path as fresh rows; only
+new or changed shards are scored (pipeline/incremental.py, docs/manifest.md).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import argparse
 import dataclasses
 import functools
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +46,7 @@ from pipeline.acquisition import (
 )
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_dict, config_to_yaml, load_config
+from pipeline.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
 from pipeline.manifest import (
     PoolShard,
     QueryInputs,
@@ -78,6 +88,7 @@ class QueryConfig:
     seed: int = 0
     norm: str = "per_tensor_sum"
     storage_options: dict[str, Any] = field(default_factory=dict)
+    incremental: bool = True  # copy unchanged shards' rows from the previous run under `out` (not with subset)
     fail_once_after_batches: int | None = None  # fault drill: one actor dies once after N batches
     address: str | None = None
 
@@ -143,9 +154,16 @@ EXCLUDED = "__excluded__"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
 
 
-def _prefilter(batch: dict[str, np.ndarray], excluded: frozenset[str], fraction: float | None, seed: int) -> dict[str, np.ndarray]:
-    """Raw rows -> raw rows: drop rows outside the random subset, blank excluded rows' images."""
+def _prefilter(batch: dict[str, np.ndarray], excluded: frozenset[str], fraction: float | None, seed: int,
+               only: Mapping[str, frozenset[str]] | None = None) -> dict[str, np.ndarray]:
+    """Raw rows -> raw rows: drop rows outside the random subset or, in the shards `only` names
+    (by path), rows not among its keys; blank excluded rows' images."""
     keys = batch["__key__"].tolist()
+    if only:
+        urls = batch["__url__"].tolist()
+        keep = np.array([url not in only or key in only[url] for key, url in zip(keys, urls)], dtype=bool)
+        batch = {name: values[keep] for name, values in batch.items()}
+        keys = [k for k, kept in zip(keys, keep) if kept]
     if fraction is not None:
         # Bernoulli by key hash: the same keys whatever the sharding or the number of actors.
         keep = random_values(keys, seed + 1) < fraction
@@ -161,8 +179,8 @@ def _prefilter(batch: dict[str, np.ndarray], excluded: frozenset[str], fraction:
     return batch
 
 
-def _mark_excluded(batch: pa.Table, excluded: frozenset[str]) -> pa.Table:
-    hit = [k in excluded for k in batch.column("__key__").to_pylist()]
+def _mark_excluded(batch: pa.Table, excluded: frozenset[str], key: str = "__key__") -> pa.Table:
+    hit = [k in excluded for k in batch.column(key).to_pylist()]
     errors = [EXCLUDED if h else e for h, e in zip(hit, batch.column("error").to_pylist())]
     return batch.set_column(batch.column_names.index("error"), "error", pa.array(errors, pa.string()))
 
@@ -189,6 +207,7 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
     if pool.classes is not None and list(pool.classes) != classes:
         raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)}")
     build_from_checkpoint(state, len(classes))  # weights must fit the recorded model now, not in an actor
+    identities = shard_identities(pool.fs, [s.path for s in pool.shards])
     exclusion_runs = tuple(run for uri in config.exclude_manifests if (run := exclusion_run(uri, config)) is not None)
     excluded = set(previously_selected_keys(exclusion_runs, config.storage_options))
     if config.exclude_labeled:
@@ -206,7 +225,7 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
     params = {"seed": config.seed, "norm": config.norm, "stochastic": config.stochastic, "beta": config.beta if config.stochastic else None}
     inputs = QueryInputs(
         pool_uri=config.pool,
-        shards=tuple(PoolShard(s.uri, s.samples, s.bytes) for s in pool.shards),
+        shards=tuple(PoolShard(s.uri, s.samples, s.bytes, identities[s.path]) for s in pool.shards),
         checkpoint_uri=config.checkpoint,
         checkpoint_sha256=checkpoint_digest(local_checkpoint),
         strategy=config.strategy,
@@ -221,8 +240,29 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
     return {"pool": pool, "classes": classes, "state": state, "excluded": frozenset(excluded), "inputs": inputs}
 
 
-def score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline: read, decode, exclude, subset, score."""
+def reuse_plan(config: QueryConfig, prepared: dict[str, Any]) -> ReusePlan:
+    """Which shards take their rows from the previous committed run under `out`."""
+    if not config.incremental:
+        return ReusePlan(reason="incremental=false: every shard is scored")
+    source = previous_run(config.out, str(config.run_id), config.storage_options)
+    return plan_reuse(source, prepared["inputs"], prepared["excluded"], config.storage_options)
+
+
+def reused_rows(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan) -> Iterator[pa.Table]:
+    """The copied rows, with tonight's exclusions marked as on fresh rows."""
+    for table in iter_reused_rows(plan, config.storage_options):
+        yield _mark_excluded(table, prepared["excluded"], key="key")
+
+
+def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan | None = None) -> ray.data.Dataset | None:
+    """The lazy Ray Data pipeline: read, decode, exclude, subset, score (None: nothing to score)."""
+    plan = plan or ReusePlan()
+    shards = prepared["pool"].shards
+    to_score = plan.to_score([s.uri for s in shards])
+    if not to_score:
+        return None
+    # Reused shards with keys their source excluded are read for those keys only.
+    only = {s.path: plan.reused[s.uri] for s in shards if plan.reused.get(s.uri)}
     spec = spec_for_model(prepared["state"]["spec"]["model"], in_channels=prepared["state"]["spec"].get("in_channels"),
                           num_classes=len(prepared["classes"]))
     total = prepared["pool"].num_samples
@@ -234,10 +274,11 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Data
             total = read_pool_raw(config.pool, storage_options=config.storage_options).dataset.count()
         fraction = min(1.0, config.subset / total)
     prefilter = None
-    if prepared["excluded"] or fraction is not None:
-        prefilter = functools.partial(_prefilter, excluded=prepared["excluded"], fraction=fraction, seed=config.seed)
+    if prepared["excluded"] or fraction is not None or only:
+        prefilter = functools.partial(_prefilter, excluded=prepared["excluded"], fraction=fraction, seed=config.seed, only=only)
     data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
-                     batch_size=config.batch_size, prefilter=prefilter)
+                     batch_size=config.batch_size, prefilter=prefilter,
+                     shards=to_score if len(to_score) < len(shards) else None)
     if prepared["excluded"]:
         data = data.map_batches(_mark_excluded, fn_kwargs={"excluded": prepared["excluded"]}, batch_format="pyarrow", num_cpus=0.25)
     marker = None
@@ -254,23 +295,32 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Data
     )
 
 
-def select(config: QueryConfig, run, rows: ray.data.Dataset) -> dict[str, Any]:
-    """Stream scored rows: write them, merge the top-k, collect errors, summarise.
+def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iterable[pa.Table] = (),
+           excluded_rows: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Stream scored rows (copied ones first, then the pipeline's): write them, merge the top-k,
+    collect errors and excluded rows, summarise.
 
-    Driver memory is O(k + batch), except for softrank, which keeps one float per scored row to
-    know global ranks (pipeline.acquisition.ScoreRanks) and reads the scores back for a second pass.
+    Driver memory is O(k + batch + excluded rows), except for softrank, which keeps one float per
+    scored row to know global ranks (pipeline.acquisition.ScoreRanks) and reads the scores back
+    for a second pass.
     """
     top = TopK(config.k)
     summary = ScoreSummary()
     ranks = ScoreRanks() if config.stochastic == "softrank" else None
     errors: list[tuple[str | None, str | None, str]] = []
-    scored = excluded = 0
+    excluded = list(excluded_rows)
+    shard_rows: dict[str, Counter[str]] = {"reused": Counter(), "scored": Counter()}
+    scored = 0
     with run.scores_writer() as writer:
-        for batch in rows.iter_batches(batch_size=4096, batch_format="pyarrow"):
-            batch = batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names])
-            marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()])
-            excluded += marked.true_count
-            batch = batch.filter(pa.compute.invert(marked)) if marked.true_count else batch
+        for origin, batch in _scored_batches(rows, reused):
+            marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()], pa.bool_())
+            if marked.true_count:
+                dropped = batch.filter(marked)
+                excluded.extend(zip(dropped.column("key").to_pylist(), dropped.column("shard").to_pylist()))
+                batch = batch.filter(pa.compute.invert(marked))
+            if not batch.num_rows:
+                continue
+            shard_rows[origin].update(batch.column("shard").to_pylist())
             writer.write(batch)
             columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
             failed = np.array([e is not None for e in columns["error"]], dtype=bool)
@@ -289,7 +339,17 @@ def select(config: QueryConfig, run, rows: ray.data.Dataset) -> dict[str, Any]:
             values = acquisition_values(config.strategy, columns, seed=config.seed)
             values[np.array([e is not None for e in columns["error"]], dtype=bool)] = np.nan
             _offer(top, config, columns, values, ranks.ranks(values))
-    return {"top": top, "summary": summary, "errors": errors, "scored": scored, "excluded": excluded}
+    return {"top": top, "summary": summary, "errors": errors, "scored": scored, "excluded": len(excluded),
+            "excluded_rows": excluded, "shard_rows": shard_rows}
+
+
+def _scored_batches(rows: ray.data.Dataset | None, reused: Iterable[pa.Table]) -> Iterator[tuple[str, pa.Table]]:
+    """("reused" | "scored", batch) in the scores schema: copied rows, then the pipeline's."""
+    for table in reused:
+        yield "reused", table
+    if rows is not None:
+        for batch in rows.iter_batches(batch_size=4096, batch_format="pyarrow"):
+            yield "scored", batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names])
 
 
 def _offer(top: TopK, config: QueryConfig, columns: dict[str, np.ndarray], values: np.ndarray, ranks: np.ndarray | None = None) -> None:
@@ -320,21 +380,30 @@ def run(config: QueryConfig) -> dict[str, Any]:
     print(state.message)
     if state.already_committed:
         return state.committed
+    plan = reuse_plan(config, prepared)
+    print(plan.reason)
     start = time.perf_counter()
-    result = select(config, state, score_stream(config, prepared))
+    result = select(config, state, score_stream(config, prepared, plan), reused_rows(config, prepared, plan),
+                    excluded_rows=plan.still_excluded)
     elapsed = time.perf_counter() - start
     selection = result["top"].result()
     if len(selection) < config.k:
         print(f"k={config.k} is larger than the {len(selection)} scoreable samples: selecting all of them")
-    rate = (result["scored"] + len(result["errors"])) / elapsed
+    streamed, copied = (sum(result["shard_rows"][origin].values()) for origin in ("scored", "reused"))
+    rate = streamed / elapsed  # rows that went through the scoring actors
     manifest = commit_run(
         state, prepared["inputs"], selection, result["errors"],
         scored=result["scored"], excluded=result["excluded"], summary=result["summary"],
         extra={"samples_per_s": rate, "seconds": elapsed, "config": config_to_dict(config)},
+        excluded_rows=result["excluded_rows"],
+        shards=shard_records(prepared["inputs"], plan, result["shard_rows"]["reused"], result["shard_rows"]["scored"]),
+        reuse=plan.to_dict(),
     )
+    copied_from = f" and copied {copied} from {plan.source_id}" if plan.source_id else ""
     print(
-        f"scored {result['scored']} samples at {rate:.1f} samples/s, selected {len(selection)}, "
-        f"errors {len(result['errors'])}, excluded {result['excluded']}, manifest {state.run_uri}/manifest.json"
+        f"scored {streamed} rows at {rate:.1f} rows/s{copied_from}, "
+        f"selected {len(selection)}, errors {len(result['errors'])}, excluded {result['excluded']}, "
+        f"manifest {state.run_uri}/manifest.json"
     )
     return manifest
 
