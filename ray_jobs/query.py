@@ -61,7 +61,7 @@ from pipeline.manifest import (
     selection_rows,
 )
 from pipeline.pools import resolve_pool, spec_for_model
-from pipeline.pools.storage import filesystem_for
+from pipeline.pools.storage import check_writable, filesystem_for
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.selection import TopK
 from ray_jobs._cluster import connect
@@ -214,14 +214,7 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
         raw = read_pool_raw(config.exclude_labeled, storage_options=config.storage_options)
         if raw.dataset is not None:
             excluded.update(k for batch in raw.dataset.select_columns(["__key__"]).iter_batches(batch_format="pyarrow") for k in batch.column("__key__").to_pylist())
-    out_fs, out_path = filesystem_for(config.out, config.storage_options)
-    probe = f"{out_path.rstrip('/')}/.write-probe"
-    try:
-        out_fs.makedirs(out_path, exist_ok=True)
-        out_fs.pipe(probe, b"ok")
-        out_fs.rm(probe)
-    except Exception as error:  # permission, missing bucket, read-only mount: all mean "not writable"
-        raise ValueError(f"output prefix {config.out} is not writable: {error}") from error
+    check_writable(config.out, config.storage_options, what="output prefix")
     params = {"seed": config.seed, "norm": config.norm, "stochastic": config.stochastic, "beta": config.beta if config.stochastic else None}
     inputs = QueryInputs(
         pool_uri=config.pool,
@@ -312,7 +305,10 @@ def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iter
     shard_rows: dict[str, Counter[str]] = {"reused": Counter(), "scored": Counter()}
     scored = 0
     with run.scores_writer() as writer:
+        first_scored_at = None
         for origin, batch in _scored_batches(rows, reused):
+            if origin == "scored" and first_scored_at is None:
+                first_scored_at = time.perf_counter()  # pipeline and actors are up from here on
             marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()], pa.bool_())
             if marked.true_count:
                 dropped = batch.filter(marked)
@@ -339,7 +335,7 @@ def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iter
             values = acquisition_values(config.strategy, columns, seed=config.seed)
             values[np.array([e is not None for e in columns["error"]], dtype=bool)] = np.nan
             _offer(top, config, columns, values, ranks.ranks(values))
-    return {"top": top, "summary": summary, "errors": errors, "scored": scored, "excluded": len(excluded),
+    return {"first_scored_at": first_scored_at, "top": top, "summary": summary, "errors": errors, "scored": scored, "excluded": len(excluded),
             "excluded_rows": excluded, "shard_rows": shard_rows}
 
 
@@ -390,11 +386,15 @@ def run(config: QueryConfig) -> dict[str, Any]:
     if len(selection) < config.k:
         print(f"k={config.k} is larger than the {len(selection)} scoreable samples: selecting all of them")
     streamed, copied = (sum(result["shard_rows"][origin].values()) for origin in ("scored", "reused"))
-    rate = streamed / elapsed  # rows that went through the scoring actors
+    # Rows through the scoring actors per second once the first scored batch arrived; the time
+    # before it (planning, task launch, actor start with the model load) is reported apart.
+    first = result["first_scored_at"]
+    startup = (first - start) if first is not None else elapsed
+    rate = streamed / max(elapsed - startup, 1e-9) if streamed else 0.0
     manifest = commit_run(
         state, prepared["inputs"], selection, result["errors"],
         scored=result["scored"], excluded=result["excluded"], summary=result["summary"],
-        extra={"samples_per_s": rate, "seconds": elapsed, "config": config_to_dict(config)},
+        extra={"samples_per_s": rate, "seconds": elapsed, "startup_s": startup, "config": config_to_dict(config)},
         excluded_rows=result["excluded_rows"],
         shards=shard_records(prepared["inputs"], plan, result["shard_rows"]["reused"], result["shard_rows"]["scored"]),
         reuse=plan.to_dict(),
