@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -69,6 +67,7 @@ from pipeline.pools.storage import filesystem_for  # noqa: E402
 from pipeline.scoring import RowScorer  # noqa: E402
 from ray_jobs import query  # noqa: E402
 from ray_jobs._cluster import LOCAL_MIN_CPUS  # noqa: E402
+from _loopback_s3 import start_s3  # benchmarks/ is on sys.path when run as a script
 
 TINY_MODEL = "bench_tiny_cnn"
 TARGETS = {"efficiency_local": 0.85, "efficiency_s3": 0.75, "memory_growth": 1.2}
@@ -105,28 +104,6 @@ register_tiny_model()
 
 
 # -- inputs: S3 server, pools, checkpoints ---------------------------------------------------------
-
-
-def start_s3() -> tuple[subprocess.Popen, dict[str, Any]]:
-    """Moto's S3 server on 127.0.0.1 in its own process (not competing for this one's GIL), bucket ``bench``."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                          aws_secret_access_key="bench")
-    for _ in range(150):
-        try:
-            client.create_bucket(Bucket="bench")
-            break
-        except Exception:  # noqa: BLE001  (server still starting)
-            time.sleep(0.2)
-    else:
-        server.kill()
-        raise RuntimeError(f"moto server did not start on {endpoint}")
-    return server, {"endpoint_url": endpoint, "key": "bench", "secret": "bench", "client_kwargs": {"region_name": "us-east-1"}}
 
 
 def make_checkpoint(directory: Path, model: str, classes: list[str], lossnet_hidden: int = 128) -> str:

@@ -17,15 +17,12 @@ import argparse
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-import boto3
 import fsspec
 import ray
 import webdataset
@@ -33,6 +30,7 @@ from webdataset.gopen import gopen_schemes
 
 from pipeline.pools import DecodeSpec, build_pool, decode_sample, resolve_pool, synthetic
 from ray_jobs.pool_data import error_mask, read_pool
+from _loopback_s3 import start_s3  # benchmarks/ is on sys.path when run as a script
 
 SPEC = DecodeSpec(channels=3, height=32, width=32)
 
@@ -65,35 +63,6 @@ def webdataset_pass(urls: list[str]) -> int:
         decode_sample(sample, SPEC)
         good += 1
     return good
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_s3() -> tuple[subprocess.Popen, dict[str, Any]]:
-    """Start moto's S3 server on loopback in its own process (not competing with this one for
-    the GIL), with a bucket ``bench``."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                          aws_secret_access_key="bench")
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="bench")
-            break
-        except Exception:  # noqa: BLE001  (server still starting)
-            time.sleep(0.2)
-    else:
-        server.kill()
-        raise RuntimeError(f"moto server did not start on {endpoint}")
-    options = {"endpoint_url": endpoint, "key": "bench", "secret": "bench",
-               "client_kwargs": {"region_name": "us-east-1"}}
-    return server, options
 
 
 def register_fsspec_gopen(storage_options: dict[str, Any]) -> None:
