@@ -50,10 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
 from pipeline import manifest
-from pipeline.checkpoint import ModelSpec, save_checkpoint
+from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint
 from pipeline.pools import encode_image, synthetic
 from ray_jobs import query
 
@@ -72,13 +71,7 @@ def write_shard(path: Path, first: int, count: int, seed: int) -> None:
 
 def make_checkpoint(directory: Path) -> str:
     """Fresh small_cnn weights saved with the keys ray_jobs/train.py writes."""
-    torch.manual_seed(0)
-    spec = ModelSpec("small_cnn", num_classes=len(CLASSES))
-    model, lossnet, _ = spec.build()
-    save_checkpoint(directory, {"model": model.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {},
-                                "scheduler": {}, "epoch": 0, "spec": spec.to_dict(), "classes": CLASSES,
-                                "config": {}, "metrics": []})
-    return str(directory)
+    return save_untrained_checkpoint(directory, ModelSpec("small_cnn", num_classes=len(CLASSES)), CLASSES)
 
 
 def timed_run(config: query.QueryConfig) -> dict[str, Any]:

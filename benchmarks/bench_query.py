@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from pipeline.checkpoint import ModelSpec, save_checkpoint  # noqa: E402
+from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint  # noqa: E402
 from pipeline.models import available_models, register_model  # noqa: E402
 from pipeline.pools import PoolWriter, build_pool, decode_sample, encode_image, iter_pool_samples, resolve_pool, spec_for_model, synthetic  # noqa: E402
 from pipeline.pools.storage import filesystem_for  # noqa: E402
@@ -108,12 +108,7 @@ register_tiny_model()
 
 def make_checkpoint(directory: Path, model: str, classes: list[str], lossnet_hidden: int = 128) -> str:
     """A checkpoint of fresh (seeded) weights, laid out as `lplgrad train` writes it."""
-    torch.manual_seed(0)
-    spec = ModelSpec(model=model, num_classes=len(classes), lossnet_hidden=lossnet_hidden)
-    net, lossnet, _ = spec.build()
-    save_checkpoint(directory, {"model": net.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {}, "scheduler": {},
-                                "epoch": 0, "spec": spec.to_dict(), "classes": classes, "config": {}, "metrics": []})
-    return str(directory)
+    return save_untrained_checkpoint(directory, ModelSpec(model=model, num_classes=len(classes), lossnet_hidden=lossnet_hidden), classes)
 
 
 def build_repeated_pool(uri: str, samples: int, classes: list[str], distinct: int = 512, shard_samples: int = 50_000) -> None:

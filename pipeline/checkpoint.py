@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ __all__ = [
     "build_from_checkpoint",
     "checkpoint_digest",
     "fetch_checkpoint",
+    "save_untrained_checkpoint",
 ]
 
 CHECKPOINT_FILE = "state.pt"
@@ -84,6 +85,18 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
+
+
+def save_untrained_checkpoint(directory: str | Path, spec: ModelSpec, classes: Sequence[str], seed: int = 0) -> str:
+    """Fresh seeded weights in the layout `lplgrad train` writes, for benchmarks and tests that
+    measure querying, not training. Returns the directory."""
+    torch.manual_seed(seed)
+    model, lossnet, _ = spec.build()
+    save_checkpoint(directory, {
+        "model": model.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {}, "scheduler": {},
+        "epoch": 0, "spec": spec.to_dict(), "classes": list(classes), "config": {}, "metrics": [],
+    })
+    return str(directory)
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any]:

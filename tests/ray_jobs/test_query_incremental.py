@@ -15,10 +15,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline import manifest
-from pipeline.checkpoint import ModelSpec, save_checkpoint
+from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint
 from pipeline.manifest_verify import verify_run
 from pipeline.pools import encode_image, synthetic
 from pipeline.selection import select_topk
@@ -43,13 +42,7 @@ def pool_samples(start: int, count: int, seed: int) -> list[tuple[str, bytes]]:
 
 def make_checkpoint(directory: Path, seed: int) -> str:
     """Fresh small_cnn weights with the keys ray_jobs/train.py writes (no training needed)."""
-    torch.manual_seed(seed)
-    spec = ModelSpec("small_cnn", num_classes=len(CLASSES))
-    model, lossnet, _ = spec.build()
-    save_checkpoint(directory, {"model": model.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {},
-                                "scheduler": {}, "epoch": 0, "spec": spec.to_dict(), "classes": CLASSES,
-                                "config": {}, "metrics": []})
-    return str(directory)
+    return save_untrained_checkpoint(directory, ModelSpec("small_cnn", num_classes=len(CLASSES)), CLASSES, seed)
 
 
 @pytest.fixture(scope="module")
