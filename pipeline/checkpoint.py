@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.lossnet import LossNet
 from pipeline.models import FeatureTap, create_model
 from pipeline.pools.storage import filesystem_for, is_local
+from pipeline.proxy_head import ProxySpec
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -128,7 +129,8 @@ def build_from_checkpoint(state: dict[str, Any], expected_classes: int | None = 
     Raises:
         CheckpointError: the weights do not fit the recorded model, or the class count differs.
     """
-    spec = ModelSpec.from_dict(state["spec"])
+    # A proxy checkpoint (lplgrad proxy) holds a head on cached features instead of a backbone.
+    spec = ProxySpec.from_dict(state["proxy"]) if "proxy" in state else ModelSpec.from_dict(state["spec"])
     if expected_classes is not None and spec.num_classes != expected_classes:
         raise CheckpointError(f"checkpoint has {spec.num_classes} classes but {expected_classes} were expected")
     model, lossnet, tap = spec.build()
@@ -136,7 +138,7 @@ def build_from_checkpoint(state: dict[str, Any], expected_classes: int | None = 
         model.load_state_dict(state["model"])
         lossnet.load_state_dict(state["lossnet"])
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint weights do not match model {spec.model!r}: {error}") from error
+        raise CheckpointError(f"checkpoint weights do not match model {state['spec'].get('model')!r}: {error}") from error
     return model, lossnet, tap
 
 

@@ -267,7 +267,7 @@ class GradNormScorer:
             raise ValueError(f"inputs must be a floating-point tensor [B, ...], got {type(inputs).__name__} "
                              f"{getattr(inputs, 'dtype', '')} {tuple(getattr(inputs, 'shape', ()))}")
         expected = getattr(self.model, "expected_input", None)
-        if expected is not None:
+        if expected is not None and len(expected) == 3:  # image models; a proxy head checks [B, D] itself
             validate_input(inputs, expected[0])
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()

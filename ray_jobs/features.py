@@ -1,0 +1,185 @@
+"""Extract a pool's penultimate features under a frozen backbone into a feature store: the cache
+that proxy training and proxy queries read instead of running the backbone (docs/proxy.md).
+
+    lplgrad features pool=runs/pools/unlabeled out=runs/features/unlabeled checkpoint=runs/train/RUN/checkpoint_...
+    lplgrad features pool=s3://bucket/pool out=s3://bucket/features/pool model=resnet50 weights=/models/resnet50.pt
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m ray_jobs.features pool=s3://bucket/pool out=s3://bucket/features/pool checkpoint=... actors=8 gpus_per_actor=1
+
+Pipeline: the same read/decode stages as the query job; an actor pool of `FeatureExtractor`s
+(backbone loaded once per actor) turns batches into feature rows, which Ray Data writes as
+parquet straight from the workers into a new generation of the store; the driver counts rows per
+shard from the written files and commits `store.json` last. Incremental (the default): shards
+whose identity is unchanged since the store's last commit with the same backbone hash are not
+read again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.checkpoint import build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
+from pipeline.config import config_to_yaml, load_config
+from pipeline.feature_extraction import FeatureExtractor, feature_dim
+from pipeline.feature_store import (
+    Backbone,
+    FeatureStore,
+    StoreShard,
+    commit_store,
+    count_generation,
+    generation_uri,
+    new_generation,
+    open_store,
+    plan_extraction,
+)
+from pipeline.incremental import shard_identities
+from pipeline.models import available_models, create_model
+from pipeline.pools import resolve_pool, spec_for_model
+from pipeline.pools.storage import arrow_filesystem, check_writable, filesystem_for, is_local
+from ray_jobs._cluster import connect
+from ray_jobs.pool_data import read_pool
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    pool: str = ""
+    out: str = ""  # the feature store
+    checkpoint: str | None = None  # a training checkpoint: its backbone
+    model: str | None = None  # or a registry model with a local weights file
+    weights: str | None = None
+    num_classes: int | None = None  # the weights file's classifier size (default: the pool's class count)
+    in_channels: int | None = None
+    batch_size: int = 256
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    incremental: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pool or not self.out:
+            raise ValueError("pool and out are required (pool=URI out=FEATURE_STORE_URI)")
+        if (self.checkpoint is None) == (self.weights is None):
+            raise ValueError("name the backbone once: checkpoint=URI, or model=NAME weights=LOCAL_FILE")
+        if self.weights is not None and self.model not in available_models():
+            raise ValueError(f"weights= needs model= one of {', '.join(available_models())}, got {self.model!r}")
+        if self.batch_size <= 0 or self.actors <= 0:
+            raise ValueError("batch_size and actors must be positive")
+
+
+def parse_args(argv: list[str] | None = None) -> FeaturesConfig:
+    parser = argparse.ArgumentParser(prog="lplgrad features", description="Extract a pool's features into a feature store.")
+    parser.add_argument("--config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. actors=4")
+    args = parser.parse_args(argv)
+    return load_config(FeaturesConfig, args.config, args.overrides)
+
+
+# -- backbone --------------------------------------------------------------------------------
+
+
+def checkpoint_backbone(checkpoint: str, storage_options: dict[str, Any]):
+    """Runs inside each actor: the checkpoint's model (its LossNet is not needed)."""
+    state = load_checkpoint(fetch_checkpoint(checkpoint, storage_options))
+    return build_from_checkpoint(state, len(state["classes"]))
+
+
+def weights_backbone(model: str, weights: str, num_classes: int, in_channels: int | None):
+    return (create_model(model, num_classes=num_classes, in_channels=in_channels, weights=weights),)
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_backbone(config: FeaturesConfig, num_classes: int | None) -> tuple[Backbone, Callable[[], tuple[Any, ...]], Any]:
+    """(Backbone record, the actors' build function, the decode spec), checked on the driver so a
+    bad checkpoint or weights file fails before Ray starts anything."""
+    if config.checkpoint is not None:
+        local = fetch_checkpoint(config.checkpoint, config.storage_options)
+        state = load_checkpoint(local)
+        if "proxy" in state:
+            raise ValueError(f"{config.checkpoint} is a proxy checkpoint; features come from a backbone checkpoint (lplgrad train)")
+        model = build_from_checkpoint(state, len(state["classes"]))[0]
+        name, in_channels, sha = state["spec"]["model"], state["spec"].get("in_channels"), checkpoint_digest(local)
+        source, build = config.checkpoint, functools.partial(checkpoint_backbone, config.checkpoint, config.storage_options)
+    else:
+        classes = config.num_classes or num_classes
+        if classes is None:
+            raise ValueError("the pool has no class list: pass num_classes= (the weights file's classifier size)")
+        model = create_model(config.model, num_classes=classes, in_channels=config.in_channels, weights=config.weights)
+        name, in_channels, sha, source = config.model, config.in_channels, file_digest(config.weights), str(config.weights)
+        build = functools.partial(weights_backbone, config.model, config.weights, classes, config.in_channels)
+    backbone = Backbone(sha256=sha, source=source, model=name, dim=feature_dim(model))
+    return backbone, build, spec_for_model(name, in_channels=in_channels)
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+def run(config: FeaturesConfig) -> FeatureStore:
+    """Extract what is stale and commit the store; returns the committed store."""
+    pool = resolve_pool(config.pool, config.storage_options)
+    backbone, build, spec = resolve_backbone(config, len(pool.classes) if pool.classes else None)
+    check_writable(config.out, config.storage_options, what="feature store")
+    by_path = shard_identities(pool.fs, [s.path for s in pool.shards])
+    identities = {s.uri: by_path[s.path] for s in pool.shards}
+    previous = open_store(config.out, config.storage_options, missing_ok=True)
+    plan = plan_extraction(previous, backbone, config.pool, identities, incremental=config.incremental)
+    print(plan.reason)
+    generation = new_generation()
+    start = time.perf_counter()
+    if plan.extract:
+        write_generation(config, pool, plan.extract, build, spec, generation)
+    counts = count_generation(config.out, generation, config.storage_options)
+    shards = [plan.reuse.get(uri) or StoreShard(uri, identities[uri], generation, *counts.get(uri, (0, 0))) for uri in identities]
+    store = commit_store(config.out, config.pool, backbone, shards, config.storage_options)
+    extracted = sum(rows for rows, _ in counts.values())
+    seconds = time.perf_counter() - start
+    print(f"extracted {extracted} rows from {len(plan.extract)} shards in {seconds:.1f}s "
+          f"({extracted / max(seconds, 1e-9):.1f} rows/s), reused {len(plan.reuse)} shards; "
+          f"store {config.out}: {store.num_rows} rows, dim {backbone.dim}, backbone {backbone.sha256[:12]}")
+    return store
+
+
+def write_generation(config: FeaturesConfig, pool, shards: list[str], build, spec, generation: str) -> None:
+    """Read and decode the shards, extract on the actor pool, write parquet from the workers."""
+    data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
+                     batch_size=config.batch_size, shards=shards if len(shards) < len(pool.shards) else None)
+    rows = data.drop_columns(["label", "meta"]).map_batches(
+        FeatureExtractor,
+        fn_constructor_args=(build, generation),
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor,
+    )
+    fs, path = filesystem_for(generation_uri(config.out, generation), config.storage_options)
+    rows.write_parquet(path, filesystem=None if is_local(fs) else arrow_filesystem(fs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    print(config_to_yaml(config), end="")
+    print(connect(config.address))
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
