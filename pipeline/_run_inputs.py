@@ -57,6 +57,7 @@ class QueryInputs:
     excluded_keys_count: int = 0
     subset_size: int | None = None
     subset_seed: int = 0
+    features: Mapping[str, Any] | None = None  # proxy queries: the feature store and its backbone
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
@@ -80,6 +81,8 @@ class QueryInputs:
                 "num_keys": self.excluded_keys_count,
             },
             "subset": {"size": self.subset_size, "seed": self.subset_seed},
+            # Only for proxy queries, so that full-model inputs fingerprint as they always did.
+            **({"features": dict(self.features)} if self.features is not None else {}),
         }
 
     def fingerprint(self) -> str:

@@ -141,6 +141,20 @@ class FeatureStore:
                 table = pq.read_table(handle, columns=wanted)
             yield keep_current(table, self.current).select(list(columns))
 
+    def find(self, keys: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """({key: [dim] features} for keys with features, {key: error} for keys with an error row)."""
+        wanted = pa.array(sorted(set(keys)), pa.string())
+        found: dict[str, np.ndarray] = {}
+        failed: dict[str, str] = {}
+        for table in self.iter_tables(("key", "features", "error")):
+            hit = table.filter(pa.compute.is_in(table.column("key"), wanted))
+            for key, error, row in zip(hit.column("key").to_pylist(), hit.column("error").to_pylist(), features_matrix(hit)):
+                if error is None:
+                    found[key] = row
+                else:
+                    failed[key] = error
+        return found, failed
+
     def lookup(self, keys: Iterable[str]) -> np.ndarray:
         """Features of `keys`, in their order: [len(keys), dim] float32.
 
@@ -148,16 +162,7 @@ class FeatureStore:
             FeatureStoreError: a key has no row, or only an error row.
         """
         keys = list(keys)
-        wanted = set(keys)
-        found: dict[str, np.ndarray] = {}
-        failed: dict[str, str] = {}
-        for table in self.iter_tables(("key", "features", "error")):
-            hit = table.filter(pa.compute.is_in(table.column("key"), pa.array(sorted(wanted), pa.string())))
-            for key, error, row in zip(hit.column("key").to_pylist(), hit.column("error").to_pylist(), features_matrix(hit)):
-                if error is None:
-                    found[key] = row
-                else:
-                    failed[key] = error
+        found, failed = self.find(keys)
         missing = [k for k in keys if k not in found]
         if missing:
             reasons = "; ".join(f"{k}: {failed.get(k, 'not in the store')}" for k in missing[:5])

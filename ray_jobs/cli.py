@@ -3,6 +3,8 @@
     lplgrad demo [key=value ...]        scoring demo on local Ray (ray_jobs/score_demo.py)
     lplgrad train [key=value ...]       joint training on Ray Train (ray_jobs/train.py)
     lplgrad query [key=value ...]       score a pool, commit a manifest (ray_jobs/query.py)
+    lplgrad features [key=value ...]    extract a pool's features into a feature store (ray_jobs/features.py)
+    lplgrad proxy [key=value ...]       train a proxy head on cached features (ray_jobs/proxy.py)
     lplgrad simulate [key=value ...]    simulated cycles and learning curves (ray_jobs/loop.py)
     lplgrad quickstart [key=value ...]  the whole cycle on a synthetic pool (ray_jobs/quickstart.py)
     lplgrad pool build|label ...        build and label WebDataset pools (ray_jobs/pool_cli.py)
@@ -23,6 +25,8 @@ JOBS = {
     "demo": ("ray_jobs.score_demo", "score a synthetic pool on Ray and select the top-k (scoring demo)"),
     "train": ("ray_jobs.train", "joint LPLgrad training on Ray Train; prints the final checkpoint URI"),
     "query": ("ray_jobs.query", "score a pool with a checkpoint and commit a selection manifest"),
+    "features": ("ray_jobs.features", "extract a pool's penultimate features under a frozen backbone into a feature store"),
+    "proxy": ("ray_jobs.proxy", "train a proxy head (linear or MLP, with LossNet) on cached features of the labeled set"),
     "simulate": ("ray_jobs.loop", "simulated active-learning cycles on a pool whose labels are known"),
     "quickstart": ("ray_jobs.quickstart", "one whole cycle on a synthetic pool: build, train, query, label, retrain"),
 }

@@ -46,6 +46,8 @@ from pipeline.acquisition import (
 )
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_dict, config_to_yaml, load_config
+from pipeline.feature_extraction import feature_batch
+from pipeline.feature_store import FeatureStore, FeatureStoreError, keep_current, open_store
 from pipeline.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
 from pipeline.manifest import (
     PoolShard,
@@ -61,7 +63,7 @@ from pipeline.manifest import (
     selection_rows,
 )
 from pipeline.pools import resolve_pool, spec_for_model
-from pipeline.pools.storage import check_writable, filesystem_for
+from pipeline.pools.storage import arrow_filesystem, check_writable, filesystem_for, is_local
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.selection import TopK
 from ray_jobs._cluster import connect
@@ -70,8 +72,9 @@ from ray_jobs.pool_data import read_pool, read_pool_raw
 
 @dataclass(frozen=True)
 class QueryConfig:
-    pool: str = ""
+    pool: str = ""  # with features=, default: the pool the store was extracted from
     checkpoint: str = ""
+    features: str | None = None  # proxy mode: the feature store a proxy checkpoint scores from
     strategy: str = "lplgrad"
     k: int = 1000
     exclude_labeled: str | None = None  # a labeled pool: its keys are never selected
@@ -93,8 +96,8 @@ class QueryConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.pool or not self.checkpoint:
-            raise ValueError("pool and checkpoint are required (pool=URI checkpoint=URI)")
+        if not (self.pool or self.features) or not self.checkpoint:
+            raise ValueError("pool (or, for a proxy, features) and checkpoint are required (pool=URI checkpoint=URI)")
         if self.strategy not in available_strategies():
             raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(available_strategies())}")
         if self.k <= 0:
@@ -121,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> QueryConfig:
 
 
 def build_scoring_model(checkpoint: str, storage_options: dict[str, Any], num_classes: int):
-    """Runs inside each actor: fetch the checkpoint once and rebuild model, LossNet and tap."""
+    """Runs inside each actor: fetch the checkpoint once and rebuild model (or proxy head), LossNet and tap."""
     return build_from_checkpoint(load_checkpoint(fetch_checkpoint(checkpoint, storage_options)), num_classes)
 
 
@@ -145,6 +148,13 @@ class QueryScorer(RowScorer):
             else:
                 os._exit(1)
         return super().__call__(batch)
+
+
+class ProxyQueryScorer(QueryScorer):
+    """QueryScorer on feature-store rows (pyarrow batches): features stand in for images."""
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        return super().__call__(feature_batch(batch))
 
 
 # Excluded rows travel as marked, unscored rows so that the driver can count them: their image
@@ -200,14 +210,17 @@ def exclusion_run(uri: str, config: QueryConfig) -> str | None:
 
 def prepare(config: QueryConfig) -> dict[str, Any]:
     """Everything that can fail before scoring: pool, checkpoint, output, exclusions."""
-    pool = resolve_pool(config.pool, config.storage_options)
     local_checkpoint = fetch_checkpoint(config.checkpoint, config.storage_options)
     state = load_checkpoint(local_checkpoint)
+    store = proxy_store(config, state)
+    pool = resolve_pool(config.pool or store.pool_uri, config.storage_options)
     classes = list(state["classes"])
     if pool.classes is not None and list(pool.classes) != classes:
         raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)}")
     build_from_checkpoint(state, len(classes))  # weights must fit the recorded model now, not in an actor
     identities = shard_identities(pool.fs, [s.path for s in pool.shards])
+    if store is not None:
+        check_store_fresh(store, {s.uri: identities[s.path] for s in pool.shards})
     exclusion_runs = tuple(run for uri in config.exclude_manifests if (run := exclusion_run(uri, config)) is not None)
     excluded = set(previously_selected_keys(exclusion_runs, config.storage_options))
     if config.exclude_labeled:
@@ -217,7 +230,7 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
     check_writable(config.out, config.storage_options, what="output prefix")
     params = {"seed": config.seed, "norm": config.norm, "stochastic": config.stochastic, "beta": config.beta if config.stochastic else None}
     inputs = QueryInputs(
-        pool_uri=config.pool,
+        pool_uri=config.pool or store.pool_uri,
         shards=tuple(PoolShard(s.uri, s.samples, s.bytes, identities[s.path]) for s in pool.shards),
         checkpoint_uri=config.checkpoint,
         checkpoint_sha256=checkpoint_digest(local_checkpoint),
@@ -229,14 +242,51 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
         excluded_keys_count=len(excluded),
         subset_size=config.subset,
         subset_seed=config.seed,
+        features=None if store is None else {"store": config.features, "backbone_sha256": store.backbone.sha256,
+                                             "committed_at": store.committed_at},
     )
-    return {"pool": pool, "classes": classes, "state": state, "excluded": frozenset(excluded), "inputs": inputs}
+    return {"pool": pool, "classes": classes, "state": state, "excluded": frozenset(excluded), "inputs": inputs, "store": store}
+
+
+def proxy_store(config: QueryConfig, state: dict[str, Any]) -> FeatureStore | None:
+    """The feature store a proxy checkpoint scores from (None for a backbone checkpoint),
+    checked against what the proxy was trained on."""
+    if "proxy" not in state:
+        if config.features:
+            raise CheckpointError(f"features= is for proxy checkpoints (lplgrad proxy); {config.checkpoint} is a backbone checkpoint")
+        return None
+    if not config.features:
+        raise CheckpointError(f"{config.checkpoint} is a proxy checkpoint: pass features=FEATURE_STORE (made by lplgrad features)")
+    store = open_store(config.features, config.storage_options)
+    trained_on = state["proxy"].get("backbone_sha256")
+    if trained_on != store.backbone.sha256:
+        raise CheckpointError(
+            f"the proxy was trained on features of backbone {str(trained_on)[:12]}, but {config.features} holds backbone "
+            f"{store.backbone.sha256[:12]}: retrain the proxy on this store, or query a store of its backbone"
+        )
+    return store
+
+
+def check_store_fresh(store: FeatureStore, identities: Mapping[str, Any]) -> None:
+    """A proxy query must see the whole pool as it is now: refuse a store that misses shards or
+    holds older versions of them."""
+    recorded = {s.uri: s.identity for s in store.shards}
+    stale = [uri for uri, identity in identities.items() if uri not in recorded or identity is None or recorded[uri] != identity]
+    gone = [uri for uri in recorded if uri not in identities]
+    if stale or gone:
+        raise FeatureStoreError(
+            f"feature store {store.uri} is stale: {len(stale)} shards new or changed since extraction, {len(gone)} gone "
+            f"(e.g. {(stale + gone)[:3]}); run `lplgrad features pool={store.pool_uri} out={store.uri} ...` again "
+            "(unchanged shards are not re-extracted)"
+        )
 
 
 def reuse_plan(config: QueryConfig, prepared: dict[str, Any]) -> ReusePlan:
     """Which shards take their rows from the previous committed run under `out`."""
     if not config.incremental:
         return ReusePlan(reason="incremental=false: every shard is scored")
+    if prepared["store"] is not None:
+        return ReusePlan(reason="proxy query: every row is scored from the feature store (the store itself is incremental)")
     source = previous_run(config.out, str(config.run_id), config.storage_options)
     return plan_reuse(source, prepared["inputs"], prepared["excluded"], config.storage_options)
 
@@ -250,6 +300,8 @@ def reused_rows(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan) 
 def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan | None = None) -> ray.data.Dataset | None:
     """The lazy Ray Data pipeline: read, decode, exclude, subset, score (None: nothing to score)."""
     plan = plan or ReusePlan()
+    if prepared["store"] is not None:
+        return proxy_score_stream(config, prepared)
     shards = prepared["pool"].shards
     to_score = plan.to_score([s.uri for s in shards])
     if not to_score:
@@ -283,6 +335,46 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan 
         fn_constructor_kwargs={"norm": config.norm, "fail_after": config.fail_once_after_batches, "marker": marker},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=config.batch_size,
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor,
+    )
+
+
+def _store_prefilter(batch: pa.Table, current: Mapping[str, str], excluded: frozenset[str], fraction: float | None,
+                     seed: int) -> pa.Table:
+    """Store rows -> current rows of the random subset, excluded ones marked (they are not scored)."""
+    batch = keep_current(batch, current)
+    keys = batch.column("key").to_pylist()
+    if fraction is not None:
+        # The same Bernoulli-by-key-hash subset as on images; key-less error rows always stay.
+        values = random_values([k if k is not None else "" for k in keys], seed + 1)
+        keep = [k is None or v < fraction for k, v in zip(keys, values)]
+        batch = batch.filter(pa.array(keep, pa.bool_()))
+        keys = batch.column("key").to_pylist()
+    batch = batch.rename_columns(["__key__" if n == "key" else n for n in batch.column_names])
+    if excluded:
+        batch = _mark_excluded(batch, excluded)
+    return batch.drop_columns(["generation"])
+
+
+def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Dataset | None:
+    """The proxy pipeline: feature-store parquet -> current rows, subset, exclusions -> head scoring."""
+    store = prepared["store"]
+    files = store.files()
+    if not files:
+        return None
+    fraction = None if config.subset is None else min(1.0, config.subset / max(store.num_rows, 1))
+    fs, _ = filesystem_for(store.uri, config.storage_options)
+    data = ray.data.read_parquet(files, filesystem=None if is_local(fs) else arrow_filesystem(fs), num_cpus=0.25)
+    data = data.map_batches(_store_prefilter, batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs={"current": store.current, "excluded": prepared["excluded"], "fraction": fraction, "seed": config.seed})
+    return data.map_batches(
+        ProxyQueryScorer,
+        fn_constructor_args=(functools.partial(build_scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
+        fn_constructor_kwargs={"norm": config.norm},
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor,
     )
@@ -395,7 +487,8 @@ def run(config: QueryConfig) -> dict[str, Any]:
     manifest = commit_run(
         state, prepared["inputs"], selection, result["errors"],
         scored=result["scored"], excluded=result["excluded"], summary=result["summary"],
-        extra={"samples_per_s": rate, "seconds": elapsed, "first_batch_s": startup, "config": config_to_dict(config)},
+        extra={"samples_per_s": rate, "seconds": elapsed, "first_batch_s": startup, "config": config_to_dict(config),
+               "mode": "proxy" if prepared["store"] is not None else "full", **proxy_record(prepared)},
         excluded_rows=result["excluded_rows"],
         shards=shard_records(prepared["inputs"], plan, result["shard_rows"]["reused"], result["shard_rows"]["scored"]),
         reuse=plan.to_dict(),
@@ -407,6 +500,15 @@ def run(config: QueryConfig) -> dict[str, Any]:
         f"manifest {state.run_uri}/manifest.json"
     )
     return manifest
+
+
+def proxy_record(prepared: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest says about a proxy query (nothing for a full-model one)."""
+    if prepared["store"] is None:
+        return {}
+    proxy = prepared["state"]["proxy"]
+    return {"proxy": {"kind": proxy["kind"], "feature_store": prepared["store"].uri, "backbone_sha256": prepared["store"].backbone.sha256,
+                      "backbone_source": prepared["store"].backbone.source, "trained_on_store": proxy.get("feature_store")}}
 
 
 def main(argv: list[str] | None = None) -> int:
