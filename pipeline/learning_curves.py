@@ -40,7 +40,9 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> list[dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     everything = read_results(path) + [dict(r) for r in rows]
-    table = pa.Table.from_pylist(everything)
+    # Rows of different modes carry different columns; from_pylist takes the first row's keys.
+    columns = list(dict.fromkeys(name for row in everything for name in row))
+    table = pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in everything])
     temporary = path.with_suffix(".tmp")
     pq.write_table(table, temporary)
     temporary.replace(path)  # readers never see a half-written results file

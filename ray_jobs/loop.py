@@ -3,15 +3,26 @@ real training and query jobs, several strategies and seeds, learning curves at t
 
     lplgrad simulate --config configs/simulate/fashion_mnist.yaml
     lplgrad simulate pool=runs/pools/fmnist-train test_pool=runs/pools/fmnist-test strategies=[lplgrad,random] seeds=[0]
+    lplgrad simulate --proxy --config configs/simulate/fashion_mnist_proxy.yaml
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python -m ray_jobs.loop --config configs/simulate/cifar10.yaml
 
 Per (strategy, seed): a random initial labeled set (the same for every strategy of a seed); then
 per cycle: build the labeled pool from the true labels (`label_pool`), train (`ray_jobs.train`),
 record test accuracy, query (`ray_jobs.query`, excluding the labeled pool; `coreset` runs k-center
-greedy on penultimate features instead), add the selection. Results are appended to
+greedy on penultimate features instead), add the selection. The first cycle's training is shared
+by every chain of a seed (same labeled set, same training seed). Results are appended to
 `{out}/results.parquet` (+ CSV) after every cycle; `{out}/learning_curves.png` and
 `{out}/results.md` are rewritten after every chain.
+
+Modes (`modes=[full,proxy,proxy-aligned]`, or `--proxy` for all three side by side):
+`full` queries with the trained model; `proxy` freezes the first cycle's model as the backbone,
+extracts the pool's features once (`ray_jobs.features`) and queries with a proxy head trained
+on the labeled features each cycle (`ray_jobs.proxy`); `proxy-aligned` also fine-tunes the
+backbone (LP-FT or FT, `pipeline.alignment`) and refreshes the features when the alignment
+policy says so. In every mode `test_accuracy` is a model trained from scratch on the labeled set
+with the standard recipe, so the modes compare what they selected; `proxy_accuracy` is the proxy
+head's own accuracy on the test pool's features.
 """
 
 from __future__ import annotations
@@ -28,18 +39,22 @@ import ray
 import torch
 
 from pipeline.acquisition import available_strategies, random_values
-from pipeline.checkpoint import fetch_checkpoint, load_checkpoint
+from pipeline.alignment import AlignmentPolicy
+from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_yaml, load_config
 from pipeline.coreset import FeatureRows, kcenter_greedy
 from pipeline.learning_curves import append_results, markdown_table, plot_learning_curves
 from pipeline.manifest import load as load_selection
 from pipeline.models import available_models
 from pipeline.pools import iter_pool_samples, label_pool, resolve_pool, spec_for_model
-from ray_jobs import query, train
+from ray_jobs import features, proxy, query, train
+from ray_jobs.proxy import labeled_keys
 from ray_jobs._cluster import connect
 from ray_jobs.pool_data import read_pool
 
 STRATEGIES = (*available_strategies(), "coreset")
+MODES = ("full", "proxy", "proxy-aligned")
+MODEL_FREE = ("random", "coreset")  # strategies a proxy does not change: run in full mode only
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,13 @@ class SimulateConfig:
     cpus_per_actor: float = 1.0
     gpus: bool = False
     warm_start: bool = False  # the reference implementation keeps the model across cycles
+    modes: tuple[str, ...] = ("full",)  # full | proxy | proxy-aligned
+    proxy_kind: str = "mlp"
+    proxy_epochs: int = 100
+    align_every: int | None = None  # proxy-aligned: refresh features every N cycles ...
+    align_growth: float | None = 2.0  # ... or when the labeled set has grown this many times
+    finetune: str = "auto"  # lp-ft | ft | auto (LP-FT below lp_ft_below labels)
+    lp_ft_below: int = 1000
     out: str = "runs/simulate"
     storage_options: dict[str, Any] = field(default_factory=dict)
     address: str | None = None
@@ -78,14 +100,26 @@ class SimulateConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"modes must be some of {', '.join(MODES)}, got {list(self.modes)}")
+        if any(m != "full" for m in self.modes) and not self.test_pool:
+            raise ValueError("proxy modes report the proxy's accuracy on test_pool: set test_pool=")
+        self.alignment()  # validates
+
+    def alignment(self) -> AlignmentPolicy:
+        return AlignmentPolicy(self.align_every, self.align_growth, self.finetune, self.lp_ft_below)
 
 
 def parse_args(argv: list[str] | None = None) -> SimulateConfig:
     parser = argparse.ArgumentParser(prog="lplgrad simulate", description="Simulated active-learning cycles.")
     parser.add_argument("--config", help="YAML config (configs/simulate/*.yaml)")
+    parser.add_argument("--proxy", action="store_true", help="run modes full, proxy and proxy-aligned side by side")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0] cycles=3")
     args = parser.parse_args(argv)
-    return load_config(SimulateConfig, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.proxy and not any(o.startswith("modes=") for o in overrides):
+        overrides.append("modes=[full,proxy,proxy-aligned]")
+    return load_config(SimulateConfig, args.config, overrides)
 
 
 # -- pieces ----------------------------------------------------------------------------------
@@ -130,8 +164,47 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
     return [keys[candidates[i]] for i in picks]
 
 
-def run_chain(config: SimulateConfig, strategy: str, seed: int, truth: dict[str, int], classes: list[str]) -> list[dict[str, Any]]:
-    """One strategy and seed through every cycle; returns its result rows (also appended)."""
+def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int, seed: int, shared: dict[Any, Any],
+                previous: str | None = None) -> tuple[str, dict[str, Any], float]:
+    """Standard joint training on the labeled set: (checkpoint, last metrics, seconds).
+
+    The first cycle's model depends only on the seed, so chains of one seed share it."""
+    if cycle == 0 and seed in shared:
+        return shared[seed]
+    train_config = train.TrainConfig(
+        labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
+        batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
+        cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "train"), name=f"c{cycle}",
+        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=seed * 1000 + cycle,
+        warm_start=previous if config.warm_start else None, storage_options=config.storage_options,
+    )
+    started = time.perf_counter()
+    checkpoint = train.run(train_config, *train.labeled_training_data(train_config))
+    result = (checkpoint, load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options))["metrics"][-1], time.perf_counter() - started)
+    if cycle == 0:
+        shared[seed] = result
+    return result
+
+
+def query_cycle(config: SimulateConfig, strategy: str, checkpoint: str, labeled: list[str], labeled_uri: str, work: Path,
+                cycle: int, seed: int, features: str | None = None) -> list[str]:
+    """One query (full model, or a proxy with its feature store): the selected keys."""
+    if strategy == "coreset":
+        return coreset_query(config, checkpoint, set(labeled), config.per_cycle, seed * 1000 + cycle)
+    query.run(query.QueryConfig(
+        pool="" if features else config.pool, checkpoint=checkpoint, features=features, strategy=strategy, k=config.per_cycle,
+        exclude_labeled=labeled_uri, out=str(work / "queries"), run_id=f"c{cycle}",
+        subset=config.subset, seed=seed * 1000 + cycle, actors=config.actors,
+        cpus_per_actor=config.cpus_per_actor, gpus_per_actor=1.0 if config.gpus else 0.0,
+        storage_options=config.storage_options,
+    ))
+    return load_selection(str(work / "queries" / f"c{cycle}")).column("key").to_pylist()
+
+
+def run_chain(config: SimulateConfig, strategy: str, seed: int, truth: dict[str, int], classes: list[str],
+              shared: dict[Any, Any] | None = None) -> list[dict[str, Any]]:
+    """One strategy and seed through every cycle in full mode; returns its result rows (also appended)."""
+    shared = {} if shared is None else shared
     work = Path(config.out) / "work" / f"{strategy}-s{seed}"
     labeled = initial_keys(sorted(truth), config.initial, seed)
     checkpoint: str | None = None
@@ -139,33 +212,13 @@ def run_chain(config: SimulateConfig, strategy: str, seed: int, truth: dict[str,
     for cycle in range(config.cycles):
         labeled_uri = str(work / f"labeled-c{cycle}")
         label_pool(config.pool, {k: truth[k] for k in labeled}, labeled_uri, classes=classes, storage_options=config.storage_options)
-        train_config = train.TrainConfig(
-            labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
-            batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
-            cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "train"), name=f"c{cycle}",
-            checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=seed * 1000 + cycle,
-            warm_start=checkpoint if config.warm_start else None, storage_options=config.storage_options,
-        )
-        started = time.perf_counter()
-        checkpoint = train.run(train_config, *train.labeled_training_data(train_config))
-        train_seconds = time.perf_counter() - started
-        metrics = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options))["metrics"][-1]
-        row = {"strategy": strategy, "seed": seed, "cycle": cycle, "labeled": len(labeled),
+        checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared, checkpoint)
+        row = {"strategy": strategy, "mode": "full", "seed": seed, "cycle": cycle, "labeled": len(labeled),
                "test_accuracy": metrics["holdout_accuracy"], "train_accuracy": metrics["train_accuracy"],
                "train_seconds": train_seconds, "query_seconds": None, "checkpoint": checkpoint}
         if cycle < config.cycles - 1:
             started = time.perf_counter()
-            if strategy == "coreset":
-                picked = coreset_query(config, checkpoint, set(labeled), config.per_cycle, seed * 1000 + cycle)
-            else:
-                query.run(query.QueryConfig(
-                    pool=config.pool, checkpoint=checkpoint, strategy=strategy, k=config.per_cycle,
-                    exclude_labeled=labeled_uri, out=str(work / "queries"), run_id=f"c{cycle}",
-                    subset=config.subset, seed=seed * 1000 + cycle, actors=config.actors,
-                    cpus_per_actor=config.cpus_per_actor, gpus_per_actor=1.0 if config.gpus else 0.0,
-                    storage_options=config.storage_options,
-                ))
-                picked = load_selection(str(work / "queries" / f"c{cycle}")).column("key").to_pylist()
+            picked = query_cycle(config, strategy, checkpoint, labeled, labeled_uri, work, cycle, seed)
             row["query_seconds"] = time.perf_counter() - started
             labeled = labeled + [k for k in picked if k not in set(labeled)]
         append_results(Path(config.out) / "results.parquet", [row])
@@ -174,13 +227,116 @@ def run_chain(config: SimulateConfig, strategy: str, seed: int, truth: dict[str,
     return rows
 
 
+def ensure_features(config: SimulateConfig, backbone: str) -> tuple[str, str, float]:
+    """Feature stores of the pool and the test pool under `backbone`: (pool store, test store,
+    seconds). Stores live under the backbone's hash, so chains sharing a backbone share them;
+    a second call finds every shard unchanged and extracts nothing."""
+    root = Path(config.out) / "features" / checkpoint_digest(fetch_checkpoint(backbone, config.storage_options))[:16]
+    started = time.perf_counter()
+    for pool, name in ((config.pool, "pool"), (config.test_pool, "test")):
+        features.run(features.FeaturesConfig(
+            pool=pool, out=str(root / name), checkpoint=backbone, actors=config.actors, cpus_per_actor=config.cpus_per_actor,
+            gpus_per_actor=1.0 if config.gpus else 0.0, storage_options=config.storage_options,
+        ))
+    return str(root / "pool"), str(root / "test"), time.perf_counter() - started
+
+
+def align(config: SimulateConfig, backbone: str, store: str, labeled_uri: str, work: Path, cycle: int, seed: int) -> tuple[str, str]:
+    """Fine-tune the backbone on the labeled set, LP-FT (classifier from a linear probe on the
+    cached features) or FT as the policy says: (new backbone checkpoint, mode)."""
+    finetune = config.alignment().finetune_mode(len(labeled_keys(labeled_uri, config.storage_options)[0]))
+    probe = None
+    if finetune == "lp-ft":
+        probe = str(work / f"probe-c{cycle}")
+        proxy.run(proxy.ProxyConfig(labeled=labeled_uri, features=(store,), out=probe, kind="linear",
+                                    epochs=config.proxy_epochs, seed=seed * 1000 + cycle, storage_options=config.storage_options))
+    train_config = train.TrainConfig(
+        labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
+        batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
+        cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "align"), name=f"c{cycle}",
+        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=seed * 1000 + cycle + 500,
+        warm_start=backbone, init_head=probe, storage_options=config.storage_options,
+    )
+    return train.run(train_config, *train.labeled_training_data(train_config)), finetune
+
+
+def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str, truth: dict[str, int], classes: list[str],
+                    shared: dict[Any, Any]) -> list[dict[str, Any]]:
+    """One strategy and seed with proxy queries (mode proxy or proxy-aligned)."""
+    work = Path(config.out) / "work" / f"{strategy}-{mode}-s{seed}"
+    policy = config.alignment() if mode == "proxy-aligned" else AlignmentPolicy()
+    labeled = initial_keys(sorted(truth), config.initial, seed)
+    backbone, aligned_at = None, (0, len(labeled))
+    rows = []
+    for cycle in range(config.cycles):
+        labeled_uri = str(work / f"labeled-c{cycle}")
+        label_pool(config.pool, {k: truth[k] for k in labeled}, labeled_uri, classes=classes, storage_options=config.storage_options)
+        checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared)
+        row = {"strategy": strategy, "mode": mode, "seed": seed, "cycle": cycle, "labeled": len(labeled),
+               "test_accuracy": metrics["holdout_accuracy"], "train_accuracy": metrics["train_accuracy"],
+               "train_seconds": train_seconds, "query_seconds": None, "checkpoint": checkpoint, "aligned": None, "align_seconds": 0.0}
+        backbone = backbone or checkpoint  # the first cycle's model is the frozen backbone
+        last = cycle == config.cycles - 1
+        if not last and policy.enabled and cycle > 0 and policy.due(cycle, len(labeled), *aligned_at):
+            started = time.perf_counter()
+            store, _, _ = ensure_features(config, backbone)
+            backbone, row["aligned"] = align(config, backbone, store, labeled_uri, work, cycle, seed)
+            row["align_seconds"] = time.perf_counter() - started
+            aligned_at = (cycle, len(labeled))
+        store, test_store, row["feature_seconds"] = ensure_features(config, backbone)
+        started = time.perf_counter()
+        trained = proxy.run(proxy.ProxyConfig(
+            labeled=labeled_uri, features=(store, test_store), out=str(work / "proxy" / f"c{cycle}"), kind=config.proxy_kind,
+            epochs=config.proxy_epochs, seed=seed * 1000 + cycle, holdout=config.test_pool, storage_options=config.storage_options,
+        ))
+        row["proxy_train_seconds"] = time.perf_counter() - started
+        row["proxy_accuracy"] = trained["holdout_accuracy"]
+        if not last:
+            started = time.perf_counter()
+            picked = query_cycle(config, strategy, trained["checkpoint"], labeled, labeled_uri, work, cycle, seed, features=store)
+            row["query_seconds"] = time.perf_counter() - started
+            labeled = labeled + [k for k in picked if k not in set(labeled)]
+        append_results(Path(config.out) / "results.parquet", [row])
+        rows.append(row)
+        print(f"{strategy} [{mode}] seed {seed} cycle {cycle}: {row['labeled']} labeled, test accuracy {row['test_accuracy']}, "
+              f"proxy accuracy {row['proxy_accuracy']:.4f}" + (f", aligned ({row['aligned']})" if row["aligned"] else ""))
+    return rows
+
+
+def curve_label(row: dict[str, Any]) -> str:
+    return row["strategy"] if row.get("mode", "full") == "full" else f"{row['strategy']} [{row['mode']}]"
+
+
 def report(config: SimulateConfig, rows: list[dict[str, Any]]) -> None:
     out = Path(config.out)
-    plot_learning_curves(rows, out / "learning_curves.png", title=f"{config.model} on {Path(config.pool).name}")
-    (out / "results.md").write_text(
-        "Test accuracy (%) by labeled-set size, mean ± std over seeds "
-        f"{list(config.seeds)}:\n\n" + markdown_table(rows)
-    )
+    labeled_rows = [{**row, "strategy": curve_label(row)} for row in rows]
+    plot_learning_curves(labeled_rows, out / "learning_curves.png", title=f"{config.model} on {Path(config.pool).name}")
+    text = "Test accuracy (%) by labeled-set size, mean ± std over seeds " f"{list(config.seeds)}:\n\n" + markdown_table(labeled_rows)
+    if any(row.get("mode", "full") != "full" for row in rows):
+        text += "\n\n" + cost_table(rows)
+    (out / "results.md").write_text(text)
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    """Per strategy and mode, summed over cycles and averaged over seeds: query seconds, feature
+    extraction and alignment seconds, and the last cycle's proxy accuracy."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(curve_label(row), []).append(row)
+    lines = ["| strategy [mode] | query s | features s | alignment s | selection total s | final proxy accuracy (%) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for label, members in sorted(groups.items()):
+        seeds = sorted({r["seed"] for r in members})
+
+        def total(name: str) -> float:
+            return sum(float(r.get(name) or 0.0) for r in members) / len(seeds)
+
+        finals = [r.get("proxy_accuracy") for r in members if r["cycle"] == max(m["cycle"] for m in members)]
+        final = np.mean([f for f in finals if f is not None]) if any(f is not None for f in finals) else None
+        cost = total("query_seconds") + total("feature_seconds") + total("align_seconds") + total("proxy_train_seconds")
+        lines.append(f"| {label} | {total('query_seconds'):.0f} | {total('feature_seconds'):.0f} | {total('align_seconds'):.0f} | "
+                     f"{cost:.0f} | {'' if final is None else f'{100 * final:.1f}'} |")
+    return "\n".join(lines)
 
 
 def run(config: SimulateConfig) -> list[dict[str, Any]]:
@@ -192,10 +348,18 @@ def run(config: SimulateConfig) -> list[dict[str, Any]]:
     truth = true_labels(config.pool, config.storage_options)
     classes = list(resolve_pool(config.pool, config.storage_options).classes or [str(c) for c in sorted(set(truth.values()))])
     rows: list[dict[str, Any]] = []
+    shared: dict[Any, Any] = {}
     for seed in config.seeds:
-        for strategy in config.strategies:
-            rows += run_chain(config, strategy, seed, truth, classes)
-            report(config, rows)
+        for mode in config.modes:
+            for strategy in config.strategies:
+                if mode != "full" and strategy in MODEL_FREE:
+                    print(f"{strategy} does not use the model: it runs in full mode only")
+                    continue
+                if mode == "full":
+                    rows += run_chain(config, strategy, seed, truth, classes, shared)
+                else:
+                    rows += run_proxy_chain(config, strategy, seed, mode, truth, classes, shared)
+                report(config, rows)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.parquet'} (+ .csv), plot: {out / 'learning_curves.png'}")
     return rows

@@ -29,7 +29,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.checkpoint import ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.alignment import load_probe_into
+from pipeline.checkpoint import CheckpointError, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import config_from_dict, config_to_dict, config_to_yaml, load_config
 from pipeline.models import available_models
 from pipeline.pools.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
@@ -62,6 +63,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     warm_start: str | None = None
+    init_head: str | None = None  # LP-FT: a linear proxy checkpoint (lplgrad proxy kind=linear) sets the classifier
     max_failures: int = 0
     seed: int = 0
     fail_once_at_epoch: int | None = None  # fault drill: rank 0 raises once at this epoch
@@ -121,6 +123,14 @@ def _maybe_fail(config: TrainConfig, epoch: int, rank: int, run_dir: str) -> Non
         raise RuntimeError(f"injected failure at epoch {epoch} (fail_once_at_epoch)")
 
 
+def linear_probe(uri: str, storage_options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a linear proxy checkpoint, on raw features (standardisation folded in)."""
+    state = load_checkpoint(fetch_checkpoint(uri, storage_options))
+    if state.get("proxy", {}).get("kind") != "linear":
+        raise CheckpointError(f"init_head={uri} must be a linear proxy checkpoint (lplgrad proxy kind=linear)")
+    return build_from_checkpoint(state)[0].raw_linear()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = config_from_dict(TrainConfig, loop_config["config"])
     spec = ModelSpec.from_dict(loop_config["spec"])
@@ -143,6 +153,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         warm_model, warm_lossnet, _ = build_from_checkpoint(load_checkpoint(fetch_checkpoint(config.warm_start, config.storage_options)), spec.num_classes)
         model.load_state_dict(warm_model.state_dict())
         lossnet.load_state_dict(warm_lossnet.state_dict())
+    if checkpoint is None and config.init_head:
+        load_probe_into(model, *linear_probe(config.init_head, config.storage_options))
 
     optimizer, lr_scheduler = make_optimizers(model, lossnet, schedule)
     start_epoch, history = 0, []
@@ -272,6 +284,8 @@ def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: lis
     spec = ModelSpec(config.model, config.num_classes or len(classes), config.in_channels, config.tap_layers, config.lossnet_hidden)
     check_storage(config)
     check_labels(datasets, spec.num_classes)
+    if config.init_head:  # a probe that does not fit the classifier fails here, not in every worker
+        load_probe_into(spec.build()[0], *linear_probe(config.init_head, config.storage_options))
     fs, root = filesystem_for(config.storage_path, config.storage_options)
     local = is_local(fs)
     trainer = ray.train.torch.TorchTrainer(
