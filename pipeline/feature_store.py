@@ -273,6 +273,7 @@ def commit_store(uri: str, pool_uri: str, backbone: Backbone, shards: Sequence[S
                  storage_options: Mapping[str, Any] | None = None) -> FeatureStore:
     """Write `store.json` (the commit point), then delete generations it no longer names."""
     fs, root = filesystem_for(uri, storage_options)
+    fs.makedirs(root, exist_ok=True)  # a no-op on object stores; a store with no rows yet has no directory
     store = FeatureStore(uri, pool_uri, backbone, tuple(shards), datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          dict(storage_options or {}))
     _write_atomically(fs, f"{root.rstrip('/')}/{STORE_FILE}", json.dumps(store.to_dict(), indent=1, sort_keys=True))

@@ -1,0 +1,202 @@
+"""Proxy mode end to end on a local Ray: feature extraction into a store (incremental, error rows,
+a new backbone), proxy training on the labeled features, proxy queries whose selection is the
+exact top-k of the head's gradient norms, the refusals that come before any scoring, S3, and
+LP-FT's probe reaching the training workers. Tests share one pool and run in file order."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import s3fs
+import torch
+
+from pipeline import manifest
+from pipeline.checkpoint import CheckpointError, ModelSpec, build_from_checkpoint, load_checkpoint, save_untrained_checkpoint
+from pipeline.coreset import penultimate_features
+from pipeline.feature_store import FeatureStoreError, features_matrix, open_store
+from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
+from pipeline.scoring import gradnorm_scores
+from pipeline.selection import select_topk
+from ray_jobs import features, proxy, query, train
+
+CLASSES = [str(c) for c in range(4)]
+PER_SHARD = 40
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, payload in samples:
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def shard_samples(start: int, seed: int) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
+    source = list(synthetic(PER_SHARD, seed=seed, num_classes=4, image_size=28, channels=1))
+    return ([(f"s{start + i:04d}", encode_image(s.image, "png")) for i, s in enumerate(source)],
+            {f"s{start + i:04d}": s.label for i, s in enumerate(source)})
+
+
+@pytest.fixture(scope="module")
+def env(ray_local, tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("proxy")
+    (root / "pool").mkdir()
+    truth, payloads = {}, {}
+    for s in range(3):
+        samples, labels = shard_samples(s * PER_SHARD, seed=s)
+        if s == 1:
+            samples[5] = ("corrupt-0001", b"this is not a png")
+            labels.pop(f"s{s * PER_SHARD + 5:04d}")
+        write_shard(root / "pool" / f"shard-{s:04d}.tar", samples)
+        truth.update(labels)
+        payloads.update(samples)
+    labeled = {k: truth[k] for k in sorted(truth)[:48]}
+    label_pool(str(root / "pool"), labeled, str(root / "labeled"), classes=CLASSES)
+    spec = ModelSpec("small_cnn", num_classes=len(CLASSES))
+    return {"root": root, "pool": str(root / "pool"), "store": str(root / "store"), "labeled": str(root / "labeled"),
+            "labeled_keys": set(labeled), "payloads": payloads,
+            "a": save_untrained_checkpoint(root / "ckpt-a", spec, CLASSES, 0),
+            "b": save_untrained_checkpoint(root / "ckpt-b", spec, CLASSES, 1)}
+
+
+def extract(env: dict[str, Any], checkpoint: str, **overrides: Any):
+    values = dict(pool=env["pool"], out=env["store"], checkpoint=checkpoint, batch_size=32, cpus_per_actor=0.5)
+    values.update(overrides)
+    return features.run(features.FeaturesConfig(**values))
+
+
+def generations(store) -> dict[str, str]:
+    return {Path(s.uri).name: s.generation for s in store.shards}
+
+
+def test_extraction_stores_every_sample_with_the_backbones_features(env) -> None:
+    store = extract(env, env["a"])
+    assert store.num_rows == 3 * PER_SHARD and sum(s.errors for s in store.shards) == 1
+    assert store.backbone.dim == 64 and store.backbone.model == "small_cnn"
+    errors = {k: e for t in store.iter_tables(("key", "error")) for k, e in zip(t.column("key").to_pylist(), t.column("error").to_pylist()) if e}
+    assert list(errors) == ["corrupt-0001"]
+    # The stored rows are the backbone's penultimate features, computed here without Ray.
+    keys = ["s0003", "s0047", "s0119"]
+    model = build_from_checkpoint(load_checkpoint(env["a"]))[0]
+    spec = spec_for_model("small_cnn", num_classes=4)
+    images = torch.stack([torch.from_numpy(decode_sample({"png": env["payloads"][k]}, spec).image) for k in keys])
+    np.testing.assert_allclose(store.lookup(keys), penultimate_features(model, images).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_unchanged_shards_are_not_extracted_again_and_a_rewritten_one_alone_is(env) -> None:
+    before = open_store(env["store"])
+    again = extract(env, env["a"])
+    assert generations(again) == generations(before)
+    samples, _ = shard_samples(200, seed=9)
+    write_shard(Path(env["pool"]) / "shard-0002.tar", samples)
+    after = extract(env, env["a"])
+    changed = {name for name, g in generations(after).items() if g != generations(before)[name]}
+    assert changed == {"shard-0002.tar"}
+    keys = {k for t in after.iter_tables(("key",)) for k in t.column("key").to_pylist()}
+    assert "s0200" in keys and "s0085" not in keys  # the old rows of shard 2 are gone from view
+    assert after.num_rows == 3 * PER_SHARD
+
+
+def test_a_new_backbone_reextracts_everything_and_drops_old_generations(env) -> None:
+    store = extract(env, env["b"])
+    assert len(set(generations(store).values())) == 1
+    assert len(list((Path(env["store"]) / "generations").iterdir())) == 1
+    extract(env, env["a"])  # back to backbone a for the proxy tests
+
+
+def brute_force(store_uri: str, checkpoint: str, excluded: set[str], k: int) -> list[str]:
+    """The top-k of the proxy's gradient norms over every stored row, computed without Ray."""
+    store = open_store(store_uri)
+    head, _, _ = build_from_checkpoint(load_checkpoint(checkpoint))
+    keys, rows = [], []
+    for table in store.iter_tables(("key", "features", "error")):
+        for key, error, row in zip(table.column("key").to_pylist(), table.column("error").to_pylist(), features_matrix(table)):
+            if error is None and key not in excluded:
+                keys.append(key)
+                rows.append(row)
+    scores = gradnorm_scores(head, torch.from_numpy(np.stack(rows)))
+    return select_topk(keys, scores.numpy(), k)
+
+
+def test_proxy_query_selects_the_exact_topk_and_records_its_store(env) -> None:
+    trained = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "proxy"),
+                                          kind="mlp", hidden=16, epochs=5))
+    written = query.run(query.QueryConfig(checkpoint=trained["checkpoint"], features=env["store"], k=10,
+                                          exclude_labeled=env["labeled"], out=str(env["root"] / "queries"), run_id="p1",
+                                          batch_size=32, cpus_per_actor=0.5))
+    selection = manifest.load(str(env["root"] / "queries" / "p1")).column("key").to_pylist()
+    assert selection == brute_force(env["store"], trained["checkpoint"], env["labeled_keys"], 10)
+    assert not set(selection) & env["labeled_keys"]
+    assert written["inputs"]["features"]["store"] == env["store"]
+    assert written["inputs"]["features"]["backbone_sha256"] == open_store(env["store"]).backbone.sha256
+    assert written["extra"]["mode"] == "proxy" and written["extra"]["proxy"]["kind"] == "mlp"
+    assert [e["key"] for e in manifest.load_errors(str(env["root"] / "queries" / "p1")).to_pylist()] == ["corrupt-0001"]
+
+
+def test_refusals_before_any_scoring(env) -> None:
+    trained = str(env["root"] / "proxy")
+    base = dict(checkpoint=trained, features=env["store"], k=5, out=str(env["root"] / "refused"), run_id="r")
+    with pytest.raises(CheckpointError, match="is a proxy checkpoint: pass features="):
+        query.prepare(query.QueryConfig(**{**base, "features": None, "pool": env["pool"]}))
+    with pytest.raises(CheckpointError, match="features= is for proxy checkpoints"):
+        query.prepare(query.QueryConfig(**{**base, "checkpoint": env["a"]}))
+    other = str(env["root"] / "store-b")
+    extract(env, env["b"], out=other)
+    with pytest.raises(CheckpointError, match="trained on features of backbone"):
+        query.prepare(query.QueryConfig(**{**base, "features": other}))
+    with pytest.raises(ValueError, match="is a proxy checkpoint; features come from a backbone"):
+        extract(env, trained, out=str(env["root"] / "never"))
+    samples, _ = shard_samples(300, seed=11)
+    write_shard(Path(env["pool"]) / "shard-0003.tar", samples)
+    try:
+        with pytest.raises(FeatureStoreError, match="is stale: 1 shards new or changed"):
+            query.prepare(query.QueryConfig(**base))
+    finally:
+        (Path(env["pool"]) / "shard-0003.tar").unlink()
+    with pytest.raises(FeatureStoreError, match="have no features"):
+        proxy.lookup_features([open_store(env["store"])], ["s0001", "not-a-key"])
+
+
+def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    root = s3_server.uri()  # unique per call: every URI below lives under it
+    fs.put(env["pool"] + "/", root[len("s3://"):] + "/pool/", recursive=True)
+    options = s3_server.storage_options
+    store = features.run(features.FeaturesConfig(pool=f"{root}/pool", out=f"{root}/store", checkpoint=env["a"],
+                                                 batch_size=32, cpus_per_actor=0.5, storage_options=options))
+    assert store.num_rows == 3 * PER_SHARD
+    assert fs.exists(f"{root[len('s3://'):]}/store/store.json")
+    local = open_store(env["store"])
+    np.testing.assert_allclose(store.lookup(["s0001", "s0046"]), local.lookup(["s0001", "s0046"]), rtol=1e-5, atol=1e-6)
+    trained = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(f"{root}/store",), out=f"{root}/proxy",
+                                          kind="linear", epochs=3, storage_options=options))
+    written = query.run(query.QueryConfig(checkpoint=trained["checkpoint"], features=f"{root}/store", k=7,
+                                          out=f"{root}/queries", run_id="s3", batch_size=32, cpus_per_actor=0.5,
+                                          storage_options=options))
+    assert written["counts"]["selected"] == 7
+    assert len(manifest.load(f"{root}/queries/s3", options)) == 7
+
+
+def test_lp_ft_starts_training_from_the_linear_probe(env) -> None:
+    probe = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "probe"),
+                                        kind="linear", epochs=5))["checkpoint"]
+    weight, bias = build_from_checkpoint(load_checkpoint(probe))[0].raw_linear()
+    config = train.TrainConfig(labeled=env["labeled"], model="small_cnn", epochs=1, batch_size=16, num_workers=1,
+                               cpus_per_worker=0.5, storage_path=str(env["root"] / "lpft"), name="lpft",
+                               warm_start=env["a"], init_head=probe,
+                               schedule=train.TrainSchedule(epochs=1, epoch_loss=1, lr=1e-12, milestones=(1,)))
+    tuned = build_from_checkpoint(load_checkpoint(train.run(config, *train.labeled_training_data(config))))[0]
+    torch.testing.assert_close(tuned.fc.weight, weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tuned.fc.bias, bias, rtol=1e-5, atol=1e-6)
+    mlp = str(env["root"] / "proxy")
+    with pytest.raises(CheckpointError, match="must be a linear proxy checkpoint"):
+        train.run(train.TrainConfig(labeled=env["labeled"], model="small_cnn", epochs=1, batch_size=16, num_workers=1,
+                                    storage_path=str(env["root"] / "lpft"), name="bad", init_head=mlp),
+                  *train.labeled_training_data(config))
