@@ -24,7 +24,7 @@ from pipeline.feature_store import FeatureStoreError, features_matrix, open_stor
 from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
 from pipeline.scoring import gradnorm_scores
 from pipeline.selection import select_topk
-from ray_jobs import features, proxy, query, train
+from ray_jobs import cli, features, proxy, query, train
 
 CLASSES = [str(c) for c in range(4)]
 PER_SHARD = 40
@@ -125,7 +125,7 @@ def brute_force(store_uri: str, checkpoint: str, excluded: set[str], k: int) -> 
     return select_topk(keys, scores.numpy(), k)
 
 
-def test_proxy_query_selects_the_exact_topk_and_records_its_store(env) -> None:
+def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -> None:
     trained = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "proxy"),
                                           kind="mlp", hidden=16, epochs=5))
     written = query.run(query.QueryConfig(checkpoint=trained["checkpoint"], features=env["store"], k=10,
@@ -138,6 +138,10 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env) -> None:
     assert written["inputs"]["features"]["backbone_sha256"] == open_store(env["store"]).backbone.sha256
     assert written["extra"]["mode"] == "proxy" and written["extra"]["proxy"]["kind"] == "mlp"
     assert [e["key"] for e in manifest.load_errors(str(env["root"] / "queries" / "p1")).to_pylist()] == ["corrupt-0001"]
+    capsys.readouterr()
+    assert cli.main(["manifest", "verify", str(env["root"] / "queries" / "p1")]) == 0
+    assert cli.main(["manifest", "show", str(env["root"] / "queries" / "p1")]) == 0
+    assert f"proxy       features {env['store']}" in capsys.readouterr().out
 
 
 def test_refusals_before_any_scoring(env) -> None:
