@@ -99,3 +99,24 @@ def test_alignment_policy():
     for bad in ({"every": 0}, {"growth": 1.0}, {"finetune": "lp"}):
         with pytest.raises(ValueError):
             AlignmentPolicy(**bad)
+
+
+def test_a_weights_file_backbone_is_named_by_its_content(tmp_path):
+    """`lplgrad features model=... weights=FILE`: the store's backbone hash is the file's sha256 and
+    the actors' build function loads exactly those weights (checked before Ray starts)."""
+    import hashlib
+
+    from ray_jobs import features
+
+    model = create_model("small_cnn", num_classes=4)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    config = features.FeaturesConfig(pool="p", out="o", model="small_cnn", weights=str(tmp_path / "weights.pt"))
+    backbone, build, spec = features.resolve_backbone(config, num_classes=4)
+    assert backbone.sha256 == hashlib.sha256((tmp_path / "weights.pt").read_bytes()).hexdigest()
+    assert backbone.dim == 64 and spec.shape == (1, 28, 28)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(build()[0].eval()(x), model.eval()(x))
+    with pytest.raises(ValueError, match="weights do not match|size mismatch|num_classes"):
+        features.resolve_backbone(config, num_classes=7)
+    with pytest.raises(ValueError, match="name the backbone once"):
+        features.FeaturesConfig(pool="p", out="o", checkpoint="c", model="small_cnn", weights="w")
