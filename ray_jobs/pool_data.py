@@ -32,12 +32,11 @@ import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.data import DataIterator, Dataset, FileShuffleConfig, RandomSeedConfig
 from ray.data.expressions import col
 from ray.data.extensions import ArrowTensorArray
@@ -55,6 +54,9 @@ from pipeline.pools import (
     spec_for_model,
 )
 from pipeline.pools.storage import DEFAULT_ATTEMPTS, uri_prefix
+
+if TYPE_CHECKING:  # torch only where training batches are built: decode workers never import it
+    import torch
 
 __all__ = [
     "ErrorTally",
@@ -368,6 +370,8 @@ def iter_labeled_batches(
             key = batch["__key__"][ok][int(np.argmax(labels < 0))]
             raise ValueError(f"sample {key!r} has no label: train on a labeled set (lplgrad pool label)")
         if ok.any():
+            import torch
+
             yield torch.from_numpy(np.ascontiguousarray(batch["image"][ok])), torch.from_numpy(labels)
 
 

@@ -41,13 +41,12 @@ from pipeline.acquisition import (
     acquisition_values,
     available_strategies,
     check_stochastic,
-    random_values,
     stochastic_values,
 )
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_dict, config_to_yaml, load_config
 from pipeline.feature_extraction import feature_batch
-from pipeline.feature_store import FeatureStore, FeatureStoreError, keep_current, open_store
+from pipeline.feature_store import FeatureStore, FeatureStoreError, open_store
 from pipeline.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
 from pipeline.manifest import (
     PoolShard,
@@ -67,6 +66,7 @@ from pipeline.pools.storage import arrow_filesystem, check_writable, filesystem_
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.selection import TopK
 from ray_jobs._cluster import connect
+from ray_jobs._row_filters import EXCLUDED, mark_excluded, prefilter_raw, store_prefilter
 from ray_jobs.pool_data import read_pool, read_pool_raw
 
 
@@ -155,44 +155,6 @@ class ProxyQueryScorer(QueryScorer):
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         return super().__call__(feature_batch(batch))
-
-
-# Excluded rows travel as marked, unscored rows so that the driver can count them: their image
-# bytes are dropped before decoding (decoding then fails cheaply) and the error is replaced by this
-# marker after it. They are written neither to the scores table nor to errors.
-EXCLUDED = "__excluded__"
-IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
-
-
-def _prefilter(batch: dict[str, np.ndarray], excluded: frozenset[str], fraction: float | None, seed: int,
-               only: Mapping[str, frozenset[str]] | None = None) -> dict[str, np.ndarray]:
-    """Raw rows -> raw rows: drop rows outside the random subset or, in the shards `only` names
-    (by path), rows not among its keys; blank excluded rows' images."""
-    keys = batch["__key__"].tolist()
-    if only:
-        urls = batch["__url__"].tolist()
-        keep = np.array([url not in only or key in only[url] for key, url in zip(keys, urls)], dtype=bool)
-        batch = {name: values[keep] for name, values in batch.items()}
-        keys = [k for k, kept in zip(keys, keep) if kept]
-    if fraction is not None:
-        # Bernoulli by key hash: the same keys whatever the sharding or the number of actors.
-        keep = random_values(keys, seed + 1) < fraction
-        batch = {name: values[keep] for name, values in batch.items()}
-        keys = [k for k, kept in zip(keys, keep) if kept]
-    hit = np.array([k in excluded for k in keys], dtype=bool)
-    if hit.any():
-        for name in IMAGE_COLUMNS:
-            if name in batch:
-                column = batch[name].copy()
-                column[hit] = None
-                batch[name] = column
-    return batch
-
-
-def _mark_excluded(batch: pa.Table, excluded: frozenset[str], key: str = "__key__") -> pa.Table:
-    hit = [k in excluded for k in batch.column(key).to_pylist()]
-    errors = [EXCLUDED if h else e for h, e in zip(hit, batch.column("error").to_pylist())]
-    return batch.set_column(batch.column_names.index("error"), "error", pa.array(errors, pa.string()))
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -294,7 +256,7 @@ def reuse_plan(config: QueryConfig, prepared: dict[str, Any]) -> ReusePlan:
 def reused_rows(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan) -> Iterator[pa.Table]:
     """The copied rows, with tonight's exclusions marked as on fresh rows."""
     for table in iter_reused_rows(plan, config.storage_options):
-        yield _mark_excluded(table, prepared["excluded"], key="key")
+        yield mark_excluded(table, prepared["excluded"], key="key")
 
 
 def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan | None = None) -> ray.data.Dataset | None:
@@ -320,12 +282,12 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan 
         fraction = min(1.0, config.subset / total)
     prefilter = None
     if prepared["excluded"] or fraction is not None or only:
-        prefilter = functools.partial(_prefilter, excluded=prepared["excluded"], fraction=fraction, seed=config.seed, only=only)
+        prefilter = functools.partial(prefilter_raw, excluded=prepared["excluded"], fraction=fraction, seed=config.seed, only=only)
     data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
                      batch_size=config.batch_size, prefilter=prefilter,
                      shards=to_score if len(to_score) < len(shards) else None)
     if prepared["excluded"]:
-        data = data.map_batches(_mark_excluded, fn_kwargs={"excluded": prepared["excluded"]}, batch_format="pyarrow", num_cpus=0.25)
+        data = data.map_batches(mark_excluded, fn_kwargs={"excluded": prepared["excluded"]}, batch_format="pyarrow", num_cpus=0.25)
     marker = None
     if config.fail_once_after_batches is not None:
         marker = f"{config.out.rstrip('/')}/.actor-failure-drill" if "://" not in config.out else None
@@ -340,23 +302,6 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan 
     )
 
 
-def _store_prefilter(batch: pa.Table, current: Mapping[str, str], excluded: frozenset[str], fraction: float | None,
-                     seed: int) -> pa.Table:
-    """Store rows -> current rows of the random subset, excluded ones marked (they are not scored)."""
-    batch = keep_current(batch, current)
-    keys = batch.column("key").to_pylist()
-    if fraction is not None:
-        # The same Bernoulli-by-key-hash subset as on images; key-less error rows always stay.
-        values = random_values([k if k is not None else "" for k in keys], seed + 1)
-        keep = [k is None or v < fraction for k, v in zip(keys, values)]
-        batch = batch.filter(pa.array(keep, pa.bool_()))
-        keys = batch.column("key").to_pylist()
-    batch = batch.rename_columns(["__key__" if n == "key" else n for n in batch.column_names])
-    if excluded:
-        batch = _mark_excluded(batch, excluded)
-    return batch.drop_columns(["generation"])
-
-
 def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Dataset | None:
     """The proxy pipeline: feature-store parquet -> current rows, subset, exclusions -> head scoring."""
     store = prepared["store"]
@@ -366,7 +311,7 @@ def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.dat
     fraction = None if config.subset is None else min(1.0, config.subset / max(store.num_rows, 1))
     fs, _ = filesystem_for(store.uri, config.storage_options)
     data = ray.data.read_parquet(files, filesystem=None if is_local(fs) else arrow_filesystem(fs), num_cpus=0.25)
-    data = data.map_batches(_store_prefilter, batch_format="pyarrow", num_cpus=0.25,
+    data = data.map_batches(storeprefilter_raw, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"current": store.current, "excluded": prepared["excluded"], "fraction": fraction, "seed": config.seed})
     return data.map_batches(
         ProxyQueryScorer,
