@@ -311,7 +311,7 @@ def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.dat
     fraction = None if config.subset is None else min(1.0, config.subset / max(store.num_rows, 1))
     fs, _ = filesystem_for(store.uri, config.storage_options)
     data = ray.data.read_parquet(files, filesystem=None if is_local(fs) else arrow_filesystem(fs), num_cpus=0.25)
-    data = data.map_batches(storeprefilter_raw, batch_format="pyarrow", num_cpus=0.25,
+    data = data.map_batches(store_prefilter, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"current": store.current, "excluded": prepared["excluded"], "fraction": fraction, "seed": config.seed})
     return data.map_batches(
         ProxyQueryScorer,
