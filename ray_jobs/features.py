@@ -144,7 +144,7 @@ def run(config: FeaturesConfig) -> FeatureStore:
     generation = new_generation()
     start = time.perf_counter()
     if plan.extract:
-        write_generation(config, pool, plan.extract, build, spec, generation)
+        write_generation(config, pool, plan.extract, build, spec, generation, backbone.dim)
     counts = count_generation(config.out, generation, config.storage_options)
     shards = [plan.reuse.get(uri) or StoreShard(uri, identities[uri], generation, *counts.get(uri, (0, 0))) for uri in identities]
     store = commit_store(config.out, config.pool, backbone, shards, config.storage_options)
@@ -156,7 +156,7 @@ def run(config: FeaturesConfig) -> FeatureStore:
     return store
 
 
-def write_generation(config: FeaturesConfig, pool, shards: list[str], build, spec, generation: str) -> None:
+def write_generation(config: FeaturesConfig, pool, shards: list[str], build, spec, generation: str, dim: int) -> None:
     """Read and decode the shards, extract on the actor pool, write parquet from the workers."""
     data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
                      batch_size=config.batch_size, shards=shards if len(shards) < len(pool.shards) else None)
@@ -170,7 +170,10 @@ def write_generation(config: FeaturesConfig, pool, shards: list[str], build, spe
         num_gpus=config.gpus_per_actor,
     )
     fs, path = filesystem_for(generation_uri(config.out, generation), config.storage_options)
-    rows.write_parquet(path, filesystem=None if is_local(fs) else arrow_filesystem(fs))
+    # About 64 MiB of features per file: a proxy query reads one file per task, and a store of
+    # many tiny files (one per block by default) spends its time scheduling reads.
+    rows_per_file = max(1_000, (64 << 20) // (4 * dim))
+    rows.write_parquet(path, filesystem=None if is_local(fs) else arrow_filesystem(fs), min_rows_per_file=rows_per_file)
 
 
 def main(argv: list[str] | None = None) -> int:
