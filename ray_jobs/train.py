@@ -277,10 +277,18 @@ def check_labels(datasets: dict[str, ray.data.Dataset], num_classes: int) -> Non
             raise ValueError(f"the {name} set has labels in [{low}, {high}] but the model has {num_classes} classes (0..{num_classes - 1})")
 
 
+def absolute_uri(uri: str | None, storage_options: dict[str, Any]) -> str | None:
+    """A local path made absolute; other URIs as they are."""
+    return None if uri is None else display_uri(*filesystem_for(uri, storage_options))
+
+
 def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: list[str]) -> str:
     """Train and return the final checkpoint URI."""
     if config.name is None:
         config = replace(config, name=datetime.now(timezone.utc).strftime("train-%Y%m%dT%H%M%SZ"))
+    # Workers run in Ray's own working directory, where a relative local path names nothing.
+    config = replace(config, warm_start=absolute_uri(config.warm_start, config.storage_options),
+                     init_head=absolute_uri(config.init_head, config.storage_options))
     spec = ModelSpec(config.model, config.num_classes or len(classes), config.in_channels, config.tap_layers, config.lossnet_hidden)
     check_storage(config)
     check_labels(datasets, spec.num_classes)
