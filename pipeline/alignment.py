@@ -12,13 +12,16 @@ many.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AlignmentPolicy", "FINETUNE_MODES", "load_probe_into"]
+__all__ = ["AlignmentPolicy", "AlignmentState", "FINETUNE_MODES", "load_probe_into"]
 
 FINETUNE_MODES = ("auto", "lp-ft", "ft")
 
@@ -63,6 +66,67 @@ class AlignmentPolicy:
         if self.finetune != "auto":
             return self.finetune
         return "lp-ft" if labeled < self.lp_ft_below else "ft"
+
+
+@dataclass(frozen=True)
+class AlignmentState:
+    """What a deployment remembers between labeling rounds to apply an `AlignmentPolicy`: the
+    backbone the feature store should be extracted with, and the rounds seen since it was aligned.
+
+    A round is a labeled-set size not seen before since the last alignment, so re-running a
+    round (a retried job) does not count it twice.
+
+    Attributes:
+        backbone: checkpoint URI of the current backbone.
+        backbone_sha256: its state file's sha256.
+        aligned_at: labeled-set size when it became current.
+        rounds: labeled-set sizes seen since, in order.
+        history: one record per alignment (time, sizes, fine-tuning mode, backbones).
+    """
+
+    backbone: str
+    backbone_sha256: str
+    aligned_at: int
+    rounds: tuple[int, ...] = ()
+    history: tuple[dict[str, Any], ...] = field(default=())
+
+    def observe(self, labeled: int) -> AlignmentState:
+        """This state with a labeled-set size counted as a round (once)."""
+        if labeled == self.aligned_at or labeled in self.rounds:
+            return self
+        return replace(self, rounds=(*self.rounds, labeled))
+
+    def is_due(self, policy: AlignmentPolicy, labeled: int) -> bool:
+        """Whether the policy asks for alignment at this labeled-set size (counted as a round)."""
+        seen = self.observe(labeled)
+        return policy.enabled and policy.due(len(seen.rounds), labeled, 0, self.aligned_at)
+
+    def aligned(self, backbone: str, backbone_sha256: str, labeled: int, finetune: str) -> AlignmentState:
+        """The state after fine-tuning: the new backbone is current as of this labeled-set size."""
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "labeled": labeled,
+                  "finetune": finetune, "from": self.backbone, "from_sha256": self.backbone_sha256,
+                  "to": backbone, "to_sha256": backbone_sha256}
+        return AlignmentState(backbone, backbone_sha256, labeled, (), (*self.history, record))
+
+    def to_json(self) -> str:
+        return json.dumps({"format": 1, "backbone": self.backbone, "backbone_sha256": self.backbone_sha256,
+                           "aligned_at": self.aligned_at, "rounds": list(self.rounds), "history": list(self.history)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "alignment state") -> AlignmentState:
+        """Parse a state written by `to_json`.
+
+        Raises:
+            ValueError: not JSON, or a field is missing or of the wrong type, naming `where`.
+        """
+        try:
+            values: Mapping[str, Any] = json.loads(text)
+            if values.get("format") != 1:
+                raise ValueError(f"unknown format {values.get('format')!r}")
+            return cls(str(values["backbone"]), str(values["backbone_sha256"]), int(values["aligned_at"]),
+                       tuple(int(r) for r in values["rounds"]), tuple(dict(h) for h in values["history"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{where} is not an alignment state written by lplgrad align: {error}") from error
 
 
 def load_probe_into(model: nn.Module, weight: Tensor, bias: Tensor) -> str:

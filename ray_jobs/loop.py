@@ -39,7 +39,7 @@ import ray
 import torch
 
 from pipeline.acquisition import available_strategies, random_values
-from pipeline.alignment import AlignmentPolicy
+from pipeline.alignment import AlignmentPolicy, AlignmentState
 from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_yaml, load_config
 from pipeline.coreset import FeatureRows, kcenter_greedy
@@ -48,6 +48,7 @@ from pipeline.manifest import load as load_selection
 from pipeline.models import available_models
 from pipeline.pools import iter_pool_samples, label_pool, resolve_pool, spec_for_model
 from ray_jobs import features, proxy, query, train
+from ray_jobs.align import finetune_backbone
 from ray_jobs.proxy import labeled_keys
 from ray_jobs._cluster import connect
 from ray_jobs.pool_data import read_pool
@@ -241,23 +242,18 @@ def ensure_features(config: SimulateConfig, backbone: str) -> tuple[str, str, fl
     return str(root / "pool"), str(root / "test"), time.perf_counter() - started
 
 
-def align(config: SimulateConfig, backbone: str, store: str, labeled_uri: str, work: Path, cycle: int, seed: int) -> tuple[str, str]:
-    """Fine-tune the backbone on the labeled set, LP-FT (classifier from a linear probe on the
-    cached features) or FT as the policy says: (new backbone checkpoint, mode)."""
+def align_backbone(config: SimulateConfig, backbone: str, store: str, labeled_uri: str, work: Path, cycle: int, seed: int) -> tuple[str, str]:
+    """Fine-tune the backbone on the labeled set as the policy says, through the same code as
+    `lplgrad align`: (new backbone checkpoint, LP-FT or FT)."""
     finetune = config.alignment().finetune_mode(len(labeled_keys(labeled_uri, config.storage_options)[0]))
-    probe = None
-    if finetune == "lp-ft":
-        probe = str(work / f"probe-c{cycle}")
-        proxy.run(proxy.ProxyConfig(labeled=labeled_uri, features=(store,), out=probe, kind="linear",
-                                    epochs=config.proxy_epochs, seed=seed * 1000 + cycle, storage_options=config.storage_options))
     train_config = train.TrainConfig(
         labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
         batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
         cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "align"), name=f"c{cycle}",
         checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=seed * 1000 + cycle + 500,
-        warm_start=backbone, init_head=probe, storage_options=config.storage_options,
+        warm_start=backbone, storage_options=config.storage_options,
     )
-    return train.run(train_config, *train.labeled_training_data(train_config)), finetune
+    return finetune_backbone(train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs), finetune
 
 
 def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str, truth: dict[str, int], classes: list[str],
@@ -266,7 +262,8 @@ def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str,
     work = Path(config.out) / "work" / f"{strategy}-{mode}-s{seed}"
     policy = config.alignment() if mode == "proxy-aligned" else AlignmentPolicy()
     labeled = initial_keys(sorted(truth), config.initial, seed)
-    backbone, aligned_at = None, (0, len(labeled))
+    backbone: str | None = None
+    state: AlignmentState | None = None
     rows = []
     for cycle in range(config.cycles):
         labeled_uri = str(work / f"labeled-c{cycle}")
@@ -275,14 +272,16 @@ def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str,
         row = {"strategy": strategy, "mode": mode, "seed": seed, "cycle": cycle, "labeled": len(labeled),
                "test_accuracy": metrics["holdout_accuracy"], "train_accuracy": metrics["train_accuracy"],
                "train_seconds": train_seconds, "query_seconds": None, "checkpoint": checkpoint, "aligned": None, "align_seconds": 0.0}
-        backbone = backbone or checkpoint  # the first cycle's model is the frozen backbone
+        if state is None:  # the first cycle's model is the frozen backbone
+            backbone, state = checkpoint, AlignmentState(checkpoint, "", len(labeled))
         last = cycle == config.cycles - 1
-        if not last and policy.enabled and cycle > 0 and policy.due(cycle, len(labeled), *aligned_at):
+        if not last and state.is_due(policy, len(labeled)):
             started = time.perf_counter()
             store, _, _ = ensure_features(config, backbone)
-            backbone, row["aligned"] = align(config, backbone, store, labeled_uri, work, cycle, seed)
+            backbone, row["aligned"] = align_backbone(config, backbone, store, labeled_uri, work, cycle, seed)
             row["align_seconds"] = time.perf_counter() - started
-            aligned_at = (cycle, len(labeled))
+            state = state.aligned(backbone, "", len(labeled), row["aligned"])
+        state = state.observe(len(labeled))
         store, test_store, row["feature_seconds"] = ensure_features(config, backbone)
         started = time.perf_counter()
         trained = proxy.run(proxy.ProxyConfig(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.alignment import AlignmentPolicy, load_probe_into
+from pipeline.alignment import AlignmentPolicy, AlignmentState, load_probe_into
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from pipeline.models import create_model
 from pipeline.proxy_head import ProxyHead, ProxySpec
@@ -99,6 +99,24 @@ def test_alignment_policy():
     for bad in ({"every": 0}, {"growth": 1.0}, {"finetune": "lp"}):
         with pytest.raises(ValueError):
             AlignmentPolicy(**bad)
+
+
+def test_alignment_state_counts_each_round_once_and_resets_when_aligned():
+    state = AlignmentState("s3://b/backbone-0", "a" * 64, aligned_at=200)
+    every = AlignmentPolicy(every=2)
+    assert state.observe(200) == state and not state.is_due(every, 200)  # the round it was aligned in
+    state = state.observe(400).observe(400)  # a retried round counts once
+    assert state.rounds == (400,) and not state.is_due(every, 400)
+    assert state.is_due(every, 600) and state.is_due(AlignmentPolicy(growth=2.0), 400)
+    assert not state.is_due(AlignmentPolicy(), 10_000)  # no policy: never
+    aligned = state.observe(600).aligned("s3://b/backbone-1", "b" * 64, 600, "lp-ft")
+    assert (aligned.backbone, aligned.aligned_at, aligned.rounds) == ("s3://b/backbone-1", 600, ())
+    assert aligned.history[-1]["from"] == "s3://b/backbone-0" and aligned.history[-1]["finetune"] == "lp-ft"
+    assert not aligned.is_due(every, 800) and aligned.observe(800).is_due(every, 1000)
+    assert AlignmentState.from_json(aligned.to_json()) == aligned
+    for text in ("not json", '{"format": 2}', '{"format": 1, "backbone": "x"}'):
+        with pytest.raises(ValueError, match="state.json is not an alignment state"):
+            AlignmentState.from_json(text, where="state.json")
 
 
 def test_a_weights_file_backbone_is_named_by_its_content(tmp_path):

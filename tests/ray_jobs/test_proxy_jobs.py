@@ -18,13 +18,13 @@ import s3fs
 import torch
 
 from pipeline import manifest
-from pipeline.checkpoint import CheckpointError, ModelSpec, build_from_checkpoint, load_checkpoint, save_untrained_checkpoint
+from pipeline.checkpoint import CheckpointError, ModelSpec, checkpoint_digest, build_from_checkpoint, load_checkpoint, save_untrained_checkpoint
 from pipeline.coreset import penultimate_features
 from pipeline.feature_store import FeatureStoreError, features_matrix, open_store
-from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
+from pipeline.pools import decode_sample, encode_image, iter_pool_samples, label_pool, resolve_pool, spec_for_model, synthetic
 from pipeline.scoring import gradnorm_scores
 from pipeline.selection import select_topk
-from ray_jobs import cli, features, proxy, query, train
+from ray_jobs import align, cli, features, proxy, query, train
 
 CLASSES = [str(c) for c in range(4)]
 PER_SHARD = 40
@@ -188,13 +188,14 @@ def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
     assert len(manifest.load(f"{root}/queries/s3", options)) == 7
 
 
-def test_lp_ft_starts_training_from_the_linear_probe(env) -> None:
+def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
     probe = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "probe"),
                                         kind="linear", epochs=5))["checkpoint"]
     weight, bias = build_from_checkpoint(load_checkpoint(probe))[0].raw_linear()
+    monkeypatch.chdir(env["root"])  # a relative probe path must reach workers that run in Ray's own directory
     config = train.TrainConfig(labeled=env["labeled"], model="small_cnn", epochs=1, batch_size=16, num_workers=1,
                                cpus_per_worker=0.5, storage_path=str(env["root"] / "lpft"), name="lpft",
-                               warm_start=env["a"], init_head=probe,
+                               warm_start=env["a"], init_head="probe",
                                schedule=train.TrainSchedule(epochs=1, epoch_loss=1, lr=1e-12, milestones=(1,)))
     tuned = build_from_checkpoint(load_checkpoint(train.run(config, *train.labeled_training_data(config))))[0]
     torch.testing.assert_close(tuned.fc.weight, weight, rtol=1e-5, atol=1e-6)
@@ -204,3 +205,40 @@ def test_lp_ft_starts_training_from_the_linear_probe(env) -> None:
         train.run(train.TrainConfig(labeled=env["labeled"], model="small_cnn", epochs=1, batch_size=16, num_workers=1,
                                     storage_path=str(env["root"] / "lpft"), name="bad", init_head=mlp),
                   *train.labeled_training_data(config))
+
+
+def test_align_fine_tunes_and_promotes_only_when_the_policy_says_so(env) -> None:
+    root = env["root"] / "align"
+    store = str(root / "store")
+    extract(env, env["a"], out=store)
+    keys = sorted(s.key for s in iter_pool_samples(resolve_pool(env["pool"])) if not s.key.startswith("corrupt"))
+    for size in (40, 96):
+        label_pool(env["pool"], {k: i % len(CLASSES) for i, k in enumerate(keys[:size])}, str(root / f"labeled-{size}"), classes=CLASSES)
+    common = dict(state=str(root / "state.json"), growth=2.0, epochs=1, batch_size=16, num_workers=1, cpus_per_worker=0.5,
+                  probe_epochs=2, storage_path=str(root / "runs"), promote=str(root / "backbone"))
+
+    def run_align(size: int, **overrides: Any) -> dict[str, Any]:
+        return align.run(align.AlignConfig(labeled=str(root / f"labeled-{size}"), **{**common, **overrides}))
+
+    with pytest.raises(ValueError, match="name the backbone the feature store was extracted with"):
+        run_align(40, promote=None)
+    first = run_align(40, backbone=env["a"])
+    assert not first["aligned"] and first["backbone"] == env["a"] and first["aligned_at"] == 40
+    assert not (root / "runs").exists() and not (root / "backbone").exists()  # nothing trained, nothing promoted
+    assert cli.main(["align", f"labeled={root / 'labeled-40'}", f"state={root / 'state.json'}"]) == 0  # a retry: not a new round
+    assert json.loads((root / "state.json").read_text())["rounds"] == []
+    with pytest.raises(ValueError, match="set features="):  # due (96 >= 2 * 40) and LP-FT: a probe needs the cached features
+        run_align(96)
+    aligned = run_align(96, features=[store])
+    assert aligned["aligned"] and aligned["finetune"] == "lp-ft" and aligned["aligned_at"] == 96
+    tuned = Path(aligned["backbone"])
+    assert tuned.is_relative_to(root / "runs") and (root / "runs" / "align-96-probe").exists()
+    assert (root / "backbone" / "state.pt").read_bytes() == (tuned / "state.pt").read_bytes()
+    assert aligned["backbone_sha256"] == checkpoint_digest(root / "backbone") != open_store(store).backbone.sha256
+    state = json.loads((root / "state.json").read_text())
+    assert state["backbone"] == aligned["backbone"] and state["history"][0]["from"] == env["a"]
+    assert not run_align(96)["aligned"]  # the same round again does not fine-tune twice
+    with pytest.raises(FeatureStoreError, match="run lplgrad features with it first"):  # the store still holds backbone a
+        run_align(96, features=[store], force=True)
+    with pytest.raises(ValueError, match="already names backbone"):
+        run_align(96, backbone=env["b"])

@@ -1,0 +1,212 @@
+"""Alignment for proxy mode: once the policy says the cached features have drifted from what the
+labels would train, fine-tune the backbone on the labeled set (LP-FT or FT) and promote it, so
+that the next `lplgrad features` refreshes the store from it (docs/proxy.md, "Alignment").
+
+    lplgrad align labeled=runs/pools/labeled state=runs/align/state.json features=[runs/features/pool] \
+        backbone=runs/train/RUN/checkpoint_... promote=runs/checkpoints/backbone growth=2.0
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m ray_jobs.align --config configs/align/nightly.yaml
+
+Run once per labeling round, after `lplgrad pool label`. The state file remembers the current
+backbone and the labeled-set sizes seen since it was aligned; a round that is not due only
+records itself and starts no Ray. A due round trains a linear probe on the labeled samples'
+cached features and fine-tunes the backbone from it on Ray Train (LP-FT, while labels are few),
+or fine-tunes it as it is (FT); the new checkpoint is copied to `promote` (the fixed URI the
+features config names), and the state is written last, so a failed round is simply due again.
+`force=true` aligns now whatever the policy says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipeline.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
+from pipeline.checkpoint import CHECKPOINT_FILE, checkpoint_digest, fetch_checkpoint, load_checkpoint
+from pipeline.config import config_to_yaml, load_config
+from pipeline.feature_store import FeatureStoreError, open_store
+from pipeline.pools import resolve_pool
+from pipeline.pools.storage import check_writable, filesystem_for, write_bytes_atomic
+from ray_jobs import proxy, train
+from ray_jobs._cluster import connect
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    labeled: str = ""  # the labeled pool after this round's labels
+    state: str = ""  # the alignment state (JSON), e.g. s3://bucket/align/state.json
+    features: tuple[str, ...] = ()  # stores holding the labeled keys under the current backbone (LP-FT's probe)
+    backbone: str | None = None  # first round only: the backbone the store was first extracted with
+    promote: str | None = None  # copy every aligned backbone here: the checkpoint the features config names
+    every: int | None = None  # align every N rounds ...
+    growth: float | None = 2.0  # ... or once the labeled set has grown this many times
+    finetune: str = "auto"  # lp-ft | ft | auto (LP-FT below lp_ft_below labels)
+    lp_ft_below: int = 1000
+    force: bool = False
+    probe_epochs: int = 100
+    epochs: int = 20
+    batch_size: int = 128
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    holdout: str | None = None
+    storage_path: str = "runs/align"  # fine-tuning runs and probes
+    seed: int = 0
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.labeled or not self.state:
+            raise ValueError("labeled and state are required (labeled=POOL state=URI_OF_STATE_JSON)")
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"finetune {self.finetune!r} is unknown; choose one of {', '.join(FINETUNE_MODES)}")
+        if self.epochs <= 0 or self.probe_epochs <= 0:
+            raise ValueError("epochs and probe_epochs must be positive")
+        self.policy()  # validates every and growth
+
+    def policy(self) -> AlignmentPolicy:
+        return AlignmentPolicy(self.every, self.growth, self.finetune, self.lp_ft_below)  # type: ignore[arg-type]
+
+
+def parse_args(argv: list[str] | None = None) -> AlignConfig:
+    parser = argparse.ArgumentParser(prog="lplgrad align", description="Fine-tune and promote the proxy's backbone when due.")
+    parser.add_argument("--config", help="YAML config (configs/align/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. force=true")
+    args = parser.parse_args(argv)
+    return load_config(AlignConfig, args.config, args.overrides)
+
+
+# -- state -----------------------------------------------------------------------------------
+
+
+def read_state(uri: str, storage_options: Mapping[str, Any]) -> AlignmentState | None:
+    fs, path = filesystem_for(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    return AlignmentState.from_json(fs.cat_file(path), where=uri)
+
+
+def write_state(uri: str, state: AlignmentState, storage_options: Mapping[str, Any]) -> None:
+    fs, path = filesystem_for(uri, storage_options)
+    write_bytes_atomic(fs, path, state.to_json().encode())
+
+
+def current_state(config: AlignConfig, labeled: int) -> AlignmentState:
+    """The stored state, or on the first round a new one at `backbone` (or `promote`)."""
+    state = read_state(config.state, config.storage_options)
+    if state is not None:
+        if config.backbone and config.backbone != state.backbone:
+            raise ValueError(f"{config.state} already names backbone {state.backbone}; backbone= only starts a new state "
+                             "(drop it, or point state= at a new file)")
+        return state
+    first = config.backbone or config.promote
+    if not first:
+        raise ValueError(f"no alignment state at {config.state} yet: name the backbone the feature store was "
+                         "extracted with (backbone=CHECKPOINT_URI)")
+    return AlignmentState(first, checkpoint_digest(fetch_checkpoint(first, config.storage_options)), labeled)
+
+
+def labeled_size(uri: str, storage_options: Mapping[str, Any]) -> int:
+    return resolve_pool(uri, storage_options).num_samples
+
+
+# -- fine-tuning -----------------------------------------------------------------------------
+
+
+def check_probe_stores(stores: Sequence[str], backbone_sha256: str, storage_options: Mapping[str, Any]) -> None:
+    """LP-FT probes the current backbone's features: refuse stores of another backbone before training."""
+    if not stores:
+        raise ValueError("LP-FT trains a linear probe on the labeled samples' cached features: set features=[STORE,...]")
+    for uri in stores:
+        store = open_store(uri, storage_options)
+        if store.backbone.sha256 != backbone_sha256:
+            raise FeatureStoreError(f"{uri} holds features of backbone {store.backbone.sha256[:12]}, but the current backbone "
+                                    f"is {backbone_sha256[:12]}: run lplgrad features with it first")
+
+
+def finetune_backbone(train_config: train.TrainConfig, mode: str, stores: Sequence[str], probe_out: str,
+                      probe_epochs: int) -> str:
+    """Fine-tune `train_config.warm_start` on `train_config.labeled`: LP-FT (the classifier starts
+    from a linear probe trained on the cached features) or FT. Returns the new checkpoint URI."""
+    probe = None
+    if mode == "lp-ft":
+        probe = proxy.run(proxy.ProxyConfig(labeled=train_config.labeled, features=tuple(stores), out=probe_out, kind="linear",
+                                            epochs=probe_epochs, seed=train_config.seed,
+                                            storage_options=train_config.storage_options))["checkpoint"]
+    config = replace(train_config, init_head=probe)
+    return train.run(config, *train.labeled_training_data(config))
+
+
+def promote(checkpoint: str, to: str, storage_options: Mapping[str, Any]) -> None:
+    """Copy the checkpoint's one file to `to`, whole or not at all (readers never see half a file)."""
+    data = (fetch_checkpoint(checkpoint, storage_options) / CHECKPOINT_FILE).read_bytes()
+    fs, path = filesystem_for(to, storage_options)
+    write_bytes_atomic(fs, f"{path.rstrip('/')}/{CHECKPOINT_FILE}", data)
+
+
+def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -> AlignmentState:
+    """Fine-tune, promote, and return the state to commit."""
+    spec = load_checkpoint(fetch_checkpoint(state.backbone, config.storage_options))["spec"]
+    name = f"align-{labeled}"
+    train_config = train.TrainConfig(
+        labeled=config.labeled, holdout=config.holdout, model=spec["model"], in_channels=spec.get("in_channels"),
+        epochs=config.epochs, batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.use_gpu,
+        cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path, name=name,
+        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=config.seed,
+        warm_start=state.backbone, storage_options=config.storage_options,
+    )
+    probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
+    checkpoint = finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
+    if config.promote:
+        promote(checkpoint, config.promote, config.storage_options)
+    sha = checkpoint_digest(fetch_checkpoint(checkpoint, config.storage_options))
+    return state.observe(labeled).aligned(checkpoint, sha, labeled, mode)
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+def plan(config: AlignConfig) -> tuple[AlignmentState, int, str | None]:
+    """(state, labeled-set size, fine-tuning mode or None when not due); no Ray, no training."""
+    if "/" in config.state.rstrip("/"):
+        check_writable(config.state.rsplit("/", 1)[0], config.storage_options, what="alignment state's folder")
+    labeled = labeled_size(config.labeled, config.storage_options)
+    state = current_state(config, labeled)
+    if not (config.force or state.is_due(config.policy(), labeled)):
+        return state, labeled, None
+    mode = config.policy().finetune_mode(labeled)
+    if config.promote:
+        check_writable(config.promote, config.storage_options, what="promote")
+    if mode == "lp-ft":
+        check_probe_stores(config.features, state.backbone_sha256, config.storage_options)
+    return state, labeled, mode
+
+
+def run(config: AlignConfig) -> dict[str, Any]:
+    """Align if due and commit the state; returns {"aligned", "finetune", "backbone", "labeled", "state"}."""
+    state, labeled, mode = plan(config)
+    if mode is not None:
+        print(connect(config.address))
+        print(f"aligning at {labeled} labels ({mode}) from {state.backbone}")
+        state = align(config, state, labeled, mode)
+    else:
+        state = state.observe(labeled)
+    write_state(config.state, state, config.storage_options)
+    result = {"aligned": mode is not None, "finetune": mode, "backbone": state.backbone, "backbone_sha256": state.backbone_sha256,
+              "labeled": labeled, "aligned_at": state.aligned_at, "rounds_since": len(state.rounds), "state": config.state}
+    print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    print(config_to_yaml(config), end="")
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
