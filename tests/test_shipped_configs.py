@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from ray_jobs.align import AlignConfig
 from ray_jobs.features import FeaturesConfig
 from ray_jobs.loop import SimulateConfig
 from ray_jobs.query import QueryConfig
@@ -15,7 +16,7 @@ from ray_jobs.score_demo import ScoreDemoConfig
 from ray_jobs.train import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-JOBS = {"features": FeaturesConfig, "query": QueryConfig, "score_demo": ScoreDemoConfig, "simulate": SimulateConfig,
+JOBS = {"align": AlignConfig, "features": FeaturesConfig, "query": QueryConfig, "score_demo": ScoreDemoConfig, "simulate": SimulateConfig,
         "train": TrainConfig}
 
 
