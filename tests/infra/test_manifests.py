@@ -27,14 +27,14 @@ from pipeline.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 DOCKERFILE = INFRA / "Dockerfile"
-EXPECTED_FILES = ("raycluster-query.yaml", "rayjob-query.yaml", "rayjob-train.yaml",
+EXPECTED_FILES = ("raycluster-query.yaml", "rayjob-query.yaml", "rayjob-train.yaml", "rayjob-align.yaml",
                   "raycronjob-nightly.yaml", "cronjob-nightly.yaml")
 SECRET_NAME = "lplgrad-s3"
 RUN_ID = "2026-11-21"
 # What a shell or the CronJob's renderer puts in place of a run id at submission time.
 RUN_ID_SOURCES = ("$(date -u +%F)", "__RUN_ID__")
 # Job module -> its config class (the dataclass its parse_args loads).
-CONFIG_CLASSES = {"ray_jobs.query": "QueryConfig", "ray_jobs.train": "TrainConfig"}
+CONFIG_CLASSES = {"ray_jobs.align": "AlignConfig", "ray_jobs.query": "QueryConfig", "ray_jobs.train": "TrainConfig"}
 SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
 
 
