@@ -242,3 +242,18 @@ def test_align_fine_tunes_and_promotes_only_when_the_policy_says_so(env) -> None
         run_align(96, features=[store], force=True)
     with pytest.raises(ValueError, match="already names backbone"):
         run_align(96, backbone=env["b"])
+
+
+def test_align_keeps_its_state_and_promotes_on_s3(env, s3_server) -> None:
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    root, options = s3_server.uri(), s3_server.storage_options
+    config = dict(labeled=env["labeled"], state=f"{root}/align/state.json", growth=2.0, storage_options=options)
+    first = align.run(align.AlignConfig(backbone=env["a"], **config))
+    assert not first["aligned"] and first["aligned_at"] == len(env["labeled_keys"])
+    assert align.read_state(f"{root}/align/state.json", options).backbone == env["a"]
+    assert not align.run(align.AlignConfig(**config))["aligned"]  # read back from S3: no backbone= needed
+    align.promote(env["a"], f"{root}/backbone", options)
+    assert fs.cat(f"{root[len('s3://'):]}/backbone/state.pt") == (Path(env["a"]) / "state.pt").read_bytes()
+    fs.pipe(f"{root[len('s3://'):]}/align/state.json", b"{not json")
+    with pytest.raises(ValueError, match=r"state.json is not an alignment state written by lplgrad align"):
+        align.run(align.AlignConfig(**config))
