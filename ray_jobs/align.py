@@ -22,6 +22,7 @@ import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from pipeline.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
@@ -109,10 +110,6 @@ def current_state(config: AlignConfig, labeled: int) -> AlignmentState:
     return AlignmentState(first, checkpoint_digest(fetch_checkpoint(first, config.storage_options)), labeled)
 
 
-def labeled_size(uri: str, storage_options: Mapping[str, Any]) -> int:
-    return resolve_pool(uri, storage_options).num_samples
-
-
 # -- fine-tuning -----------------------------------------------------------------------------
 
 
@@ -140,9 +137,9 @@ def finetune_backbone(train_config: train.TrainConfig, mode: str, stores: Sequen
     return train.run(config, *train.labeled_training_data(config))
 
 
-def promote(checkpoint: str, to: str, storage_options: Mapping[str, Any]) -> None:
-    """Copy the checkpoint's one file to `to`, whole or not at all (readers never see half a file)."""
-    data = (fetch_checkpoint(checkpoint, storage_options) / CHECKPOINT_FILE).read_bytes()
+def promote(local_checkpoint: Path, to: str, storage_options: Mapping[str, Any]) -> None:
+    """Copy a (fetched) checkpoint's one file to `to`, whole or not at all (readers never see half a file)."""
+    data = (local_checkpoint / CHECKPOINT_FILE).read_bytes()
     fs, path = filesystem_for(to, storage_options)
     write_bytes_atomic(fs, f"{path.rstrip('/')}/{CHECKPOINT_FILE}", data)
 
@@ -160,10 +157,10 @@ def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -
     )
     probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
     checkpoint = finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
+    local = fetch_checkpoint(checkpoint, config.storage_options)  # one download serves the copy and the hash
     if config.promote:
-        promote(checkpoint, config.promote, config.storage_options)
-    sha = checkpoint_digest(fetch_checkpoint(checkpoint, config.storage_options))
-    return state.observe(labeled).aligned(checkpoint, sha, labeled, mode)
+        promote(local, config.promote, config.storage_options)
+    return state.observe(labeled).aligned(checkpoint, checkpoint_digest(local), labeled, mode)
 
 
 # -- run -------------------------------------------------------------------------------------
@@ -173,7 +170,7 @@ def plan(config: AlignConfig) -> tuple[AlignmentState, int, str | None]:
     """(state, labeled-set size, fine-tuning mode or None when not due); no Ray, no training."""
     if "/" in config.state.rstrip("/"):
         check_writable(config.state.rsplit("/", 1)[0], config.storage_options, what="alignment state's folder")
-    labeled = labeled_size(config.labeled, config.storage_options)
+    labeled = resolve_pool(config.labeled, config.storage_options).num_samples
     state = current_state(config, labeled)
     if not (config.force or state.is_due(config.policy(), labeled)):
         return state, labeled, None

@@ -262,8 +262,7 @@ def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str,
     work = Path(config.out) / "work" / f"{strategy}-{mode}-s{seed}"
     policy = config.alignment() if mode == "proxy-aligned" else AlignmentPolicy()
     labeled = initial_keys(sorted(truth), config.initial, seed)
-    backbone: str | None = None
-    state: AlignmentState | None = None
+    state: AlignmentState | None = None  # its backbone is the one the features come from
     rows = []
     for cycle in range(config.cycles):
         labeled_uri = str(work / f"labeled-c{cycle}")
@@ -273,16 +272,16 @@ def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str,
                "test_accuracy": metrics["holdout_accuracy"], "train_accuracy": metrics["train_accuracy"],
                "train_seconds": train_seconds, "query_seconds": None, "checkpoint": checkpoint, "aligned": None, "align_seconds": 0.0}
         if state is None:  # the first cycle's model is the frozen backbone
-            backbone, state = checkpoint, AlignmentState(checkpoint, "", len(labeled))
+            state = AlignmentState(checkpoint, "", len(labeled))
         last = cycle == config.cycles - 1
         if not last and state.is_due(policy, len(labeled)):
             started = time.perf_counter()
-            store, _, _ = ensure_features(config, backbone)
-            backbone, row["aligned"] = align_backbone(config, backbone, store, labeled_uri, work, cycle, seed)
+            store, _, _ = ensure_features(config, state.backbone)
+            tuned, row["aligned"] = align_backbone(config, state.backbone, store, labeled_uri, work, cycle, seed)
             row["align_seconds"] = time.perf_counter() - started
-            state = state.aligned(backbone, "", len(labeled), row["aligned"])
+            state = state.aligned(tuned, "", len(labeled), row["aligned"])
         state = state.observe(len(labeled))
-        store, test_store, row["feature_seconds"] = ensure_features(config, backbone)
+        store, test_store, row["feature_seconds"] = ensure_features(config, state.backbone)
         started = time.perf_counter()
         trained = proxy.run(proxy.ProxyConfig(
             labeled=labeled_uri, features=(store, test_store), out=str(work / "proxy" / f"c{cycle}"), kind=config.proxy_kind,

@@ -307,8 +307,8 @@ def read_store_files(files: list[str], filesystem: Any) -> ray.data.Dataset:
 
     Ray 2.60's default (V2) reader first runs a ListFiles task that took 5.3 of 5.5 seconds for a
     2,000-row store here, whatever the store's size: most of a nightly proxy query. The store
-    already names its files, so nothing needs listing. The context is copied into the dataset
-    when it is created, so the switch is scoped to this read.
+    already names its files, so nothing needs listing. `read_parquet` picks its reader from the
+    context when called, so the switch is scoped to this call.
     """
     context = ray.data.DataContext.get_current()
     previous = getattr(context, "use_datasource_v2", None)

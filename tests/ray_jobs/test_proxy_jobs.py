@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -252,7 +251,7 @@ def test_align_keeps_its_state_and_promotes_on_s3(env, s3_server) -> None:
     assert not first["aligned"] and first["aligned_at"] == len(env["labeled_keys"])
     assert align.read_state(f"{root}/align/state.json", options).backbone == env["a"]
     assert not align.run(align.AlignConfig(**config))["aligned"]  # read back from S3: no backbone= needed
-    align.promote(env["a"], f"{root}/backbone", options)
+    align.promote(Path(env["a"]), f"{root}/backbone", options)
     assert fs.cat(f"{root[len('s3://'):]}/backbone/state.pt") == (Path(env["a"]) / "state.pt").read_bytes()
     fs.pipe(f"{root[len('s3://'):]}/align/state.json", b"{not json")
     with pytest.raises(ValueError, match=r"state.json is not an alignment state written by lplgrad align"):
