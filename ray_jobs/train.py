@@ -30,9 +30,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline.alignment import load_probe_into
+from pipeline.augment import AUGMENT_PRESETS, augment_generator, make_augment
 from pipeline.checkpoint import CheckpointError, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import config_from_dict, config_to_dict, config_to_yaml, load_config
 from pipeline.models import available_models
+from pipeline.pools import spec_for_model
 from pipeline.pools.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 from ray_jobs._cluster import connect
@@ -52,6 +54,7 @@ class TrainConfig:
     schedule: TrainSchedule | None = None  # default: the paper's schedule scaled to `epochs`
     batch_size: int = 128  # per worker
     shuffle_buffer: int = 10_000  # rows per worker's local shuffle buffer (on top of block order)
+    augment: str = "none"  # none | cifar (the authors' crop+flip) | gray28 | imagenet; training batches only
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional: leaves CPUs to Ray Data's read tasks on a laptop
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ValueError("labeled is required: the URI of the labeled pool to train on")
         if self.model not in available_models():
             raise ValueError(f"model {self.model!r} is unknown; choose one of {', '.join(available_models())}")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"augment {self.augment!r} is unknown; choose one of {', '.join(AUGMENT_PRESETS)}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2: the ranking loss compares pairs within a batch, got {self.batch_size}")
         for name in ("epochs", "num_workers", "checkpoint_every", "keep_checkpoints", "eval_every"):
@@ -165,17 +170,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     ddp_lossnet = ray.train.torch.prepare_model(lossnet)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    decode = spec_for_model(spec.model, in_channels=spec.in_channels)
+    # Training batches only: holdout evaluation and scoring always see the images as decoded.
+    augment = make_augment(config.augment, decode.mean, decode.std)
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, schedule.epochs):
         _maybe_fail(config, epoch, rank, loop_config["run_dir"])
         epoch_start = time.perf_counter()
         sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, ce, ranking, correct, samples
+        generator = augment_generator(config.seed, rank, epoch)  # a resumed epoch augments as before
         # Local shuffle buffer: a fresh order every epoch without a global shuffle stage per epoch.
         for batch in shard.iter_torch_batches(batch_size=config.batch_size, device=device,
                                               local_shuffle_buffer_size=config.shuffle_buffer,
                                               local_shuffle_seed=config.seed * 100_003 + epoch):
             x, y = batch["image"].float(), batch["label"].long()
+            if augment is not None:
+                x = augment(x, generator)
             step = joint_train_step(ddp_model, ddp_lossnet, tap, x, y, optimizer, schedule, epoch, amp_dtype)
             n = float(len(y))
             for i, key in enumerate(("loss", "ce", "ranking", "accuracy")):
