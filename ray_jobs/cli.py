@@ -9,7 +9,9 @@
     lplgrad simulate [key=value ...]    simulated cycles and learning curves (ray_jobs/loop.py)
     lplgrad quickstart [key=value ...]  the whole cycle on a synthetic pool (ray_jobs/quickstart.py)
     lplgrad pool build|label ...        build and label WebDataset pools (ray_jobs/pool_cli.py)
-    lplgrad manifest show|verify|export|extract ...  read committed query runs (ray_jobs/manifest_cli.py)
+    lplgrad manifest show|verify|export|extract|report ...  read committed query runs (ray_jobs/manifest_cli.py)
+    lplgrad config show JOB             a job's every config key at its default, as YAML (ray_jobs/_config_cli.py)
+    lplgrad JOB --help                  the job's flags and every config key: type, default, meaning
 
 Job subcommands take the same `--config FILE key=value ...` arguments as `python -m ray_jobs.<job>`;
 modules load only when their subcommand runs, so `lplgrad --help` stays fast.
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from ray_jobs import _config_cli
 
 # subcommand -> (module with main(argv), help)
 JOBS = {
@@ -54,12 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
             raise
     else:
         manifest_cli.add_commands(commands)
+    _config_cli.add_commands(commands, JOBS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] in JOBS and {"-h", "--help"} & set(argv[1:]):
+        print(_config_cli.job_help(argv[0], JOBS[argv[0]][0]))  # generated from the job's config class
+        return 0
     if argv and argv[0] in JOBS:
         # Jobs parse their own flags (config file plus key=value overrides).
         return importlib.import_module(JOBS[argv[0]][0]).main(argv[1:])

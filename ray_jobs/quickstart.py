@@ -49,8 +49,10 @@ class QuickstartConfig:
 
 def parse_args(argv: list[str] | None = None) -> QuickstartConfig:
     parser = argparse.ArgumentParser(prog="lplgrad quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (`lplgrad config show quickstart` prints one)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. samples=5000")
-    return load_config(QuickstartConfig, None, parser.parse_args(argv).overrides)
+    args = parser.parse_args(argv)
+    return load_config(QuickstartConfig, args.config, args.overrides)
 
 
 def write_labels(path: Path, labels: dict[str, int]) -> Path:

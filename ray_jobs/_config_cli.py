@@ -1,0 +1,86 @@
+"""Job help and `lplgrad config show JOB`, both generated from the job's config dataclass.
+
+    lplgrad query --help              # the job's flags, then every config key: type, default, meaning
+    lplgrad config show query         # every key at its default as YAML, to start a config file from
+    lplgrad config show train > configs/train/mine.yaml
+
+A job's config class is the return annotation of its module's `parse_args`, so a job needs no
+registration here beyond its row in `ray_jobs.cli.JOBS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import typing
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from pipeline.config import config_help, default_config_yaml
+
+__all__ = ["add_commands", "config_class", "job_help", "show_config"]
+
+
+def config_class(module: ModuleType) -> type:
+    """The config dataclass a job module's `parse_args` returns.
+
+    Raises:
+        TypeError: If the module has no `parse_args` annotated with a dataclass.
+    """
+    parse_args = getattr(module, "parse_args", None)
+    cls = typing.get_type_hints(parse_args).get("return") if parse_args is not None else None
+    if cls is None or not hasattr(cls, "__dataclass_fields__"):
+        raise TypeError(f"{module.__name__}.parse_args is not annotated to return a config dataclass")
+    return cls
+
+
+def job_help(command: str, module_name: str) -> str:
+    """The job's own argparse help, then every key of its config, then where to find a full file."""
+    module = importlib.import_module(module_name)
+    usage = io.StringIO()
+    with contextlib.redirect_stdout(usage), contextlib.suppress(SystemExit):
+        module.parse_args(["--help"])
+    return (f"{usage.getvalue().rstrip()}\n\n{config_help(config_class(module))}\n\n"
+            f"`lplgrad config show {command}` prints every key at its default as a YAML file to start from.")
+
+
+def _required_note(cls: type) -> str:
+    """What the defaults alone lack, from the config's own validation ("" when they validate)."""
+    try:
+        cls()
+    except (TypeError, ValueError) as error:
+        return f"The defaults alone do not run: {error}"
+    return ""
+
+
+def show_config(command: str, module_name: str) -> str:
+    """The default config of a job as commented YAML (loads back with `load_config`)."""
+    cls = config_class(importlib.import_module(module_name))
+    header = [f"lplgrad {command}: every key at its default ({cls.__name__}).",
+              f"Run with: lplgrad {command} --config THIS_FILE [key=value ...]"]
+    if note := _required_note(cls):
+        header.append(note)
+    return default_config_yaml(cls, header="\n".join(header))
+
+
+def add_commands(subparsers: Any, jobs: Mapping[str, tuple[str, str]]) -> None:
+    """Add `config show JOB` to a top-level CLI.
+
+    Args:
+        subparsers: What `ArgumentParser.add_subparsers()` returned.
+        jobs: subcommand -> (module with `parse_args` and `main`, help), as `ray_jobs.cli.JOBS`.
+    """
+    config = subparsers.add_parser("config", help="print a job's default config as YAML (config show JOB)",
+                                   description="Job configs, generated from each job's config dataclass.")
+    commands = config.add_subparsers(dest="config_command", required=True, metavar="{show}")
+    show = commands.add_parser("show", help="print every key of a job's config at its default, as YAML")
+    show.add_argument("job", choices=sorted(jobs), help="the job whose config to print")
+
+    def run_show(args: argparse.Namespace) -> int:
+        print(show_config(args.job, jobs[args.job][0]), end="")
+        return 0
+
+    show.set_defaults(func=run_show)
