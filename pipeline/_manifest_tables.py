@@ -7,6 +7,7 @@ nor this library ever holds it whole.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "ScoresWriter",
     "errors_table",
     "excluded_table",
+    "file_checksum",
     "iter_parquet_batches",
     "selection_rows",
     "selection_table",
@@ -154,12 +156,29 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def write_table(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write one parquet file (a single PUT on object stores)."""
+def write_table(fs: AbstractFileSystem, path: str, table: pa.Table) -> dict[str, Any]:
+    """Write one parquet file (a single PUT on object stores).
+
+    Returns:
+        ``{"sha256": hex, "bytes": n}`` of the bytes written, for the manifest's ``checksums``.
+    """
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    data = buffer.getvalue().to_pybytes()  # at most one part (rows_per_part rows) in memory
     if is_local(fs):
         fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as handle:
-        pq.write_table(table, handle)
+    fs.pipe_file(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def file_checksum(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
+    """``{"sha256": hex, "bytes": n}`` of a stored file, streamed in 4 MiB blocks."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+            size += len(block)
+    return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 def iter_parquet_batches(
@@ -191,6 +210,7 @@ class ScoresWriter:
         self.rows_per_part = rows_per_part
         self.schema: pa.Schema | None = None
         self.parts: list[str] = []
+        self.checksums: dict[str, dict[str, Any]] = {}  # stripped part path -> write_table's record
         self.rows = 0
         self._buffer: list[pa.Table] = []
         self._buffered = 0
@@ -224,7 +244,7 @@ class ScoresWriter:
         table = pa.concat_tables(self._buffer)
         part, rest = table.slice(0, rows), table.slice(rows)
         path = join_path(self.directory, f"part-{len(self.parts):05d}.parquet")
-        write_table(self.fs, path, part)
+        self.checksums[path] = write_table(self.fs, path, part)
         self.parts.append(path)
         self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
 

@@ -2,15 +2,19 @@
 
 A run lives under ``{out}/{run_id}/`` on any fsspec storage (local path, ``s3://``, ...)::
 
-    selection.parquet   the selected rows, rank 1 first
-    errors.parquet      rows (or whole shards) that could not be scored, with the reason
-    excluded.parquet    pool rows skipped because an exclusion named their key (key, shard)
-    scores/part-*.parquet  every scored row (written by the job through ScoresWriter)
-    manifest.json       written LAST: its presence is what makes the run committed
+    manifest.json       the commit point: created once, exclusively; names one attempt's files
+    attempts/{attempt}/ one directory per attempt (a job, a rerun, a concurrent job):
+        selection.parquet   the selected rows, rank 1 first
+        errors.parquet      rows (or whole shards) that could not be scored, with the reason
+        excluded.parquet    pool rows skipped because an exclusion named their key (key, shard)
+        scores/part-*.parquet  every scored row (written by the job through ScoresWriter)
 
-and ``{out}/LATEST`` holds the id of the newest committed run. A directory without
-``manifest.json`` is a failed or running job: readers refuse it, and :func:`begin_run` deletes it
-before starting again. A committed run is never overwritten. See docs/manifest.md for every field.
+and ``{out}/LATEST`` holds the id of the newest committed run. An attempt writes only under its
+own directory; :func:`commit_run` creates ``manifest.json`` with an exclusive create (``O_EXCL``
+semantics locally, ``If-None-Match: *`` on S3), so exactly one attempt becomes the run and a
+losing, crashed or concurrent attempt can never change it. The manifest records the sha256 of
+every file it names. A run without ``manifest.json`` is a failed or running job: readers refuse
+it. See docs/manifest.md for every field.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
+import os
 import platform
 import re
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -36,6 +42,7 @@ from pipeline._manifest_tables import (
     ScoresWriter,
     errors_table,
     excluded_table,
+    file_checksum,
     iter_parquet_batches,
     selection_rows,
     selection_table,
@@ -43,12 +50,14 @@ from pipeline._manifest_tables import (
 )
 from pipeline._run_inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest
 from pipeline._score_summary import ScoreSummary
-from pipeline.pools.storage import display_uri, filesystem_for, join_path, write_bytes_atomic
+from pipeline.pools.storage import create_exclusive, display_uri, filesystem_for, join_path, write_bytes_atomic
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "ATTEMPTS_DIR",
+    "COMMIT_STEPS",
     "ERRORS_NAME",
     "ERRORS_SCHEMA",
     "EXCLUDED_NAME",
@@ -78,6 +87,7 @@ __all__ = [
     "load",
     "load_errors",
     "load_excluded",
+    "new_attempt_id",
     "new_run_id",
     "previously_selected_keys",
     "previous_run",
@@ -94,7 +104,12 @@ SELECTION_NAME = "selection.parquet"
 ERRORS_NAME = "errors.parquet"
 EXCLUDED_NAME = "excluded.parquet"
 SCORES_DIR = "scores"
+ATTEMPTS_DIR = "attempts"
 LATEST_NAME = "LATEST"
+# The steps of commit_run, in order; LPLGRAD_FAULT_AT_COMMIT_STEP=<step> ends the process hard just
+# before that step (the fault drill of tests/test_commit_protocol.py).
+COMMIT_STEPS = ("tables", "scores-check", "manifest", "latest")
+_FAULT_ENV = "LPLGRAD_FAULT_AT_COMMIT_STEP"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -134,9 +149,12 @@ class RunState:
         started_at: UTC ISO time of :func:`begin_run`.
         committed: The existing manifest when the run was already committed with these inputs
             (then there is nothing to do), else ``None``.
-        replaced_partial: Whether a partial (uncommitted) run directory was deleted.
+        earlier_attempts: Uncommitted attempt directories found under the run (crashed, or still
+            running elsewhere); they are never read and never part of the run.
         fs: Filesystem of ``out``.
         out_path: Stripped path of ``out``.
+        attempt_id: This attempt's directory name under ``attempts/``.
+        written: Stripped path -> ``{"sha256", "bytes"}`` of every file this attempt wrote.
     """
 
     run_id: str
@@ -144,9 +162,11 @@ class RunState:
     fingerprint: str
     started_at: str
     committed: dict[str, Any] | None
-    replaced_partial: bool
+    earlier_attempts: int
     fs: AbstractFileSystem
     out_path: str
+    attempt_id: str = ""
+    written: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     @property
     def already_committed(self) -> bool:
@@ -159,22 +179,46 @@ class RunState:
         return join_path(self.out_path, self.run_id)
 
     @property
+    def attempt_path(self) -> str:
+        """Stripped path of this attempt's directory: everything the job writes goes here."""
+        return join_path(join_path(self.run_path, ATTEMPTS_DIR), self.attempt_id)
+
+    @property
     def message(self) -> str:
         """One line for the job to print."""
         if self.already_committed:
             return f"run {self.run_id} is already committed at {self.run_uri} with the same inputs: nothing to do"
-        replaced = " (replaced a partial run left by a failed job)" if self.replaced_partial else ""
-        return f"starting run {self.run_id} at {self.run_uri}{replaced}"
+        earlier = (f" ({self.earlier_attempts} uncommitted earlier attempt(s) there are ignored)"
+                   if self.earlier_attempts else "")
+        return f"starting run {self.run_id} at {self.run_uri}, attempt {self.attempt_id}{earlier}"
 
     def scores_writer(self, rows_per_part: int = 262_144) -> ScoresWriter:
-        """A writer of the run's ``scores/`` part files."""
-        return ScoresWriter(self.fs, join_path(self.run_path, SCORES_DIR), rows_per_part)
+        """A writer of this attempt's ``scores/`` part files (their checksums go to ``written``)."""
+        writer = ScoresWriter(self.fs, join_path(self.attempt_path, SCORES_DIR), rows_per_part)
+        writer.checksums = self.written  # shared: commit_run records every part the writer wrote
+        return writer
+
+    def discard(self) -> None:
+        """Delete this attempt's directory (a losing attempt cleans up after itself)."""
+        try:
+            if self.fs.exists(self.attempt_path):
+                self.fs.rm(self.attempt_path, recursive=True)
+        except OSError:
+            pass  # inert: an unreferenced attempt is never read
+
+
+def new_attempt_id() -> str:
+    """``YYYYmmddTHHMMSSZ-<12 hex>``: unique per attempt, sorting in start order."""
+    return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
 
 
 def begin_run(
     out: str, run_id: str, fingerprint: str, storage_options: Mapping[str, Any] | None = None
 ) -> RunState:
-    """Decide what a query job does with ``{out}/{run_id}``: no-op, refuse, or start fresh.
+    """Decide what a query job does with ``{out}/{run_id}``: no-op, refuse, or start an attempt.
+
+    Nothing is deleted: an attempt writes only under ``attempts/{attempt_id}/``, so earlier
+    attempts (crashed, or running elsewhere right now) are left alone and cannot be harmed.
 
     Args:
         out: Output root (local path or fsspec URI).
@@ -199,19 +243,23 @@ def begin_run(
     fs.invalidate_cache()  # listings may be cached from before another process wrote
     run_path = join_path(out_path, run_id)
     run_uri = display_uri(fs, run_path)
-    committed, replaced = None, False
+    committed, earlier = None, 0
     if fs.exists(join_path(run_path, MANIFEST_NAME)):
         committed = _read_manifest_file(fs, run_path)
         if committed.get("inputs_fingerprint") != fingerprint:
-            raise RunConflictError(
-                f"run {run_id} at {run_uri} is committed with inputs fingerprint "
-                f"{committed.get('inputs_fingerprint')}, but these inputs give {fingerprint}; a committed "
-                f"run is never overwritten: choose a new run id (e.g. {new_run_id()})"
-            )
-    elif fs.exists(run_path):
-        fs.rm(run_path, recursive=True)
-        replaced = True
-    return RunState(run_id, run_uri, fingerprint, _utc_now(), committed, replaced, fs, out_path)
+            raise RunConflictError(_conflict_message(run_id, run_uri, committed, fingerprint))
+    else:
+        attempts = join_path(run_path, ATTEMPTS_DIR)
+        earlier = len(fs.ls(attempts, detail=False)) if fs.exists(attempts) else 0
+    return RunState(run_id, run_uri, fingerprint, _utc_now(), committed, earlier, fs, out_path, new_attempt_id())
+
+
+def _conflict_message(run_id: str, run_uri: str, committed: Mapping[str, Any], fingerprint: str) -> str:
+    return (
+        f"run {run_id} at {run_uri} is committed with inputs fingerprint "
+        f"{str(committed.get('inputs_fingerprint'))[:12]}..., but these inputs give {fingerprint[:12]}...; a committed "
+        f"run is never overwritten: choose a new run id (e.g. run_id={new_run_id()})"
+    )
 
 
 def software_versions() -> dict[str, str | None]:
@@ -239,8 +287,12 @@ def commit_run(
     shards: Sequence[Mapping[str, Any]] | None = None,
     reuse: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write selection.parquet, errors.parquet (and excluded.parquet), then manifest.json
-    (atomically), then LATEST.
+    """Write this attempt's tables, then create manifest.json exclusively (the commit), then
+    advance LATEST.
+
+    Every file goes under the attempt's own directory; ``manifest.json`` names them with their
+    sha256 and is created only if no attempt committed first. The attempt that loses the create
+    deletes its own directory and leaves the committed run byte for byte as it was.
 
     Args:
         state: From :func:`begin_run` (not already committed).
@@ -259,12 +311,14 @@ def commit_run(
         reuse: Where an incremental run took rows from and why (``source``, ``reason``).
 
     Returns:
-        The manifest as written.
+        The committed manifest: this attempt's, or, when a concurrent attempt with the same inputs
+        committed first, that one (its ``attempt`` then differs from ``state.attempt_id``).
 
     Raises:
         ManifestError: If the state is a no-op, the fingerprint differs from ``state``'s, the
-            selection is larger than ``k``, or ``excluded_rows`` does not hold ``excluded`` rows.
-        RunConflictError: If another job committed this run id meanwhile.
+            selection is larger than ``k``, ``excluded_rows`` does not hold ``excluded`` rows, or
+            a file this attempt wrote is gone or changed size before the commit.
+        RunConflictError: If another attempt committed this run id with other inputs first.
     """
     if state.already_committed:
         raise ManifestError(f"run {state.run_id} is already committed; the job should have stopped at begin_run")
@@ -274,24 +328,28 @@ def commit_run(
     table = table.select(SELECTION_SCHEMA.names).cast(SELECTION_SCHEMA)
     if table.num_rows > inputs.k:
         raise ManifestError(f"selection has {table.num_rows} rows, more than k={inputs.k}")
-    fs, run_path = state.fs, state.run_path
-    fs.invalidate_cache()
-    if fs.exists(join_path(run_path, MANIFEST_NAME)):
-        raise RunConflictError(f"run {state.run_id} at {state.run_uri} was committed by another job meanwhile")
     error_rows = errors_table(errors)
     excluded_keys = excluded_table(excluded_rows) if excluded_rows is not None else None
     if excluded_keys is not None and excluded_keys.num_rows != excluded:
         raise ManifestError(f"excluded_rows holds {excluded_keys.num_rows} rows but excluded={excluded}")
-    write_table(fs, join_path(run_path, SELECTION_NAME), table)
-    write_table(fs, join_path(run_path, ERRORS_NAME), error_rows)
-    files: dict[str, Any] = {"selection": SELECTION_NAME, "errors": ERRORS_NAME}
+    fs, attempt = state.fs, state.attempt_path
+    _fault_point("tables")
+    tables = {"selection": (SELECTION_NAME, table), "errors": (ERRORS_NAME, error_rows)}
     if excluded_keys is not None:
-        write_table(fs, join_path(run_path, EXCLUDED_NAME), excluded_keys)
-        files["excluded"] = EXCLUDED_NAME
-    files["scores"] = _score_parts(fs, run_path)
+        tables["excluded"] = (EXCLUDED_NAME, excluded_keys)
+    files: dict[str, Any] = {}
+    for name, (file_name, rows) in tables.items():
+        path = join_path(attempt, file_name)
+        state.written[path] = write_table(fs, path, rows)
+        files[name] = _relative(state, path)
+    scores = sorted(p for p in state.written if p.startswith(join_path(attempt, SCORES_DIR) + "/"))
+    files["scores"] = [_relative(state, p) for p in scores]
+    _fault_point("scores-check")
+    _check_written(state)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "run_id": state.run_id,
+        "attempt": state.attempt_id,
         "started_at": state.started_at,
         "finished_at": _utc_now(),
         "inputs_fingerprint": state.fingerprint,
@@ -300,6 +358,7 @@ def commit_run(
         "counts": {"scored": scored, "excluded": excluded, "errors": error_rows.num_rows, "selected": table.num_rows},
         "score_summary": summary.to_dict(),
         "files": files,
+        "checksums": {_relative(state, p): dict(record) for p, record in sorted(state.written.items())},
         "software": software_versions(),
         "extra": dict(extra or {}),
     }
@@ -308,25 +367,59 @@ def commit_run(
     if reuse is not None:
         manifest["reuse"] = dict(reuse)
     data = json.dumps(manifest, indent=2, allow_nan=False).encode()
-    write_bytes_atomic(fs, join_path(run_path, MANIFEST_NAME), data)  # the commit point
+    _fault_point("manifest")
+    try:
+        create_exclusive(fs, join_path(state.run_path, MANIFEST_NAME), data)  # the commit point
+    except FileExistsError:
+        state.discard()
+        fs.invalidate_cache()
+        winner = _read_manifest_file(fs, state.run_path)
+        if winner.get("inputs_fingerprint") != state.fingerprint:
+            raise RunConflictError(
+                "another attempt committed first: " + _conflict_message(state.run_id, state.run_uri, winner, state.fingerprint)
+                + "; this attempt's files were discarded"
+            ) from None
+        return winner
+    _fault_point("latest")
     _advance_latest(fs, state.out_path, state.run_id)
     return manifest
 
 
-def _score_parts(fs: AbstractFileSystem, run_path: str) -> list[str]:
-    directory = join_path(run_path, SCORES_DIR)
-    if not fs.exists(directory):
-        return []
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False) if p.endswith(".parquet"))
-    return [f"{SCORES_DIR}/{name}" for name in names]
+def _relative(state: RunState, path: str) -> str:
+    return path[len(state.run_path.rstrip("/")) + 1:]
+
+
+def _check_written(state: RunState) -> None:
+    """Every file this attempt wrote is still there with its size: one listing, no reads."""
+    fs = state.fs
+    fs.invalidate_cache()
+    found = fs.find(state.attempt_path, detail=True) if fs.exists(state.attempt_path) else {}
+    sizes = {path.rstrip("/"): info.get("size") for path, info in found.items()}
+    for path, record in state.written.items():
+        if sizes.get(path) != record["bytes"]:
+            raise ManifestError(
+                f"{display_uri(fs, path)} is gone or changed size before the commit (something deleted or rewrote "
+                f"attempt {state.attempt_id}); nothing was committed: run the job again"
+            )
+
+
+def _fault_point(step: str) -> None:
+    # The commit fault drill: a process told to die at this step ends like a killed job would.
+    if os.environ.get(_FAULT_ENV) == step:
+        os._exit(137)
 
 
 def _advance_latest(fs: AbstractFileSystem, out_path: str, run_id: str) -> None:
     # LATEST only moves forward in run-id order, so committing an old-sorting id (a backfill, a
-    # rerun) never hides a newer run. Read-then-write: concurrent committers may race.
+    # rerun) never hides a newer run. Read-then-write, re-read once: two jobs committing different
+    # ids in the same instant can still leave the older id (docs/manifest.md); LATEST is a pointer
+    # for people, each run directory stays the record.
     latest = join_path(out_path, LATEST_NAME)
-    current = fs.cat_file(latest).decode().strip() if fs.exists(latest) else None
-    if current is None or run_id >= current:
+    for _ in range(2):
+        fs.invalidate_cache()
+        current = fs.cat_file(latest).decode().strip() if fs.exists(latest) else None
+        if current is not None and run_id <= current:
+            return
         write_bytes_atomic(fs, latest, run_id.encode())
 
 

@@ -4,7 +4,8 @@
 it finds instead of stopping at the first: a manifest with missing fields or an inputs
 fingerprint that does not recompute, a selection whose row count, ranks, keys or order do not
 match, selected keys that are also errors, score part files that are missing, unlisted, or whose
-rows do not add up to ``scored + errors``. Parquet row counts come from file footers; only the
+rows do not add up to ``scored + errors``, and any file whose sha256 or size differs from the
+``checksums`` the commit recorded (every file is read once for that; ``--quick`` compares sizes). Parquet row counts come from file footers; only the
 ``key`` column of the scores table is streamed (to find every selected key in it), and only
 when ``scan_scores`` is set.
 """
@@ -20,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipeline._manifest_tables import file_checksum
 from pipeline.manifest import (
+    ATTEMPTS_DIR,
     ERRORS_SCHEMA,
     MANIFEST_NAME,
     SCORES_DIR,
@@ -174,7 +177,8 @@ def _check_scores(fs: AbstractFileSystem, run_path: str, manifest: Mapping[str, 
                   scan: bool) -> list[str]:
     problems: list[str] = []
     parts = list(manifest["files"]["scores"])
-    directory = join_path(run_path, SCORES_DIR)
+    attempt = manifest.get("attempt")
+    directory = join_path(run_path, f"{ATTEMPTS_DIR}/{attempt}/{SCORES_DIR}" if attempt else SCORES_DIR)
     on_disk = {p.rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False)} if fs.exists(directory) else set()
     unlisted = sorted(on_disk - {p.rsplit("/", 1)[-1] for p in parts})
     if unlisted:
@@ -215,13 +219,41 @@ def _check_scores(fs: AbstractFileSystem, run_path: str, manifest: Mapping[str, 
     return problems
 
 
+def _check_checksums(fs: AbstractFileSystem, run_path: str, manifest: Mapping[str, Any], full: bool) -> list[str]:
+    """Every file the manifest names has a checksum, and its bytes still match it."""
+    checksums = manifest.get("checksums")
+    if checksums is None:
+        return []  # committed before checksums were recorded: nothing to compare against
+    if not isinstance(checksums, Mapping):
+        return [f"{MANIFEST_NAME}: field checksums is not an object"]
+    files = manifest["files"]
+    named = [files["selection"], files["errors"], *files["scores"]] + ([files["excluded"]] if files.get("excluded") else [])
+    problems = [f"{MANIFEST_NAME}: {name} has no checksum" for name in named if name not in checksums]
+    for name, record in sorted(checksums.items()):
+        if posixpath.isabs(name) or ".." in name.split("/"):
+            problems.append(f"{MANIFEST_NAME}: checksum path {name!r} leaves the run directory")
+            continue
+        path = join_path(run_path, name)
+        try:
+            actual = file_checksum(fs, path) if full else {"bytes": fs.info(path)["size"]}
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if actual["bytes"] != record.get("bytes"):
+            problems.append(f"{name} has {actual['bytes']} bytes, the commit recorded {record.get('bytes')}")
+        elif full and actual["sha256"] != record.get("sha256"):
+            problems.append(f"{name}: sha256 differs from the one recorded at commit (changed after commit)")
+    return problems
+
+
 def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None, *, scan_scores: bool = True) -> Verification:
     """Check a committed run against the schema-1 layout and its own counts.
 
     Args:
         uri: Run directory, or output root (follows ``LATEST``).
         storage_options: fsspec options.
-        scan_scores: Also stream the scores table's ``key`` column to find every selected key in it.
+        scan_scores: Also stream the scores table's ``key`` column to find every selected key in it,
+            and hash every file against ``checksums`` (without it, sizes are compared).
 
     Returns:
         A :class:`Verification` listing every problem found (none: the run is sound).
@@ -246,4 +278,5 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None, *, sc
     if errors is not None:
         problems += _check_errors(errors, files["errors"], counts["errors"], selected_keys)
     problems += _check_scores(fs, run_path, manifest, selected_keys, scan_scores)
+    problems += [p for p in _check_checksums(fs, run_path, manifest, scan_scores) if not any(p in q for q in problems)]
     return Verification(run_uri, tuple(problems))

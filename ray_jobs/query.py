@@ -457,6 +457,10 @@ def run(config: QueryConfig) -> dict[str, Any]:
         shards=shard_records(prepared["inputs"], plan, result["shard_rows"]["reused"], result["shard_rows"]["scored"]),
         reuse=plan.to_dict(),
     )
+    if manifest.get("attempt") != state.attempt_id:
+        print(f"run {state.run_id} was committed meanwhile by attempt {manifest.get('attempt')} with the same inputs: "
+              "this attempt's files were discarded")
+        return manifest
     copied_from = f" and copied {copied} from {plan.source_id}" if plan.source_id else ""
     print(
         f"scored {streamed} rows at {rate:.1f} rows/s{copied_from}, "

@@ -147,23 +147,25 @@ def test_different_inputs_never_overwrite(store: tuple[str, dict[str, Any]]) -> 
     assert load(f"{out}/run-001", options).num_rows == 3
 
 
-def test_partial_run_is_replaced(store: tuple[str, dict[str, Any]]) -> None:
+def test_crashed_attempt_is_never_part_of_the_run(store: tuple[str, dict[str, Any]]) -> None:
     out, options = store
     inputs = _inputs()
-    state = begin_run(out, "run-001", inputs.fingerprint(), options)
-    with state.scores_writer(rows_per_part=2) as writer:  # 3 stale parts, then a crash
+    crashed = begin_run(out, "run-001", inputs.fingerprint(), options)
+    with crashed.scores_writer(rows_per_part=2) as writer:  # 3 stale parts, then a crash
         for batch in _score_batches(offset=50):
             writer.write(batch)
     fs, _ = fsspec.core.url_to_fs(out, **options)
-    assert len(fs.ls(f"{out}/run-001/scores")) == 4
     state = begin_run(out, "run-001", inputs.fingerprint(), options)
-    assert state.replaced_partial and "replaced a partial run" in state.message
-    fs.invalidate_cache()
-    assert not fs.exists(f"{out}/run-001")
+    assert state.earlier_attempts == 1 and "1 uncommitted earlier attempt" in state.message
+    assert state.attempt_id != crashed.attempt_id
     manifest = _run(out, options, "run-001", inputs)
-    assert manifest["files"]["scores"] == ["scores/part-00000.parquet", "scores/part-00001.parquet", "scores/part-00002.parquet"]
+    prefix = f"attempts/{manifest['attempt']}/"
+    assert manifest["files"]["scores"] == [f"{prefix}scores/part-0000{i}.parquet" for i in range(3)]
+    assert set(manifest["checksums"]) == {*manifest["files"]["scores"], f"{prefix}selection.parquet", f"{prefix}errors.parquet"}
     keys = [k for b in iter_scores(f"{out}/run-001", options, columns=["key"]) for k in b.column("key").to_pylist()]
     assert not any(k.startswith("k-50") for k in keys) and len(keys) == 8
+    fs.invalidate_cache()
+    assert fs.exists(f"{out}/run-001/attempts/{crashed.attempt_id}")  # left alone: it may still be running
 
 
 def test_latest_moves_forward_and_is_followed(store: tuple[str, dict[str, Any]]) -> None:
@@ -206,7 +208,7 @@ def test_files_stand_alone_with_plain_pyarrow_and_json(store: tuple[str, dict[st
     assert selection.schema.field("key").type == pa.string()
     assert selection.column_names[:5] == ["rank", "key", "shard", "score", "selection_value"]
     assert selection.to_pandas()["key"].tolist() == ["k-0-1", "k-1-1", "k-1-0"]
-    with fsspec.open(f"{run}/errors.parquet", "rb", **options) as handle:
+    with fsspec.open(f"{run}/{manifest['files']['errors']}", "rb", **options) as handle:
         errors = pq.read_table(handle).to_pylist()
     assert errors == [
         {"key": "k-0-3", "shard": "pool-000000.tar", "reason": "non-finite logits"},

@@ -162,36 +162,41 @@ def test_verify_accepts_the_committed_run(local_run: dict[str, Any]) -> None:
     assert result.uri == local_run["run"]
 
 
+def _attempt(run: Path) -> Path:
+    """The directory of the committed attempt, where the run's tables are."""
+    return run / "attempts" / json.loads((run / "manifest.json").read_text())["attempt"]
+
+
 def _rewrite(path: Path, table: pa.Table) -> None:
     pq.write_table(table, path)
 
 
 def _drop_last_selected(run: Path) -> str:
-    table = pq.read_table(run / "selection.parquet")
-    _rewrite(run / "selection.parquet", table.slice(0, table.num_rows - 1))
+    table = pq.read_table(_attempt(run) / "selection.parquet")
+    _rewrite(_attempt(run) / "selection.parquet", table.slice(0, table.num_rows - 1))
     return "has 5 rows but counts.selected is 6"
 
 
 def _swap_ranks(run: Path) -> str:
-    table = pq.read_table(run / "selection.parquet")
+    table = pq.read_table(_attempt(run) / "selection.parquet")
     order = [1, 0, *range(2, table.num_rows)]
-    _rewrite(run / "selection.parquet", table.take(order).set_column(0, table.schema.field("rank"), table.column("rank")))
+    _rewrite(_attempt(run) / "selection.parquet", table.take(order).set_column(0, table.schema.field("rank"), table.column("rank")))
     return "not ordered by selection_value"
 
 
 def _repeat_key(run: Path) -> str:
-    table = pq.read_table(run / "selection.parquet")
+    table = pq.read_table(_attempt(run) / "selection.parquet")
     keys = table.column("key").to_pylist()
     keys[-1] = keys[0]
-    _rewrite(run / "selection.parquet", table.set_column(1, table.schema.field("key"), pa.array(keys)))
+    _rewrite(_attempt(run) / "selection.parquet", table.set_column(1, table.schema.field("key"), pa.array(keys)))
     return "keys repeat"
 
 
 def _selected_key_in_errors(run: Path) -> str:
-    selected = pq.read_table(run / "selection.parquet").column("key")[0].as_py()
-    errors = pq.read_table(run / "errors.parquet").to_pylist()
+    selected = pq.read_table(_attempt(run) / "selection.parquet").column("key")[0].as_py()
+    errors = pq.read_table(_attempt(run) / "errors.parquet").to_pylist()
     errors[0]["key"] = selected
-    _rewrite(run / "errors.parquet", pa.Table.from_pylist(errors, schema=pq.read_schema(run / "errors.parquet")))
+    _rewrite(_attempt(run) / "errors.parquet", pa.Table.from_pylist(errors, schema=pq.read_schema(_attempt(run) / "errors.parquet")))
     return "selected key(s) are also errors"
 
 
@@ -203,20 +208,28 @@ def _edit_inputs(run: Path) -> str:
 
 
 def _lose_score_part(run: Path) -> str:
-    (run / "scores" / "part-00001.parquet").unlink()
-    return "score part scores/part-00001.parquet is missing"
+    (_attempt(run) / "scores" / "part-00001.parquet").unlink()
+    return "/scores/part-00001.parquet is missing"
 
 
 def _extra_score_part(run: Path) -> str:
-    shutil.copy(run / "scores" / "part-00000.parquet", run / "scores" / "part-00009.parquet")
+    shutil.copy(_attempt(run) / "scores" / "part-00000.parquet", _attempt(run) / "scores" / "part-00009.parquet")
     return "does not list: part-00009.parquet"
 
 
 def _shrink_score_part(run: Path) -> str:
-    part = run / "scores" / "part-00002.parquet"
+    part = _attempt(run) / "scores" / "part-00002.parquet"
     table = pq.read_table(part)
     _rewrite(part, table.slice(0, table.num_rows - 1))
     return "score parts hold 39 rows but counts.scored + counts.errors is 40"
+
+
+def _flip_a_byte(run: Path) -> str:
+    part = _attempt(run) / "scores" / "part-00001.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    part.write_bytes(bytes(data))
+    return "scores/part-00001.parquet: sha256 differs from the one recorded at commit"
 
 
 def _unknown_schema_version(run: Path) -> str:
@@ -232,7 +245,7 @@ def _uncommitted(run: Path) -> str:
 
 
 @pytest.mark.parametrize("tamper", [_drop_last_selected, _swap_ranks, _repeat_key, _selected_key_in_errors, _edit_inputs,
-                                    _lose_score_part, _extra_score_part, _shrink_score_part, _unknown_schema_version,
+                                    _lose_score_part, _extra_score_part, _shrink_score_part, _flip_a_byte, _unknown_schema_version,
                                     _uncommitted], ids=lambda f: f.__name__.strip("_"))
 def test_verify_catches_tampering(local_run: dict[str, Any], tmp_path: Path, tamper, capsys: pytest.CaptureFixture[str]) -> None:
     run = copy_run(local_run, tmp_path)
@@ -247,14 +260,16 @@ def test_verify_catches_tampering(local_run: dict[str, Any], tmp_path: Path, tam
 
 def test_verify_finds_selected_keys_absent_from_scores(local_run: dict[str, Any], tmp_path: Path) -> None:
     run = copy_run(local_run, tmp_path)
-    selected = set(pq.read_table(run / "selection.parquet").column("key").to_pylist())
-    for part in sorted((run / "scores").iterdir()):  # rename selected keys, keep row counts
+    selected = set(pq.read_table(_attempt(run) / "selection.parquet").column("key").to_pylist())
+    for part in sorted((_attempt(run) / "scores").iterdir()):  # rename selected keys, keep row counts
         table = pq.read_table(part)
         keys = [f"other_{k}" if k in selected else k for k in table.column("key").to_pylist()]
         _rewrite(part, table.set_column(table.column_names.index("key"), "key", pa.array(keys)))
-    assert verify_run(str(run), scan_scores=False).ok  # the quick check trusts row counts
+    quick = verify_run(str(run), scan_scores=False).problems  # row counts hold; the sizes do not
+    assert quick and all("the commit recorded" in p for p in quick)
     problems = verify_run(str(run)).problems
-    assert len(problems) == 1 and "6 selected key(s) are not in the scores table" in problems[0]
+    assert any("6 selected key(s) are not in the scores table" in p for p in problems)
+    assert sum("sha256 differs" in p or "the commit recorded" in p for p in problems) == len(problems) - 1
 
 
 # -- export ------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ __all__ = [
     "DEFAULT_ATTEMPTS",
     "RetryingReader",
     "arrow_filesystem",
+    "check_storage",
+    "create_exclusive",
     "display_uri",
     "filesystem_for",
     "is_local",
@@ -119,7 +121,58 @@ def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None, w
         fs.pipe(probe, b"ok")
         fs.rm(probe)
     except Exception as error:  # every failure means the same thing to the caller: not writable
-        raise ValueError(f"{what} {uri} is not writable: {error}") from error
+        if not is_local(fs):
+            explained = storage_error(error, uri, storage_options, what)
+            if explained is not error:
+                raise explained from error
+        raise ValueError(f"{what} {uri} is not writable: {error} (choose a writable location)") from error
+
+
+def check_storage(uri: str, storage_options: Mapping[str, Any] | None = None, what: str = "storage") -> None:
+    """One cheap request (a listing of ``uri``'s parent) that proves the credentials and the
+    endpoint work for an object-store URI; nothing for local paths.
+
+    Raises:
+        PermissionError, ConnectionError, FileNotFoundError: naming `what`, the URI, the endpoint
+            and the likely cause (credentials, endpoint, bucket), with the fix.
+    """
+    fs, path = filesystem_for(uri, storage_options)
+    if is_local(fs):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(bucket, detail=False)
+    except Exception as error:  # noqa: BLE001  (classified below; anything else is re-raised)
+        raise storage_error(error, uri, storage_options, what) from error
+
+
+def _endpoint(uri: str, storage_options: Mapping[str, Any] | None) -> str:
+    options = storage_options_for(uri, storage_options)
+    return options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or "the AWS default endpoint"
+
+
+def storage_error(error: BaseException, uri: str, storage_options: Mapping[str, Any] | None, what: str) -> Exception:
+    """A one-line error for a failed object-store request: what, where, and the likely cause.
+
+    Returns ``error`` itself when it is not a storage failure we can explain.
+    """
+    name = type(error).__name__ + " " + type(error.__cause__).__name__ + " " + str(error)
+    endpoint = _endpoint(uri, storage_options)
+    where = f"{what} {uri} (endpoint {endpoint})"
+    if any(s in name for s in ("NoCredentials", "Unable to locate credentials", "PartialCredentials")):
+        return PermissionError(f"{where}: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                               "an AWS profile, or storage_options.key/secret)")
+    if isinstance(error, PermissionError) or any(
+        s in name for s in ("Forbidden", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+    ):
+        return PermissionError(f"{where}: access denied: {error} (check the access key and secret for this endpoint, "
+                               "and that they may list and write this bucket)")
+    if any(s in name for s in ("EndpointConnection", "ConnectTimeout", "ConnectionError", "Could not connect")):
+        return ConnectionError(f"{where}: cannot reach the endpoint (check endpoint_url / AWS_ENDPOINT_URL and "
+                               "that the store is up and reachable from this machine)")
+    if isinstance(error, FileNotFoundError) or "NoSuchBucket" in name:
+        return FileNotFoundError(f"{where}: the bucket does not exist: {error} (create it, or fix the URI)")
+    return error if isinstance(error, Exception) else RuntimeError(str(error))
 
 
 def is_local(fs: AbstractFileSystem) -> bool:
@@ -226,6 +279,58 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> str:
+    """Create ``path`` holding ``data`` only if nothing is there yet: the commit point of a run.
+
+    Local disks: the bytes go to a temporary sibling that is hard-linked to ``path``; ``link``
+    fails when ``path`` exists, so readers never see a partial file and only one writer wins
+    (filesystems without hard links fall back to ``O_CREAT | O_EXCL``, where a reader may see the
+    file before its bytes are all written). Object stores: one PUT with ``If-None-Match: *``
+    (S3 since 2024, and compatible stores that implement it). A store that answers that it does
+    not implement conditional writes gets a check-then-PUT, with a window of one round trip
+    between the check and the PUT (docs/manifest.md).
+
+    Returns:
+        ``"exclusive"``, or ``"check-then-put"`` for the fallback.
+
+    Raises:
+        FileExistsError: If ``path`` exists.
+    """
+    if is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some network and FUSE mounts)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        finally:
+            os.unlink(tmp)
+        return "exclusive"
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return "exclusive"
+    except FileExistsError:
+        raise
+    except (TypeError, NotImplementedError):  # an fsspec backend without mode="create"
+        pass
+    except OSError as error:
+        if not any(s in str(error) for s in ("NotImplemented", "not implemented", "501")):
+            raise
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        raise FileExistsError(display_uri(fs, path))
+    fs.pipe_file(path, data)
+    return "check-then-put"
 
 
 class RetryingReader(io.RawIOBase):

@@ -118,7 +118,8 @@ def test_pool_and_manifest_on_s3_read_back_with_plain_pyarrow(cycle, s3_server) 
     out = s3_server.uri("queries")
     query.run(query_config(cycle, pool=pool, out=out, run_id="s3run", storage_options=s3_server.storage_options))
     via_library = manifest.load(out, storage_options=s3_server.storage_options)  # follows LATEST
-    with fs.open(out.removeprefix("s3://") + "/s3run/selection.parquet", "rb") as handle:
+    selection = manifest.read_manifest(out, storage_options=s3_server.storage_options)["files"]["selection"]
+    with fs.open(out.removeprefix("s3://") + f"/s3run/{selection}", "rb") as handle:
         plain = pq.read_table(handle)
     assert via_library.column("key").to_pylist() == plain.column("key").to_pylist()
     local = manifest.load(str(cycle["root"] / "queries" / "r1")).column("key").to_pylist()

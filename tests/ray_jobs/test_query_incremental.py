@@ -6,6 +6,7 @@ keys. The tests share the chain and run in file order, each night building on th
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -70,7 +72,8 @@ def by_shard(written: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def scores(run: Path) -> pd.DataFrame:
-    return pq.read_table(run / "scores").sort_by("key").to_pandas()
+    parts = json.loads((run / "manifest.json").read_text())["files"]["scores"]
+    return pa.concat_tables([pq.read_table(run / part) for part in parts]).sort_by("key").to_pandas()
 
 
 def test_an_unchanged_pool_reuses_every_shard_with_identical_results(nights) -> None:
