@@ -248,6 +248,7 @@ def begin_run(
         committed = _read_manifest_file(fs, run_path)
         if committed.get("inputs_fingerprint") != fingerprint:
             raise RunConflictError(_conflict_message(run_id, run_uri, committed, fingerprint))
+        _advance_latest(fs, out_path, run_id)  # a job killed after its commit left LATEST behind
     else:
         attempts = join_path(run_path, ATTEMPTS_DIR)
         earlier = len(fs.ls(attempts, detail=False)) if fs.exists(attempts) else 0

@@ -10,6 +10,7 @@ import json
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -69,10 +70,15 @@ def query_config(cycle, **overrides) -> query.QueryConfig:
     return query.QueryConfig(**values)
 
 
+def run_scores(run) -> pa.Table:
+    """A committed run's whole scores table (its parts live under the committed attempt)."""
+    return pa.Table.from_batches(list(manifest.iter_scores(str(run))))
+
+
 def test_selection_is_the_exact_topk_of_library_scores(cycle) -> None:
     written = query.run(query_config(cycle, run_id="r1"))
     run_dir = cycle["root"] / "queries" / "r1"
-    scores = pq.read_table(run_dir / "scores").to_pydict()
+    scores = run_scores(run_dir).to_pydict()
     keys = scores["key"]
     assert len(keys) == len(set(keys)) == 231  # every sample exactly once, the corrupt one included
     good = [k for k, e in zip(keys, scores["error"]) if e is None]
@@ -105,7 +111,7 @@ def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, capsys) -> None:
 def test_a_scoring_actor_killed_mid_run_still_gives_a_complete_manifest(cycle) -> None:
     query.run(query_config(cycle, run_id="r3", fail_once_after_batches=2, out=str(cycle["root"] / "drill")))
     assert (cycle["root"] / "drill" / ".actor-failure-drill").exists()  # the actor really died
-    keys = pq.read_table(cycle["root"] / "drill" / "r3" / "scores").column("key").to_pylist()
+    keys = run_scores(cycle["root"] / "drill" / "r3").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 231
     reference = manifest.load(str(cycle["root"] / "queries" / "r1")).column("key").to_pylist()
     assert manifest.load(str(cycle["root"] / "drill" / "r3")).column("key").to_pylist() == reference
@@ -152,6 +158,6 @@ def test_random_subset_and_stochastic_acquisition_are_reproducible(cycle) -> Non
     assert 60 < first["counts"]["scored"] + first["counts"]["errors"] < 140  # about `subset` of 231 rows
     keys = {run: manifest.load(str(out / run)).column("key").to_pylist() for run in "abc"}
     assert keys["a"] == keys["b"] and keys["a"] != keys["c"]
-    scored = set(pq.read_table(out / "a" / "scores").column("key").to_pylist())
+    scored = set(run_scores(out / "a").column("key").to_pylist())
     assert set(keys["a"]) <= scored
     assert again["counts"] == first["counts"]
