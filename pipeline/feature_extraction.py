@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline.coreset import penultimate_features
+from pipeline.acquisition.coreset import penultimate_features
 from pipeline.feature_store import features_matrix, features_table
 
 __all__ = ["FeatureExtractor", "feature_batch", "feature_dim"]

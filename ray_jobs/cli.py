@@ -6,7 +6,7 @@
     lplgrad features [key=value ...]    extract a pool's features into a feature store (ray_jobs/features.py)
     lplgrad proxy [key=value ...]       train a proxy head on cached features (ray_jobs/proxy.py)
     lplgrad align [key=value ...]       fine-tune and promote the proxy's backbone when due (ray_jobs/align.py)
-    lplgrad simulate [key=value ...]    simulated cycles and learning curves (ray_jobs/loop.py)
+    lplgrad simulate [key=value ...]    simulated cycles and learning curves (ray_jobs/simulate.py)
     lplgrad quickstart [key=value ...]  the whole cycle on a synthetic pool (ray_jobs/quickstart.py)
     lplgrad pool build|label ...        build and label WebDataset pools (ray_jobs/pool_cli.py)
     lplgrad manifest show|verify|export|extract|report ...  read committed query runs (ray_jobs/manifest_cli.py)
@@ -33,7 +33,7 @@ JOBS = {
     "features": ("ray_jobs.features", "extract a pool's penultimate features under a frozen backbone into a feature store"),
     "proxy": ("ray_jobs.proxy", "train a proxy head (linear or MLP, with LossNet) on cached features of the labeled set"),
     "align": ("ray_jobs.align", "proxy mode: fine-tune the backbone (LP-FT or FT) when the alignment policy says so, and promote it"),
-    "simulate": ("ray_jobs.loop", "simulated active-learning cycles on a pool whose labels are known"),
+    "simulate": ("ray_jobs.simulate", "simulated active-learning cycles on a pool whose labels are known"),
     "quickstart": ("ray_jobs.quickstart", "one whole cycle on a synthetic pool: build, train, query, label, retrain"),
 }
 

@@ -23,7 +23,7 @@ from pipeline.manifest import load as load_selection
 from pipeline.pools import build_pool, label_pool, synthetic
 from ray_jobs import query, train
 from ray_jobs._cluster import connect
-from ray_jobs.loop import initial_keys
+from pipeline.simulation import initial_keys
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,30 @@
-"""Simulated active learning on a pool whose labels are known: the paper's protocol through the
-real training and query jobs, several strategies and seeds, learning curves at the end.
+"""Simulated active learning on a pool whose labels are known: the paper's protocol, several
+acquisition chains and seeds, learning curves with paired intervals against random at the end.
 
     lplgrad simulate --config configs/simulate/fashion_mnist.yaml
-    lplgrad simulate pool=runs/pools/fmnist-train test_pool=runs/pools/fmnist-test strategies=[lplgrad,random] seeds=[0]
+    lplgrad simulate pool=runs/pools/fmnist-train test_pool=runs/pools/fmnist-test strategies=[lplgrad,lplgrad+power,badge,random] seeds=[0,1,2]
     lplgrad simulate --proxy --config configs/simulate/fashion_mnist_proxy.yaml
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python -m ray_jobs.loop --config configs/simulate/cifar10.yaml
+        python -m ray_jobs.simulate --config configs/simulate/cifar10.yaml engine=ray
 
-Per (strategy, seed): a random initial labeled set (the same for every strategy of a seed); then
-per cycle: build the labeled pool from the true labels (`label_pool`), train (`ray_jobs.train`),
-record test accuracy, query (`ray_jobs.query`, excluding the labeled pool; `coreset` runs k-center
-greedy on penultimate features instead), add the selection. The first cycle's training is shared
-by every chain of a seed (same labeled set, same training seed). Results are appended to
-`{out}/results.parquet` (+ CSV) after every cycle; `{out}/learning_curves.png` and
-`{out}/results.md` are rewritten after every chain.
+Chains (`strategies=`): a per-sample strategy by top-k (`lplgrad`, `entropy`, `margin`, `lpl`, ...),
+the same drawn stochastically (`lplgrad+power`, `entropy+softrank`, with `beta=`; Kirsch et al.,
+TMLR 2023), or a set function on the random subset (`coreset`, `badge`).
 
-Modes (`modes=[full,proxy,proxy-aligned]`, or `--proxy` for all three side by side):
+Per (chain, seed): a random initial labeled set (the same for every chain of a seed); then per
+cycle: train (the first cycle's model is shared by every chain of a seed), record accuracy on the
+whole test pool, query the unlabeled rest (a random `subset` of it, as in the paper), add the
+selection. Results are appended to `{out}/results.parquet` (+ CSV) after every cycle;
+`{out}/summary.*` (per cycle: mean, std, difference to random paired by seed with a 95% interval),
+`{out}/aulc.*`, `{out}/learning_curves.png` and `{out}/results.md` are rewritten after every chain.
+
+Engines: `memory` (default) decodes the pool once into memory and trains and scores in this
+process with the library's joint step and scorer: a cycle costs its training and scoring, not the
+start-up of two Ray jobs (which dominated cycles on a small machine). `ray` runs every cycle
+through the real jobs (`ray_jobs.train`, `ray_jobs.query`), for pools too large for one machine
+and for the proxy modes.
+
+Modes (`modes=[full,proxy,proxy-aligned]`, or `--proxy` for all three side by side; `engine=ray`):
 `full` queries with the trained model; `proxy` freezes the first cycle's model as the backbone,
 extracts the pool's features once (`ray_jobs.features`) and queries with a proxy head trained
 on the labeled features each cycle (`ray_jobs.proxy`); `proxy-aligned` also fine-tunes the
@@ -38,23 +47,26 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.acquisition import available_strategies, random_values
+from pipeline.acquisition import Chain, FeatureRows, check_badge_memory, kcenter_greedy, parse_chain, random_values
+from pipeline.augment import AUGMENT_PRESETS
 from pipeline.alignment import AlignmentPolicy, AlignmentState
 from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_yaml, load_config
-from pipeline.coreset import FeatureRows, kcenter_greedy
-from pipeline.learning_curves import append_results, markdown_table, plot_learning_curves
+from pipeline.checkpoint import ModelSpec
+from pipeline.learning_curves import append_results, difference_table, markdown_table, plot_learning_curves, write_summaries
 from pipeline.manifest import load as load_selection
 from pipeline.models import available_models
 from pipeline.pools import iter_pool_samples, label_pool, resolve_pool, spec_for_model
+from pipeline.simulation import FirstCycles, Protocol, classifier_head, initial_keys, load_array_pool, run_chain_in_memory
+from pipeline.training import TrainSchedule
 from ray_jobs import features, proxy, query, train
 from ray_jobs.align import finetune_backbone
 from ray_jobs.proxy import labeled_keys
 from ray_jobs._cluster import connect
 from ray_jobs.pool_data import read_pool
 
-STRATEGIES = (*available_strategies(), "coreset")
 MODES = ("full", "proxy", "proxy-aligned")
+ENGINES = ("memory", "ray")
 MODEL_FREE = ("random", "coreset")  # strategies a proxy does not change: run in full mode only
 
 
@@ -63,7 +75,7 @@ class SimulateConfig:
     pool: str = ""  # samples carry their true label (cls)
     test_pool: str | None = None
     model: str = "small_cnn"
-    strategies: tuple[str, ...] = ("lplgrad", "lpl", "entropy", "margin", "least-confidence", "random", "coreset")
+    strategies: tuple[str, ...] = ("lplgrad", "lplgrad+power", "lpl", "entropy", "margin", "badge", "coreset", "random")
     seeds: tuple[int, ...] = (0, 1, 2)
     initial: int = 200
     per_cycle: int = 200
@@ -77,6 +89,11 @@ class SimulateConfig:
     cpus_per_actor: float = 1.0
     gpus: bool = False
     warm_start: bool = False  # the reference implementation keeps the model across cycles
+    augment: str = "none"  # training augmentation preset: none | cifar | gray28 | imagenet
+    beta: float = 1.0  # inverse temperature of stochastic chains (lplgrad+power, ...)
+    badge_memory_mb: float = 2048.0  # BADGE's subset x classes x features embedding budget
+    engine: str = "memory"  # memory: one process, pool in memory | ray: every cycle through the Ray jobs
+    threads: int | None = None  # memory engine: torch threads (default: torch's choice)
     modes: tuple[str, ...] = ("full",)  # full | proxy | proxy-aligned
     proxy_kind: str = "mlp"
     proxy_epochs: int = 100
@@ -91,9 +108,19 @@ class SimulateConfig:
     def __post_init__(self) -> None:
         if not self.pool:
             raise ValueError("pool is required: a pool whose samples carry their true labels")
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown or not self.strategies:
-            raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+        if not self.strategies:
+            raise ValueError("strategies must name at least one chain, e.g. [lplgrad, entropy, random]")
+        chains = self.chains()  # validates every name
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"augment {self.augment!r} is unknown; choose one of {', '.join(AUGMENT_PRESETS)}")
+        if self.engine == "ray" and any(c.strategy == "badge" for c in chains):
+            raise ValueError("badge runs with engine=memory only (its embeddings are gathered in one process)")
+        if self.engine == "memory" and any(m != "full" for m in self.modes):
+            raise ValueError("proxy modes run through the Ray jobs: set engine=ray")
+        if self.badge_memory_mb <= 0:
+            raise ValueError(f"badge_memory_mb must be positive, got {self.badge_memory_mb}")
         if self.model not in available_models():
             raise ValueError(f"model {self.model!r} is unknown; choose one of {', '.join(available_models())}")
         for name in ("initial", "per_cycle", "cycles", "epochs", "batch_size", "num_workers", "actors"):
@@ -106,6 +133,12 @@ class SimulateConfig:
         if any(m != "full" for m in self.modes) and not self.test_pool:
             raise ValueError("proxy modes report the proxy's accuracy on test_pool: set test_pool=")
         self.alignment()  # validates
+
+    def chains(self) -> list[Chain]:
+        try:
+            return [parse_chain(name, self.beta) for name in self.strategies]
+        except ValueError as error:
+            raise ValueError(f"unknown strategies: {error}") from None
 
     def alignment(self) -> AlignmentPolicy:
         return AlignmentPolicy(self.align_every, self.align_growth, self.finetune, self.lp_ft_below)
@@ -134,12 +167,6 @@ def true_labels(pool_uri: str, storage_options: dict[str, Any]) -> dict[str, int
             raise ValueError(f"sample {sample.key} of {pool_uri} has no label: simulation needs a fully labeled pool")
         labels[sample.key] = int(sample.files["cls"].decode().strip())
     return labels
-
-
-def initial_keys(keys: list[str], size: int, seed: int) -> list[str]:
-    """The seed's random initial labeled set: the `size` keys with the smallest seeded hash."""
-    values = random_values(keys, seed)
-    return [keys[i] for i in np.argsort(values, kind="stable")[:size]]
 
 
 def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k: int, seed: int) -> list[str]:
@@ -176,7 +203,7 @@ def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int
         labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
         batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
         cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "train"), name=f"c{cycle}",
-        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=seed * 1000 + cycle,
+        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, augment=config.augment, seed=seed * 1000 + cycle,
         warm_start=previous if config.warm_start else None, storage_options=config.storage_options,
     )
     started = time.perf_counter()
@@ -190,10 +217,12 @@ def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int
 def query_cycle(config: SimulateConfig, strategy: str, checkpoint: str, labeled: list[str], labeled_uri: str, work: Path,
                 cycle: int, seed: int, features: str | None = None) -> list[str]:
     """One query (full model, or a proxy with its feature store): the selected keys."""
-    if strategy == "coreset":
+    chain = parse_chain(strategy, config.beta)
+    if chain.strategy == "coreset":
         return coreset_query(config, checkpoint, set(labeled), config.per_cycle, seed * 1000 + cycle)
     query.run(query.QueryConfig(
-        pool="" if features else config.pool, checkpoint=checkpoint, features=features, strategy=strategy, k=config.per_cycle,
+        pool="" if features else config.pool, checkpoint=checkpoint, features=features, strategy=chain.strategy,
+        stochastic=chain.stochastic, beta=chain.beta, k=config.per_cycle,
         exclude_labeled=labeled_uri, out=str(work / "queries"), run_id=f"c{cycle}",
         subset=config.subset, seed=seed * 1000 + cycle, actors=config.actors,
         cpus_per_actor=config.cpus_per_actor, gpus_per_actor=1.0 if config.gpus else 0.0,
@@ -250,7 +279,7 @@ def align_backbone(config: SimulateConfig, backbone: str, store: str, labeled_ur
         labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
         batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
         cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "align"), name=f"c{cycle}",
-        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=seed * 1000 + cycle + 500,
+        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, augment=config.augment, seed=seed * 1000 + cycle + 500,
         warm_start=backbone, storage_options=config.storage_options,
     )
     return finetune_backbone(train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs), finetune
@@ -310,6 +339,10 @@ def report(config: SimulateConfig, rows: list[dict[str, Any]]) -> None:
     labeled_rows = [{**row, "strategy": curve_label(row)} for row in rows]
     plot_learning_curves(labeled_rows, out / "learning_curves.png", title=f"{config.model} on {Path(config.pool).name}")
     text = "Test accuracy (%) by labeled-set size, mean ± std over seeds " f"{list(config.seeds)}:\n\n" + markdown_table(labeled_rows)
+    differences = difference_table(labeled_rows)
+    if differences:
+        text += "\n" + differences
+    write_summaries(labeled_rows, out)
     if any(row.get("mode", "full") != "full" for row in rows):
         text += "\n\n" + cost_table(rows)
     (out / "results.md").write_text(text)
@@ -343,6 +376,62 @@ def run(config: SimulateConfig) -> list[dict[str, Any]]:
         raise ValueError(f"{out}/results.parquet exists: choose a new out= so results of different runs do not mix")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config_to_yaml(config))
+    if config.engine == "memory":
+        rows = run_in_memory(config)
+    else:
+        rows = run_with_jobs(config)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.parquet'} (+ .csv), summaries: {out / 'summary.csv'}, {out / 'aulc.csv'}, "
+          f"plot: {out / 'learning_curves.png'}")
+    return rows
+
+
+def run_in_memory(config: SimulateConfig) -> list[dict[str, Any]]:
+    """Every chain in this process on the decoded pool (engine=memory)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    spec_probe = spec_for_model(config.model)
+    started = time.perf_counter()
+    pool = load_array_pool(config.pool, spec_probe, config.storage_options)
+    test = load_array_pool(config.test_pool or config.pool, spec_for_model(config.model, num_classes=len(pool.classes)),
+                           config.storage_options)
+    spec = ModelSpec(config.model, len(pool.classes))
+    decode = spec_for_model(config.model, num_classes=len(pool.classes))
+    print(f"decoded {len(pool)} pool and {len(test)} test samples in {time.perf_counter() - started:.0f} s"
+          + (f"; {len(pool.skipped) + len(test.skipped)} could not be decoded and are left out" if pool.skipped or test.skipped else ""))
+    protocol = Protocol(
+        initial=config.initial, per_cycle=config.per_cycle, cycles=config.cycles, subset=config.subset,
+        schedule=TrainSchedule.scaled(config.epochs), batch_size=config.batch_size, warm_start=config.warm_start,
+        augment=config.augment, badge_memory_mb=config.badge_memory_mb,
+        device="cuda" if config.gpus and torch.cuda.is_available() else "cpu",
+    )
+    chains = config.chains()
+    check_badge_budget(config, chains, spec, len(pool))
+    first, rows = FirstCycles(), []
+    results = Path(config.out) / "results.parquet"
+    for seed in config.seeds:
+        for chain in chains:
+            def record(row: dict[str, Any]) -> None:
+                append_results(results, [row])
+                print(f"{row['strategy']} seed {row['seed']} cycle {row['cycle']}: {row['labeled']} labeled, "
+                      f"test accuracy {row['test_accuracy']:.4f} (train {row['train_seconds']:.0f} s"
+                      + (f", query {row['query_seconds']:.0f} s)" if row["query_seconds"] is not None else ")"))
+            rows += run_chain_in_memory(chain, seed, pool, test, spec, decode, protocol, first, record)
+            report(config, rows)
+    return rows
+
+
+def check_badge_budget(config: SimulateConfig, chains: list[Chain], spec: ModelSpec, pool_size: int) -> None:
+    """Refuse, before any training, a BADGE chain whose subset would not fit its memory budget."""
+    if not any(c.strategy == "badge" for c in chains):
+        return
+    head = classifier_head(spec.build()[0])
+    check_badge_memory(min(config.subset or pool_size, pool_size), head.out_features, head.in_features, config.badge_memory_mb)
+
+
+def run_with_jobs(config: SimulateConfig) -> list[dict[str, Any]]:
+    """Every chain through the real Ray jobs (engine=ray)."""
+    out = Path(config.out)
     truth = true_labels(config.pool, config.storage_options)
     classes = list(resolve_pool(config.pool, config.storage_options).classes or [str(c) for c in sorted(set(truth.values()))])
     rows: list[dict[str, Any]] = []
@@ -350,7 +439,7 @@ def run(config: SimulateConfig) -> list[dict[str, Any]]:
     for seed in config.seeds:
         for mode in config.modes:
             for strategy in config.strategies:
-                if mode != "full" and strategy in MODEL_FREE:
+                if mode != "full" and parse_chain(strategy, config.beta).strategy in MODEL_FREE:
                     print(f"{strategy} does not use the model: it runs in full mode only")
                     continue
                 if mode == "full":
@@ -358,15 +447,14 @@ def run(config: SimulateConfig) -> list[dict[str, Any]]:
                 else:
                     rows += run_proxy_chain(config, strategy, seed, mode, truth, classes, shared)
                 report(config, rows)
-    print((out / "results.md").read_text())
-    print(f"results: {out / 'results.parquet'} (+ .csv), plot: {out / 'learning_curves.png'}")
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     print(config_to_yaml(config), end="")
-    print(connect(config.address))
+    if config.engine == "ray":
+        print(connect(config.address))
     run(config)
     return 0
 

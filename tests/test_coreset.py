@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.coreset import kcenter_greedy, penultimate_features
+from pipeline.acquisition.coreset import kcenter_greedy, penultimate_features
 from pipeline.models import create_model
 
 

@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import load_config
 from ray_jobs.align import AlignConfig
 from ray_jobs.features import FeaturesConfig
-from ray_jobs.loop import SimulateConfig
+from ray_jobs.simulate import SimulateConfig
 from ray_jobs.query import QueryConfig
 from ray_jobs.score_demo import ScoreDemoConfig
 from ray_jobs.train import TrainConfig
