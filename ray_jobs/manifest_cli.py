@@ -6,6 +6,7 @@
     lplgrad manifest export s3://bucket/queries/2026-11-21 --format label-studio \
         --image-url-prefix s3://bucket/to-label/2026-11-21 --out tasks-2026-11-21.json
     lplgrad manifest export runs/query --format csv --out selection.csv
+    lplgrad manifest report s3://bucket/queries/2026-11-21 --out report-2026-11-21.html
 
 The same commands run as ``python -m ray_jobs.manifest_cli show ...``. None of them starts Ray.
 URIs are local paths or any fsspec URI; ``--storage-option KEY=VALUE`` (repeatable) applies to
@@ -36,7 +37,7 @@ from pipeline.pools import PoolError, parse_storage_options
 
 __all__ = ["add_commands", "main"]
 
-_COMMANDS = "{show,verify,export,extract}"
+_COMMANDS = "{show,verify,export,extract,report}"
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,13 @@ def _add_manifest_commands(subparsers: Any) -> None:
                          help="look through every shard for keys not found in the shard the selection names")
     extract.set_defaults(func=run_extract)
 
+    report = subparsers.add_parser("report", help="write one self-contained HTML page: selected images, scores, class mix, errors")
+    _run_arguments(report)
+    report.add_argument("--out", help="HTML file (path or fsspec URI; default: report-RUN_ID.html here)")
+    report.add_argument("--max-images", type=int, default=1000, help="thumbnails shown, rank order (default 1000)")
+    _pool_argument(report)
+    report.set_defaults(func=run_report)
+
 
 def add_commands(subparsers: Any) -> None:
     """Add ``manifest show|verify|export|extract`` to a top-level CLI.
@@ -89,7 +97,7 @@ def add_commands(subparsers: Any) -> None:
         subparsers: What ``ArgumentParser.add_subparsers()`` returned; each leaf parser sets
             ``func`` to a callable ``(args) -> int`` exit code.
     """
-    manifest = subparsers.add_parser("manifest", help="show, verify, export and extract committed query runs",
+    manifest = subparsers.add_parser("manifest", help="show, verify, export, extract and report committed query runs",
                                      description="Read committed query runs (selection manifests).")
     _add_manifest_commands(manifest.add_subparsers(dest="manifest_command", required=True, metavar=_COMMANDS))
 
@@ -154,6 +162,20 @@ def run_extract(args: argparse.Namespace) -> int:
     for key, reason in sorted(report.missing.items()):
         print(f"missing {key}: {reason}", file=sys.stderr)
     return 1 if report.missing else 0
+
+
+@_guarded
+def run_report(args: argparse.Namespace) -> int:
+    """Write the run's HTML report; says where and what it holds."""
+    from pipeline.report import write_run_report  # matplotlib and jinja2 load only for this command
+
+    options = parse_storage_options(args.storage_option)
+    run = open_run(args.uri, options)
+    out = args.out or f"report-{run.run_id}.html"
+    report = write_run_report(run.uri, out, options, max_images=args.max_images, pool=args.pool)
+    shown = sum(t.src is not None for t in report.thumbnails)
+    print(f"report of {run.uri}: {shown} of {report.selected} selected images, {report.errors_total} errors -> {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
