@@ -163,7 +163,8 @@ def timed_query(config: query.QueryConfig) -> dict[str, Any]:
 def check_selection(run_uri: str, k: int, samples: int, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Compare selection.parquet with a brute-force sort of every row in scores/*.parquet."""
     fs, path = filesystem_for(run_uri, storage_options)
-    parts = sorted(fs.glob(f"{path.rstrip('/')}/scores/*.parquet"))
+    files = json.loads(fs.cat_file(f"{path.rstrip('/')}/manifest.json"))["files"]  # parts live under the committed attempt
+    parts = [f"{path.rstrip('/')}/{part}" for part in files["scores"]]
     tables = []
     for part in parts:
         with fs.open(part, "rb") as handle:
@@ -172,7 +173,7 @@ def check_selection(run_uri: str, k: int, samples: int, storage_options: dict[st
     keys = scores.column("key")
     good = scores.filter(pa.compute.and_(pa.compute.is_null(scores.column("error")), pa.compute.is_finite(scores.column("score"))))
     expected = good.sort_by([("score", "descending"), ("key", "ascending")]).column("key").slice(0, k).to_pylist()
-    with fs.open(f"{path.rstrip('/')}/selection.parquet", "rb") as handle:
+    with fs.open(f"{path.rstrip('/')}/{files['selection']}", "rb") as handle:
         selected = pq.ParquetFile(handle).read(columns=["key"]).column("key").to_pylist()
     return {"exact": selected == expected, "rows": scores.num_rows, "every_key_once": scores.num_rows == samples == len(pa.compute.unique(keys)),
             "parts": len(parts)}

@@ -401,7 +401,18 @@ def _scored_batches(rows: ray.data.Dataset | None, reused: Iterable[pa.Table]) -
         yield "reused", table
     if rows is not None:
         for batch in rows.iter_batches(batch_size=4096, batch_format="pyarrow"):
-            yield "scored", batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names])
+            yield "scored", _text_columns(batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names]))
+
+
+def _text_columns(batch: pa.Table) -> pa.Table:
+    """key, shard and error as strings. A batch of whole-shard error rows only has no key at all,
+    and Ray's numpy batches turn that all-None column into NaN floats: read back, they are nulls."""
+    for name in ("key", "shard", "error"):
+        column = batch.column(name)
+        if not pa.types.is_string(column.type):
+            values = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in column.to_pylist()]
+            batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
+    return batch
 
 
 def _offer(top: TopK, config: QueryConfig, columns: dict[str, np.ndarray], values: np.ndarray, ranks: np.ndarray | None = None) -> None:
@@ -447,7 +458,7 @@ def run(config: QueryConfig) -> dict[str, Any]:
     # in bursts. The time to the first scored batch (an upper bound on start-up) is reported apart.
     first = result["first_scored_at"]
     startup = (first - start) if first is not None else elapsed
-    rate = streamed / elapsed
+    rate = streamed / elapsed if elapsed > 0 else 0.0
     manifest = commit_run(
         state, prepared["inputs"], selection, result["errors"],
         scored=result["scored"], excluded=result["excluded"], summary=result["summary"],
@@ -462,10 +473,12 @@ def run(config: QueryConfig) -> dict[str, Any]:
               "this attempt's files were discarded")
         return manifest
     copied_from = f" and copied {copied} from {plan.source_id}" if plan.source_id else ""
+    unreadable = sorted({shard for key, shard, _ in result["errors"] if key is None})
+    nothing = "; nothing was scoreable: see errors.parquet for why" if not result["scored"] else ""
     print(
         f"scored {streamed} rows at {rate:.1f} rows/s{copied_from}, "
-        f"selected {len(selection)}, errors {len(result['errors'])}, excluded {result['excluded']}, "
-        f"manifest {state.run_uri}/manifest.json"
+        f"selected {len(selection)}, errors {len(result['errors'])} (unreadable shards {len(unreadable)}), "
+        f"excluded {result['excluded']}, manifest {state.run_uri}/manifest.json{nothing}"
     )
     return manifest
 

@@ -17,6 +17,7 @@ import s3fs
 import torch
 
 from pipeline import manifest
+from pipeline.manifest_verify import verify_run
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from pipeline.config import ConfigError
 from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
@@ -88,7 +89,7 @@ def test_selection_is_the_exact_topk_of_library_scores(cycle) -> None:
     selection = manifest.load(str(run_dir))
     assert selection.column("key").to_pylist() == select_topk(good, expected, 12)
     assert selection.column("rank").to_pylist() == list(range(1, 13))
-    errors = pq.read_table(run_dir / "errors.parquet").to_pydict()
+    errors = manifest.load_errors(str(run_dir)).to_pydict()
     assert errors["key"] == ["corrupt-0001"] and errors["reason"][0]
     counts = json.loads((run_dir / "manifest.json").read_text())["counts"]
     assert counts == {"scored": 230, "excluded": 0, "errors": 1, "selected": 12}
@@ -161,3 +162,21 @@ def test_random_subset_and_stochastic_acquisition_are_reproducible(cycle) -> Non
     scored = set(run_scores(out / "a").column("key").to_pylist())
     assert set(keys["a"]) <= scored
     assert again["counts"] == first["counts"]
+
+
+def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(cycle, tmp_path, capsys) -> None:
+    pool = tmp_path / "bad-pool"
+    pool.mkdir()
+    (pool / "shard-0000.tar").write_bytes(np.random.default_rng(0).bytes(4096))  # random bytes
+    good = (cycle["root"] / "pool" / "shard-0000.tar").read_bytes()
+    (pool / "shard-0001.tar").write_bytes(good[: len(good) // 3 + 100])  # truncated mid-member
+    out = tmp_path / "queries"
+    written = query.run(query_config(cycle, pool=str(pool), out=str(out), run_id="bad", incremental=False))
+    assert written["counts"]["selected"] == 0 and written["counts"]["scored"] == 0
+    errors = manifest.load_errors(str(out / "bad")).to_pylist()
+    by_shard = {e["shard"]: e["reason"] for e in errors if e["key"] is None}
+    assert set(by_shard) == {str(pool / "shard-0000.tar"), str(pool / "shard-0001.tar")}, errors
+    assert all(reason for reason in by_shard.values())
+    assert verify_run(str(out / "bad")).ok
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("scored ")]
+    assert len(summary) == 1 and "selected 0" in summary[0] and "unreadable shards 2" in summary[0], summary
