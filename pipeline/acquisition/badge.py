@@ -64,7 +64,7 @@ def badge_embeddings(logits: Tensor, features: Tensor) -> Tensor:
     return (residual[:, :, None] * features.float()[:, None, :]).flatten(1)
 
 
-def kmeanspp_seeding(embeddings: Tensor, k: int, seed: int, chunk: int = 8192) -> list[int]:
+def kmeanspp_seeding(embeddings: Tensor, k: int, seed: int) -> list[int]:
     """k-means++ seeding as in the authors' code: the largest-norm point first, then each next
     centre drawn with probability proportional to its squared distance to the nearest centre.
 
@@ -72,7 +72,6 @@ def kmeanspp_seeding(embeddings: Tensor, k: int, seed: int, chunk: int = 8192) -
         embeddings: ``[N, E]`` candidate embeddings.
         k: Centres to pick; at most N are returned.
         seed: Seed of the draws (a NumPy generator of its own, never a global one).
-        chunk: Rows per distance block.
 
     Returns:
         Indices into ``embeddings``, in pick order, without repeats. When every remaining point
@@ -83,29 +82,30 @@ def kmeanspp_seeding(embeddings: Tensor, k: int, seed: int, chunk: int = 8192) -
     if k <= 0:
         return []
     points = embeddings.double()
+    squared_norms = (points * points).sum(dim=1)  # [N]; distances by ||x||² - 2 x·c + ||c||², no [N, E] temporaries
     rng = np.random.default_rng(seed)
-    first = int(torch.argmax(points.norm(dim=1)))
+    first = int(torch.argmax(squared_norms))
     picks = [first]
-    nearest = _distances_squared(points, points[first], chunk)
-    nearest[first] = 0.0
     chosen = np.zeros(n, dtype=bool)
     chosen[first] = True
+    nearest = _distances_squared(points, squared_norms, first)
     while len(picks) < k:
-        weights = nearest.numpy().copy()
-        weights[chosen] = 0.0
+        weights = np.where(chosen, 0.0, nearest.numpy())
         total = weights.sum()
         if total > 0:
-            index = int(rng.choice(n, p=weights / total))
+            # Inverse-CDF draw: one uniform against the cumulative weights.
+            index = int(np.searchsorted(np.cumsum(weights), rng.random() * total, side="right"))
+            index = min(index, n - 1)
+            if chosen[index]:  # only reachable through rounding at a zero-weight boundary
+                index = int(np.flatnonzero(~chosen)[np.argmax(weights[~chosen])])
         else:
             index = int(rng.choice(np.flatnonzero(~chosen)))
         picks.append(index)
         chosen[index] = True
-        nearest = torch.minimum(nearest, _distances_squared(points, points[index], chunk))
+        nearest = torch.minimum(nearest, _distances_squared(points, squared_norms, index))
     return picks
 
 
-def _distances_squared(points: Tensor, centre: Tensor, chunk: int) -> Tensor:
-    out = torch.empty(points.shape[0], dtype=torch.float64)
-    for start in range(0, points.shape[0], chunk):
-        out[start : start + chunk] = ((points[start : start + chunk] - centre) ** 2).sum(dim=1)
-    return out
+def _distances_squared(points: Tensor, squared_norms: Tensor, centre: int) -> Tensor:
+    distances = squared_norms - 2.0 * (points @ points[centre]) + squared_norms[centre]
+    return distances.clamp_(min=0.0)

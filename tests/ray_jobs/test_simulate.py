@@ -8,18 +8,18 @@ from pipeline import manifest
 from pipeline.config import ConfigError
 from pipeline.learning_curves import read_results
 from pipeline.pools import build_pool, synthetic
-from ray_jobs import loop
+from ray_jobs import simulate
 
 
 def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path) -> None:
     build_pool(synthetic(96, seed=5, num_classes=3, image_size=28, channels=1), str(tmp_path / "pool"))
     build_pool(synthetic(48, seed=6, num_classes=3, image_size=28, channels=1, split="test"), str(tmp_path / "test"))
-    config = loop.SimulateConfig(
+    config = simulate.SimulateConfig(
         pool=str(tmp_path / "pool"), test_pool=str(tmp_path / "test"), strategies=("lplgrad", "coreset"),
         seeds=(0,), initial=16, per_cycle=12, cycles=2, epochs=1, batch_size=16, num_workers=1,
         cpus_per_worker=0.5, cpus_per_actor=0.5, out=str(tmp_path / "sim"),
     )
-    loop.run(config)
+    simulate.run(config)
     rows = read_results(tmp_path / "sim" / "results.parquet")
     assert [(r["strategy"], r["cycle"], r["labeled"]) for r in rows] == [
         ("lplgrad", 0, 16), ("lplgrad", 1, 28), ("coreset", 0, 16), ("coreset", 1, 28)]
@@ -31,27 +31,27 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
     initial = {r["strategy"]: r for r in rows if r["cycle"] == 0}
     assert initial["lplgrad"]["labeled"] == initial["coreset"]["labeled"]
     with pytest.raises(ValueError, match="results.parquet exists"):
-        loop.run(config)
+        simulate.run(config)
 
 
 def test_initial_set_is_seeded_and_strategies_are_checked() -> None:
     keys = [f"k{i:03d}" for i in range(100)]
-    assert loop.initial_keys(keys, 10, 0) == loop.initial_keys(list(reversed(keys)), 10, 0)
-    assert loop.initial_keys(keys, 10, 0) != loop.initial_keys(keys, 10, 1)
+    assert simulate.initial_keys(keys, 10, 0) == simulate.initial_keys(list(reversed(keys)), 10, 0)
+    assert simulate.initial_keys(keys, 10, 0) != simulate.initial_keys(keys, 10, 1)
     with pytest.raises(ConfigError, match="unknown strategies"):
-        loop.parse_args(["pool=x", "strategies=[badge]"])
+        simulate.parse_args(["pool=x", "strategies=[bogus]"])
 
 
 def test_proxy_aligned_simulation_refreshes_features_from_the_fine_tuned_backbone(ray_local, tmp_path) -> None:
     build_pool(synthetic(80, seed=5, num_classes=3, image_size=28, channels=1), str(tmp_path / "pool"))
     build_pool(synthetic(30, seed=6, num_classes=3, image_size=28, channels=1, split="test"), str(tmp_path / "test"))
-    config = loop.parse_args([
+    config = simulate.parse_args([
         "--proxy", f"pool={tmp_path / 'pool'}", f"test_pool={tmp_path / 'test'}", "strategies=[lplgrad]", "modes=[proxy-aligned]",
         "seeds=[0]", "initial=16", "per_cycle=8", "cycles=3", "epochs=1", "batch_size=16", "cpus_per_worker=0.5",
         "cpus_per_actor=0.5", "proxy_epochs=3", "align_every=1", "align_growth=null", f"out={tmp_path / 'sim'}",
     ])
     assert config.modes == ("proxy-aligned",)  # an explicit modes= wins over --proxy's three
-    loop.run(config)
+    simulate.run(config)
     rows = read_results(tmp_path / "sim" / "results.parquet")
     assert [(r["mode"], r["cycle"], r["labeled"], r["aligned"]) for r in rows] == [
         ("proxy-aligned", 0, 16, None), ("proxy-aligned", 1, 24, "lp-ft"), ("proxy-aligned", 2, 32, None)]
@@ -63,4 +63,4 @@ def test_proxy_aligned_simulation_refreshes_features_from_the_fine_tuned_backbon
     assert "| lplgrad [proxy-aligned] |" in (tmp_path / "sim" / "results.md").read_text()
     assert "selection total s" in (tmp_path / "sim" / "results.md").read_text()
     with pytest.raises(ValueError, match="proxy modes report the proxy's accuracy on test_pool"):
-        loop.SimulateConfig(pool="x", modes=("proxy",))
+        simulate.SimulateConfig(pool="x", modes=("proxy",))
