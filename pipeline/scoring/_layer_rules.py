@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerRule", "rule_for", "MEMORY_BUDGET_ELEMENTS"]
+__all__ = ["LayerRule", "rule_for", "linear_grads", "as_float32", "MEMORY_BUDGET_ELEMENTS"]
 
 # Largest intermediate (in elements) a rule builds at once; batches are split to stay under it so
 # that scoring memory is bounded by the batch, not by the widest layer times the batch.
@@ -39,6 +39,18 @@ def _chunks(batch: int, per_sample_elements: int, cap: int | None = None) -> lis
     size = max(1, MEMORY_BUDGET_ELEMENTS // max(1, per_sample_elements))
     size = min(size, cap) if cap else size
     return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
+
+
+def as_float32(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer input and output gradient recorded under autocast, as the op saw them, in float32.
+
+    Autocast runs a linear or a convolution on its input cast to the output's dtype (bfloat16),
+    so the input is rounded to that dtype first; the per-sample norms are then accumulated in
+    float32. Norm layers kept in float32 by autocast see their input unchanged.
+    """
+    if g.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(g.dtype)
+    return x.float(), g.float()
 
 
 def _sq(t: Tensor) -> Tensor:
@@ -79,19 +91,32 @@ def _weight_from_patches(
     return out
 
 
-def _linear(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def linear_grads(x: Tensor, g: Tensor, names: Collection[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    """Per-sample gradients of y = x W^T + b with positions sharing W.
+
+    Args:
+        x: [B, T, in] inputs; g: [B, T, out] output gradients.
+        names: which of "weight", "bias" to compute.
+        materialize: names to return as gradients ([B, out, in], [B, out]) rather than [B]
+            squared norms.
+    """
     batch = x.shape[0]
-    # Linear on [B, ..., in]: every extra dimension is a position t sharing the weight.
-    a = x.reshape(batch, 1, -1, x.shape[-1]).transpose(-1, -2)  # [B, 1, in, T]
-    gg = g.reshape(batch, 1, -1, g.shape[-1]).transpose(-1, -2)  # [B, 1, out, T]
+    a = x.unsqueeze(1).transpose(-1, -2)  # [B, 1, in, T]
+    gg = g.unsqueeze(1).transpose(-1, -2)  # [B, 1, out, T]
     result: dict[str, Tensor] = {}
     if "weight" in names:
         w = _weight_from_patches(a, gg, "weight" in materialize)
-        result["weight"] = w.reshape(batch, *module.weight.shape) if "weight" in materialize else w
+        result["weight"] = w.reshape(batch, g.shape[-1], x.shape[-1]) if "weight" in materialize else w
     if "bias" in names:
-        gb = gg.sum(dim=-1).reshape(batch, -1)
+        gb = g.sum(dim=1)
         result["bias"] = gb if "bias" in materialize else _sq(gb)
     return result
+
+
+def _linear(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    batch = x.shape[0]
+    # Linear on [B, ..., in]: every extra dimension is a position t sharing the weight.
+    return linear_grads(x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1]), names, materialize)
 
 
 def _conv(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:

@@ -20,9 +20,11 @@ entropy, which is the set the authors' `p.grad is not None` loop sums over.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections import Counter
-from collections.abc import Sequence
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,7 +33,9 @@ from torch import Tensor, nn
 
 from pipeline.models import validate_input
 from pipeline.scoring import _fallback
-from pipeline.scoring._layer_rules import LayerRule, rule_for
+from pipeline.scoring._attention import AttentionRecorder, Compute
+from pipeline.scoring._layer_rules import LayerRule, as_float32, rule_for
+from pipeline.scoring._node_rules import NodeUse, per_sample_grad, trace_uses
 from pipeline.scoring.uncertainty import entropy, top2
 
 __all__ = ["Norm", "NORMS", "BatchScores", "GradNormScorer", "gradnorm_scores", "combine_norms"]
@@ -85,9 +89,15 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Call:
-    """One forward call of a hooked layer, kept until its output gradient has been used."""
+    """One use of some parameters (a hooked layer's call, or one projection inside an attention
+    call), kept until its output gradient has been used.
+
+    `compute`, when set, replaces the layer rule: it maps the output gradient to per-sample
+    results. Calls sharing a `group` are parts of one use of a parameter (row blocks of a packed
+    weight): their squared norms add up.
+    """
 
     module: nn.Module
     rule: LayerRule | None
@@ -98,6 +108,15 @@ class _Call:
     grads: list[Tensor | None]
     pending: int
     source_outputs: tuple[tuple[int, Tensor], ...] = ()
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    compute: Compute | None = None
+    group: object = None
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            self.params = {n: self.module._parameters[n] for n in self.names}  # type: ignore[misc]
+        if self.group is None:
+            self.group = self
 
 
 class GradNormScorer:
@@ -111,9 +130,15 @@ class GradNormScorer:
         norm: "per_tensor_sum" (the authors' sum of per-tensor L2 norms) or "global".
         loss_module: optional LossNet; its predicted loss is reported, never part of the score.
         tap: the FeatureTap feeding `loss_module` (required with it).
+        autocast_dtype: run the forward and backward under `torch.autocast` with this dtype
+            (e.g. torch.bfloat16 on a GPU); per-sample norms are still accumulated in float32.
+            None (the default) scores in the model's own precision.
     """
 
-    def __init__(self, model: nn.Module, norm: Norm = "per_tensor_sum", loss_module: nn.Module | None = None, tap: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, norm: Norm = "per_tensor_sum", loss_module: nn.Module | None = None, tap: Any = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
         _check_norm(norm)
         if (loss_module is None) != (tap is None):
             raise ValueError("loss_module and tap go together: the loss module reads the tapped features")
@@ -121,15 +146,25 @@ class GradNormScorer:
         self.norm: Norm = norm
         self.loss_module = loss_module
         self.tap = tap
+        self.autocast_dtype = autocast_dtype
         self._recording = False
+        self._batch = 0
         self._calls: list[_Call] = []
         self._plan: dict[int, str] = {}
         self._squared: dict[int, Tensor] = {}
         self._summed: dict[int, Tensor] = {}
+        self._attention: dict[nn.Module, AttentionRecorder] = {}
+        self._node_handles: list[Any] = []
+        self.last_fallback_seconds = 0.0
         self._handles = [
             module.register_forward_hook(functools.partial(self._on_forward, rule=rule_for(module)), with_kwargs=True)
             for module in model.modules()
             if any(p is not None for p in module._parameters.values())
+        ]
+        self._handles += [
+            module.register_forward_pre_hook(self._on_attention_start, with_kwargs=True)
+            for module in model.modules()
+            if type(module).forward is nn.MultiheadAttention.forward
         ]
 
     def remove(self) -> None:
@@ -140,14 +175,51 @@ class GradNormScorer:
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def _on_attention_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._recording and torch.is_grad_enabled():
+            recorder = AttentionRecorder(module, self._batch, self._record_use)  # type: ignore[arg-type]
+            recorder.__enter__()
+            self._attention[module] = recorder
+
+    def _end_attention(self, module: nn.Module) -> bool:
+        """Leave the attention recorder of `module`; True if it reproduced the call itself."""
+        recorder = self._attention.pop(module, None)
+        if recorder is None:
+            return False
+        recorder.__exit__(None, None, None)
+        return recorder.handled
+
+    def _record_use(self, params: Mapping[str, nn.Parameter], inputs: tuple[Tensor, ...], output: Tensor, compute: Compute) -> None:
+        """One parameter use reported from inside a layer's forward (see `_attention`).
+
+        A use with no recorded input (`bias_k` repeated over the batch) is a source: the
+        backward would not otherwise run the branch leading to it, so its output is a target.
+        """
+        recorder = next(reversed(self._attention.values()))
+        call = _Call(
+            module=recorder.module, rule=None, names=tuple(params), args=inputs, kwargs={},
+            input_versions=tuple(t._version for t in inputs), grads=[None], pending=1,
+            params=dict(params), compute=compute, group=recorder,
+        )
+        self._calls.append(call)
+        if inputs:
+            output.register_hook(functools.partial(self._on_grad, call, 0))
+        else:
+            call.source_outputs = ((0, output),)
+
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, rule: LayerRule | None) -> Any:
-        if not self._recording:
-            return None
+        if self._end_attention(module) or not self._recording:
+            return None  # an attention call whose projections were recorded one by one
         names = tuple(n for n, p in module._parameters.items() if p is not None and p.requires_grad)
         outputs = output if isinstance(output, tuple) else (output,)
         tracked = [isinstance(o, Tensor) and o.requires_grad for o in outputs]
         if not names or not any(tracked):
             return None  # frozen layer, or called under no_grad: its parameters get no gradient
+        if any(t and (o.dim() == 0 or o.shape[0] != self._batch) for o, t in zip(outputs, tracked)):
+            # Not batch-first (a sequence-first layer, or one computing something shared by the
+            # batch): per-sample gradients cannot be split off its output; the whole-model
+            # fallback sees every use.
+            return None
         if rule is not None and (len(args) != 1 or kwargs):
             rule = None  # an unusual call signature: let the exact fallback reproduce it
         tensors_in = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
@@ -186,52 +258,88 @@ class GradNormScorer:
                 f"the input of {type(module).__name__} was modified in place after the layer used it; "
                 "its per-sample gradient cannot be recovered. Make that operation out-of-place"
             )
-        params = {n: module._parameters[n] for n in call.names}
+        params = call.params
         wanted = [n for n in call.names if self._plan.get(id(params[n])) in ("norm", "grad")]
         if not wanted or all(g is None for g in call.grads):
             call.args, call.kwargs = (), {}
             return
         materialize = {n for n in wanted if self._plan[id(params[n])] == "grad"}
-        if call.rule is not None:
-            result = call.rule(module, call.args[0], call.grads[0], wanted, materialize)
+        if call.compute is not None:
+            result = call.compute(call.grads[0], wanted, materialize)  # type: ignore[arg-type]
+        elif call.rule is not None:
+            x, g = call.args[0], call.grads[0]
+            if self.autocast_dtype is not None:
+                x, g = as_float32(x, g)
+            result = call.rule(module, x, g, wanted, materialize)
         else:
-            grads = _fallback.module_per_sample_grads(module, call.args, call.kwargs, call.grads, wanted)
+            with self._timed_fallback():
+                grads = _fallback.module_per_sample_grads(module, call.args, call.kwargs, call.grads, wanted)
             result = {n: g if n in materialize else g.reshape(g.shape[0], -1).pow(2).sum(1) for n, g in grads.items()}
         for name, value in result.items():
-            key = id(params[name])
-            if name in materialize:
-                self._summed[key] = value if key not in self._summed else self._summed[key] + value
-            else:
-                self._squared[key] = value
+            self._add(id(params[name]), value, name in materialize)
         call.args, call.kwargs, call.grads = (), {}, []  # release activations as backward proceeds
 
-    def _make_plan(self, root: Any) -> list[nn.Parameter]:
+    def _add(self, key: int, value: Tensor, materialized: bool) -> None:
+        """Add a per-sample gradient ([B, ...]) or squared norm ([B]) of one part of a parameter.
+
+        Squared norms add because parts of one use cover disjoint rows of the parameter.
+        """
+        store = self._summed if materialized else self._squared
+        store[key] = value if key not in store else store[key] + value
+
+    @contextlib.contextmanager
+    def _timed_fallback(self) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last_fallback_seconds += time.perf_counter() - start
+
+    def _make_plan(self, root: Any) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, list[NodeUse]]]]:
         """Decide, per parameter reaching the entropy, how its per-sample norm is obtained.
 
-        Returns the parameters that need the whole-model fallback.
+        Returns the parameters that need the whole-model fallback, and the bare parameters whose
+        per-sample gradients are read off the graph (with every path to the batch).
         """
         model_params = {id(p) for p in self.model.parameters()}
         # Leaves that are not the model's parameters (a user tensor with requires_grad) are not
         # part of the score, as in the reference's loop over model.parameters().
-        edges = {k: v for k, v in _parameter_edges(root).items() if k in model_params}
-        rule_uses: Counter[int] = Counter()
-        fallback_uses: Counter[int] = Counter()
+        found, parents = _parameter_edges(root)
+        edges = {k: v for k, v in found.items() if k in model_params}
+        rule_uses: defaultdict[int, set[object]] = defaultdict(set)
+        fallback_uses: defaultdict[int, set[object]] = defaultdict(set)
         for call in self._calls:
-            for name in call.names:
-                key = id(call.module._parameters[name])
-                (rule_uses if call.rule is not None else fallback_uses)[key] += 1
+            for param in call.params.values():
+                uses = rule_uses if (call.rule is not None or call.compute is not None) else fallback_uses
+                uses[id(param)].add(call.group)
         self._plan = {}
         whole_model: list[nn.Parameter] = []
-        for key, (param, count) in edges.items():
-            uses = rule_uses[key] + fallback_uses[key]
-            # More autograd edges than recorded layer uses means the parameter is also read
-            # outside its layer's forward: only the whole-model fallback sees every use.
-            if uses == 0 or (fallback_uses[key] == 0 and count > rule_uses[key]):
+        graph_read: list[tuple[nn.Parameter, list[NodeUse]]] = []
+        for key, (param, consumers) in edges.items():
+            n_rule, n_fallback = len(rule_uses[key]), len(fallback_uses[key])
+            if n_rule and not n_fallback and len(consumers) <= n_rule:
+                self._plan[key] = "grad" if n_rule > 1 else "norm"
+                continue
+            # Read outside any rule-handled layer (a class token, a position embedding, also a
+            # fallback layer's bare parameter): trace it to the batch through the graph.
+            node_uses = None if n_rule else trace_uses(tuple(param.shape), consumers, parents, self._batch)
+            if node_uses is not None:
+                self._plan[key] = "node"
+                graph_read.append((param, node_uses))
+            elif n_rule + n_fallback == 0 or (n_fallback == 0 and len(consumers) > n_rule):
+                # More autograd edges than recorded layer uses means the parameter is also read
+                # outside its layer's forward: only the whole-model fallback sees every use.
                 self._plan[key] = "model"
                 whole_model.append(param)
             else:
-                self._plan[key] = "grad" if uses > 1 else "norm"
-        return whole_model
+                self._plan[key] = "grad" if n_rule + n_fallback > 1 else "norm"
+        return whole_model, graph_read
+
+    def _on_node_grad(self, param: nn.Parameter, use: NodeUse, grad_outputs: Sequence[Tensor | None]) -> None:
+        grad = grad_outputs[0]
+        if grad is not None:
+            value = per_sample_grad(use, grad)
+            self._add(id(param), value.float() if self.autocast_dtype is not None else value, True)
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -273,16 +381,26 @@ class GradNormScorer:
         self.model.eval()
         if self.loss_module is not None:
             self.loss_module.eval()
+        self.last_fallback_seconds = 0.0
         try:
-            return self._score(inputs.detach())
+            if self.autocast_dtype is None:
+                return self._score(inputs.detach())
+            with torch.autocast(inputs.device.type, dtype=self.autocast_dtype):
+                return self._score(inputs.detach())
         finally:
             for module, mode in modes.items():
                 module.training = mode
+            for recorder in reversed(list(self._attention.values())):
+                recorder.__exit__(None, None, None)  # a forward that raised inside attention
+            for handle in self._node_handles:
+                handle.remove()
+            self._attention, self._node_handles = {}, []
             self._calls, self._plan, self._squared, self._summed = [], {}, {}, {}
             self._recording = False
 
     def _score(self, inputs: Tensor) -> BatchScores:
         batch = inputs.shape[0]
+        self._batch = batch
         with torch.enable_grad():
             self._recording = True
             if self.tap is not None:
@@ -291,6 +409,8 @@ class GradNormScorer:
             else:
                 logits = self.model(inputs)
             self._recording = False
+            if self.autocast_dtype is not None:
+                logits = logits.float()  # entropy and its gradient from float32 logits
             if logits.dim() != 2 or logits.shape[0] != batch:
                 raise ValueError(f"the model must return logits [B, C]; got shape {tuple(logits.shape)} for B={batch}")
             valid = torch.isfinite(logits.detach()).all(dim=1)
@@ -318,9 +438,15 @@ class GradNormScorer:
         """Run the single backward pass; returns per-tensor squared norms [B, P]."""
         if objective.grad_fn is None or not any_valid:
             return torch.zeros(batch, 0, device=inputs.device)
-        whole_model = self._make_plan(objective.grad_fn)
+        whole_model, graph_read = self._make_plan(objective.grad_fn)
+        for param, uses in graph_read:
+            for use in uses:
+                self._node_handles.append(use.terminal.register_prehook(functools.partial(self._on_node_grad, param, use)))
         sources = [(call, index, o) for call in self._calls for index, o in call.source_outputs]
-        grads = torch.autograd.grad(objective, [o for *_, o in sources] + whole_model, allow_unused=True)
+        # Graph-read parameters are inputs too, so that branches reaching only them (a class
+        # token's expand) run and fire their prehooks; their summed gradients are dropped.
+        targets = [o for *_, o in sources] + whole_model + [p for p, _ in graph_read]
+        grads = torch.autograd.grad(objective, targets, allow_unused=True)
         for (call, index, _), g in zip(sources, grads):
             if g is not None:
                 self._on_grad(call, index, g)
@@ -329,33 +455,41 @@ class GradNormScorer:
                 self._contribute(call)  # outputs that got no gradient contribute zero
         if whole_model:
             names = {id(p): n for n, p in self.model.named_parameters()}
-            full = _fallback.model_per_sample_grads(self.model, inputs, [names[id(p)] for p in whole_model])
+            with self._timed_fallback():
+                full = _fallback.model_per_sample_grads(self.model, inputs, [names[id(p)] for p in whole_model])
             for p in whole_model:
                 self._squared[id(p)] = full[names[id(p)]].reshape(batch, -1).pow(2).sum(1)
         for key, summed in self._summed.items():
             self._squared[key] = summed.reshape(batch, -1).pow(2).sum(1)
         if not self._squared:
             return torch.zeros(batch, 0, device=inputs.device)
-        return torch.stack(list(self._squared.values()), dim=1)
+        squared = list(self._squared.values())
+        if self.autocast_dtype is not None:
+            squared = [t.float() for t in squared]
+        return torch.stack(squared, dim=1)
 
 
-def _parameter_edges(root: Any) -> dict[int, tuple[nn.Parameter, int]]:
-    """Leaf tensors reachable from `root` in the autograd graph, with how many edges reach each."""
-    found: dict[int, tuple[nn.Parameter, int]] = {}
+def _parameter_edges(root: Any) -> tuple[dict[int, tuple[nn.Parameter, list[tuple[Any, int]]]], dict[Any, list[tuple[Any, int]]]]:
+    """Leaf tensors reachable from `root` in the autograd graph, each with the (node, input
+    index) of every edge reaching it; and, per node, the nodes that consume its output."""
+    found: dict[int, tuple[nn.Parameter, list[tuple[Any, int]]]] = {}
+    parents: defaultdict[Any, list[tuple[Any, int]]] = defaultdict(list)
     seen = {root}
     stack = [root]
     while stack:
         node = stack.pop()
-        for child, _ in node.next_functions:
+        for index, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
             leaf = getattr(child, "variable", None)
             if leaf is not None:
-                found[id(leaf)] = (leaf, found.get(id(leaf), (leaf, 0))[1] + 1)
-            elif child not in seen:
+                found.setdefault(id(leaf), (leaf, []))[1].append((node, index))
+                continue
+            parents[child].append((node, index))
+            if child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return found
+    return found, parents
 
 
 def gradnorm_scores(model: nn.Module, inputs: Tensor, norm: Norm = "per_tensor_sum") -> Tensor:
