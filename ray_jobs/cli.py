@@ -23,7 +23,7 @@ import argparse
 import importlib
 import sys
 
-from ray_jobs import _config_cli
+from ray_jobs import _config_cli, _errors
 
 # subcommand -> (module with main(argv), help)
 JOBS = {
@@ -63,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # A user error ends as one line and exit code 2, a bug keeps its traceback (ray_jobs/_errors.py).
+    argv, debug = _errors.strip_debug(list(sys.argv[1:] if argv is None else argv))
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    command = " ".join(words[:2] if words and words[0] in ("manifest", "pool", "config") else words[:1]) or "lplgrad"
+    return _errors.run_command(command, lambda: _dispatch(argv), debug)
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] in JOBS and {"-h", "--help"} & set(argv[1:]):
         print(_config_cli.job_help(argv[0], JOBS[argv[0]][0]))  # generated from the job's config class

@@ -11,8 +11,9 @@
 The same commands run as ``python -m ray_jobs.manifest_cli show ...``. None of them starts Ray.
 URIs are local paths or any fsspec URI; ``--storage-option KEY=VALUE`` (repeatable) applies to
 every URI (S3 endpoint and credentials otherwise come from ``AWS_ENDPOINT_URL`` and the usual
-AWS variables). Exit status: 0 on success, 1 on an input error, a failed verification, or
-(extract) selected keys whose images were not found.
+AWS variables). Exit status: 0 on success, 2 on an input error (one line:
+``lplgrad manifest CMD: error: ... (fix)``), 1 on a failed verification or (extract) selected keys
+whose images were not found.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline.manifest_export import (
 )
 from pipeline.manifest_verify import verify_run
 from pipeline.pools import PoolError, parse_storage_options
+from ray_jobs._errors import USER_ERROR_EXIT, is_user_error, user_error_line
 
 __all__ = ["add_commands", "main"]
 
@@ -103,13 +105,16 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    # Input problems print one clear line and exit 1; bugs keep their traceback.
+    # Input problems print one line, `lplgrad manifest CMD: error: ... (fix)`, and exit 2; bugs keep
+    # their traceback (ray_jobs/_errors.py).
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (ManifestError, PoolError, ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        except (ManifestError, PoolError, ValueError, OSError) as err:
+            if not is_user_error(err):
+                raise
+            print(user_error_line(f"manifest {args.manifest_command}", err), file=sys.stderr)
+            return USER_ERROR_EXIT
 
     wrapper.__name__ = run.__name__
     wrapper.__doc__ = run.__doc__

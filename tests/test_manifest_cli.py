@@ -146,10 +146,12 @@ def test_add_commands_nests_under_manifest(local_run: dict[str, Any]) -> None:
 
 
 def test_input_errors_print_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert manifest_cli.main(["show", str(tmp_path / "nothing")]) == 1
-    assert "no query run at" in capsys.readouterr().err
+    assert manifest_cli.main(["show", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lplgrad manifest show: error: no query run at") and err.count("\n") == 1, err
+    assert err.rstrip().endswith(")") and "Traceback" not in err
     (tmp_path / "partial" / "scores").mkdir(parents=True)
-    assert manifest_cli.main(["show", str(tmp_path / "partial")]) == 1
+    assert manifest_cli.main(["show", str(tmp_path / "partial")]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
 
 
@@ -304,7 +306,7 @@ def test_export_label_studio_tasks(local_run: dict[str, Any], tmp_path: Path, ca
         assert task["data"]["key"] == row["key"] and task["data"]["score"] == row["score"]
         assert task["data"]["rank"] == row["rank"] and task["data"]["run_id"] == "2026-11-21"
 
-    assert manifest_cli.main(["export", local_run["run"], "--format", "label-studio", "--out", "-"]) == 1
+    assert manifest_cli.main(["export", local_run["run"], "--format", "label-studio", "--out", "-"]) == 2
     assert "needs --image-url-prefix" in capsys.readouterr().err
     assert manifest_cli.main(["export", local_run["run"], "--format", "label-studio", "--out", "-",
                               "--image-url-prefix", "/data/local-files/?d=batch", "--image-ext", "jpg"]) == 0

@@ -129,8 +129,8 @@ def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None, w
 
 
 def check_storage(uri: str, storage_options: Mapping[str, Any] | None = None, what: str = "storage") -> None:
-    """One cheap request (a listing of ``uri``'s parent) that proves the credentials and the
-    endpoint work for an object-store URI; nothing for local paths.
+    """One cheap request (``info`` of ``uri``) that proves the credentials and the endpoint work
+    for an object-store URI; nothing for local paths.
 
     Raises:
         PermissionError, ConnectionError, FileNotFoundError: naming `what`, the URI, the endpoint
@@ -139,10 +139,11 @@ def check_storage(uri: str, storage_options: Mapping[str, Any] | None = None, wh
     fs, path = filesystem_for(uri, storage_options)
     if is_local(fs):
         return
-    bucket = path.split("/", 1)[0]
     try:
-        fs.ls(bucket, detail=False)
-    except Exception as error:  # noqa: BLE001  (classified below; anything else is re-raised)
+        fs.info(path)  # a HEAD or a one-key listing: works with prefix-scoped permissions too
+    except FileNotFoundError:
+        return  # the endpoint answered and the request was allowed; whether it must exist is the caller's call
+    except Exception as error:  # noqa: BLE001  (classified; anything unexplained is re-raised as it is)
         raise storage_error(error, uri, storage_options, what) from error
 
 
