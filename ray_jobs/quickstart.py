@@ -21,6 +21,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import config_to_yaml, load_config
 from pipeline.manifest import load as load_selection
 from pipeline.pools import build_pool, label_pool, synthetic
+from pipeline.report import write_run_report
 from ray_jobs import query, train
 from ray_jobs._cluster import connect
 from pipeline.simulation import initial_keys
@@ -100,6 +101,7 @@ def run(config: QuickstartConfig) -> dict[str, object]:
         out=str(root / "queries"), run_id="cycle-1", actors=1, cpus_per_actor=1.0, seed=config.seed,
     ))
     selected = load_selection(str(root / "queries" / "cycle-1")).column("key").to_pylist()
+    write_run_report(str(root / "queries" / "cycle-1"), str(root / "report.html"))  # the selection, as pictures
 
     # 4. "Annotate" the selection from the ground truth, add it to the labeled set, train again.
     labels1 = write_labels(root / "labels-cycle-1.csv", {k: truth[k] for k in selected})
@@ -112,6 +114,7 @@ def run(config: QuickstartConfig) -> dict[str, object]:
         "labeled": [len(first), len(first) + len(selected)],
         "checkpoints": [checkpoint0, checkpoint1],
         "manifest": str(root / "queries" / "cycle-1" / "manifest.json"),
+        "report": str(root / "report.html"),
     }
     print(f"\ncycle 0: {len(first)} labeled, test accuracy {accuracy0:.3f}")
     print(f"cycle 1: {len(first) + len(selected)} labeled, test accuracy {accuracy1:.3f}")
@@ -123,7 +126,9 @@ artifacts under {root}:
   train/cycle-0, train/cycle-1    Ray Train runs; checkpoints {checkpoint0} and {checkpoint1}
   queries/cycle-1                 the selection manifest: manifest.json, selection.parquet, scores/, errors.parquet
   labels-cycle-*.csv              the labels tables fed to `lplgrad pool label`
-next: `lplgrad manifest show {root / 'queries' / 'cycle-1'}`""")
+  report.html                     the selection as a page: images in rank order, scores against the pool, class mix
+                                  (`lplgrad manifest report RUN --out FILE` writes one for any run)
+next: open {root / 'report.html'} in a browser, or `lplgrad manifest show {root / 'queries' / 'cycle-1'}`""")
     return summary
 
 

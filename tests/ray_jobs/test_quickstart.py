@@ -27,6 +27,7 @@ def test_quickstart_runs_one_whole_cycle(ray_local, tmp_path, capsys) -> None:
     assert answers == {k: truth[k] for k in selected}  # labeled from the ground truth
     assert resolve_pool(str(root / "labeled-cycle-1")).num_samples == 28
     assert "cycle 1: 28 labeled" in capsys.readouterr().out
+    assert Path(summary["report"]).read_text().count('<img class="thumb"') == 12  # one per selected row
 
 
 def test_quickstart_sizes_are_checked() -> None:
