@@ -1,14 +1,14 @@
 """Backbones by name (timm-style registry), feature taps, and input checks.
 
 Importing this package registers every built-in model: ``cifar_resnet18``, ``small_cnn``,
-``resnet18``, ``resnet50``.
+``resnet18``, ``resnet50``, ``vit_tiny``.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from pipeline.models import cifar_resnet, small_cnn, torchvision_resnet  # noqa: F401  (registers)
+from pipeline.models import cifar_resnet, small_cnn, torchvision_resnet, vit  # noqa: F401  (registers)
 from pipeline.models.feature_tap import FeatureTap, default_tap_layers, feature_shapes
 from pipeline.models.registry import (
     ModelFactory,

@@ -263,6 +263,34 @@ def _group_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], m
     return _affine_norm(_channels_last_positions(normalized), _channels_last_positions(g), gn.weight.shape, names, materialize)
 
 
+def _embedding(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+    """Per-sample gradient of a lookup table: sample b's rows v get sum_{t: idx_bt = v} g_bt.
+
+    Rows are gathered per (sample, index) pair with one `unique`, so the cost is B*T*D whatever
+    the vocabulary size. `scale_grad_by_freq` divides by the index's count within the sample,
+    as a batch of one would.
+    """
+    emb: nn.Embedding = module  # type: ignore[assignment]
+    if "weight" not in names:
+        return {}
+    batch, vocab = x.shape[0], emb.num_embeddings
+    idx = x.reshape(batch, -1)
+    rows = g.reshape(batch, idx.shape[1], -1)
+    keep = torch.ones_like(idx, dtype=torch.bool) if emb.padding_idx is None else idx != emb.padding_idx
+    keys = (torch.arange(batch, device=idx.device)[:, None] * vocab + idx)[keep]  # (sample, row) pairs
+    pairs, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    flat = rows[keep]
+    if emb.scale_grad_by_freq:
+        flat = flat / counts[inverse, None].to(flat.dtype)
+    summed = flat.new_zeros(pairs.shape[0], flat.shape[-1]).index_add_(0, inverse, flat)  # [U, D]
+    owner = torch.div(pairs, vocab, rounding_mode="floor")
+    if "weight" in materialize:
+        full = flat.new_zeros(batch * vocab, flat.shape[-1])
+        full[pairs] = summed
+        return {"weight": full.reshape(batch, vocab, -1)}
+    return {"weight": flat.new_zeros(batch).index_add_(0, owner, summed.pow(2).sum(-1))}
+
+
 _RULES: list[tuple[type[nn.Module], LayerRule]] = [
     (nn.Linear, _linear),
     (nn.Conv1d, _conv),
@@ -270,6 +298,7 @@ _RULES: list[tuple[type[nn.Module], LayerRule]] = [
     (nn.modules.batchnorm._BatchNorm, _batch_norm),
     (nn.LayerNorm, _layer_norm),
     (nn.GroupNorm, _group_norm),
+    (nn.Embedding, _embedding),
 ]
 
 
@@ -279,6 +308,8 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     Only exact types and their plain subclasses that keep the parent's forward qualify: a subclass
     that overrides forward computes something else, so it takes the fallback.
     """
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return None  # its forward renormalises the table in place: let the fallback reproduce it
     for layer_type, rule in _RULES:
         if isinstance(module, layer_type) and _forward_owner(type(module)) is _forward_owner(layer_type):
             return rule

@@ -155,7 +155,9 @@ class GradNormScorer:
         self._summed: dict[int, Tensor] = {}
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self._node_handles: list[Any] = []
+        # Seconds and calls spent in the exact torch.func fallbacks during the last batch.
         self.last_fallback_seconds = 0.0
+        self.last_fallback_calls = 0
         self._handles = [
             module.register_forward_hook(functools.partial(self._on_forward, rule=rule_for(module)), with_kwargs=True)
             for module in model.modules()
@@ -290,6 +292,7 @@ class GradNormScorer:
     @contextlib.contextmanager
     def _timed_fallback(self) -> Any:
         start = time.perf_counter()
+        self.last_fallback_calls += 1
         try:
             yield
         finally:
@@ -381,7 +384,7 @@ class GradNormScorer:
         self.model.eval()
         if self.loss_module is not None:
             self.loss_module.eval()
-        self.last_fallback_seconds = 0.0
+        self.last_fallback_seconds, self.last_fallback_calls = 0.0, 0
         try:
             if self.autocast_dtype is None:
                 return self._score(inputs.detach())
