@@ -1,11 +1,13 @@
-"""Joint LPLgrad training speed: the joint step beside a plain cross-entropy step, and Ray Train
-throughput with 1 and 2 workers, measured side by side in one run.
+"""Joint LPLgrad training speed: the joint step beside a plain cross-entropy step and beside the
+joint step with training augmentation, and Ray Train throughput with 1 and 2 workers (the first
+count also with augmentation), measured side by side in one run.
 
     python benchmarks/bench_train.py                      # small_cnn, batch 128, this CPU
     python benchmarks/bench_train.py --model cifar_resnet18 --json
     python benchmarks/bench_train.py --device cuda --workers 1 2 4 --use-gpu
 
-Target (issue 4): joint step overhead (plain samples/s / joint samples/s) at most 1.15x.
+Targets: joint step overhead (plain samples/s / joint samples/s) at most 1.15x (issue 4);
+augmentation overhead (joint samples/s / augmented joint samples/s) at most 1.1x (issue 14).
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.augment import augment_generator, make_augment
 from pipeline.checkpoint import ModelSpec, load_checkpoint
 from pipeline.models import input_spec
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 
 
-def step_rates(model_name: str, batch_size: int, steps: int, device: torch.device) -> dict[str, float]:
-    """Samples/s of the joint step and of a plain CE step (same model, same batch), interleaved."""
+def default_augment(model_name: str) -> str:
+    """The preset a shipped config would use for this model's input size."""
+    channels, height, _ = input_spec(model_name)
+    return "gray28" if (channels, height) == (1, 28) else "cifar" if height <= 32 else "imagenet"
+
+
+def step_rates(model_name: str, batch_size: int, steps: int, device: torch.device, augment_name: str) -> dict[str, float]:
+    """Samples/s of the joint step, a plain CE step and the augmented joint step (same model, same
+    batch), in interleaved rounds."""
     torch.manual_seed(0)
     channels, height, width = input_spec(model_name)
     model, lossnet, tap = ModelSpec(model_name, 10).build()
@@ -48,6 +58,12 @@ def step_rates(model_name: str, batch_size: int, steps: int, device: torch.devic
     def joint() -> None:
         joint_train_step(model, lossnet, tap, x, y, optimizer, schedule, epoch=0, amp_dtype=amp)
 
+    augment = make_augment(augment_name, (0.5,) * channels, (0.5,) * channels)
+    generator = augment_generator(0, 0, 0)
+
+    def augmented() -> None:
+        joint_train_step(model, lossnet, tap, augment(x, generator), y, optimizer, schedule, epoch=0, amp_dtype=amp)
+
     def timed(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -58,14 +74,17 @@ def step_rates(model_name: str, batch_size: int, steps: int, device: torch.devic
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    plain(), joint()  # warm-up
-    # Interleave rounds and keep the best of each so that machine noise hits both alike.
-    best_plain = min(timed(plain) for _ in range(3))
-    best_joint = min(timed(joint) for _ in range(3))
-    return {"plain_step_sps": batch_size * steps / best_plain, "joint_step_sps": batch_size * steps / best_joint}
+    plain(), joint(), augmented()  # warm-up
+    # Interleave rounds and keep the best of each so that machine noise hits all alike.
+    best = {"plain": float("inf"), "joint": float("inf"), "augmented": float("inf")}
+    for _ in range(5):
+        for name, fn in (("plain", plain), ("joint", joint), ("augmented", augmented)):
+            best[name] = min(best[name], timed(fn))
+    return {f"{name}_step_sps": batch_size * steps / seconds for name, seconds in best.items()}
 
 
-def ray_train_rate(model_name: str, batch_size: int, workers: int, samples: int, epochs: int, use_gpu: bool) -> float:
+def ray_train_rate(model_name: str, batch_size: int, workers: int, samples: int, epochs: int, use_gpu: bool,
+                   augment: str = "none") -> float:
     """Samples/s of the training job's epochs after the first (which pays start-up), from the
     per-epoch wall times the job records in its checkpoint."""
     import ray
@@ -80,6 +99,7 @@ def ray_train_rate(model_name: str, batch_size: int, workers: int, samples: int,
         config = TrainConfig(
             labeled="in-memory", model=model_name, num_classes=10, epochs=epochs, batch_size=batch_size,
             num_workers=workers, use_gpu=use_gpu, storage_path=storage, name=f"bench-{workers}", checkpoint_every=epochs,
+            augment=augment,
         )
         metrics = load_checkpoint(run(config, {"train": dataset}, [str(c) for c in range(10)]))["metrics"]
     steady = [m["epoch_seconds"] for m in metrics[1:]] or [metrics[0]["epoch_seconds"]]
@@ -96,12 +116,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096, help="labeled samples for the Ray Train runs")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--augment", default=None, help="augmentation preset (default: the one for the model's input size)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     results: dict[str, object] = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
-    results.update(step_rates(args.model, args.batch_size, args.steps, torch.device(args.device)))
+    augment = args.augment or default_augment(args.model)
+    results["augment"] = augment
+    results.update(step_rates(args.model, args.batch_size, args.steps, torch.device(args.device), augment))
     results["joint_overhead"] = results["plain_step_sps"] / results["joint_step_sps"]
+    results["augment_overhead"] = results["joint_step_sps"] / results["augmented_step_sps"]
     if args.workers:
         import ray
 
@@ -112,6 +136,13 @@ def main() -> None:
             results[f"ray_train_{workers}_workers_sps"] = ray_train_rate(
                 args.model, args.batch_size, workers, args.samples, args.epochs, args.use_gpu
             )
+        first = args.workers[0]
+        results[f"ray_train_{first}_workers_augmented_sps"] = ray_train_rate(
+            args.model, args.batch_size, first, args.samples, args.epochs, args.use_gpu, augment
+        )
+        results["ray_train_augment_overhead"] = (
+            results[f"ray_train_{first}_workers_sps"] / results[f"ray_train_{first}_workers_augmented_sps"]
+        )
         ray.shutdown()
     if args.json:
         print(json.dumps(results))

@@ -9,6 +9,7 @@ from that same pass, by a hook on the classifier's last linear layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,9 +21,11 @@ from pipeline.acquisition import (
     check_badge_memory,
     kcenter_greedy,
     kmeanspp_seeding,
+    get_strategy,
     penultimate_features,
     select_by_values,
 )
+from pipeline.scoring import entropy, top2
 from pipeline.scoring.gradnorm import GradNormScorer
 from pipeline.simulation.fit import TrainedModel
 
@@ -38,9 +41,13 @@ def classifier_head(model: nn.Module) -> nn.Linear:
 
 
 def score_rows(trained: TrainedModel, images: np.ndarray, keys: Sequence[str], batch_size: int = 512,
-               badge: bool = False) -> tuple[dict[str, np.ndarray], Tensor | None]:
-    """Score rows of the candidates and, with ``badge``, their gradient embeddings [N, C*D]."""
-    scorer = GradNormScorer(trained.model, loss_module=trained.lossnet, tap=trained.tap)
+               badge: bool = False, gradnorm: bool = True) -> tuple[dict[str, np.ndarray], Tensor | None]:
+    """Score rows of the candidates and, with ``badge``, their gradient embeddings [N, C*D].
+
+    ``gradnorm=False`` skips the backward pass for chains that read no gradient norm (entropy,
+    margin, lpl, BADGE): the same forward, the same statistics, ``score`` left NaN.
+    """
+    scorer = GradNormScorer(trained.model, loss_module=trained.lossnet, tap=trained.tap) if gradnorm else None
     captured: list[Tensor] = []
     hook = None
     if badge:
@@ -52,17 +59,38 @@ def score_rows(trained: TrainedModel, images: np.ndarray, keys: Sequence[str], b
     try:
         for start in range(0, len(keys), batch_size):
             batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-            result = scorer(batch)
+            result = scorer(batch) if scorer is not None else _forward_statistics(trained, batch)
             for name, values in (("score", result.gradnorm), ("entropy", result.entropy), ("margin", result.margin),
                                  ("least_confidence", result.least_confidence), ("predicted_loss", result.predicted_loss)):
                 columns[name].append(values.numpy() if values is not None else np.full(len(batch), np.nan, np.float32))
     finally:
-        scorer.remove()
+        if scorer is not None:
+            scorer.remove()
         if hook is not None:
             hook.remove()
     rows = {name: np.concatenate(parts) if parts else np.empty(0, np.float32) for name, parts in columns.items()}
     rows["key"] = np.asarray(keys, dtype=object)
     return rows, (torch.cat(captured).cpu() if badge and captured else None)
+
+
+@dataclass
+class _ForwardStatistics:
+    gradnorm: Tensor
+    entropy: Tensor
+    margin: Tensor
+    least_confidence: Tensor
+    predicted_loss: Tensor
+
+
+def _forward_statistics(trained: TrainedModel, batch: Tensor) -> _ForwardStatistics:
+    """The scorer's statistics from a forward pass alone (eval mode, no gradients)."""
+    with torch.no_grad(), trained.tap.capture() as features:
+        logits = trained.model(batch).float()
+    with torch.no_grad():
+        predicted = trained.lossnet(list(features)).float().reshape(-1)
+    p1, p2, _ = top2(logits)
+    return _ForwardStatistics(torch.full_like(p1, float("nan")).cpu(), entropy(logits).cpu(), (p1 - p2).cpu(),
+                              (1.0 - p1).cpu(), predicted.cpu())
 
 
 def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, keys: Sequence[str],
@@ -96,7 +124,9 @@ def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, key
     if chain.strategy == "badge":
         head = classifier_head(trained.model)
         check_badge_memory(len(candidates), head.out_features, head.in_features, badge_memory_mb)
-    rows, embeddings = score_rows(trained, images[candidates], candidate_keys, badge=chain.strategy == "badge")
+    needs_gradnorm = chain.strategy != "badge" and "score" in get_strategy(chain.strategy).fields
+    rows, embeddings = score_rows(trained, images[candidates], candidate_keys, badge=chain.strategy == "badge",
+                                  gradnorm=needs_gradnorm)
     mean_score = float(np.nanmean(rows["score"])) if len(rows["score"]) else float("nan")
     if embeddings is not None:
         return [int(candidates[i]) for i in kmeanspp_seeding(embeddings, k, seed)], mean_score
