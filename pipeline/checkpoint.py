@@ -9,6 +9,7 @@ code, and the model is rebuilt from the registry by name before the weights are 
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "build_from_checkpoint",
     "checkpoint_digest",
     "fetch_checkpoint",
+    "unreadable_checkpoint_message",
     "save_untrained_checkpoint",
 ]
 
@@ -112,11 +114,30 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise CheckpointError(unreadable_checkpoint_message(path, error)) from None
     missing = {"model", "lossnet", "spec", "classes", "epoch"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; was it written by `lplgrad train`?")
     return state
+
+
+def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str:
+    """Why a checkpoint file was refused, without passing on torch's advice to load it unsafely.
+
+    torch's weights-only refusal suggests retrying with the unsafe loader; a checkpoint from a pool,
+    a manifest or another person must never be loaded that way, so that advice is dropped here.
+    """
+    text = str(error)
+    if "Weights only load failed" in text or "weights_only" in text or "Unpickl" in type(error).__name__:
+        found = re.search(r"Unpickler error:\s*(.*?)\s*(?:Check the documentation|$)", " ".join(text.split()))
+        named = re.search(r"(?:unsupported|Unsupported) (?:global: )?GLOBAL [\w.]+", text)
+        detail = named.group(0) if named else (found.group(1).rstrip(".") if found else "")
+        return (f"checkpoint {path} holds Python objects beyond tensors and plain values"
+                f"{' (' + detail + ')' if detail else ''}, so it is refused: checkpoints are only ever read as data, "
+                "never as code (re-save it from `lplgrad train`, or save only state dicts with torch.save)")
+    if "zip" in text.lower() or "magic number" in text.lower() or isinstance(error, (EOFError, RuntimeError)):
+        return f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({' '.join(text.split())[:200]})"
+    return f"cannot read checkpoint {path}: {' '.join(text.split())[:300]}"
 
 
 def build_from_checkpoint(state: dict[str, Any], expected_classes: int | None = None) -> tuple[nn.Module, LossNet, FeatureTap]:

@@ -10,6 +10,7 @@ says so (exit code 1).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -66,6 +67,9 @@ def user_error_line(command: str, error: BaseException) -> str:
     """``lplgrad <command>: error: <what is wrong> (<how to fix it>)`` on one line."""
     error = _cause(error)
     what = " ".join(str(error).split()) or type(error).__name__
+    # torch's weights-only refusal advises retrying with the unsafe loader: never pass that on.
+    what = re.sub(r"Weights only load failed\..*?trusted source\.",
+                  "refused: the file holds Python objects beyond tensors, and files are only read as data", what)
     if isinstance(error, KeyError):
         what = f"missing {what}"
     if not what.endswith(")"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -62,10 +63,11 @@ from pipeline.manifest import (
     selection_rows,
 )
 from pipeline.pools import resolve_pool, spec_for_model
-from pipeline.pools.storage import arrow_filesystem, check_writable, filesystem_for, is_local
+from pipeline.pools.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.selection import TopK
 from ray_jobs._cluster import connect
+from ray_jobs._errors import run_command, strip_debug
 from ray_jobs._row_filters import EXCLUDED, mark_excluded, prefilter_raw, store_prefilter
 from ray_jobs.pool_data import read_pool, read_pool_raw
 
@@ -170,36 +172,69 @@ def exclusion_run(uri: str, config: QueryConfig) -> str | None:
     return earlier
 
 
-def prepare(config: QueryConfig) -> dict[str, Any]:
-    """Everything that can fail before scoring: pool, checkpoint, output, exclusions."""
+def storage_uris(config: QueryConfig) -> list[tuple[str, str]]:
+    """(what, URI) of every location the job reads or writes, for the checks before Ray."""
+    named = [("pool", config.pool), ("checkpoint", config.checkpoint), ("features", config.features or ""),
+             ("output prefix", config.out), ("exclude_labeled", config.exclude_labeled or "")]
+    named += [("exclude_manifests", uri) for uri in config.exclude_manifests]
+    return [(what, uri) for what, uri in named if uri]
+
+
+def check_before_ray(config: QueryConfig) -> dict[str, Any]:
+    """Everything that can be checked without Ray, in the order a person would fix it: every
+    object-store URI answers with these credentials (one request each), the checkpoint loads and
+    its weights fit its model, the pool resolves, is not empty and has the checkpoint's classes,
+    the output is writable, the exclusions resolve.
+
+    Raises:
+        CheckpointError, PoolError, FeatureStoreError, ManifestError, ValueError, OSError: one line each.
+    """
+    for what, uri in storage_uris(config):
+        check_storage(uri, config.storage_options, what=what)
     local_checkpoint = fetch_checkpoint(config.checkpoint, config.storage_options)
     state = load_checkpoint(local_checkpoint)
     store = proxy_store(config, state)
     pool = resolve_pool(config.pool or store.pool_uri, config.storage_options)
     classes = list(state["classes"])
     if pool.classes is not None and list(pool.classes) != classes:
-        raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)}")
+        raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)} "
+                              "(query with a checkpoint trained on this pool's classes)")
     build_from_checkpoint(state, len(classes))  # weights must fit the recorded model now, not in an actor
     identities = shard_identities(pool.fs, [s.path for s in pool.shards])
     if store is not None:
         check_store_fresh(store, {s.uri: identities[s.path] for s in pool.shards})
+    check_writable(config.out, config.storage_options, what="output prefix")
+    if config.exclude_labeled:
+        resolve_pool(config.exclude_labeled, config.storage_options)  # resolvable and not empty; read after Ray starts
     exclusion_runs = tuple(run for uri in config.exclude_manifests if (run := exclusion_run(uri, config)) is not None)
     excluded = set(previously_selected_keys(exclusion_runs, config.storage_options))
+    checked = {"pool": pool, "classes": classes, "state": state, "store": store, "identities": identities,
+               "checkpoint_sha256": checkpoint_digest(local_checkpoint), "exclusion_runs": exclusion_runs, "excluded": excluded}
+    if config.run_id and not config.exclude_labeled:  # the fingerprint is known without Ray: a conflict fails now
+        begin_run(config.out, config.run_id, prepare(config, checked)["inputs"].fingerprint(), config.storage_options)
+    return checked
+
+
+def prepare(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that can fail before scoring: :func:`check_before_ray`, then the labeled pool's
+    keys (read with Ray Data) and the run's inputs."""
+    checked = checked if checked is not None else check_before_ray(config)
+    pool, store, identities = checked["pool"], checked["store"], checked["identities"]
+    excluded = set(checked["excluded"])
     if config.exclude_labeled:
         raw = read_pool_raw(config.exclude_labeled, storage_options=config.storage_options)
         if raw.dataset is not None:
             excluded.update(k for batch in raw.dataset.select_columns(["__key__"]).iter_batches(batch_format="pyarrow") for k in batch.column("__key__").to_pylist())
-    check_writable(config.out, config.storage_options, what="output prefix")
     params = {"seed": config.seed, "norm": config.norm, "stochastic": config.stochastic, "beta": config.beta if config.stochastic else None}
     inputs = QueryInputs(
         pool_uri=config.pool or store.pool_uri,
         shards=tuple(PoolShard(s.uri, s.samples, s.bytes, identities[s.path]) for s in pool.shards),
         checkpoint_uri=config.checkpoint,
-        checkpoint_sha256=checkpoint_digest(local_checkpoint),
+        checkpoint_sha256=checked["checkpoint_sha256"],
         strategy=config.strategy,
         k=config.k,
         strategy_params=params,
-        exclusion_runs=exclusion_runs,
+        exclusion_runs=checked["exclusion_runs"],
         excluded_keys_sha256=keys_digest(excluded) if excluded else None,
         excluded_keys_count=len(excluded),
         subset_size=config.subset,
@@ -207,7 +242,8 @@ def prepare(config: QueryConfig) -> dict[str, Any]:
         features=None if store is None else {"store": config.features, "backbone_sha256": store.backbone.sha256,
                                              "committed_at": store.committed_at},
     )
-    return {"pool": pool, "classes": classes, "state": state, "excluded": frozenset(excluded), "inputs": inputs, "store": store}
+    return {"pool": pool, "classes": checked["classes"], "state": checked["state"], "excluded": frozenset(excluded),
+            "inputs": inputs, "store": store}
 
 
 def proxy_store(config: QueryConfig, state: dict[str, Any]) -> FeatureStore | None:
@@ -435,10 +471,20 @@ def _batch_candidates(values: np.ndarray, k: int) -> np.ndarray:
     return finite[values[finite] >= threshold]
 
 
-def run(config: QueryConfig) -> dict[str, Any]:
-    """Run the query; returns the committed manifest (or the existing one for a no-op re-run)."""
-    config = config if config.run_id else dataclasses.replace(config, run_id=new_run_id())
-    prepared = prepare(config)
+def with_run_id(config: QueryConfig) -> QueryConfig:
+    """The config with its run id (a UTC timestamp when none was given)."""
+    return config if config.run_id else dataclasses.replace(config, run_id=new_run_id())
+
+
+def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the query; returns the committed manifest (or the existing one for a no-op re-run).
+
+    Args:
+        config: The job's config.
+        checked: What :func:`check_before_ray` returned for this config (run again when ``None``).
+    """
+    config = with_run_id(config)
+    prepared = prepare(config, checked)
     state = begin_run(config.out, config.run_id, prepared["inputs"].fingerprint(), config.storage_options)
     print(state.message)
     if state.already_committed:
@@ -493,12 +539,14 @@ def proxy_record(prepared: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    config = with_run_id(parse_args(argv))
     print(config_to_yaml(config), end="")
+    checked = check_before_ray(config)  # a wrong input fails here, in seconds, before Ray starts
     print(connect(config.address))
-    run(config)
+    run(config, checked)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _argv, _debug = strip_debug(sys.argv[1:])
+    raise SystemExit(run_command("query", lambda: main(_argv), _debug))
