@@ -10,9 +10,18 @@ Every extraction writes a new generation with the shards it (re-)extracted; `sto
 names, per pool shard, its identity when extracted (`pipeline.incremental.shard_identity`) and
 the generation holding its rows. A row is current when its generation is its shard's: rows of a
 shard re-extracted later stay in the older generation's files but are never read. A failed
-extraction leaves a generation that no index names, so readers never see it, and the next
+extraction leaves a generation that no index names, so readers never see it, and a later
 commit deletes it. One store holds one backbone: a different backbone hash makes every shard
 stale.
+
+Commits are numbered. An extraction that started from version n claims version n+1 by creating
+`commits/{n+1:08d}.json` (the whole index) exclusively (`O_EXCL` locally, `If-None-Match` on S3,
+as query runs do: `pipeline.pools.storage.create_exclusive`), then rewrites `store.json`. Of two
+extractions that started from the same version only one commits; the other deletes its own
+generation and fails with a message to run it again. A reader rolls `store.json` forward through
+any newer commit file, so a job killed between the claim and `store.json` loses nothing. Garbage
+collection only deletes unnamed generations that started before the committing one, never a
+generation a later extraction is still writing.
 
 Features are `fixed_size_list<float32>[dim]`; error rows (a sample that did not decode, an
 unreadable shard) have null features and say why in `error`.
@@ -33,7 +42,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.pools.storage import display_uri, filesystem_for
+from pipeline.pools.storage import create_exclusive, display_uri, filesystem_for
 
 __all__ = [
     "FEATURE_COLUMNS",
@@ -108,11 +117,12 @@ class FeatureStore:
     shards: tuple[StoreShard, ...]
     committed_at: str
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    sequence: int = 0  # the commit number (0: a store committed before commits were numbered)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "pool": self.pool_uri, "backbone": self.backbone.to_dict(),
                 "shards": [s.to_dict() for s in self.shards], "committed_at": self.committed_at,
-                "rows": self.num_rows, "errors": sum(s.errors for s in self.shards)}
+                "rows": self.num_rows, "errors": sum(s.errors for s in self.shards), "sequence": self.sequence}
 
     @property
     def num_rows(self) -> int:
@@ -270,15 +280,48 @@ def count_generation(store_uri: str, generation: str, storage_options: Mapping[s
 
 
 def commit_store(uri: str, pool_uri: str, backbone: Backbone, shards: Sequence[StoreShard],
-                 storage_options: Mapping[str, Any] | None = None) -> FeatureStore:
-    """Write `store.json` (the commit point), then delete generations it no longer names."""
+                 storage_options: Mapping[str, Any] | None = None, *, based_on: int | None = None,
+                 generation: str | None = None) -> FeatureStore:
+    """Claim the next commit number, write `store.json`, then delete generations no longer named.
+
+    Args:
+        uri: The store.
+        pool_uri, backbone, shards: The index to commit.
+        storage_options: fsspec options.
+        based_on: The ``sequence`` of the store the extraction started from (0: none); ``None``
+            reads the store's current one (no protection against a concurrent extraction).
+        generation: The generation this extraction wrote; deleted if the commit is lost, and the
+            bound of garbage collection (only generations started before it are deleted).
+
+    Raises:
+        FeatureStoreError: If another extraction committed since ``based_on``.
+    """
     fs, root = filesystem_for(uri, storage_options)
     fs.makedirs(root, exist_ok=True)  # a no-op on object stores; a store with no rows yet has no directory
+    if based_on is None:
+        current = open_store(uri, storage_options, missing_ok=True)
+        based_on = current.sequence if current is not None else 0
     store = FeatureStore(uri, pool_uri, backbone, tuple(shards), datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         dict(storage_options or {}))
-    _write_atomically(fs, f"{root.rstrip('/')}/{STORE_FILE}", json.dumps(store.to_dict(), indent=1, sort_keys=True))
-    _collect_garbage(fs, root, set(store.current.values()))
+                         dict(storage_options or {}), based_on + 1)
+    text = json.dumps(store.to_dict(), indent=1, sort_keys=True)
+    try:
+        create_exclusive(fs, _commit_path(root, store.sequence), text.encode())  # the commit point
+    except FileExistsError:
+        if generation is not None:
+            directory = f"{root.rstrip('/')}/generations/{generation}"
+            if fs.exists(directory):
+                fs.rm(directory, recursive=True)
+        raise FeatureStoreError(
+            f"another `lplgrad features` committed version {store.sequence} of {uri} while this one ran; nothing of "
+            "this run was committed (run it again: shards the other one extracted are reused)"
+        ) from None
+    _write_atomically(fs, f"{root.rstrip('/')}/{STORE_FILE}", text)
+    _collect_garbage(fs, root, set(store.current.values()), before=generation)
     return store
+
+
+def _commit_path(root: str, sequence: int) -> str:
+    return f"{root.rstrip('/')}/commits/{sequence:08d}.json"
 
 
 def _write_atomically(fs: AbstractFileSystem, path: str, text: str) -> None:
@@ -290,13 +333,17 @@ def _write_atomically(fs: AbstractFileSystem, path: str, text: str) -> None:
     fs.mv(temporary, path)
 
 
-def _collect_garbage(fs: AbstractFileSystem, root: str, live: set[str]) -> None:
+def _collect_garbage(fs: AbstractFileSystem, root: str, live: set[str], before: str | None = None) -> None:
+    # Generation ids start with their UTC start time (new_generation): one that started after this
+    # extraction may belong to a job still writing, and is left alone.
     directory = f"{root.rstrip('/')}/generations"
     if not fs.exists(directory):
         return
     for path in fs.ls(directory, detail=False):
-        if path.rstrip("/").rsplit("/", 1)[-1] not in live:
-            fs.rm(path, recursive=True)
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name in live or (before is not None and name.split("-", 1)[0] >= before.split("-", 1)[0]):
+            continue
+        fs.rm(path, recursive=True)
 
 
 def open_store(uri: str, storage_options: Mapping[str, Any] | None = None, missing_ok: bool = False) -> FeatureStore | None:
@@ -306,20 +353,24 @@ def open_store(uri: str, storage_options: Mapping[str, Any] | None = None, missi
         FeatureStoreError: no store.json (unless `missing_ok`), or not a store of this format.
     """
     fs, root = filesystem_for(uri, storage_options)
+    fs.invalidate_cache()  # another process may have committed since this one last listed
     path = f"{root.rstrip('/')}/{STORE_FILE}"
-    if not fs.exists(path):
-        if missing_ok:
-            return None
-        raise FeatureStoreError(f"{uri} is not a feature store: it has no {STORE_FILE} (extract one with `lplgrad features`)")
     try:
-        with fs.open(path, "r") as handle:
-            values = json.load(handle)
+        values: dict[str, Any] | None = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+        sequence = int(values.get("sequence", 0)) if values is not None else 0
+        while fs.exists(_commit_path(root, sequence + 1)):  # committed, but store.json not yet rewritten
+            sequence += 1
+            values = json.loads(fs.cat_file(_commit_path(root, sequence)))
+        if values is None:
+            if missing_ok:
+                return None
+            raise FeatureStoreError(f"{uri} is not a feature store: it has no {STORE_FILE} (extract one with `lplgrad features`)")
         if values.get("format") != FORMAT:
             raise FeatureStoreError(f"{display_uri(fs, path)} is not an lplgrad feature store index")
         if values.get("version") != VERSION:
             raise FeatureStoreError(f"{display_uri(fs, path)} has store version {values.get('version')}; this code reads {VERSION}")
         return FeatureStore(uri, values["pool"], Backbone.from_dict(values["backbone"]),
                             tuple(StoreShard.from_dict(s) for s in values["shards"]), values["committed_at"],
-                            dict(storage_options or {}))
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
+                            dict(storage_options or {}), sequence)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
         raise FeatureStoreError(f"cannot read {display_uri(fs, path)}: {error}") from error

@@ -147,7 +147,8 @@ def run(config: FeaturesConfig) -> FeatureStore:
         write_generation(config, pool, plan.extract, build, spec, generation, backbone.dim)
     counts = count_generation(config.out, generation, config.storage_options)
     shards = [plan.reuse.get(uri) or StoreShard(uri, identities[uri], generation, *counts.get(uri, (0, 0))) for uri in identities]
-    store = commit_store(config.out, config.pool, backbone, shards, config.storage_options)
+    store = commit_store(config.out, config.pool, backbone, shards, config.storage_options,
+                         based_on=previous.sequence if previous is not None else 0, generation=generation)
     extracted = sum(rows for rows, _ in counts.values())
     seconds = time.perf_counter() - start
     print(f"extracted {extracted} rows from {len(plan.extract)} shards in {seconds:.1f}s "

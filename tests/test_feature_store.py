@@ -96,3 +96,39 @@ def test_open_store_refuses_what_is_not_a_store(tmp_path):
     (tmp_path / "store.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(FeatureStoreError, match="not an lplgrad feature store"):
         open_store(str(tmp_path))
+
+
+def test_of_two_extractions_from_the_same_version_only_one_commits(tmp_path):
+    store = str(tmp_path / "store")
+    write_generation(store, "20260101T000000-aaaa", "p/0.tar", ["a"], 0.0)
+    first = commit_store(store, "p", BACKBONE, [StoreShard("p/0.tar", None, "20260101T000000-aaaa", 1, 0)],
+                         based_on=0, generation="20260101T000000-aaaa")
+    assert first.sequence == 1
+    # Two extractions both started from version 1; each wrote its own generation.
+    write_generation(store, "20260102T000000-bbbb", "p/0.tar", ["a"], 10.0)
+    write_generation(store, "20260102T000001-cccc", "p/0.tar", ["a"], 20.0)
+    winner = commit_store(store, "p", BACKBONE, [StoreShard("p/0.tar", None, "20260102T000000-bbbb", 1, 0)],
+                          based_on=1, generation="20260102T000000-bbbb")
+    assert (tmp_path / "store" / "generations" / "20260102T000001-cccc").exists()  # started later: maybe still writing
+    before = (tmp_path / "store" / "store.json").read_bytes()
+    with pytest.raises(FeatureStoreError, match=r"committed version 2 of .* \(run it again"):
+        commit_store(store, "p", BACKBONE, [StoreShard("p/0.tar", None, "20260102T000001-cccc", 1, 0)],
+                     based_on=1, generation="20260102T000001-cccc")
+    assert (tmp_path / "store" / "store.json").read_bytes() == before
+    assert not (tmp_path / "store" / "generations" / "20260102T000001-cccc").exists()  # the loser cleaned up
+    reopened = open_store(store)
+    assert reopened.sequence == winner.sequence == 2
+    np.testing.assert_array_equal(reopened.lookup(["a"]), [[10, 11, 12]])
+
+
+def test_a_commit_killed_before_store_json_is_rolled_forward(tmp_path):
+    store = str(tmp_path / "store")
+    write_generation(store, "g1", "p/0.tar", ["a"], 0.0)
+    commit_store(store, "p", BACKBONE, [StoreShard("p/0.tar", None, "g1", 1, 0)])
+    write_generation(store, "g2", "p/0.tar", ["a"], 5.0)
+    commit_store(store, "p", BACKBONE, [StoreShard("p/0.tar", None, "g2", 1, 0)])
+    (tmp_path / "store" / "store.json").write_text((tmp_path / "store" / "commits" / "00000001.json").read_text())  # as if killed
+    reopened = open_store(store)
+    assert reopened.sequence == 2 and reopened.current == {"p/0.tar": "g2"}
+    (tmp_path / "store" / "store.json").unlink()  # killed before the very first store.json
+    assert open_store(store).sequence == 2
