@@ -11,6 +11,8 @@ import os
 
 import ray
 
+from ray_jobs._progress import quiet_ray, ray_init_options
+
 __all__ = ["connect", "LOCAL_MIN_CPUS"]
 
 LOCAL_MIN_CPUS = 8
@@ -30,10 +32,12 @@ def connect(address: str | None) -> str:
     if ray.is_initialized():
         return "reusing this process's Ray"
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **ray_init_options())  # quiet unless --verbose (ray_jobs/_progress.py)
+        quiet_ray()
         return f"joined Ray cluster at {address}"
     cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
-    context = ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    context = ray.init(num_cpus=cpus, include_dashboard=False, **{"log_to_driver": True, **ray_init_options()})
+    quiet_ray()
     # Helpers that Ray libraries start later call ray.init() themselves; with another Ray running
     # on the same machine they would otherwise refuse to guess which cluster is ours.
     os.environ["RAY_ADDRESS"] = context.address_info["address"]

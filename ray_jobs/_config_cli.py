@@ -43,7 +43,8 @@ def job_help(command: str, module_name: str) -> str:
     usage = io.StringIO()
     with contextlib.redirect_stdout(usage), contextlib.suppress(SystemExit):
         module.parse_args(["--help"])
-    return (f"{usage.getvalue().rstrip()}\n\n{config_help(config_class(module))}\n\n"
+    return (f"{usage.getvalue().rstrip()}\n  --verbose        Ray's own logs, Ray Data's progress and every worker's output "
+            f"(quiet by default; LPLGRAD_VERBOSE=1 for python -m)\n\n{config_help(config_class(module))}\n\n"
             f"`lplgrad config show {command}` prints every key at its default as a YAML file to start from.")
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ray_jobs import _config_cli, _errors
+from ray_jobs._progress import VERBOSE_ENV
 
 # subcommand -> (module with main(argv), help)
 JOBS = {
@@ -75,6 +77,9 @@ def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in JOBS and {"-h", "--help"} & set(argv[1:]):
         print(_config_cli.job_help(argv[0], JOBS[argv[0]][0]))  # generated from the job's config class
         return 0
+    if argv and argv[0] in JOBS and "--verbose" in argv[1:]:
+        os.environ[VERBOSE_ENV] = "1"  # Ray's own logs and worker output (ray_jobs/_progress.py)
+        argv = [a for a in argv if a != "--verbose"]
     if argv and argv[0] in JOBS:
         # Jobs parse their own flags (config file plus key=value overrides).
         return importlib.import_module(JOBS[argv[0]][0]).main(argv[1:])

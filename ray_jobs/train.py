@@ -38,6 +38,7 @@ from pipeline.pools import spec_for_model
 from pipeline.pools.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 from ray_jobs._cluster import connect
+from ray_jobs._progress import EpochFeed, put_epoch
 from ray_jobs import pool_data
 
 
@@ -209,7 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_seconds": epoch_seconds,
         }
         history.append(metrics)
-        if rank == 0:
+        if rank == 0 and not put_epoch(loop_config.get("progress"), metrics):  # quiet: the driver prints it
             print(json.dumps(metrics))
         # Reports go to Ray Train only with checkpoints: each report is a synchronisation with
         # the controller (about a second here), and every epoch's metrics travel in the history.
@@ -307,6 +308,7 @@ def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: lis
         load_probe_into(spec.build()[0], *linear_probe(config.init_head, config.storage_options))
     fs, root = filesystem_for(config.storage_path, config.storage_options)
     local = is_local(fs)
+    feed = EpochFeed(f"train {config.name}", config.epochs)  # quiet: the driver shows each epoch once
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -315,6 +317,7 @@ def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: lis
             "classes": list(classes),
             "run_dir": config.storage_path.rstrip("/") + "/" + config.name,
             "has_holdout": "holdout" in datasets,
+            "progress": feed.queue,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
@@ -331,7 +334,8 @@ def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: lis
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    with feed:
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return display_uri(fs, result.checkpoint.path)
