@@ -13,12 +13,16 @@ records itself and starts no Ray. A due round trains a linear probe on the label
 cached features and fine-tunes the backbone from it on Ray Train (LP-FT, while labels are few),
 or fine-tunes it as it is (FT); the new checkpoint is copied to `promote` (the fixed URI the
 features config names), and the state is written last, so a failed round is simply due again.
+A round is claimed before it promotes anything (an exclusive create keyed by the state it started
+from, `{state}.rounds/`), so of two concurrent rounds only one promotes and writes the state; a
+round killed after its claim is finished (promotion, state) by the next run.
 `force=true` aligns now whatever the policy says.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,7 +34,7 @@ from pipeline.checkpoint import CHECKPOINT_FILE, checkpoint_digest, fetch_checkp
 from pipeline.config import config_to_yaml, load_config
 from pipeline.feature_store import FeatureStoreError, open_store
 from pipeline.pools import resolve_pool
-from pipeline.pools.storage import check_writable, filesystem_for, write_bytes_atomic
+from pipeline.pools.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
 from ray_jobs import proxy, train
 from ray_jobs._cluster import connect
 
@@ -84,10 +88,32 @@ def parse_args(argv: list[str] | None = None) -> AlignConfig:
 
 
 def read_state(uri: str, storage_options: Mapping[str, Any]) -> AlignmentState | None:
+    """The newest committed state at `uri` (rolled forward through committed rounds), or None."""
+    raw, _ = _read_raw_state(uri, storage_options)
+    return None if raw is None else AlignmentState.from_json(raw, where=uri)
+
+
+def _read_raw_state(uri: str, storage_options: Mapping[str, Any]) -> tuple[bytes | None, bool]:
+    """(the state's bytes, whether a committed round was found past `uri` itself)."""
     fs, path = filesystem_for(uri, storage_options)
-    if not fs.exists(path):
-        return None
-    return AlignmentState.from_json(fs.cat_file(path), where=uri)
+    fs.invalidate_cache()
+    raw = fs.cat_file(path) if fs.exists(path) else None
+    rolled = False
+    seen = {raw}
+    while fs.exists(claim := _round_path(path, raw)):  # a round committed, then killed before writing `uri`
+        raw = fs.cat_file(claim)
+        if raw in seen:  # a round that changed nothing points back at its own state
+            break
+        seen.add(raw)
+        rolled = True
+    return raw, rolled
+
+
+def _round_path(path: str, base: bytes | None) -> str:
+    # A round is claimed under the digest of the state it started from: of two rounds that
+    # started from the same state, only one can create this file.
+    key = hashlib.sha256(base).hexdigest()[:24] if base is not None else "initial"
+    return f"{path}.rounds/{key}.json"
 
 
 def write_state(uri: str, state: AlignmentState, storage_options: Mapping[str, Any]) -> None:
@@ -95,9 +121,50 @@ def write_state(uri: str, state: AlignmentState, storage_options: Mapping[str, A
     write_bytes_atomic(fs, path, state.to_json().encode())
 
 
-def current_state(config: AlignConfig, labeled: int) -> AlignmentState:
-    """The stored state, or on the first round a new one at `backbone` (or `promote`)."""
-    state = read_state(config.state, config.storage_options)
+def commit_round(config: AlignConfig, base: bytes | None, state: AlignmentState, aligned: Path | None) -> None:
+    """Claim the round (exclusive create, keyed by the state it started from), promote the
+    fine-tuned checkpoint, then write the state. A round that lost the claim promotes nothing.
+
+    Raises:
+        FileExistsError: another `lplgrad align` committed a round from the same state meanwhile.
+    """
+    fs, path = filesystem_for(config.state, config.storage_options)
+    if aligned is None and base is not None and state.to_json().encode() == base:
+        return  # nothing changed: nothing to claim
+    try:
+        create_exclusive(fs, _round_path(path, base), state.to_json().encode())
+    except FileExistsError:
+        raise FileExistsError(
+            f"another `lplgrad align` committed a round from the same state of {config.state} while this one ran; "
+            "this round promoted nothing and did not change the state (run lplgrad align again)"
+        ) from None
+    if aligned is not None and config.promote:
+        promote(aligned, config.promote, config.storage_options)
+    write_state(config.state, state, config.storage_options)
+
+
+def finish_rolled_round(config: AlignConfig, state: AlignmentState) -> None:
+    """A round committed but killed before its promotion and state write: do both now (idempotent)."""
+    if config.promote:
+        fs, path = filesystem_for(config.promote, config.storage_options)
+        target = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
+        current = hashlib.sha256(fs.cat_file(target)).hexdigest() if fs.exists(target) else None
+        if current != state.backbone_sha256:
+            promote(fetch_checkpoint(state.backbone, config.storage_options), config.promote, config.storage_options)
+    write_state(config.state, state, config.storage_options)
+
+
+def current_state(config: AlignConfig, labeled: int) -> tuple[AlignmentState, bytes | None]:
+    """The stored state (or on the first round a new one at `backbone` or `promote`), and the
+    stored bytes the next round is claimed against."""
+    raw, rolled = _read_raw_state(config.state, config.storage_options)
+    state = None if raw is None else AlignmentState.from_json(raw, where=config.state)
+    if state is not None and rolled:
+        finish_rolled_round(config, state)
+    return _first_or(config, state, labeled), raw
+
+
+def _first_or(config: AlignConfig, state: AlignmentState | None, labeled: int) -> AlignmentState:
     if state is not None:
         if config.backbone and config.backbone != state.backbone:
             raise ValueError(f"{config.state} already names backbone {state.backbone}; backbone= only starts a new state "
@@ -144,8 +211,8 @@ def promote(local_checkpoint: Path, to: str, storage_options: Mapping[str, Any])
     write_bytes_atomic(fs, f"{path.rstrip('/')}/{CHECKPOINT_FILE}", data)
 
 
-def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -> AlignmentState:
-    """Fine-tune, promote, and return the state to commit."""
+def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -> tuple[AlignmentState, Path]:
+    """Fine-tune; return the state to commit and the fetched new checkpoint (promoted at the commit)."""
     spec = load_checkpoint(fetch_checkpoint(state.backbone, config.storage_options))["spec"]
     name = f"align-{labeled}"
     train_config = train.TrainConfig(
@@ -158,40 +225,40 @@ def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -
     probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
     checkpoint = finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
     local = fetch_checkpoint(checkpoint, config.storage_options)  # one download serves the copy and the hash
-    if config.promote:
-        promote(local, config.promote, config.storage_options)
-    return state.observe(labeled).aligned(checkpoint, checkpoint_digest(local), labeled, mode)
+    return state.observe(labeled).aligned(checkpoint, checkpoint_digest(local), labeled, mode), local
 
 
 # -- run -------------------------------------------------------------------------------------
 
 
-def plan(config: AlignConfig) -> tuple[AlignmentState, int, str | None]:
-    """(state, labeled-set size, fine-tuning mode or None when not due); no Ray, no training."""
+def plan(config: AlignConfig) -> tuple[AlignmentState, int, str | None, bytes | None]:
+    """(state, labeled-set size, fine-tuning mode or None when not due, the stored state the round
+    is claimed against); no Ray, no training."""
     if "/" in config.state.rstrip("/"):
         check_writable(config.state.rsplit("/", 1)[0], config.storage_options, what="alignment state's folder")
     labeled = resolve_pool(config.labeled, config.storage_options).num_samples
-    state = current_state(config, labeled)
+    state, base = current_state(config, labeled)
     if not (config.force or state.is_due(config.policy(), labeled)):
-        return state, labeled, None
+        return state, labeled, None, base
     mode = config.policy().finetune_mode(labeled)
     if config.promote:
         check_writable(config.promote, config.storage_options, what="promote")
     if mode == "lp-ft":
         check_probe_stores(config.features, state.backbone_sha256, config.storage_options)
-    return state, labeled, mode
+    return state, labeled, mode, base
 
 
 def run(config: AlignConfig) -> dict[str, Any]:
     """Align if due and commit the state; returns {"aligned", "finetune", "backbone", "labeled", "state"}."""
-    state, labeled, mode = plan(config)
+    state, labeled, mode, base = plan(config)
+    aligned = None
     if mode is not None:
         print(connect(config.address))
         print(f"aligning at {labeled} labels ({mode}) from {state.backbone}")
-        state = align(config, state, labeled, mode)
+        state, aligned = align(config, state, labeled, mode)
     else:
         state = state.observe(labeled)
-    write_state(config.state, state, config.storage_options)
+    commit_round(config, base, state, aligned)
     result = {"aligned": mode is not None, "finetune": mode, "backbone": state.backbone, "backbone_sha256": state.backbone_sha256,
               "labeled": labeled, "aligned_at": state.aligned_at, "rounds_since": len(state.rounds), "state": config.state}
     print(json.dumps(result))
