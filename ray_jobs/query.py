@@ -67,6 +67,7 @@ from pipeline.pools.storage import arrow_filesystem, check_storage, check_writab
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.selection import TopK
 from ray_jobs._cluster import connect
+from ray_jobs._progress import Progress
 from ray_jobs._errors import run_command, strip_debug
 from ray_jobs._row_filters import EXCLUDED, mark_excluded, prefilter_raw, store_prefilter
 from ray_jobs.pool_data import read_pool, read_pool_raw
@@ -306,8 +307,10 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan 
         return None
     # Reused shards with keys their source excluded are read for those keys only.
     only = {s.path: plan.reused[s.uri] for s in shards if plan.reused.get(s.uri)}
-    spec = spec_for_model(prepared["state"]["spec"]["model"], in_channels=prepared["state"]["spec"].get("in_channels"),
-                          num_classes=len(prepared["classes"]))
+    # No num_classes: a query ignores labels (they do not change a score), so a stray `cls` in a pool
+    # without an index never makes a sample unscoreable; an index's class list is still checked
+    # (read_pool), as docs/pools.md says.
+    spec = spec_for_model(prepared["state"]["spec"]["model"], in_channels=prepared["state"]["spec"].get("in_channels"))
     total = prepared["pool"].num_samples
     fraction = None
     if config.subset is not None:
@@ -381,7 +384,7 @@ def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.dat
 
 
 def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iterable[pa.Table] = (),
-           excluded_rows: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+           excluded_rows: Sequence[tuple[str, str]] = (), progress: Progress | None = None) -> dict[str, Any]:
     """Stream scored rows (copied ones first, then the pipeline's): write them, merge the top-k,
     collect errors and excluded rows, summarise.
 
@@ -399,6 +402,8 @@ def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iter
     with run.scores_writer() as writer:
         first_scored_at = None
         for origin, batch in _scored_batches(rows, reused):
+            if progress is not None:
+                progress.update(batch.num_rows)
             if origin == "scored" and first_scored_at is None:
                 first_scored_at = time.perf_counter()  # pipeline and actors are up from here on
             marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()], pa.bool_())
@@ -492,8 +497,10 @@ def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str,
     plan = reuse_plan(config, prepared)
     print(plan.reason)
     start = time.perf_counter()
-    result = select(config, state, score_stream(config, prepared, plan), reused_rows(config, prepared, plan),
-                    excluded_rows=plan.still_excluded)
+    expected = prepared["pool"].num_samples if prepared["store"] is None and config.subset is None else None
+    with Progress("score", expected, "rows", min_interval=10.0) as progress:  # a bar, or a line per 10 s
+        result = select(config, state, score_stream(config, prepared, plan), reused_rows(config, prepared, plan),
+                        excluded_rows=plan.still_excluded, progress=progress)
     elapsed = time.perf_counter() - start
     selection = result["top"].result()
     if len(selection) < config.k:
