@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +38,8 @@ from pipeline.pools import resolve_pool
 from pipeline.pools.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
 from ray_jobs import proxy, train
 from ray_jobs._cluster import connect
+from ray_jobs._cluster_guard import guard_driver
+from ray_jobs._errors import run_command, strip_debug
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,8 @@ def run(config: AlignConfig) -> dict[str, Any]:
     aligned = None
     if mode is not None:
         print(connect(config.address))
+        guard_driver([("labeled", config.labeled), ("holdout", config.holdout), ("storage_path", config.storage_path),
+                      ("backbone", state.backbone), *(("features", store) for store in config.features)])
         print(f"aligning at {labeled} labels ({mode}) from {state.backbone}")
         state, aligned = align(config, state, labeled, mode)
     else:
@@ -273,4 +278,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _argv, _debug = strip_debug(sys.argv[1:])
+    raise SystemExit(run_command("align", lambda: main(_argv), _debug))

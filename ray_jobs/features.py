@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from pipeline.models import available_models, create_model
 from pipeline.pools import resolve_pool, spec_for_model
 from pipeline.pools.storage import arrow_filesystem, check_writable, filesystem_for, is_local
 from ray_jobs._cluster import connect
+from ray_jobs._cluster_guard import guard_driver
+from ray_jobs._errors import run_command, strip_debug
 from ray_jobs.pool_data import read_pool
 
 
@@ -181,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     print(config_to_yaml(config), end="")
     print(connect(config.address))
+    guard_driver([("pool", config.pool), ("out", config.out), ("checkpoint", config.checkpoint), ("weights", config.weights)])
     run(config)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _argv, _debug = strip_debug(sys.argv[1:])
+    raise SystemExit(run_command("features", lambda: main(_argv), _debug))

@@ -67,6 +67,7 @@ from pipeline.pools.storage import arrow_filesystem, check_storage, check_writab
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.selection import TopK
 from ray_jobs._cluster import connect
+from ray_jobs._cluster_guard import guard_driver
 from ray_jobs._progress import Progress
 from ray_jobs._errors import run_command, strip_debug
 from ray_jobs._row_filters import EXCLUDED, mark_excluded, prefilter_raw, store_prefilter
@@ -550,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     print(config_to_yaml(config), end="")
     checked = check_before_ray(config)  # a wrong input fails here, in seconds, before Ray starts
     print(connect(config.address))
+    guard_driver([("pool", config.pool), ("checkpoint", config.checkpoint), ("features", config.features),
+                  ("out", config.out), ("exclude_labeled", config.exclude_labeled)])
     run(config, checked)
     return 0
 

@@ -180,3 +180,17 @@ def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(cycle
     assert verify_run(str(out / "bad")).ok
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("scored ")]
     assert len(summary) == 1 and "selected 0" in summary[0] and "unreadable shards 2" in summary[0], summary
+
+
+def test_a_label_outside_the_class_range_in_a_pool_without_index_is_scored(cycle, tmp_path) -> None:
+    pool = tmp_path / "stray-labels"
+    pool.mkdir()
+    keys = list(cycle["samples"])[:6]
+    with tarfile.open(pool / "shard-0000.tar", "w") as tar:
+        for i, key in enumerate(keys):
+            for suffix, payload in ((".png", cycle["samples"][key]), (".cls", b"9" if i == 0 else b"1")):
+                info = tarfile.TarInfo(key + suffix)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    written = query.run(query_config(cycle, pool=str(pool), out=str(tmp_path / "q"), run_id="stray", k=3, incremental=False))
+    assert written["counts"]["errors"] == 0 and written["counts"]["scored"] == 6  # cls 9 of 4 classes: still scored
