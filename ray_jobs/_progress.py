@@ -93,11 +93,20 @@ class Progress:
         self.done = 0
         self.start = time.perf_counter()
         self._last_line = -float("inf")
+        self._printed = 0
+        self._first_at: float | None = None
+        self._first_done = 0
         self._width = 0
 
     def _status(self, note: str) -> str:
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        now = time.perf_counter()
+        elapsed = now - self.start
+        # Rate from the first step on: start-up (workers, actors, the first batch) is not a step's pace.
+        since_first = now - self._first_at if self._first_at is not None else 0.0
+        if self.done > self._first_done and since_first > 0:
+            rate = (self.done - self._first_done) / since_first
+        else:
+            rate = self.done / elapsed if elapsed > 0 else 0.0
         count = f"{self.done:,}/{self.total:,}" if self.total else f"{self.done:,}"
         parts = [f"{count} {self.unit}", f"{rate:,.1f} {self.unit}/s" if rate < 100 else f"{rate:,.0f} {self.unit}/s"]
         if self.total and rate > 0 and self.done < self.total:
@@ -110,6 +119,8 @@ class Progress:
         """Count `steps` more done; `note` is appended to the line (an epoch's loss, say)."""
         self.done += steps
         now = time.perf_counter()
+        if self._first_at is None:
+            self._first_at, self._first_done = now, self.done
         if self.tty:
             bar = ""
             if self.total:
@@ -120,15 +131,17 @@ class Progress:
             self._width = len(line)
         elif now - self._last_line >= self.min_interval or (self.total and self.done >= self.total):
             self.stream.write(f"{self.phase}: {self._status(note)}\n")
-            self._last_line = now
+            self._last_line, self._printed = now, self.done
         self.stream.flush()
 
     def close(self) -> None:
-        """End the bar's line (terminal mode); nothing to do in line mode."""
+        """End the bar's line (terminal mode); in line mode, print the last step if it was thinned out."""
         if self.tty and self._width:
             self.stream.write("\n")
-            self.stream.flush()
             self._width = 0
+        elif not self.tty and self.done and self._printed < self.done:
+            self.stream.write(f"{self.phase}: {self._status('')}\n")
+        self.stream.flush()
 
     def __enter__(self) -> Progress:
         return self
