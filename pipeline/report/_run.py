@@ -144,10 +144,8 @@ def _pool_counts(run: CommittedRun, strategy: str, seed: int, edges: np.ndarray 
             # Clip into the edge bins: the manifest's min/max cover the pool, clipping only absorbs rounding.
             counts += np.histogram(np.clip(values[ok], edges[0], edges[-1]), bins=edges)[0]
         if "pred_class" in columns:
-            predicted = columns["pred_class"][~failed]
-            predicted = predicted[predicted >= 0].astype(np.int64) if predicted.dtype != object else np.array(
-                [int(p) for p in predicted if p is not None and p >= 0], dtype=np.int64)
-            found = np.bincount(predicted)
+            predicted = batch.column("pred_class").filter(pa.array(~failed)).drop_null().to_numpy().astype(np.int64)
+            found = np.bincount(predicted[predicted >= 0])
             if len(found) > len(classes):
                 classes = np.pad(classes, (0, len(found) - len(classes)))
             classes[: len(found)] += found
