@@ -5,6 +5,10 @@
   not have it (or each write their own copy). Such paths are refused with a pointer to object
   storage. A filesystem every node mounts at the same path (NFS, Lustre) is fine: set
   ``LPLGRAD_SHARED_FS=1`` to say so.
+- **Workers reach object storage too.** The driver's own checks prove its credentials; the
+  workers of a cluster may have none (no instance role, no AWS variables where `ray start` ran). One
+  zero-CPU task per other node repeats the one-request storage check there, so that a job fails
+  in seconds naming the node and the URI, not later inside a read task with ``NoCredentialsError``.
 - **A dead cluster ends the driver.** A watchdog thread opens a TCP connection to the cluster's
   GCS every few seconds; when it has failed for ``LPLGRAD_CLUSTER_TIMEOUT_S`` seconds (default 60)
   the driver prints one line saying so and exits with code 3, instead of waiting forever on tasks
@@ -21,11 +25,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ray
 
-__all__ = ["CLUSTER_LOST_EXIT", "ClusterPathError", "check_cluster_paths", "guard_driver", "watch_cluster"]
+__all__ = ["CLUSTER_LOST_EXIT", "ClusterPathError", "WorkerStorageError", "check_cluster_paths", "check_storage_on_workers",
+           "guard_driver", "watch_cluster"]
 
 CLUSTER_LOST_EXIT = 3
 _SHARED_FS_ENV = "LPLGRAD_SHARED_FS"
@@ -69,6 +75,50 @@ def check_cluster_paths(named: Iterable[tuple[str, str | None]], nodes: int | No
         "that tasks on the other nodes cannot read or write (put them on object storage, e.g. s3://bucket/prefix with "
         f"storage_options for the endpoint; or, if every node mounts the same filesystem at this path, set {_SHARED_FS_ENV}=1)"
     )
+
+
+class WorkerStorageError(PermissionError):
+    """Object storage the driver reaches but a worker node does not."""
+
+
+def _probe_storage(named: list[tuple[str, str]], storage_options: Mapping[str, Any] | None) -> str | None:
+    from pipeline.pools.storage import check_storage  # runs on the worker
+
+    for what, uri in named:
+        try:
+            check_storage(uri, storage_options, what=what)
+        except Exception as error:  # noqa: BLE001  (reported to the driver as text)
+            return " ".join(str(error).split())
+    return None
+
+
+def check_storage_on_workers(named: Iterable[tuple[str, str | None]], storage_options: Mapping[str, Any] | None = None,
+                             timeout_s: float = 120.0) -> None:
+    """Repeat the storage check on every other alive node (one zero-CPU task each).
+
+    Raises:
+        WorkerStorageError: naming the nodes, the URI and what their storage check said.
+    """
+    remote = [(what, uri) for what, uri in named if uri and not _is_local(uri)]
+    if not remote:
+        return
+    here = ray.get_runtime_context().get_node_id()
+    others = [node for node in ray.nodes() if node.get("Alive") and node["NodeID"] != here]
+    if not others:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_storage)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(remote, storage_options)
+            for node in others]
+    failed = [(node, answer) for node, answer in zip(others, ray.get(refs, timeout=timeout_s)) if answer]
+    if failed:
+        node, answer = failed[0]
+        raise WorkerStorageError(
+            f"the driver reaches object storage but {len(failed)} of {len(others)} other node(s) do not; node "
+            f"{node.get('NodeManagerAddress')} ({node['NodeID'][:8]}): {answer.rstrip(')')}; give the workers the same access: "
+            "an instance role, AWS_* variables where `ray start` runs, or storage_options with key/secret)"
+        )
 
 
 def _gcs_reachable(address: str, timeout: float) -> bool:
@@ -127,9 +177,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signal.SIGTERM)
 
 
-def guard_driver(named: Iterable[tuple[str, str | None]]) -> None:
-    """After joining Ray: refuse local paths on a multi-node cluster, watch the cluster, end on SIGTERM."""
+def guard_driver(named: Iterable[tuple[str, str | None]], storage_options: Mapping[str, Any] | None = None) -> None:
+    """After joining Ray: refuse local paths on a multi-node cluster, check the workers reach object
+    storage, watch the cluster, end on SIGTERM."""
+    named = list(named)
     check_cluster_paths(named)
     watch_cluster()
+    check_storage_on_workers(named, storage_options)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)

@@ -258,7 +258,7 @@ def run(config: AlignConfig) -> dict[str, Any]:
     if mode is not None:
         print(connect(config.address))
         guard_driver([("labeled", config.labeled), ("holdout", config.holdout), ("storage_path", config.storage_path),
-                      ("backbone", state.backbone), *(("features", store) for store in config.features)])
+                      ("backbone", state.backbone), *(("features", store) for store in config.features)], config.storage_options)
         print(f"aligning at {labeled} labels ({mode}) from {state.backbone}")
         state, aligned = align(config, state, labeled, mode)
     else:

@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     print(config_to_yaml(config), end="")
     print(connect(config.address))
-    guard_driver([("pool", config.pool), ("out", config.out), ("checkpoint", config.checkpoint), ("weights", config.weights)])
+    guard_driver([("pool", config.pool), ("out", config.out), ("checkpoint", config.checkpoint), ("weights", config.weights)],
+                 config.storage_options)
     run(config)
     return 0
 

@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = check_before_ray(config)  # a wrong input fails here, in seconds, before Ray starts
     print(connect(config.address))
     guard_driver([("pool", config.pool), ("checkpoint", config.checkpoint), ("features", config.features),
-                  ("out", config.out), ("exclude_labeled", config.exclude_labeled)])
+                  ("out", config.out), ("exclude_labeled", config.exclude_labeled)], config.storage_options)
     run(config, checked)
     return 0
 

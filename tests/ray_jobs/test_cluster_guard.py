@@ -36,7 +36,7 @@ DRIVER = textwrap.dedent("""
     import sys, time, ray
     from ray_jobs._cluster_guard import guard_driver
     ray.init(address=sys.argv[1], log_to_driver=False)
-    guard_driver([("out", "s3://bucket/queries")])
+    guard_driver([("out", sys.argv[2] if len(sys.argv) > 2 else None)])
     print("joined", flush=True)
 
     @ray.remote(num_cpus=0.1)
@@ -47,8 +47,11 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "LPLGRAD_CLUSTER_TIMEOUT_S": "8"}
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the cluster's nodes have no credentials
+    return {**env, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "LPLGRAD_CLUSTER_TIMEOUT_S": "8",
+            "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +113,25 @@ def test_query_on_a_two_node_cluster_refuses_a_local_pool(cluster, tmp_path) -> 
     assert last.startswith("lplgrad query: error: this Ray cluster has 2 alive nodes") and "object storage" in last, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+WORKER_CREDENTIALS = textwrap.dedent("""
+    import json, sys, ray
+    from ray_jobs._cluster_guard import check_storage_on_workers
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    check_storage_on_workers([("out", sys.argv[2])], {"endpoint_url": sys.argv[3]})
+""")
+
+
+def test_workers_without_credentials_are_found_before_any_work(cluster, s3_server) -> None:
+    out = s3_server.uri("queries")
+    driver_env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")  # only the driver has them
+    done = subprocess.run([sys.executable, "-c", WORKER_CREDENTIALS, cluster["address"], out, s3_server.endpoint],
+                          cwd=ROOT, env=driver_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "WorkerStorageError" in last and "1 of 1 other node(s) do not" in last, done.stderr[-2000:]
+    assert out in last and s3_server.endpoint in last and "no credentials" in last
 
 
 def test_sigterm_ends_a_driver_waiting_on_the_cluster(cluster) -> None:
