@@ -45,7 +45,7 @@ from pipeline.feature_store import (
 from pipeline.incremental import shard_identities
 from pipeline.models import available_models, create_model
 from pipeline.pools import resolve_pool, spec_for_model
-from pipeline.pools.storage import arrow_filesystem, check_writable, filesystem_for, is_local
+from pipeline.pools.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from ray_jobs._cluster import connect
 from ray_jobs._cluster_guard import guard_driver
 from ray_jobs._errors import run_command, strip_debug
@@ -134,8 +134,17 @@ def resolve_backbone(config: FeaturesConfig, num_classes: int | None) -> tuple[B
 # -- run -------------------------------------------------------------------------------------
 
 
-def run(config: FeaturesConfig) -> FeatureStore:
-    """Extract what is stale and commit the store; returns the committed store."""
+def run(config: FeaturesConfig, join: Callable[[], None] | None = None) -> FeatureStore:
+    """Extract what is stale and commit the store; returns the committed store.
+
+    Args:
+        config: The job's config.
+        join: Joins Ray; called once everything checkable without Ray has been checked, and only
+            when there is something to extract (``None``: Ray is already up).
+    """
+    for what, uri in (("pool", config.pool), ("feature store", config.out), ("checkpoint", config.checkpoint)):
+        if uri:
+            check_storage(uri, config.storage_options, what=what)  # one request each, before anything else
     pool = resolve_pool(config.pool, config.storage_options)
     backbone, build, spec = resolve_backbone(config, len(pool.classes) if pool.classes else None)
     check_writable(config.out, config.storage_options, what="feature store")
@@ -147,6 +156,8 @@ def run(config: FeaturesConfig) -> FeatureStore:
     generation = new_generation()
     start = time.perf_counter()
     if plan.extract:
+        if join is not None:
+            join()
         write_generation(config, pool, plan.extract, build, spec, generation, backbone.dim)
     counts = count_generation(config.out, generation, config.storage_options)
     shards = [plan.reuse.get(uri) or StoreShard(uri, identities[uri], generation, *counts.get(uri, (0, 0))) for uri in identities]
@@ -183,10 +194,13 @@ def write_generation(config: FeaturesConfig, pool, shards: list[str], build, spe
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     print(config_to_yaml(config), end="")
-    print(connect(config.address))
-    guard_driver([("pool", config.pool), ("out", config.out), ("checkpoint", config.checkpoint), ("weights", config.weights)],
-                 config.storage_options)
-    run(config)
+
+    def join() -> None:
+        print(connect(config.address))
+        guard_driver([("pool", config.pool), ("out", config.out), ("checkpoint", config.checkpoint), ("weights", config.weights)],
+                     config.storage_options)
+
+    run(config, join)  # inputs are checked before Ray starts
     return 0
 
 
