@@ -38,6 +38,7 @@ from pipeline.pools import spec_for_model
 from pipeline.pools.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 from ray_jobs._cluster import connect
+from ray_jobs._cluster_guard import guard_driver
 from ray_jobs._progress import EpochFeed, put_epoch
 from ray_jobs import pool_data
 
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     print(config_to_yaml(config), end="")
     print(connect(config.address))
+    guard_driver([("labeled", config.labeled), ("holdout", config.holdout), ("storage_path", config.storage_path),
+                  ("warm_start", config.warm_start), ("init_head", config.init_head)], config.storage_options)
     datasets, classes = labeled_training_data(config)
     uri = run(config, datasets, classes)
     print(f"final checkpoint: {uri}")
