@@ -36,6 +36,7 @@ from pipeline.pools import (
     parse_storage_options,
     synthetic,
 )
+from ray_jobs._errors import USER_ERROR_EXIT, is_user_error, user_error_line
 
 __all__ = ["add_commands", "main"]
 
@@ -122,13 +123,16 @@ def _summary(uri: str, index: PoolIndex, **extra: Any) -> str:
 
 
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    # Input problems print one clear line and exit 1; bugs keep their traceback.
+    # Input problems print one line, `lplgrad pool CMD: error: ... (fix)`, and exit 2; bugs keep
+    # their traceback (ray_jobs/_errors.py).
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (PoolError, ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        except (PoolError, ValueError, OSError) as err:
+            if not is_user_error(err):
+                raise
+            print(user_error_line(f"pool {args.pool_command}", err), file=sys.stderr)
+            return USER_ERROR_EXIT
 
     wrapper.__name__ = run.__name__
     wrapper.__doc__ = run.__doc__

@@ -35,15 +35,16 @@ def test_build_then_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                                                           ("synthetic_train_000009", b"0")]
 
 
-def test_input_errors_print_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_input_errors_print_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pool = str(tmp_path / "pool")
     assert pool_cli.main(["build", "--synthetic", "3", "--out", pool]) == 0
     capsys.readouterr()
-    assert pool_cli.main(["build", "--synthetic", "3", "--out", pool]) == 1
-    assert "already holds a pool" in capsys.readouterr().err
+    assert pool_cli.main(["build", "--synthetic", "3", "--out", pool]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lplgrad pool build: error: ") and "already holds a pool" in err and err.count("\n") == 1
     (tmp_path / "bad.csv").write_text("key,label\nnope,1\n")
     assert pool_cli.main(["label", "--pool", pool, "--labels", str(tmp_path / "bad.csv"),
-                          "--out", str(tmp_path / "out")]) == 1
+                          "--out", str(tmp_path / "out")]) == 2
     assert "'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: exactly one source
         pool_cli.main(["build", "--synthetic", "3", "--idx", "x", "--out", pool])
