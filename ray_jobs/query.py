@@ -9,9 +9,11 @@ selection manifest to object storage.
 Pipeline: shards are read by Ray Data (`read_webdataset`, no default decoder) and decoded in CPU
 tasks; keys already labeled or selected by earlier manifests are dropped; an actor pool of
 `RowScorer`s (model loaded once per actor) scores batches with one forward and one backward; the
-driver streams the rows to `scores/` parquet parts, keeps the exact top-k (ties by key) in O(k)
-memory and commits `selection.parquet`, `errors.parquet`, `excluded.parquet` and, last,
-`manifest.json`.
+driver streams the rows to `scores/` parquet parts under its own attempt directory, keeps the exact
+top-k (ties by key) in O(k) memory, writes `selection.parquet`, `errors.parquet`,
+`excluded.parquet` beside them and commits by creating `manifest.json` exclusively (one attempt
+wins; docs/manifest.md). Every input is checked before Ray starts (`check_before_ray`); a user
+error ends as one line, exit code 2 (ray_jobs/_errors.py).
 
 Incremental (`incremental=true`, the default; never with `subset`): shards whose identity (size
 plus ETag or mtime) is unchanged since the previous committed run under `out`, scored with the
