@@ -103,16 +103,16 @@ class Progress:
         elapsed = now - self.start
         # Rate from the first step on: start-up (workers, actors, the first batch) is not a step's pace.
         since_first = now - self._first_at if self._first_at is not None else 0.0
-        if self.done > self._first_done and since_first > 0:
-            rate = (self.done - self._first_done) / since_first
-        else:
-            rate = self.done / elapsed if elapsed > 0 else 0.0
+        # After the first step only, the pace is unknown: no rate, no ETA.
+        rate = (self.done - self._first_done) / since_first if self.done > self._first_done and since_first > 0 else None
         count = f"{self.done:,}/{self.total:,}" if self.total else f"{self.done:,}"
-        parts = [f"{count} {self.unit}", f"{rate:,.1f} {self.unit}/s" if rate < 100 else f"{rate:,.0f} {self.unit}/s"]
-        if self.total and rate > 0 and self.done < self.total:
-            parts.append(f"ETA {_seconds((self.total - self.done) / rate)}")
-        elif self.total and self.done >= self.total:
+        parts = [f"{count} {self.unit}"]
+        if rate is not None:
+            parts.append(f"{rate:,.1f} {self.unit}/s" if rate < 100 else f"{rate:,.0f} {self.unit}/s")
+        if self.total and self.done >= self.total:
             parts.append(f"in {_seconds(elapsed)}")
+        elif self.total and rate:
+            parts.append(f"ETA {_seconds((self.total - self.done) / rate)}")
         return "  ".join(parts + ([note] if note else []))
 
     def update(self, steps: int = 1, note: str = "") -> None:
