@@ -153,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> SimulateConfig:
     overrides = list(args.overrides)
     if args.proxy and not any(o.startswith("modes=") for o in overrides):
         overrides.append("modes=[full,proxy,proxy-aligned]")
+    if args.proxy and not any(o.startswith("engine=") for o in overrides):
+        overrides.append("engine=ray")  # proxy modes run through the feature and proxy jobs
     return load_config(SimulateConfig, args.config, overrides)
 
 

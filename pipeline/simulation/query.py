@@ -127,7 +127,8 @@ def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, key
     needs_gradnorm = chain.strategy != "badge" and "score" in get_strategy(chain.strategy).fields
     rows, embeddings = score_rows(trained, images[candidates], candidate_keys, badge=chain.strategy == "badge",
                                   gradnorm=needs_gradnorm)
-    mean_score = float(np.nanmean(rows["score"])) if len(rows["score"]) else float("nan")
+    finite = rows["score"][np.isfinite(rows["score"])]
+    mean_score = float(finite.mean()) if len(finite) else float("nan")
     if embeddings is not None:
         return [int(candidates[i]) for i in kmeanspp_seeding(embeddings, k, seed)], mean_score
     picked = select_by_values(chain, rows, k, seed)

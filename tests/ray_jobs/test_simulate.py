@@ -1,4 +1,4 @@
-"""A two-cycle simulation on a tiny synthetic pool, end to end through the real Ray jobs."""
+"""Simulations through the real Ray jobs (engine=ray): a two-cycle run and the proxy modes."""
 
 from __future__ import annotations
 
@@ -15,21 +15,24 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
     build_pool(synthetic(96, seed=5, num_classes=3, image_size=28, channels=1), str(tmp_path / "pool"))
     build_pool(synthetic(48, seed=6, num_classes=3, image_size=28, channels=1, split="test"), str(tmp_path / "test"))
     config = simulate.SimulateConfig(
-        pool=str(tmp_path / "pool"), test_pool=str(tmp_path / "test"), strategies=("lplgrad", "coreset"),
+        pool=str(tmp_path / "pool"), test_pool=str(tmp_path / "test"), strategies=("lplgrad+power", "coreset"),
         seeds=(0,), initial=16, per_cycle=12, cycles=2, epochs=1, batch_size=16, num_workers=1,
-        cpus_per_worker=0.5, cpus_per_actor=0.5, out=str(tmp_path / "sim"),
+        cpus_per_worker=0.5, cpus_per_actor=0.5, out=str(tmp_path / "sim"), engine="ray",
     )
     simulate.run(config)
     rows = read_results(tmp_path / "sim" / "results.parquet")
     assert [(r["strategy"], r["cycle"], r["labeled"]) for r in rows] == [
-        ("lplgrad", 0, 16), ("lplgrad", 1, 28), ("coreset", 0, 16), ("coreset", 1, 28)]
+        ("lplgrad+power", 0, 16), ("lplgrad+power", 1, 28), ("coreset", 0, 16), ("coreset", 1, 28)]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert (tmp_path / "sim" / "results.csv").exists()
     assert (tmp_path / "sim" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| lplgrad |" in (tmp_path / "sim" / "results.md").read_text()
+    assert "| lplgrad+power |" in (tmp_path / "sim" / "results.md").read_text()
+    # The stochastic chain went through the query job as a power draw.
+    inputs = manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad+power-s0" / "queries" / "c0"))["inputs"]
+    assert inputs["strategy"]["name"] == "lplgrad" and inputs["strategy"]["params"]["stochastic"] == "power"
     # Both strategies started from the same seeded initial set.
     initial = {r["strategy"]: r for r in rows if r["cycle"] == 0}
-    assert initial["lplgrad"]["labeled"] == initial["coreset"]["labeled"]
+    assert initial["lplgrad+power"]["labeled"] == initial["coreset"]["labeled"]
     with pytest.raises(ValueError, match="results.parquet exists"):
         simulate.run(config)
 
@@ -63,4 +66,4 @@ def test_proxy_aligned_simulation_refreshes_features_from_the_fine_tuned_backbon
     assert "| lplgrad [proxy-aligned] |" in (tmp_path / "sim" / "results.md").read_text()
     assert "selection total s" in (tmp_path / "sim" / "results.md").read_text()
     with pytest.raises(ValueError, match="proxy modes report the proxy's accuracy on test_pool"):
-        simulate.SimulateConfig(pool="x", modes=("proxy",))
+        simulate.SimulateConfig(pool="x", modes=("proxy",), engine="ray")

@@ -1,0 +1,49 @@
+"""BADGE: gradient embeddings, k-means++ seeding, and the memory refusal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.acquisition import BadgeMemoryError, badge_embeddings, check_badge_memory, kmeanspp_seeding
+
+
+def test_embedding_is_the_last_layer_gradient_at_the_predicted_label() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    features = torch.tensor([[1.0, 2.0, 3.0], [1.0, -1.0, 0.5]])
+    embedded = badge_embeddings(logits, features)
+    p = 1 / (1 + math.exp(-2.0))  # softmax of (2, 0) at class 0
+    expected_first = torch.tensor([(p - 1) * 1, (p - 1) * 2, (p - 1) * 3, (1 - p) * 1, (1 - p) * 2, (1 - p) * 3])
+    assert torch.allclose(embedded[0], expected_first, atol=1e-6)
+    # Equal logits predict class 0 (argmax's first), p = (0.5, 0.5).
+    assert torch.allclose(embedded[1], torch.tensor([-0.5, 0.5, -0.25, 0.5, -0.5, 0.25]))
+    # The gradient of CE w.r.t. the weight, by autograd, is the same thing.
+    weight = torch.zeros(2, 3, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(features[:1] @ weight.T + logits[:1], torch.tensor([0]))
+    loss.backward()
+    assert torch.allclose(weight.grad.flatten(), embedded[0], atol=1e-6)
+
+
+def test_kmeanspp_starts_at_the_largest_norm_and_covers_distant_clusters() -> None:
+    # Three tight, far-apart clusters; the largest-norm point sits in the third.
+    clusters = [torch.tensor([0.0, 0.0]), torch.tensor([100.0, 0.0]), torch.tensor([0.0, 200.0])]
+    points = torch.cat([c + 0.01 * torch.arange(4, dtype=torch.float32)[:, None] for c in clusters])
+    picks = kmeanspp_seeding(points, 3, seed=0)
+    assert picks[0] == 11  # (0.03, 200.03): the largest norm
+    assert sorted(p // 4 for p in picks) == [0, 1, 2]  # one per cluster: D² sampling makes it near-certain
+    assert kmeanspp_seeding(points, 3, seed=0) == picks  # reproducible by seed
+    assert len(set(kmeanspp_seeding(points, 12, seed=5))) == 12  # never a repeat
+    assert kmeanspp_seeding(points, 50, seed=0) == kmeanspp_seeding(points, 12, seed=0)  # at most N
+
+
+def test_identical_points_are_drawn_without_repeats() -> None:
+    picks = kmeanspp_seeding(torch.ones(5, 3), 4, seed=1)
+    assert len(set(picks)) == 4 and picks[0] == 0
+
+
+def test_memory_budget_refusal_names_sizes_and_the_fix() -> None:
+    assert check_badge_memory(10_000, 10, 64, budget_mb=100) == 10_000 * 10 * 64 * 4
+    with pytest.raises(BadgeMemoryError, match=r"1000000 x 10 x 512 float32 embeddings = 19531 MiB, over the budget of 2048 MiB"):
+        check_badge_memory(1_000_000, 10, 512, budget_mb=2048)
