@@ -57,6 +57,7 @@ class AlignConfig:
     probe_epochs: int = 100
     epochs: int = 20
     batch_size: int = 128
+    augment: str = "none"  # training augmentation preset of the fine-tune (as lplgrad train)
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
@@ -223,7 +224,7 @@ def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -
         epochs=config.epochs, batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.use_gpu,
         cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path, name=name,
         checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=config.seed,
-        warm_start=state.backbone, storage_options=config.storage_options,
+        warm_start=state.backbone, storage_options=config.storage_options, augment=config.augment,
     )
     probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
     checkpoint = finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
