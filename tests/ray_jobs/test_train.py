@@ -54,10 +54,13 @@ def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) 
 
 
 def test_resume_continues_a_named_run_and_refuses_to_resume_by_accident(task, tmp_path) -> None:
-    first = load_checkpoint(train.run(config(tmp_path, epochs=2, num_workers=1), {"train": task["train"]}, CLASSES))
+    # With augmentation on: the worker's per-epoch generator runs through the real training loop.
+    first = load_checkpoint(train.run(config(tmp_path, epochs=2, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES))
+    assert first["config"]["augment"] == "gray28"
     with pytest.raises(ValueError, match="already has checkpoints"):
-        train.run(config(tmp_path, epochs=3, num_workers=1), {"train": task["train"]}, CLASSES)
-    resumed = load_checkpoint(train.run(config(tmp_path, epochs=3, num_workers=1, resume=True), {"train": task["train"]}, CLASSES))
+        train.run(config(tmp_path, epochs=3, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES)
+    resumed = load_checkpoint(train.run(config(tmp_path, epochs=3, num_workers=1, resume=True, augment="gray28"),
+                                        {"train": task["train"]}, CLASSES))
     assert [m["epoch"] for m in resumed["metrics"]] == [0, 1, 2]
     assert resumed["metrics"][:2] == first["metrics"]
 
