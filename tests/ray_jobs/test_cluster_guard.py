@@ -73,7 +73,7 @@ def cluster():
 def _driver(address: str) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-c", DRIVER, address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT, env=_env())
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240
     while process.stdout.readline().strip() != "joined":
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
     return process
@@ -138,8 +138,8 @@ def test_sigterm_ends_a_driver_waiting_on_the_cluster(cluster) -> None:
     driver = _driver(cluster["address"])
     start = time.monotonic()
     driver.send_signal(signal.SIGTERM)
-    code = driver.wait(timeout=30)
-    assert code == 128 + signal.SIGTERM and time.monotonic() - start < 15
+    code = driver.wait(timeout=60)
+    assert code == 128 + signal.SIGTERM and time.monotonic() - start < 30  # the handler exits at once; 10 s at worst
     assert "terminated (SIGTERM)" in driver.stderr.read()
 
 
@@ -150,12 +150,12 @@ def test_a_dead_cluster_ends_the_driver_in_bounded_time(cluster) -> None:
     cluster["process"].wait(timeout=60)
     start = time.monotonic()
     try:
-        code = driver.wait(timeout=60)
+        code = driver.wait(timeout=120)
     finally:
         if driver.poll() is None:
             driver.kill()
     waited = time.monotonic() - start
     err = driver.stderr.read()
-    assert code != 0 and waited < 40, (code, waited, err[-2000:])
+    assert code != 0 and waited < 60, (code, waited, err[-2000:])  # bound: 8 s of silence + probe interval
     if code == CLUSTER_LOST_EXIT:
         assert "has not answered for 8 s: it is gone" in err
