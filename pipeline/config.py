@@ -260,7 +260,7 @@ class ConfigField:
     Attributes:
         key: Dotted name as an override spells it (`schedule.lr`).
         type: The annotation as written in the dataclass (`int | None`).
-        default: The default value (plain: tuples as lists; None for a required-looking empty value too).
+        default: The default value as plain YAML data (tuples as lists, a nested dataclass as a dict).
         meaning: One line: the field's metadata["help"], its trailing comment, its docstring
             `Attributes:` entry, or the shared meaning of a common key; "" when none.
         section: Dotted name of the section holding the key ("" for the top level).
@@ -318,12 +318,8 @@ def _plain_default(field: dataclasses.Field) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return config_to_dict(value)
     if isinstance(value, (list, tuple)):
-        return [_plain_default_value(v) for v in value]
+        return [list(v) if isinstance(v, tuple) else v for v in value]
     return value
-
-
-def _plain_default_value(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _section_class(annotation: Any) -> type | None:
