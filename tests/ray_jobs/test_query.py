@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -194,3 +195,25 @@ def test_a_label_outside_the_class_range_in_a_pool_without_index_is_scored(cycle
                 tar.addfile(info, io.BytesIO(payload))
     written = query.run(query_config(cycle, pool=str(pool), out=str(tmp_path / "q"), run_id="stray", k=3, incremental=False))
     assert written["counts"]["errors"] == 0 and written["counts"]["scored"] == 6  # cls 9 of 4 classes: still scored
+
+
+def test_a_query_killed_during_its_commit_is_no_result_and_a_rerun_commits(cycle, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    out = tmp_path / "drill"
+    argv = [sys.executable, "-m", "ray_jobs.query", f"pool={cycle['pool']}", f"checkpoint={cycle['checkpoint']}", f"out={out}",
+            "run_id=n1", "k=12", "batch_size=32", "actors=1", "cpus_per_actor=0.5", "incremental=false"]
+    env = {**os.environ, "LPLGRAD_FAULT_AT_COMMIT_STEP": "manifest",  # killed just before manifest.json
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the job joins this session's Ray
+    killed = subprocess.run(argv, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert "no manifest.json" in verify_run(str(out / "n1")).problems[0]
+    with pytest.raises(manifest.UncommittedRunError):
+        manifest.load(str(out / "n1"))
+    written = query.run(query_config(cycle, out=str(out), run_id="n1", incremental=False))
+    assert verify_run(str(out / "n1")).ok and written["counts"]["scored"] == 230
+    assert len(list((out / "n1" / "attempts").iterdir())) == 2  # the killed attempt's files are left, never read
