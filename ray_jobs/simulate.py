@@ -57,6 +57,7 @@ from pipeline.learning_curves import append_results, difference_table, markdown_
 from pipeline.manifest import load as load_selection
 from pipeline.models import available_models
 from pipeline.pools import iter_pool_samples, label_pool, resolve_pool, spec_for_model
+from pipeline.report import write_simulation_report
 from pipeline.simulation import FirstCycles, Protocol, classifier_head, initial_keys, load_array_pool, run_chain_in_memory
 from pipeline.training import TrainSchedule
 from ray_jobs import features, proxy, query, train
@@ -339,7 +340,8 @@ def curve_label(row: dict[str, Any]) -> str:
 def report(config: SimulateConfig, rows: list[dict[str, Any]]) -> None:
     out = Path(config.out)
     labeled_rows = [{**row, "strategy": curve_label(row)} for row in rows]
-    plot_learning_curves(labeled_rows, out / "learning_curves.png", title=f"{config.model} on {Path(config.pool).name}")
+    title = f"{config.model} on {Path(config.pool).name}"
+    plot_learning_curves(labeled_rows, out / "learning_curves.png", title=title)
     text = "Test accuracy (%) by labeled-set size, mean ± std over seeds " f"{list(config.seeds)}:\n\n" + markdown_table(labeled_rows)
     differences = difference_table(labeled_rows)
     if differences:
@@ -348,6 +350,7 @@ def report(config: SimulateConfig, rows: list[dict[str, Any]]) -> None:
     if any(row.get("mode", "full") != "full" for row in rows):
         text += "\n\n" + cost_table(rows)
     (out / "results.md").write_text(text)
+    write_simulation_report(rows, out / "report.html", f"{title}, seeds {list(config.seeds)}", png=out / "learning_curves.png")
 
 
 def cost_table(rows: list[dict[str, Any]]) -> str:
@@ -384,7 +387,7 @@ def run(config: SimulateConfig) -> list[dict[str, Any]]:
         rows = run_with_jobs(config)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.parquet'} (+ .csv), summaries: {out / 'summary.csv'}, {out / 'aulc.csv'}, "
-          f"plot: {out / 'learning_curves.png'}")
+          f"plot: {out / 'learning_curves.png'}, page: {out / 'report.html'}")
     return rows
 
 

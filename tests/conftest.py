@@ -7,7 +7,9 @@ nothing. Other test packages reuse them as they are.
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,8 +82,13 @@ def ray_local() -> Iterator[Any]:
     actor, and a stage waiting on CPUs held by another stage would stall the test.
     """
     ray = pytest.importorskip("ray")
+    temp_dir = None
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        # address="local" and a temp dir of its own: never join (or disturb) another Ray on this
+        # machine, whoever started it. /tmp keeps Ray's socket paths under the 107-byte limit.
+        temp_dir = tempfile.mkdtemp(prefix="lplgrad-test-ray-", dir="/tmp")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, _temp_dir=temp_dir)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -89,3 +96,5 @@ def ray_local() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)

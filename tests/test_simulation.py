@@ -52,6 +52,7 @@ def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, 
     assert "Accuracy minus random" in text and "| badge |" in text and "AULC" in text
     assert (tmp_path / "sim" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "sim" / "summary.csv").exists() and (tmp_path / "sim" / "aulc.csv").exists()
+    assert "lplgrad+power" in (tmp_path / "sim" / "report.html").read_text()
 
 
 def test_badge_over_budget_is_refused_before_any_training(pools, tmp_path) -> None:
