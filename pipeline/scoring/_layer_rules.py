@@ -246,9 +246,9 @@ def _batch_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], m
 
 def _layer_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
     ln: nn.LayerNorm = module  # type: ignore[assignment]
-    dims = tuple(range(-len(ln.normalized_shape), 0))
-    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
-    normalized = (x - mean) * torch.rsqrt(var + ln.eps)
+    # x-hat by the forward's own kernel without the affine part: the values the layer scaled,
+    # and several times faster than var_mean on CPU.
+    normalized = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
     batch = x.shape[0]
     shape = (batch, -1, *ln.normalized_shape)
     return _affine_norm(normalized.reshape(shape), g.reshape(shape), ln.normalized_shape, names, materialize)
@@ -256,10 +256,7 @@ def _layer_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], m
 
 def _group_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
     gn: nn.GroupNorm = module  # type: ignore[assignment]
-    batch = x.shape[0]
-    grouped = x.reshape(batch, gn.num_groups, -1)
-    var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
-    normalized = ((grouped - mean) * torch.rsqrt(var + gn.eps)).reshape_as(x)
+    normalized = F.group_norm(x, gn.num_groups, None, None, gn.eps)  # the forward's kernel, no affine
     return _affine_norm(_channels_last_positions(normalized), _channels_last_positions(g), gn.weight.shape, names, materialize)
 
 
