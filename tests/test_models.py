@@ -26,7 +26,7 @@ def _tiny_input(name: str, in_channels: int, batch: int = 4) -> torch.Tensor:
 
 
 def test_builtin_models_registered() -> None:
-    assert {"cifar_resnet18", "small_cnn", "resnet18", "resnet50"} <= set(available_models())
+    assert {"cifar_resnet18", "small_cnn", "resnet18", "resnet50", "vit_tiny"} <= set(available_models())
     assert available_models() == sorted(available_models())
 
 
@@ -40,6 +40,27 @@ def test_output_shape(name: str, in_channels: int) -> None:
     assert logits.shape == (4, NUM_CLASSES)
     assert torch.isfinite(logits).all()
     assert model.expected_input == (in_channels, *input_spec(name)[1:])
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_vit_serves_mnist_and_cifar_sizes(shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", NUM_CLASSES, in_channels=shape[0]).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, *shape))
+    assert logits.shape == (2, NUM_CLASSES)
+
+
+def test_vit_patch_size_and_width_are_parameters() -> None:
+    from pipeline.models.vit import VisionTransformer
+
+    model = VisionTransformer(num_classes=3, in_channels=1, image_size=28, patch_size=7, width=24, depth=2, heads=3)
+    assert model.patch_embed.kernel_size == (7, 7) and model.cls_token.shape == (1, 1, 24)
+    assert model.pos_embed.shape == (1, 4, 4, 24)
+    with pytest.raises(ValueError, match="larger image_size"):
+        model(torch.randn(1, 1, 35, 35))
+    with pytest.raises(ValueError, match="divisible"):
+        VisionTransformer(width=30, heads=4)
 
 
 def test_input_spec_defaults() -> None:
