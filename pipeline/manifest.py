@@ -377,8 +377,9 @@ def commit_run(
         winner = _read_manifest_file(fs, state.run_path)
         if winner.get("inputs_fingerprint") != state.fingerprint:
             raise RunConflictError(
-                "another attempt committed first: " + _conflict_message(state.run_id, state.run_uri, winner, state.fingerprint)
-                + "; this attempt's files were discarded"
+                f"another attempt committed run {state.run_id} at {state.run_uri} first, with other inputs (fingerprint "
+                f"{str(winner.get('inputs_fingerprint'))[:12]}..., these give {state.fingerprint[:12]}...); this attempt's "
+                f"files were discarded and the committed run is unchanged (choose a new run id, e.g. run_id={new_run_id()})"
             ) from None
         return winner
     _fault_point("latest")

@@ -35,6 +35,8 @@ _FIXES = {
     "PoolNotFoundError": "check the pool URI; a pool is a folder or prefix of .tar shards",
     "EmptyPoolError": "point pool= at a folder or prefix that holds .tar shards",
     "PoolError": "check the pool URI and its shards (`lplgrad pool` builds pools)",
+    "UncommittedRunError": "name a committed run, or run the query again with the same run id",
+    "RunConflictError": "choose a new run id",
     "ManifestError": "`lplgrad manifest verify RUN` lists what is wrong with a run",
     "FeatureStoreError": "run `lplgrad features` to (re)build the feature store",
     "FileNotFoundError": "check the path or URI",
