@@ -66,4 +66,4 @@ def test_proxy_aligned_simulation_refreshes_features_from_the_fine_tuned_backbon
     assert "| lplgrad [proxy-aligned] |" in (tmp_path / "sim" / "results.md").read_text()
     assert "selection total s" in (tmp_path / "sim" / "results.md").read_text()
     with pytest.raises(ValueError, match="proxy modes report the proxy's accuracy on test_pool"):
-        simulate.SimulateConfig(pool="x", modes=("proxy",), engine="ray")
+        simulate.SimulateConfig(pool="x", modes=("proxy",), engine="ray", strategies=("lplgrad",))
