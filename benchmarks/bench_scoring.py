@@ -21,6 +21,7 @@ DPMultiheadAttention with the same weights, as Opacus requires.
 
 Exactness: every method's norms on the first --check samples against a float64 one-sample
 reference (max relative error; per-tensor-sum norm, or the global norm for ghost norms).
+A method off by more than 1e-3 is flagged WRONG and not counted as an anchor.
 Fallback share: the part of the scorer's time spent in its torch.func fallbacks.
 
 Targets (issue 16): on every row the scorer >= 1.0x the fastest of BackPACK, Opacus (both),
