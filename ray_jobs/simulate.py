@@ -395,13 +395,12 @@ def run_in_memory(config: SimulateConfig) -> list[dict[str, Any]]:
     """Every chain in this process on the decoded pool (engine=memory)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    spec_probe = spec_for_model(config.model)
     started = time.perf_counter()
-    pool = load_array_pool(config.pool, spec_probe, config.storage_options)
-    test = load_array_pool(config.test_pool or config.pool, spec_for_model(config.model, num_classes=len(pool.classes)),
-                           config.storage_options)
-    spec = ModelSpec(config.model, len(pool.classes))
+    pool = load_array_pool(config.pool, spec_for_model(config.model), config.storage_options)
+    # The test pool is decoded against the pool's class list, so a stray test label is named.
     decode = spec_for_model(config.model, num_classes=len(pool.classes))
+    test = load_array_pool(config.test_pool or config.pool, decode, config.storage_options)
+    spec = ModelSpec(config.model, len(pool.classes))
     print(f"decoded {len(pool)} pool and {len(test)} test samples in {time.perf_counter() - started:.0f} s"
           + (f"; {len(pool.skipped) + len(test.skipped)} could not be decoded and are left out" if pool.skipped or test.skipped else ""))
     protocol = Protocol(

@@ -114,9 +114,7 @@ def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, key
     """
     candidate_keys = [keys[i] for i in candidates]
     if chain.strategy == "random":
-        picked = select_by_values(chain, {"key": candidate_keys}, k, seed)
-        by_key = dict(zip(candidate_keys, candidates))
-        return [int(by_key[key]) for key in picked], float("nan")
+        return _rows_of(select_by_values(chain, {"key": candidate_keys}, k, seed), candidate_keys, candidates), float("nan")
     if chain.strategy == "coreset":
         features = _features(trained.model, images, candidates)
         centres = _features(trained.model, images, labeled)
@@ -131,9 +129,13 @@ def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, key
     mean_score = float(finite.mean()) if len(finite) else float("nan")
     if embeddings is not None:
         return [int(candidates[i]) for i in kmeanspp_seeding(embeddings, k, seed)], mean_score
-    picked = select_by_values(chain, rows, k, seed)
-    by_key = dict(zip(candidate_keys, candidates))
-    return [int(by_key[key]) for key in picked], mean_score
+    return _rows_of(select_by_values(chain, rows, k, seed), candidate_keys, candidates), mean_score
+
+
+def _rows_of(picked: Sequence[str], keys: Sequence[str], rows: np.ndarray) -> list[int]:
+    """Pool rows of the picked keys, in pick order."""
+    by_key = dict(zip(keys, rows))
+    return [int(by_key[key]) for key in picked]
 
 
 def _features(model: nn.Module, images: np.ndarray, rows: np.ndarray, batch_size: int = 1024) -> Tensor:
