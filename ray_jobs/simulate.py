@@ -435,7 +435,6 @@ def check_badge_budget(config: SimulateConfig, chains: list[Chain], spec: ModelS
 
 def run_with_jobs(config: SimulateConfig) -> list[dict[str, Any]]:
     """Every chain through the real Ray jobs (engine=ray)."""
-    out = Path(config.out)
     truth = true_labels(config.pool, config.storage_options)
     classes = list(resolve_pool(config.pool, config.storage_options).classes or [str(c) for c in sorted(set(truth.values()))])
     rows: list[dict[str, Any]] = []

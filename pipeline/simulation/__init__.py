@@ -19,4 +19,5 @@ __all__ = [
     "run_chain_in_memory",
     "score_rows",
     "subset_rows",
+    "train_in_memory",
 ]

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.acquisition import Chain, random_values
 from pipeline.augment import make_augment

@@ -14,19 +14,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from pipeline.acquisition import acquisition_values
-from pipeline.manifest import PoolShard, QueryInputs, ScoreSummary, begin_run, commit_run, selection_rows
+from _committed_run import FAILED, K, commit_fake_run
 from pipeline.manifest_export import open_run
-from pipeline.pools import build_pool, iter_pool_samples, resolve_pool, synthetic
+from pipeline.pools import build_pool, synthetic
 from pipeline.report import build_run_report, render_run_report, write_run_report
-from pipeline.selection import TopK
 from ray_jobs import cli
 
-K = 6
-FAILED = (3, 17)
 
 
 def make_run(pool_uri: str, out: str, options: dict[str, Any] | None = None, ghost: str | None = None,
@@ -34,37 +29,7 @@ def make_run(pool_uri: str, out: str, options: dict[str, Any] | None = None, gho
     """Build a pool and commit a run over it as the query job would; returns the run URI."""
     build_pool(synthetic(40, seed=1, num_classes=3, image_size=12), pool_uri, encoding="png", shard_samples=15,
                storage_options=options)
-    pool = resolve_pool(pool_uri, options)
-    rows = [(s.key, s.shard) for s in iter_pool_samples(pool)] + ([(ghost, pool.shards[0].uri)] if ghost else [])
-    keys = np.array([key for key, _ in rows])
-    n = len(keys)
-    gradnorm = np.random.default_rng(7).gamma(2.0, size=n)
-    if ghost:
-        gradnorm[-1] = 1e6  # ranked first: its image cannot be found
-    failed = np.isin(np.arange(n), FAILED)
-    gradnorm[failed] = np.nan
-    batch = {
-        "key": keys, "shard": np.array([shard for _, shard in rows]), "score": gradnorm,
-        "entropy": gradnorm / 10, "margin": 1 - gradnorm / 10, "least_confidence": gradnorm / 20,
-        "pred_class": np.arange(n) % 3, "pred_prob": np.full(n, 0.5), "predicted_loss": np.full(n, np.nan),
-        "error": np.array([("non-finite logits" if f else None) for f in failed], dtype=object),
-    }
-    inputs = QueryInputs(
-        pool_uri=pool_uri, shards=tuple(PoolShard(s.uri, s.samples, s.bytes) for s in pool.shards),
-        checkpoint_uri="s3://ckpt/made-up/epoch-3", checkpoint_sha256="cd" * 32, strategy="lplgrad", k=k,
-        strategy_params={"seed": 0},
-    )
-    state = begin_run(out, "2026-11-21", inputs.fingerprint(), options)
-    values = acquisition_values("lplgrad", batch)
-    top, summary = TopK(k), ScoreSummary()
-    with state.scores_writer(rows_per_part=16) as writer:
-        for start in range(0, n, 10):
-            part = slice(start, start + 10)
-            writer.write({name: list(column[part]) for name, column in batch.items()})
-            top.add(list(keys[part]), values[part], selection_rows({c: v[part] for c, v in batch.items()}, values[part]))
-            summary.add(values[part][~failed[part]], list(keys[part][~failed[part]]))
-    errors = [(str(keys[i]), str(batch["shard"][i]), "non-finite logits") for i in FAILED]
-    commit_run(state, inputs, top.result(), errors, scored=n - len(FAILED), excluded=0, summary=summary)
+    commit_fake_run(pool_uri, out, "2026-11-21", options, ghost, k)
     return f"{out.rstrip('/')}/2026-11-21"
 
 
