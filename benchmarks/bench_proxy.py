@@ -36,11 +36,11 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from pipeline import manifest  # noqa: E402
 from pipeline.checkpoint import ModelSpec, build_from_checkpoint, load_checkpoint, save_untrained_checkpoint  # noqa: E402
-from pipeline.feature_store import features_matrix, open_store  # noqa: E402
+from pipeline.proxy.store import features_matrix, open_store  # noqa: E402
 from pipeline.models import input_spec  # noqa: E402
 from pipeline.pools import build_pool, iter_pool_samples, label_pool, resolve_pool, synthetic  # noqa: E402
 from pipeline.scoring import gradnorm_scores  # noqa: E402
-from pipeline.selection import select_topk  # noqa: E402
+from pipeline.acquisition.selection import select_topk  # noqa: E402
 from ray_jobs import features, proxy, query  # noqa: E402
 from ray_jobs._cluster import connect  # noqa: E402
 

@@ -30,10 +30,10 @@ import numpy as np
 
 from pipeline.acquisition import acquisition_values
 from pipeline.manifest import PoolShard, QueryInputs, ScoreSummary, begin_run, commit_run, selection_rows
-from pipeline.manifest_export import open_run
+from pipeline.manifest.export import open_run
 from pipeline.pools import build_pool, iter_shard_samples, resolve_pool, synthetic
 from pipeline.report import build_run_report, render_run_report
-from pipeline.selection import TopK
+from pipeline.acquisition.selection import TopK
 
 
 def make_run(root: Path, samples: int, k: int, shard_samples: int) -> str:

@@ -21,8 +21,7 @@ from torch import nn
 
 from pipeline.lossnet import LossNet
 from pipeline.models import FeatureTap, create_model
-from pipeline.pools.storage import filesystem_for, is_local
-from pipeline.proxy_head import ProxySpec
+from pipeline.storage import filesystem_for, is_local
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -151,6 +150,9 @@ def build_from_checkpoint(state: dict[str, Any], expected_classes: int | None = 
         CheckpointError: the weights do not fit the recorded model, or the class count differs.
     """
     # A proxy checkpoint (lplgrad proxy) holds a head on cached features instead of a backbone.
+    # Imported here: pipeline.proxy saves its checkpoints through this module.
+    from pipeline.proxy.head import ProxySpec
+
     spec = ProxySpec.from_dict(state["proxy"]) if "proxy" in state else ModelSpec.from_dict(state["spec"])
     if expected_classes is not None and spec.num_classes != expected_classes:
         raise CheckpointError(f"checkpoint has {spec.num_classes} classes but {expected_classes} were expected")

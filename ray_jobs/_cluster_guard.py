@@ -82,7 +82,7 @@ class WorkerStorageError(PermissionError):
 
 
 def _probe_storage(named: list[tuple[str, str]], storage_options: Mapping[str, Any] | None) -> str | None:
-    from pipeline.pools.storage import check_storage  # runs on the worker
+    from pipeline.storage import check_storage  # runs on the worker
 
     for what, uri in named:
         try:

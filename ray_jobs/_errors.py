@@ -27,7 +27,7 @@ BUG_EXIT = 1
 _USER_TYPES: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                                                 ConnectionError, IsADirectoryError, NotADirectoryError)
 _USER_TYPE_NAMES = {"PoolError", "ManifestError", "FeatureStoreError", "ShardReadError", "CheckpointError",
-                    "ClusterPathError", "ClusterLostError"}
+                    "ClusterPathError", "ClusterLostError", "StorageError"}
 # A fix for errors whose message does not already end with one, by type name (first match in the MRO).
 _FIXES = {
     "ConfigError": "`lplgrad {command} --help` lists every key with its type and default",
@@ -38,6 +38,7 @@ _FIXES = {
     "UncommittedRunError": "name a committed run, or run the query again with the same run id",
     "RunConflictError": "choose a new run id",
     "ManifestError": "`lplgrad manifest verify RUN` lists what is wrong with a run",
+    "StorageError": "check the URI, storage_options and credentials for this storage",
     "FeatureStoreError": "run `lplgrad features` to (re)build the feature store",
     "FileNotFoundError": "check the path or URI",
     "PermissionError": "check the credentials and permissions for this path or URI",

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from pipeline.acquisition import random_values
-from pipeline.feature_store import keep_current
+from pipeline.proxy.store import keep_current
 
 __all__ = ["EXCLUDED", "IMAGE_COLUMNS", "mark_excluded", "prefilter_raw", "store_prefilter"]
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
+from pipeline.proxy.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
 from pipeline.checkpoint import CHECKPOINT_FILE, checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_yaml, load_config
-from pipeline.feature_store import FeatureStoreError, open_store
+from pipeline.proxy.store import FeatureStoreError, open_store
 from pipeline.pools import resolve_pool
-from pipeline.pools.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
+from pipeline.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
 from ray_jobs import proxy, train
 from ray_jobs._cluster import connect
 from ray_jobs._cluster_guard import guard_driver

@@ -30,8 +30,8 @@ import ray
 
 from pipeline.checkpoint import build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_yaml, load_config
-from pipeline.feature_extraction import FeatureExtractor, feature_dim
-from pipeline.feature_store import (
+from pipeline.proxy.extraction import FeatureExtractor, feature_dim
+from pipeline.proxy.store import (
     Backbone,
     FeatureStore,
     StoreShard,
@@ -42,10 +42,10 @@ from pipeline.feature_store import (
     open_store,
     plan_extraction,
 )
-from pipeline.incremental import shard_identities
+from pipeline.manifest.incremental import shard_identities
 from pipeline.models import available_models, create_model
 from pipeline.pools import resolve_pool, spec_for_model
-from pipeline.pools.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
+from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from ray_jobs._cluster import connect
 from ray_jobs._cluster_guard import guard_driver
 from ray_jobs._errors import run_command, strip_debug

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.manifest import ManifestError
-from pipeline.manifest_export import (
+from pipeline.manifest.export import (
     EXPORT_FORMATS,
     export_selection,
     extract_images,
@@ -33,8 +33,9 @@ from pipeline.manifest_export import (
     open_run,
     run_summary,
 )
-from pipeline.manifest_verify import verify_run
-from pipeline.pools import PoolError, parse_storage_options
+from pipeline.manifest.verify import verify_run
+from pipeline.pools import PoolError
+from pipeline.storage import parse_storage_options
 from ray_jobs._errors import USER_ERROR_EXIT, is_user_error, user_error_line
 
 __all__ = ["add_commands", "main"]

@@ -33,9 +33,9 @@ from pipeline.pools import (
     brace_pattern,
     build_pool,
     label_pool,
-    parse_storage_options,
     synthetic,
 )
+from pipeline.storage import parse_storage_options
 from ray_jobs._errors import USER_ERROR_EXIT, is_user_error, user_error_line
 
 __all__ = ["add_commands", "main"]

@@ -46,14 +46,12 @@ from pipeline.pools import (
     DecodeSpec,
     PoolError,
     ShardReadError,
-    arrow_filesystem,
     check_pool,
     decode_batch,
-    parse_storage_options,
     resolve_pool,
     spec_for_model,
 )
-from pipeline.pools.storage import DEFAULT_ATTEMPTS, uri_prefix
+from pipeline.storage import DEFAULT_ATTEMPTS, arrow_filesystem, parse_storage_options, uri_prefix
 
 if TYPE_CHECKING:  # torch only where training batches are built: decode workers never import it
     import torch
@@ -142,7 +140,7 @@ def read_pool_raw(
     if result.good:
         raw = ray.data.read_webdataset(
             [s.path for s in result.good],
-            filesystem=arrow_filesystem(pool.fs, attempts),
+            filesystem=arrow_filesystem(pool.fs, attempts, error=ShardReadError),
             decoder=None,  # keep payloads as bytes: the library decides what is safe to decode
             num_cpus=read_num_cpus,
             shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,

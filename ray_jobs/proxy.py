@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import config_to_dict, config_to_yaml, load_config
-from pipeline.feature_store import FeatureStore, FeatureStoreError, open_store
+from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
 from pipeline.pools import iter_pool_samples, resolve_pool
-from pipeline.pools.storage import check_writable, filesystem_for, is_local
-from pipeline.proxy_head import PROXY_KINDS, ProxySpec
-from pipeline.proxy_training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
+from pipeline.storage import check_writable, filesystem_for, is_local
+from pipeline.proxy.head import PROXY_KINDS, ProxySpec
+from pipeline.proxy.training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
 
 
 @dataclass(frozen=True)

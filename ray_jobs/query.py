@@ -19,7 +19,7 @@ Incremental (`incremental=true`, the default; never with `subset`): shards whose
 plus ETag or mtime) is unchanged since the previous committed run under `out`, scored with the
 same checkpoint hash and `norm`, are not read: that run's rows for them are copied into this
 run's `scores/` and go through the same exclusion, top-k and summary path as fresh rows; only
-new or changed shards are scored (pipeline/incremental.py, docs/manifest.md).
+new or changed shards are scored (pipeline/manifest/incremental.py, docs/manifest.md).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from pipeline.acquisition import (
 )
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_dict, config_to_yaml, load_config
-from pipeline.feature_extraction import feature_batch
-from pipeline.feature_store import FeatureStore, FeatureStoreError, open_store
-from pipeline.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
+from pipeline.proxy.extraction import feature_batch
+from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
+from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
 from pipeline.manifest import (
     PoolShard,
     QueryInputs,
@@ -65,9 +65,9 @@ from pipeline.manifest import (
     selection_rows,
 )
 from pipeline.pools import resolve_pool, spec_for_model
-from pipeline.pools.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
+from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from pipeline.scoring import NORMS, RowScorer
-from pipeline.selection import TopK
+from pipeline.acquisition.selection import TopK
 from ray_jobs._cluster import connect
 from ray_jobs._cluster_guard import guard_driver
 from ray_jobs._progress import Progress

@@ -31,7 +31,7 @@ import torch
 from pipeline.config import config_to_yaml, load_config
 from pipeline.models import available_models, create_model, input_spec
 from pipeline.scoring import NORMS, RowScorer
-from pipeline.selection import TopK
+from pipeline.acquisition.selection import TopK
 from ray_jobs._cluster import connect
 
 

@@ -28,7 +28,7 @@ Modes (`modes=[full,proxy,proxy-aligned]`, or `--proxy` for all three side by si
 `full` queries with the trained model; `proxy` freezes the first cycle's model as the backbone,
 extracts the pool's features once (`ray_jobs.features`) and queries with a proxy head trained
 on the labeled features each cycle (`ray_jobs.proxy`); `proxy-aligned` also fine-tunes the
-backbone (LP-FT or FT, `pipeline.alignment`) and refreshes the features when the alignment
+backbone (LP-FT or FT, `pipeline.proxy.alignment`) and refreshes the features when the alignment
 policy says so. In every mode `test_accuracy` is a model trained from scratch on the labeled set
 with the standard recipe, so the modes compare what they selected; `proxy_accuracy` is the proxy
 head's own accuracy on the test pool's features.
@@ -49,7 +49,7 @@ import torch
 
 from pipeline.acquisition import Chain, FeatureRows, check_badge_memory, kcenter_greedy, parse_chain, random_values
 from pipeline.augment import AUGMENT_PRESETS
-from pipeline.alignment import AlignmentPolicy, AlignmentState
+from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState
 from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.config import config_to_yaml, load_config
 from pipeline.checkpoint import ModelSpec

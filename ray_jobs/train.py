@@ -29,13 +29,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.alignment import load_probe_into
+from pipeline.proxy.alignment import load_probe_into
 from pipeline.augment import AUGMENT_PRESETS, augment_generator, make_augment
 from pipeline.checkpoint import CheckpointError, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import config_from_dict, config_to_dict, config_to_yaml, load_config
 from pipeline.models import available_models
 from pipeline.pools import spec_for_model
-from pipeline.pools.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
+from pipeline.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 from ray_jobs._cluster import connect
 from ray_jobs._cluster_guard import guard_driver

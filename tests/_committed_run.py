@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.acquisition import acquisition_values
 from pipeline.manifest import PoolShard, QueryInputs, ScoreSummary, begin_run, commit_run, selection_rows
 from pipeline.pools import iter_pool_samples, resolve_pool
-from pipeline.selection import TopK
+from pipeline.acquisition.selection import TopK
 
 K = 6
 FAILED = (3, 17)  # sample indices that "fail to score"

@@ -17,7 +17,7 @@ from pipeline.acquisition import (
     register_strategy,
     stochastic_values,
 )
-from pipeline.selection import TopK, select_topk
+from pipeline.acquisition.selection import TopK, select_topk
 
 # Three samples by hand: "sure" is confidently classified, "unsure" is not, "mid" in between.
 # Uncertainty rises sure -> mid -> unsure on every statistic (p1 = 0.9, 0.6, 0.4).

@@ -33,8 +33,8 @@ from pipeline.manifest import (
     read_manifest,
     selection_rows,
 )
-from pipeline.manifest_verify import verify_run
-from pipeline.selection import TopK
+from pipeline.manifest.verify import verify_run
+from pipeline.acquisition.selection import TopK
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFLICT_EXIT = 3

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.feature_store import (
+from pipeline.proxy.store import (
     Backbone,
     FeatureStoreError,
     StoreShard,

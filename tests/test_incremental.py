@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import s3fs
 
-from pipeline.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_identity, shard_records
+from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_identity, shard_records
 from pipeline.manifest import (
     ManifestError,
     PoolShard,
@@ -24,8 +24,8 @@ from pipeline.manifest import (
     iter_scores,
     load_excluded,
 )
-from pipeline.manifest_verify import verify_run
-from pipeline.pools import filesystem_for
+from pipeline.manifest.verify import verify_run
+from pipeline.storage import filesystem_for
 
 SHARDS = ("pool/s-0.tar", "pool/s-1.tar", "pool/s-2.tar")
 IDS = {uri: {"size": 100 + i, "etag": f"tag{i}"} for i, uri in enumerate(SHARDS)}

@@ -33,7 +33,7 @@ from pipeline.manifest import (
     resolve_run,
     selection_rows,
 )
-from pipeline.selection import TopK
+from pipeline.acquisition.selection import TopK
 
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import load
-from pipeline.manifest_export import export_selection, extract_images, open_run
-from pipeline.manifest_verify import verify_run
+from pipeline.manifest.export import export_selection, extract_images, open_run
+from pipeline.manifest.verify import verify_run
 from pipeline.pools import build_pool, iter_pool_samples, resolve_pool, synthetic
 from _committed_run import K
 from _committed_run import commit_fake_run as make_run

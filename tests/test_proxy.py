@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.alignment import AlignmentPolicy, AlignmentState, load_probe_into
+from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState, load_probe_into
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from pipeline.models import create_model
-from pipeline.proxy_head import ProxyHead, ProxySpec
-from pipeline.proxy_training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
+from pipeline.proxy.head import ProxyHead, ProxySpec
+from pipeline.proxy.training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
 from pipeline.scoring import GradNormScorer
 from pipeline.scoring.reference import reference_gradnorm_scores
 

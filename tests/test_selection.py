@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.selection import TopK, select_topk
+from pipeline.acquisition.selection import TopK, select_topk
 
 
 def test_streaming_topk_equals_sort_whatever_the_batching() -> None:

@@ -1,5 +1,6 @@
 """Acquisition: per-sample strategies by name, stochastic draws, chains, and the set functions
-(core-set, BADGE) that pick from a gathered feature or embedding matrix."""
+(core-set, BADGE) that pick from a gathered feature or embedding matrix, and the streaming
+exact top-k that a query merges across scoring actors."""
 
 from pipeline.acquisition._strategies import (
     STOCHASTIC_MODES,
@@ -18,6 +19,7 @@ from pipeline.acquisition._strategies import (
 from pipeline.acquisition.badge import BadgeMemoryError, badge_embeddings, check_badge_memory, kmeanspp_seeding
 from pipeline.acquisition.chains import SET_STRATEGIES, Chain, parse_chain, select_by_values
 from pipeline.acquisition.coreset import FeatureRows, kcenter_greedy, penultimate_features
+from pipeline.acquisition.selection import TopK, select_topk
 
 __all__ = [
     "STOCHASTIC_MODES",
@@ -28,6 +30,7 @@ __all__ = [
     "FeatureRows",
     "ScoreRanks",
     "Strategy",
+    "TopK",
     "acquisition_values",
     "available_strategies",
     "badge_embeddings",
@@ -42,5 +45,6 @@ __all__ = [
     "random_values",
     "register_strategy",
     "select_by_values",
+    "select_topk",
     "stochastic_values",
 ]

@@ -3,7 +3,7 @@
 A strategy maps the per-sample score rows of one scoring pass (columns ``score`` = LPLgrad
 gradient norm, ``entropy``, ``margin`` = p1 - p2, ``least_confidence`` = 1 - p1,
 ``predicted_loss`` = LossNet output, ``key``) to ONE acquisition value per sample, higher meaning
-more worth labeling. Selection is separate (:mod:`pipeline.selection`: exact streaming top-k).
+more worth labeling. Selection is separate (:mod:`pipeline.acquisition.selection`: exact streaming top-k).
 A NaN value (a row that failed to score, or a missing LossNet output) stays NaN and is never
 selected.
 

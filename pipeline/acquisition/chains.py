@@ -21,7 +21,7 @@ from pipeline.acquisition._strategies import (
     check_stochastic,
     stochastic_values,
 )
-from pipeline.selection import select_topk
+from pipeline.acquisition.selection import select_topk
 
 __all__ = ["SET_STRATEGIES", "Chain", "parse_chain", "select_by_values"]
 

@@ -58,12 +58,6 @@ from pipeline.pools.sources import (
     SyntheticSource,
     synthetic,
 )
-from pipeline.pools.storage import (
-    arrow_filesystem,
-    filesystem_for,
-    parse_storage_options,
-    storage_options_for,
-)
 from pipeline.pools.writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, PoolWriter
 
 __all__ = [
@@ -101,7 +95,6 @@ __all__ = [
     "ShardRef",
     "SourceSample",
     "SyntheticSource",
-    "arrow_filesystem",
     "brace_pattern",
     "build_pool",
     "check_pool",
@@ -109,11 +102,9 @@ __all__ = [
     "decode_image",
     "decode_sample",
     "encode_image",
-    "filesystem_for",
     "iter_pool_samples",
     "iter_shard_samples",
     "label_pool",
-    "parse_storage_options",
     "read_index",
     "read_labels_table",
     "resolve_label",
@@ -121,7 +112,6 @@ __all__ = [
     "sample_files",
     "shard_name",
     "spec_for_model",
-    "storage_options_for",
     "synthetic",
     "validate_key",
 ]

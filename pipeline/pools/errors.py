@@ -8,6 +8,8 @@ a clean message; each also derives from the builtin it specialises (``FileNotFou
 
 from __future__ import annotations
 
+from pipeline.storage import StorageReadError
+
 __all__ = [
     "DuplicateKeyError",
     "EmptyPoolError",
@@ -77,7 +79,7 @@ class ShardFormatError(PoolError, ValueError):
         return (type(self), (self.shard, self.reason))
 
 
-class ShardReadError(PoolError, OSError):
+class ShardReadError(PoolError, StorageReadError):
     """One or more shards could not be read, after retries.
 
     Attributes:
@@ -87,11 +89,8 @@ class ShardReadError(PoolError, OSError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = list(problems)
         lines = "\n".join(f"  {shard}: {reason}" for shard, reason in self.problems)
-        super().__init__(f"{len(self.problems)} shard(s) could not be read:\n{lines}")
-
-    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, str]]]]:
-        return (type(self), (self.problems,))
-
+        # Not StorageReadError.__init__: the message names shards, and OSError's own __init__ is kept.
+        OSError.__init__(self, f"{len(self.problems)} shard(s) could not be read:\n{lines}")
 
 class LabelError(PoolError, ValueError):
     """A labels table does not fit the pool (unknown keys, labels outside the class list)."""

@@ -25,7 +25,7 @@ from pipeline.pools.errors import LabelError
 from pipeline.pools.format import LABEL_EXTENSION, PoolIndex
 from pipeline.pools.listing import ResolvedPool, resolve_pool
 from pipeline.pools.scan import iter_pool_samples
-from pipeline.pools.storage import filesystem_for
+from pipeline.storage import filesystem_for
 from pipeline.pools.writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, PoolWriter
 
 __all__ = ["LabelReport", "label_pool", "read_labels_table", "resolve_label"]

@@ -15,9 +15,9 @@ from typing import Any, Literal
 from braceexpand import braceexpand
 from fsspec import AbstractFileSystem
 
-from pipeline.pools.errors import EmptyPoolError, PoolNotFoundError
+from pipeline.pools.errors import EmptyPoolError, PoolNotFoundError, ShardReadError
 from pipeline.pools.format import INDEX_NAME, PoolIndex
-from pipeline.pools.storage import (
+from pipeline.storage import (
     DEFAULT_ATTEMPTS,
     display_uri,
     filesystem_for,
@@ -92,7 +92,7 @@ def read_index(fs: AbstractFileSystem, index_path: str, attempts: int = DEFAULT_
         PoolError: If it is malformed; ShardReadError if unreadable after retries.
     """
     uri = display_uri(fs, index_path)
-    text = retry_call(lambda: fs.cat_file(index_path), what=uri, attempts=attempts)
+    text = retry_call(lambda: fs.cat_file(index_path), what=uri, attempts=attempts, error=ShardReadError)
     return PoolIndex.from_json(text, where=uri)
 
 
@@ -126,7 +126,7 @@ def resolve_pool(
     fs.invalidate_cache()
 
     def exists(p: str) -> bool:
-        return retry_call(lambda: fs.exists(p), what=display_uri(fs, p), attempts=attempts)
+        return retry_call(lambda: fs.exists(p), what=display_uri(fs, p), attempts=attempts, error=ShardReadError)
 
     if path.endswith(".json"):
         if not exists(path):
@@ -150,7 +150,7 @@ def resolve_pool(
             f"no pool at {uri}: the prefix does not exist (check the URI, the bucket, and "
             "for S3-compatible stores the endpoint: AWS_ENDPOINT_URL_S3 or storage option endpoint_url)"
         )
-    listing = retry_call(lambda: fs.ls(path, detail=True), what=uri, attempts=attempts)
+    listing = retry_call(lambda: fs.ls(path, detail=True), what=uri, attempts=attempts, error=ShardReadError)
     tars = sorted(
         (entry for entry in listing if entry.get("type") == "file" and entry["name"].endswith(".tar")),
         key=lambda entry: entry["name"],

@@ -23,9 +23,10 @@ from pipeline.pools.errors import (
 )
 from pipeline.pools.format import split_member_name
 from pipeline.pools.listing import ResolvedPool, ShardRef
-from pipeline.pools.storage import (
+from pipeline.storage import (
     DEFAULT_ATTEMPTS,
     RetryingReader,
+    StorageReadError,
     display_uri,
     open_for_read,
     retry_call,
@@ -84,7 +85,7 @@ def iter_shard_samples(
         ShardReadError: Unreadable after retries. FileNotFoundError: The shard is missing.
     """
     uri = display_uri(fs, path)
-    with open_for_read(fs, path, attempts) as raw:
+    with open_for_read(fs, path, attempts, error=ShardReadError) as raw:
         try:
             yield from _walk(raw, uri, read_data)
         except tarfile.ReadError as err:
@@ -198,7 +199,7 @@ def check_pool(
                 counts.append(shard.samples or 0)
             else:
                 counts.append(_full_check(pool, i, first_seen, attempts))
-        except (ShardFormatError, ShardReadError, FileNotFoundError, PermissionError) as err:
+        except (ShardFormatError, StorageReadError, FileNotFoundError, PermissionError) as err:
             problems.append((shard.uri, _reason(err)))
             continue
         good.append(shard)
@@ -212,7 +213,7 @@ def check_pool(
 def _reason(err: BaseException) -> str:
     if isinstance(err, ShardFormatError):
         return err.reason
-    if isinstance(err, ShardReadError):
+    if isinstance(err, StorageReadError):
         return "; ".join(reason for _, reason in err.problems)
     if isinstance(err, FileNotFoundError):
         return "shard does not exist"
@@ -220,7 +221,7 @@ def _reason(err: BaseException) -> str:
 
 
 def _fast_check(fs: AbstractFileSystem, shard: ShardRef, attempts: int) -> None:
-    size = int(retry_call(lambda: fs.info(shard.path), what=shard.uri, attempts=attempts)["size"])
+    size = int(retry_call(lambda: fs.info(shard.path), what=shard.uri, attempts=attempts, error=ShardReadError)["size"])
     if shard.bytes is not None and size != shard.bytes:
         raise ShardFormatError(
             shard.uri, f"size {size} bytes but the index says {shard.bytes}: truncated or rewritten"
@@ -228,8 +229,7 @@ def _fast_check(fs: AbstractFileSystem, shard: ShardRef, attempts: int) -> None:
     if size < 2 * _BLOCK or size % _BLOCK:
         raise ShardFormatError(shard.uri, f"truncated tar: {size} bytes is not a whole number of blocks")
     tail = retry_call(
-        lambda: fs.cat_file(shard.path, start=size - 2 * _BLOCK, end=size), what=shard.uri, attempts=attempts
-    )
+        lambda: fs.cat_file(shard.path, start=size - 2 * _BLOCK, end=size), what=shard.uri, attempts=attempts, error=ShardReadError)
     if tail != bytes(2 * _BLOCK):
         raise ShardFormatError(shard.uri, "truncated tar: no end-of-archive marker")
 

@@ -28,7 +28,7 @@ from pipeline.pools.format import (
     shard_name,
     validate_key,
 )
-from pipeline.pools.storage import (
+from pipeline.storage import (
     display_uri,
     filesystem_for,
     is_local,

@@ -26,9 +26,9 @@ import pyarrow as pa
 
 from pipeline.acquisition import acquisition_values
 from pipeline.manifest import iter_scores, load_errors
-from pipeline.manifest_export import CommittedRun, open_run, run_summary
+from pipeline.manifest.export import CommittedRun, open_run, run_summary
 from pipeline.pools import IMAGE_EXTENSIONS, PoolError, ResolvedPool, iter_shard_samples, resolve_pool
-from pipeline.pools.storage import filesystem_for, write_bytes_atomic
+from pipeline.storage import filesystem_for, write_bytes_atomic
 from pipeline.report._html import data_uri, figure_data_uri, render
 
 __all__ = ["ClassShare", "RunReport", "Thumbnail", "build_run_report", "render_run_report", "write_run_report"]
@@ -82,7 +82,7 @@ class RunReport:
     """Everything the page shows, gathered once (render it with :func:`render_run_report`).
 
     Attributes:
-        summary: `pipeline.manifest_export.run_summary` of the run (inputs, counts, statistics).
+        summary: `pipeline.manifest.export.run_summary` of the run (inputs, counts, statistics).
         thumbnails: The first `max_images` selected rows, rank order.
         selected: Rows in the selection.
         max_images: The cap the thumbnails were taken under.
@@ -255,7 +255,7 @@ def build_run_report(run: CommittedRun, *, max_images: int = MAX_IMAGES, max_err
     """Gather what the page shows: one pass over `scores/`, the shards of the shown keys, errors.
 
     Args:
-        run: From `pipeline.manifest_export.open_run`.
+        run: From `pipeline.manifest.export.open_run`.
         max_images: Thumbnails shown (rank order); the page says when the selection is larger.
         max_errors: Error rows listed; the page says how many there are in all.
         pool: The pool's current location when it moved since the run (shards matched by name).

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fsspec import AbstractFileSystem
 
-from pipeline.pools import filesystem_for
+from pipeline.storage import filesystem_for
 
 
 @dataclass

@@ -15,12 +15,17 @@ from pipeline.pools import (
     build_pool,
     check_pool,
     iter_pool_samples,
-    parse_storage_options,
     resolve_pool,
-    storage_options_for,
     synthetic,
 )
-from pipeline.pools.storage import RetryingReader, filesystem_for, write_bytes_atomic
+from pipeline.storage import (
+    RetryingReader,
+    StorageReadError,
+    filesystem_for,
+    parse_storage_options,
+    storage_options_for,
+    write_bytes_atomic,
+)
 
 
 def test_s3_endpoint_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,7 +101,7 @@ def test_retrying_reader_replays_a_failed_read_from_the_same_offset() -> None:
 def test_retrying_reader_names_the_shard_after_the_last_attempt() -> None:
     _Flaky.budget["failures"] = 100
     reader = RetryingReader(lambda: _Flaky(b"x" * 100, fail_at=0), "s3://b/p/pool-000007.tar", attempts=2, backoff_s=0)
-    with pytest.raises(ShardReadError, match="pool-000007.tar") as info:
+    with pytest.raises(StorageReadError, match="pool-000007.tar") as info:
         reader.read(10)
     assert info.value.problems[0][0] == "s3://b/p/pool-000007.tar"
     assert "2 attempts" in info.value.problems[0][1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.alignment import AlignmentState
+from pipeline.proxy.alignment import AlignmentState
 from ray_jobs import align
 
 

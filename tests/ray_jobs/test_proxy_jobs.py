@@ -19,10 +19,10 @@ import torch
 from pipeline import manifest
 from pipeline.checkpoint import CheckpointError, ModelSpec, checkpoint_digest, build_from_checkpoint, load_checkpoint, save_untrained_checkpoint
 from pipeline.acquisition.coreset import penultimate_features
-from pipeline.feature_store import FeatureStoreError, features_matrix, open_store
+from pipeline.proxy.store import FeatureStoreError, features_matrix, open_store
 from pipeline.pools import decode_sample, encode_image, iter_pool_samples, label_pool, resolve_pool, spec_for_model, synthetic
 from pipeline.scoring import gradnorm_scores
-from pipeline.selection import select_topk
+from pipeline.acquisition.selection import select_topk
 from ray_jobs import align, cli, features, proxy, query, train
 
 CLASSES = [str(c) for c in range(4)]

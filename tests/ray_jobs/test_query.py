@@ -18,12 +18,12 @@ import s3fs
 import torch
 
 from pipeline import manifest
-from pipeline.manifest_verify import verify_run
+from pipeline.manifest.verify import verify_run
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from pipeline.config import ConfigError
 from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
 from pipeline.scoring import gradnorm_scores
-from pipeline.selection import select_topk
+from pipeline.acquisition.selection import select_topk
 from ray_jobs import query, train
 
 CLASSES = [str(c) for c in range(4)]

@@ -20,9 +20,9 @@ import pytest
 
 from pipeline import manifest
 from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint
-from pipeline.manifest_verify import verify_run
+from pipeline.manifest.verify import verify_run
 from pipeline.pools import encode_image, synthetic
-from pipeline.selection import select_topk
+from pipeline.acquisition.selection import select_topk
 from ray_jobs import query
 
 CLASSES = [str(c) for c in range(4)]

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.scoring import gradnorm_scores
-from pipeline.selection import select_topk
+from pipeline.acquisition.selection import select_topk
 from ray_jobs import score_demo
 
 

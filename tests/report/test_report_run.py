@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from _committed_run import FAILED, K, commit_fake_run
-from pipeline.manifest_export import open_run
+from pipeline.manifest.export import open_run
 from pipeline.pools import build_pool, synthetic
 from pipeline.report import build_run_report, render_run_report, write_run_report
 from ray_jobs import cli

@@ -16,7 +16,7 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 from pipeline.pools.sources.base import SourceSample
-from pipeline.pools.storage import filesystem_for
+from pipeline.storage import filesystem_for
 
 __all__ = ["IdxSource", "parse_idx", "write_idx"]
 

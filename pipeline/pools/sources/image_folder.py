@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.pools.format import IMAGE_EXTENSIONS, validate_key
 from pipeline.pools.sources.base import SourceSample
-from pipeline.pools.storage import display_uri, filesystem_for
+from pipeline.storage import display_uri, filesystem_for
 
 __all__ = ["ImageFolderSource", "READABLE_EXTENSIONS"]
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.lossnet import LossNet
-from pipeline.proxy_head import ProxyHead, ProxySpec
+from pipeline.proxy.head import ProxyHead, ProxySpec
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 
 __all__ = ["ProxyTraining", "proxy_accuracy", "save_proxy_checkpoint", "train_proxy"]

@@ -30,10 +30,12 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from pipeline.pools.errors import ShardReadError
-
 __all__ = [
     "DEFAULT_ATTEMPTS",
+    "NotWritableError",
+    "StorageConfigError",
+    "StorageError",
+    "StorageReadError",
     "RetryingReader",
     "arrow_filesystem",
     "check_storage",
@@ -56,6 +58,34 @@ DEFAULT_ATTEMPTS = 3
 _S3_PROTOCOLS = ("s3", "s3a")
 # Not transient: retrying a missing object or a denied request only delays the error.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class StorageError(Exception):
+    """Base class of the errors this module raises itself (a store's own errors pass through)."""
+
+
+class StorageConfigError(StorageError, ValueError):
+    """A URI whose protocol has no fsspec implementation, or a malformed storage option."""
+
+
+class NotWritableError(StorageError, ValueError):
+    """A location a job must write to refused the write probe."""
+
+
+class StorageReadError(StorageError, OSError):
+    """Reads failed on every attempt; a pool read raises its subclass ``ShardReadError``.
+
+    Attributes:
+        problems: ``(URI, reason)`` for every object that failed.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  {uri}: {reason}" for uri, reason in self.problems)
+        super().__init__(f"{len(self.problems)} object(s) could not be read:\n{lines}")
+
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, str]]]]:
+        return (type(self), (self.problems,))
 
 
 def storage_options_for(
@@ -95,12 +125,12 @@ def filesystem_for(
         ``(filesystem, path)`` with ``path`` stripped of its protocol (absolute for local).
 
     Raises:
-        ValueError: If the protocol has no fsspec implementation installed.
+        StorageConfigError: If the protocol has no fsspec implementation installed.
     """
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
     except (ImportError, ValueError) as err:
-        raise ValueError(
+        raise StorageConfigError(
             f"cannot open storage for {uri!r}: {err} "
             "(install the fsspec implementation for this protocol, e.g. s3fs or gcsfs)"
         ) from err
@@ -111,7 +141,7 @@ def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None, w
     """Write and delete a probe object under `uri`, so a job fails before its work, not after.
 
     Raises:
-        ValueError: naming `what` and `uri` when anything about the write fails (permission,
+        NotWritableError: naming `what` and `uri` when anything about the write fails (permission,
             missing bucket, read-only mount, a file where a directory should be).
     """
     fs, path = filesystem_for(uri, storage_options)
@@ -125,7 +155,7 @@ def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None, w
             explained = storage_error(error, uri, storage_options, what)
             if explained is not error:
                 raise explained from error
-        raise ValueError(f"{what} {uri} is not writable: {error} (choose a writable location)") from error
+        raise NotWritableError(f"{what} {uri} is not writable: {error} (choose a writable location)") from error
 
 
 def check_storage(uri: str, storage_options: Mapping[str, Any] | None = None, what: str = "storage") -> None:
@@ -212,13 +242,13 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
         The options dict.
 
     Raises:
-        ValueError: If an item has no ``=`` or an empty key.
+        StorageConfigError: If an item has no ``=`` or an empty key.
     """
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"storage option {pair!r} is not key=value (e.g. endpoint_url=http://host:9000)")
+            raise StorageConfigError(f"storage option {pair!r} is not key=value (e.g. endpoint_url=http://host:9000)")
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
@@ -232,7 +262,12 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def retry_call(
-    fn: Callable[[], T], *, what: str, attempts: int = DEFAULT_ATTEMPTS, backoff_s: float = 0.1
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = DEFAULT_ATTEMPTS,
+    backoff_s: float = 0.1,
+    error: type[StorageReadError] = StorageReadError,
 ) -> T:
     """Call ``fn``, retrying transient ``OSError``s with exponential backoff.
 
@@ -241,12 +276,14 @@ def retry_call(
         what: Shard URI or description, used in the error.
         attempts: Total tries (>= 1).
         backoff_s: Sleep before the second try; doubles each time.
+        error: What to raise when every try failed (pools raise ``ShardReadError``).
 
     Returns:
         What ``fn`` returns.
 
     Raises:
-        ShardReadError: If every attempt failed with a transient error, naming ``what``.
+        StorageReadError: (or the given subclass) If every attempt failed with a transient error,
+            naming ``what``.
         FileNotFoundError, PermissionError: At once; retrying would not help.
     """
     last: BaseException | None = None
@@ -259,7 +296,7 @@ def retry_call(
             last = err
             if attempt + 1 < attempts:
                 time.sleep(backoff_s * 2**attempt)
-    raise ShardReadError([(what, f"{type(last).__name__}: {last} (after {attempts} attempts)")])
+    raise error([(what, f"{type(last).__name__}: {last} (after {attempts} attempts)")])
 
 
 def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
@@ -346,6 +383,7 @@ class RetryingReader(io.RawIOBase):
         uri: Shard URI, for the error.
         attempts: Tries per read (>= 1).
         backoff_s: First sleep between tries; doubles.
+        error: What to raise when every try failed (pools raise ``ShardReadError``).
     """
 
     def __init__(
@@ -354,16 +392,16 @@ class RetryingReader(io.RawIOBase):
         uri: str,
         attempts: int = DEFAULT_ATTEMPTS,
         backoff_s: float = 0.1,
+        error: type[StorageReadError] = StorageReadError,
     ) -> None:
         super().__init__()
         self._opener = opener
         self._uri = uri
         self._attempts = attempts
         self._backoff_s = backoff_s
+        self._error = error
         self._pos = 0
-        self._file: BinaryIO | None = retry_call(
-            opener, what=uri, attempts=attempts, backoff_s=backoff_s
-        )
+        self._file: BinaryIO | None = retry_call(opener, what=uri, attempts=attempts, backoff_s=backoff_s, error=error)
 
     def _handle(self) -> BinaryIO:
         if self._file is None:
@@ -391,7 +429,7 @@ class RetryingReader(io.RawIOBase):
                 self._drop_handle()
                 raise
 
-        data = retry_call(attempt, what=self._uri, attempts=self._attempts, backoff_s=self._backoff_s)
+        data = retry_call(attempt, what=self._uri, attempts=self._attempts, backoff_s=self._backoff_s, error=self._error)
         self._pos += len(data)
         return data
 
@@ -431,7 +469,10 @@ class RetryingReader(io.RawIOBase):
 
 
 def open_for_read(
-    fs: AbstractFileSystem, path: str, attempts: int = DEFAULT_ATTEMPTS
+    fs: AbstractFileSystem,
+    path: str,
+    attempts: int = DEFAULT_ATTEMPTS,
+    error: type[StorageReadError] = StorageReadError,
 ) -> RetryingReader:
     """Open ``path`` for reading with retried opens and reads (see :class:`RetryingReader`).
 
@@ -439,41 +480,46 @@ def open_for_read(
         fs: Filesystem holding the file.
         path: Stripped path.
         attempts: Tries per operation.
+        error: What to raise when every try failed (pools raise ``ShardReadError``).
 
     Returns:
         A seekable binary reader.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ShardReadError: If it cannot be opened after ``attempts`` tries.
+        StorageReadError: (or ``error``) If it cannot be opened after ``attempts`` tries.
     """
-    return RetryingReader(lambda: fs.open(path, mode="rb"), display_uri(fs, path), attempts)
+    return RetryingReader(lambda: fs.open(path, mode="rb"), display_uri(fs, path), attempts, error=error)
 
 
 class _RetryingHandler(FSSpecHandler):
     """pyarrow handler over an fsspec filesystem whose input files retry and name failures."""
 
-    def __init__(self, fs: AbstractFileSystem, attempts: int = DEFAULT_ATTEMPTS) -> None:
+    def __init__(self, fs: AbstractFileSystem, attempts: int, error: type[StorageReadError]) -> None:
         super().__init__(fs)
         self.attempts = attempts
+        self.error = error
 
     def open_input_stream(self, path: str) -> Any:
         from pyarrow import PythonFile
 
-        return PythonFile(open_for_read(self.fs, path, self.attempts), mode="r")
+        return PythonFile(open_for_read(self.fs, path, self.attempts, self.error), mode="r")
 
     def open_input_file(self, path: str) -> Any:
         return self.open_input_stream(path)
 
 
-def arrow_filesystem(fs: AbstractFileSystem, attempts: int = DEFAULT_ATTEMPTS) -> PyFileSystem:
+def arrow_filesystem(
+    fs: AbstractFileSystem, attempts: int = DEFAULT_ATTEMPTS, error: type[StorageReadError] = StorageReadError
+) -> PyFileSystem:
     """Wrap ``fs`` as a pyarrow filesystem (what Ray Data's file readers take).
 
     Args:
         fs: The fsspec filesystem from :func:`filesystem_for`.
-        attempts: Tries per open and per read before a :class:`ShardReadError`.
+        attempts: Tries per open and per read before a :class:`StorageReadError`.
+        error: What to raise when every try failed (pools raise ``ShardReadError``).
 
     Returns:
         A picklable pyarrow filesystem; paths given to it are fsspec-stripped paths.
     """
-    return PyFileSystem(_RetryingHandler(fs, attempts))
+    return PyFileSystem(_RetryingHandler(fs, attempts, error))

@@ -35,7 +35,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline._manifest_tables import (
+from pipeline.manifest._tables import (
     ERRORS_SCHEMA,
     EXCLUDED_SCHEMA,
     SELECTION_SCHEMA,
@@ -48,9 +48,9 @@ from pipeline._manifest_tables import (
     selection_table,
     write_table,
 )
-from pipeline._run_inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest
-from pipeline._score_summary import ScoreSummary
-from pipeline.pools.storage import create_exclusive, display_uri, filesystem_for, join_path, write_bytes_atomic
+from pipeline.manifest._inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest
+from pipeline.manifest._summary import ScoreSummary
+from pipeline.storage import create_exclusive, display_uri, filesystem_for, join_path, write_bytes_atomic
 
 if TYPE_CHECKING:
     import pandas as pd

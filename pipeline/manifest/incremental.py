@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from pipeline.manifest import (
+from pipeline.manifest.commit import (
     QueryInputs,
     iter_scores,
     load_errors,
@@ -44,7 +44,7 @@ from pipeline.manifest import (
     read_manifest,
     software_versions,
 )
-from pipeline.pools.storage import DEFAULT_ATTEMPTS, display_uri, retry_call
+from pipeline.storage import DEFAULT_ATTEMPTS, display_uri, retry_call
 
 __all__ = [
     "SCORE_PARAMS",

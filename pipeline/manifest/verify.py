@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline._manifest_tables import file_checksum
-from pipeline.manifest import (
+from pipeline.manifest._tables import file_checksum
+from pipeline.manifest.commit import (
     ATTEMPTS_DIR,
     ERRORS_SCHEMA,
     MANIFEST_NAME,
@@ -33,7 +33,7 @@ from pipeline.manifest import (
     read_manifest,
     resolve_run,
 )
-from pipeline.pools.storage import filesystem_for, join_path
+from pipeline.storage import filesystem_for, join_path
 
 __all__ = ["Verification", "verify_run"]
 

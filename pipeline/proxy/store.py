@@ -7,7 +7,7 @@ Layout under the store URI::
     generations/{id}/*.parquet          rows key, shard, generation, features, error
 
 Every extraction writes a new generation with the shards it (re-)extracted; `store.json` then
-names, per pool shard, its identity when extracted (`pipeline.incremental.shard_identity`) and
+names, per pool shard, its identity when extracted (`pipeline.manifest.incremental.shard_identity`) and
 the generation holding its rows. A row is current when its generation is its shard's: rows of a
 shard re-extracted later stay in the older generation's files but are never read. A failed
 extraction leaves a generation that no index names, so readers never see it, and a later
@@ -16,7 +16,7 @@ stale.
 
 Commits are numbered. An extraction that started from version n claims version n+1 by creating
 `commits/{n+1:08d}.json` (the whole index) exclusively (`O_EXCL` locally, `If-None-Match` on S3,
-as query runs do: `pipeline.pools.storage.create_exclusive`), then rewrites `store.json`. Of two
+as query runs do: `pipeline.storage.create_exclusive`), then rewrites `store.json`. Of two
 extractions that started from the same version only one commits; the other deletes its own
 generation and fails with a message to run it again. A reader rolls `store.json` forward through
 any newer commit file, so a job killed between the claim and `store.json` loses nothing. Garbage
@@ -42,7 +42,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.pools.storage import create_exclusive, display_uri, filesystem_for
+from pipeline.storage import create_exclusive, display_uri, filesystem_for
 
 __all__ = [
     "FEATURE_COLUMNS",

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.pools.storage import display_uri, is_local, join_path
+from pipeline.storage import display_uri, is_local, join_path
 
 __all__ = [
     "ERRORS_SCHEMA",

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from pipeline.manifest import load, read_manifest, resolve_run
+from pipeline.manifest.commit import load, read_manifest, resolve_run
 from pipeline.pools import (
     IMAGE_EXTENSIONS,
     PoolError,
@@ -41,7 +41,7 @@ from pipeline.pools import (
     resolve_pool,
     validate_key,
 )
-from pipeline.pools.storage import display_uri, filesystem_for, join_path, write_bytes_atomic
+from pipeline.storage import display_uri, filesystem_for, join_path, write_bytes_atomic
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -1,5 +1,5 @@
 """Batch-in, rows-out feature extraction: the callable a Ray Data actor pool runs to fill a
-feature store (`pipeline.feature_store`), and the reverse step that turns stored rows back into
+feature store (`pipeline.proxy.store`), and the reverse step that turns stored rows back into
 a numpy batch for a proxy scorer.
 
 Plain classes and functions, no Ray: the backbone is built once in `__init__`; every call maps a
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.acquisition.coreset import penultimate_features
-from pipeline.feature_store import features_matrix, features_table
+from pipeline.proxy.store import features_matrix, features_table
 
 __all__ = ["FeatureExtractor", "feature_batch", "feature_dim"]
 

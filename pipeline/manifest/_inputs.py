@@ -22,7 +22,7 @@ __all__ = ["PoolShard", "QueryInputs", "inputs_fingerprint", "keys_digest"]
 class PoolShard:
     """One pool shard as recorded in the manifest (sizes ``None`` when the pool has no index).
 
-    ``identity`` is what the storage says about the shard's version (``pipeline.incremental``:
+    ``identity`` is what the storage says about the shard's version (``pipeline.manifest.incremental``:
     size plus ETag, or size plus modification time), ``None`` when it says nothing usable.
     """
 

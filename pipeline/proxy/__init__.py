@@ -1,0 +1,55 @@
+"""Proxy mode: score a pool through a small head on cached backbone features instead of the
+whole model. Extraction fills a feature store (features, store); a proxy head with its loss
+module is trained on the labeled rows' features (head, training); the backbone is fine-tuned and
+promoted when the alignment policy says the features have drifted (alignment). See docs/proxy.md."""
+
+from pipeline.proxy.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState, load_probe_into
+from pipeline.proxy.extraction import FeatureExtractor, feature_batch, feature_dim
+from pipeline.proxy.head import PROXY_KINDS, TAP_LAYER, ProxyHead, ProxySpec
+from pipeline.proxy.store import (
+    FEATURE_COLUMNS,
+    STORE_FILE,
+    Backbone,
+    ExtractionPlan,
+    FeatureStore,
+    FeatureStoreError,
+    StoreShard,
+    commit_store,
+    features_matrix,
+    features_table,
+    new_generation,
+    open_store,
+    plan_extraction,
+)
+from pipeline.proxy.training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
+
+__all__ = [
+    "FEATURE_COLUMNS",
+    "FINETUNE_MODES",
+    "PROXY_KINDS",
+    "STORE_FILE",
+    "TAP_LAYER",
+    "AlignmentPolicy",
+    "AlignmentState",
+    "Backbone",
+    "ExtractionPlan",
+    "FeatureExtractor",
+    "FeatureStore",
+    "FeatureStoreError",
+    "ProxyHead",
+    "ProxySpec",
+    "ProxyTraining",
+    "StoreShard",
+    "commit_store",
+    "feature_batch",
+    "feature_dim",
+    "features_matrix",
+    "features_table",
+    "load_probe_into",
+    "new_generation",
+    "open_store",
+    "plan_extraction",
+    "proxy_accuracy",
+    "save_proxy_checkpoint",
+    "train_proxy",
+]
