@@ -42,7 +42,7 @@ from pipeline.pools import build_pool, iter_pool_samples, label_pool, resolve_po
 from pipeline.scoring import gradnorm_scores  # noqa: E402
 from pipeline.acquisition.selection import select_topk  # noqa: E402
 from ray_jobs import features, proxy, query  # noqa: E402
-from ray_jobs._cluster import connect  # noqa: E402
+from ray_jobs._shared.cluster import connect  # noqa: E402
 
 CLASSES = 10
 
@@ -80,7 +80,7 @@ def in_process_rates(pool: str, backbone: str, store_uri: str, proxy_checkpoint:
     full = RowScorer(lambda: build_from_checkpoint(state), device="cpu")
     table = pa.concat_tables(list(open_store(store_uri).iter_tables())).slice(0, len(samples))
     table = table.rename_columns(["__key__" if n == "key" else n for n in table.column_names]).drop_columns(["generation"])
-    head = query.ProxyQueryScorer(functools.partial(query.build_scoring_model, proxy_checkpoint, {}, len(state["classes"])), norm="per_tensor_sum")
+    head = query.ProxyQueryScorer(functools.partial(scoring_model, proxy_checkpoint, {}, len(state["classes"])), norm="per_tensor_sum")
     rates = {}
     for name, score in (("full", lambda i: full({"__key__": keys[i : i + batch_size], "image": images[i : i + batch_size],
                                                  "error": np.full(len(keys[i : i + batch_size]), None, dtype=object)})),

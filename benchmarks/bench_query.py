@@ -66,7 +66,7 @@ from pipeline.pools import PoolWriter, build_pool, decode_sample, encode_image, 
 from pipeline.storage import filesystem_for  # noqa: E402
 from pipeline.scoring import RowScorer  # noqa: E402
 from ray_jobs import query  # noqa: E402
-from ray_jobs._cluster import LOCAL_MIN_CPUS  # noqa: E402
+from ray_jobs._shared.cluster import LOCAL_MIN_CPUS  # noqa: E402
 from _loopback_s3 import start_s3  # benchmarks/ is on sys.path when run as a script
 
 TINY_MODEL = "bench_tiny_cnn"
@@ -136,7 +136,7 @@ def predecode(pool_uri: str, model: str, num_classes: int) -> dict[str, np.ndarr
 
 def in_memory_rate(checkpoint: str, num_classes: int, data: dict[str, np.ndarray], batch_size: int) -> float:
     """Samples/s of `RowScorer` over pre-decoded batches in this process (one warm-up batch first)."""
-    scorer = RowScorer(lambda: query.build_scoring_model(checkpoint, {}, num_classes), device="cpu")
+    scorer = RowScorer(lambda: scoring_model(checkpoint, {}, num_classes), device="cpu")
     n = len(data["image"])
 
     def batch(start: int) -> dict[str, np.ndarray]:
@@ -289,7 +289,7 @@ def quiet_ray_data() -> None:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)  # as ray_jobs._cluster.connect sizes a local Ray
+    cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)  # as ray_jobs._shared.cluster.connect sizes a local Ray
     context = ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     os.environ["RAY_ADDRESS"] = context.address_info["address"]  # another Ray may run on this machine

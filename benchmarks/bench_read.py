@@ -29,7 +29,7 @@ import webdataset
 from webdataset.gopen import gopen_schemes
 
 from pipeline.pools import DecodeSpec, build_pool, decode_sample, resolve_pool, synthetic
-from ray_jobs.pool_data import error_mask, read_pool
+from ray_jobs._shared.pool_data import error_mask, read_pool
 from _loopback_s3 import start_s3  # benchmarks/ is on sys.path when run as a script
 
 SPEC = DecodeSpec(channels=3, height=32, width=32)

@@ -129,7 +129,7 @@ def main() -> None:
     if args.workers:
         import ray
 
-        from ray_jobs._cluster import connect
+        from ray_jobs._shared.cluster import connect
 
         connect(None)
         for workers in args.workers:

@@ -34,6 +34,7 @@ __all__ = [
     "fetch_checkpoint",
     "unreadable_checkpoint_message",
     "save_untrained_checkpoint",
+    "scoring_model",
 ]
 
 CHECKPOINT_FILE = "state.pt"
@@ -189,3 +190,9 @@ def fetch_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None)
     except (FileNotFoundError, OSError) as error:
         raise CheckpointError(f"cannot read checkpoint {uri}: {error}") from error
     return local
+
+
+def scoring_model(checkpoint: str, storage_options: Mapping[str, Any], num_classes: int) -> tuple[nn.Module, LossNet, FeatureTap]:
+    """Fetch `checkpoint` (a directory or object-store prefix) and rebuild its networks: what a
+    scoring actor runs once, in its own process."""
+    return build_from_checkpoint(load_checkpoint(fetch_checkpoint(checkpoint, storage_options)), num_classes)

@@ -21,10 +21,8 @@ round killed after its claim is finished (promotion, state) by the next run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,14 +30,13 @@ from typing import Any
 
 from pipeline.proxy.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
 from pipeline.checkpoint import CHECKPOINT_FILE, checkpoint_digest, fetch_checkpoint, load_checkpoint
-from pipeline.config import config_to_yaml, load_config
 from pipeline.proxy.store import FeatureStoreError, open_store
 from pipeline.pools import resolve_pool
 from pipeline.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
 from ray_jobs import proxy, train
-from ray_jobs._cluster import connect
-from ray_jobs._cluster_guard import guard_driver
-from ray_jobs._errors import run_command, strip_debug
+from ray_jobs._shared.cluster import connect
+from ray_jobs._shared.cluster_guard import guard_driver
+from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -78,14 +75,6 @@ class AlignConfig:
 
     def policy(self) -> AlignmentPolicy:
         return AlignmentPolicy(self.every, self.growth, self.finetune, self.lp_ft_below)  # type: ignore[arg-type]
-
-
-def parse_args(argv: list[str] | None = None) -> AlignConfig:
-    parser = argparse.ArgumentParser(prog="lplgrad align", description="Fine-tune and promote the proxy's backbone when due.")
-    parser.add_argument("--config", help="YAML config (configs/align/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. force=true")
-    args = parser.parse_args(argv)
-    return load_config(AlignConfig, args.config, args.overrides)
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -271,13 +260,12 @@ def run(config: AlignConfig) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    print(config_to_yaml(config), end="")
+def start(config: AlignConfig) -> None:
+    """`lplgrad align`: decide, fine-tune when due, commit the round."""
     run(config)
-    return 0
 
+
+JOB = Job("align", AlignConfig, start, run, "Fine-tune and promote the proxy's backbone when due.")
 
 if __name__ == "__main__":
-    _argv, _debug = strip_debug(sys.argv[1:])
-    raise SystemExit(run_command("align", lambda: main(_argv), _debug))
+    raise SystemExit(run_job(JOB))

@@ -10,7 +10,7 @@
     lplgrad quickstart [key=value ...]  the whole cycle on a synthetic pool (ray_jobs/quickstart.py)
     lplgrad pool build|label ...        build and label WebDataset pools (ray_jobs/pool_cli.py)
     lplgrad manifest show|verify|export|extract|report ...  read committed query runs (ray_jobs/manifest_cli.py)
-    lplgrad config show JOB             a job's every config key at its default, as YAML (ray_jobs/_config_cli.py)
+    lplgrad config show JOB             a job's every config key at its default, as YAML (ray_jobs/_shared/config_cli.py)
     lplgrad JOB --help                  the job's flags and every config key: type, default, meaning
 
 Job subcommands take the same `--config FILE key=value ...` arguments as `python -m ray_jobs.<job>`;
@@ -24,10 +24,11 @@ import importlib
 import os
 import sys
 
-from ray_jobs import _config_cli, _errors
-from ray_jobs._progress import VERBOSE_ENV
+from ray_jobs._shared import config_cli as _config_cli, errors as _errors
+from ray_jobs._shared.entry import run_job
+from ray_jobs._shared.progress import VERBOSE_ENV
 
-# subcommand -> (module with main(argv), help)
+# subcommand -> (module with its JOB, help); modules load only when their subcommand runs
 JOBS = {
     "demo": ("ray_jobs.score_demo", "score a synthetic pool on Ray and select the top-k (scoring demo)"),
     "train": ("ray_jobs.train", "joint LPLgrad training on Ray Train; prints the final checkpoint URI"),
@@ -65,24 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A user error ends as one line and exit code 2, a bug keeps its traceback (ray_jobs/_errors.py).
+    # A user error ends as one line and exit code 2, a bug keeps its traceback (ray_jobs/_shared/errors.py).
     argv, debug = _errors.strip_debug(list(sys.argv[1:] if argv is None else argv))
     words = [a for a in argv[:2] if not a.startswith("-")]
     command = " ".join(words[:2] if words and words[0] in ("manifest", "pool", "config") else words[:1]) or "lplgrad"
-    return _errors.run_command(command, lambda: _dispatch(argv), debug)
+    return _errors.run_command(command, lambda: _dispatch(argv, debug), debug)
 
 
-def _dispatch(argv: list[str]) -> int:
+def _dispatch(argv: list[str], debug: bool) -> int:
     parser = build_parser()
     if argv and argv[0] in JOBS and {"-h", "--help"} & set(argv[1:]):
         print(_config_cli.job_help(argv[0], JOBS[argv[0]][0]))  # generated from the job's config class
         return 0
     if argv and argv[0] in JOBS and "--verbose" in argv[1:]:
-        os.environ[VERBOSE_ENV] = "1"  # Ray's own logs and worker output (ray_jobs/_progress.py)
+        os.environ[VERBOSE_ENV] = "1"  # Ray's own logs and worker output (ray_jobs/_shared/progress.py)
         argv = [a for a in argv if a != "--verbose"]
     if argv and argv[0] in JOBS:
-        # Jobs parse their own flags (config file plus key=value overrides).
-        return importlib.import_module(JOBS[argv[0]][0]).main(argv[1:])
+        # Jobs parse their own flags (config file plus key=value overrides): the same path as python -m.
+        job = importlib.import_module(JOBS[argv[0]][0]).JOB
+        return run_job(job, argv[1:] + (["--debug"] if debug else []))
     args = parser.parse_args(argv)
     return args.func(args)
 

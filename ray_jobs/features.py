@@ -16,10 +16,8 @@ read again.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +27,6 @@ from typing import Any
 import ray
 
 from pipeline.checkpoint import build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
-from pipeline.config import config_to_yaml, load_config
 from pipeline.proxy.extraction import FeatureExtractor, feature_dim
 from pipeline.proxy.store import (
     Backbone,
@@ -46,10 +43,10 @@ from pipeline.manifest.incremental import shard_identities
 from pipeline.models import available_models, create_model
 from pipeline.pools import resolve_pool, spec_for_model
 from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
-from ray_jobs._cluster import connect
-from ray_jobs._cluster_guard import guard_driver
-from ray_jobs._errors import run_command, strip_debug
-from ray_jobs.pool_data import read_pool
+from ray_jobs._shared.cluster import connect
+from ray_jobs._shared.cluster_guard import guard_driver
+from ray_jobs._shared.pool_data import read_pool
+from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -78,14 +75,6 @@ class FeaturesConfig:
             raise ValueError(f"weights= needs model= one of {', '.join(available_models())}, got {self.model!r}")
         if self.batch_size <= 0 or self.actors <= 0:
             raise ValueError("batch_size and actors must be positive")
-
-
-def parse_args(argv: list[str] | None = None) -> FeaturesConfig:
-    parser = argparse.ArgumentParser(prog="lplgrad features", description="Extract a pool's features into a feature store.")
-    parser.add_argument("--config", help="YAML config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. actors=4")
-    args = parser.parse_args(argv)
-    return load_config(FeaturesConfig, args.config, args.overrides)
 
 
 # -- backbone --------------------------------------------------------------------------------
@@ -191,9 +180,8 @@ def write_generation(config: FeaturesConfig, pool, shards: list[str], build, spe
     rows.write_parquet(path, filesystem=None if is_local(fs) else arrow_filesystem(fs), min_rows_per_file=rows_per_file)
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    print(config_to_yaml(config), end="")
+def start(config: FeaturesConfig) -> None:
+    """`lplgrad features`: check the inputs, then join Ray and extract."""
 
     def join() -> None:
         print(connect(config.address))
@@ -201,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                      config.storage_options)
 
     run(config, join)  # inputs are checked before Ray starts
-    return 0
 
+
+JOB = Job("features", FeaturesConfig, start, run, "Extract a pool's features into a feature store.")
 
 if __name__ == "__main__":
-    _argv, _debug = strip_debug(sys.argv[1:])
-    raise SystemExit(run_command("features", lambda: main(_argv), _debug))
+    raise SystemExit(run_job(JOB))

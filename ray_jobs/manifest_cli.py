@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from pipeline.manifest import ManifestError
 from pipeline.manifest.export import (
     EXPORT_FORMATS,
     export_selection,
@@ -34,9 +33,8 @@ from pipeline.manifest.export import (
     run_summary,
 )
 from pipeline.manifest.verify import verify_run
-from pipeline.pools import PoolError
 from pipeline.storage import parse_storage_options
-from ray_jobs._errors import USER_ERROR_EXIT, is_user_error, user_error_line
+from ray_jobs._shared.errors import one_line_errors
 
 __all__ = ["add_commands", "main"]
 
@@ -105,24 +103,9 @@ def add_commands(subparsers: Any) -> None:
     _add_manifest_commands(manifest.add_subparsers(dest="manifest_command", required=True, metavar=_COMMANDS))
 
 
-def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    # Input problems print one line, `lplgrad manifest CMD: error: ... (fix)`, and exit 2; bugs keep
-    # their traceback (ray_jobs/_errors.py).
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (ManifestError, PoolError, ValueError, OSError) as err:
-            if not is_user_error(err):
-                raise
-            print(user_error_line(f"manifest {args.manifest_command}", err), file=sys.stderr)
-            return USER_ERROR_EXIT
-
-    wrapper.__name__ = run.__name__
-    wrapper.__doc__ = run.__doc__
-    return wrapper
 
 
-@_guarded
+@one_line_errors("manifest")
 def run_show(args: argparse.Namespace) -> int:
     """Print a run's summary (text, or JSON with ``--json``)."""
     summary = run_summary(open_run(args.uri, parse_storage_options(args.storage_option)), top=args.top)
@@ -130,7 +113,7 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@one_line_errors("manifest")
 def run_verify(args: argparse.Namespace) -> int:
     """Verify a run; list its problems and exit 1 when there are any."""
     result = verify_run(args.uri, parse_storage_options(args.storage_option), scan_scores=not args.quick)
@@ -143,7 +126,7 @@ def run_verify(args: argparse.Namespace) -> int:
     return 1
 
 
-@_guarded
+@one_line_errors("manifest")
 def run_export(args: argparse.Namespace) -> int:
     """Export the selection; says how many rows went where."""
     run = open_run(args.uri, parse_storage_options(args.storage_option))
@@ -157,7 +140,7 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@one_line_errors("manifest")
 def run_extract(args: argparse.Namespace) -> int:
     """Extract the selected images; lists missing keys and exits 1 when there are any."""
     run = open_run(args.uri, parse_storage_options(args.storage_option))
@@ -170,7 +153,7 @@ def run_extract(args: argparse.Namespace) -> int:
     return 1 if report.missing else 0
 
 
-@_guarded
+@one_line_errors("manifest")
 def run_report(args: argparse.Namespace) -> int:
     """Write the run's HTML report; says where and what it holds."""
     from pipeline.report import write_run_report  # matplotlib and jinja2 load only for this command

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.pools import (
@@ -28,7 +28,6 @@ from pipeline.pools import (
     IdxSource,
     ImageFolderSource,
     ImageSource,
-    PoolError,
     PoolIndex,
     brace_pattern,
     build_pool,
@@ -36,7 +35,7 @@ from pipeline.pools import (
     synthetic,
 )
 from pipeline.storage import parse_storage_options
-from ray_jobs._errors import USER_ERROR_EXIT, is_user_error, user_error_line
+from ray_jobs._shared.errors import one_line_errors
 
 __all__ = ["add_commands", "main"]
 
@@ -122,24 +121,9 @@ def _summary(uri: str, index: PoolIndex, **extra: Any) -> str:
     })
 
 
-def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    # Input problems print one line, `lplgrad pool CMD: error: ... (fix)`, and exit 2; bugs keep
-    # their traceback (ray_jobs/_errors.py).
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (PoolError, ValueError, OSError) as err:
-            if not is_user_error(err):
-                raise
-            print(user_error_line(f"pool {args.pool_command}", err), file=sys.stderr)
-            return USER_ERROR_EXIT
-
-    wrapper.__name__ = run.__name__
-    wrapper.__doc__ = run.__doc__
-    return wrapper
 
 
-@_guarded
+@one_line_errors("pool")
 def run_build(args: argparse.Namespace) -> int:
     """Run ``pool build``; prints a one-line JSON summary."""
     storage_options = parse_storage_options(args.storage_option)
@@ -153,7 +137,7 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@one_line_errors("pool")
 def run_label(args: argparse.Namespace) -> int:
     """Run ``pool label``; prints a one-line JSON summary."""
     storage_options = parse_storage_options(args.storage_option)

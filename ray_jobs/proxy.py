@@ -12,7 +12,6 @@ seconds in one process, so this job starts no Ray cluster.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -21,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import config_to_dict, config_to_yaml, load_config
+from pipeline.config import config_to_dict
 from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
-from pipeline.pools import iter_pool_samples, resolve_pool
+from pipeline.pools import read_labels, resolve_pool
 from pipeline.storage import check_writable, filesystem_for, is_local
 from pipeline.proxy.head import PROXY_KINDS, ProxySpec
 from pipeline.proxy.training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
+from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -52,29 +52,6 @@ class ProxyConfig:
         ProxyTraining(self.epochs, self.batch_size, self.lr, seed=self.seed)  # validates
 
 
-def parse_args(argv: list[str] | None = None) -> ProxyConfig:
-    parser = argparse.ArgumentParser(prog="lplgrad proxy", description="Train a proxy head on cached features.")
-    parser.add_argument("--config", help="YAML config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. kind=linear epochs=50")
-    args = parser.parse_args(argv)
-    return load_config(ProxyConfig, args.config, args.overrides)
-
-
-def labeled_keys(pool_uri: str, storage_options: Mapping[str, Any]) -> tuple[list[str], np.ndarray, list[str]]:
-    """(keys, labels [N], class names) of a labeled pool, read from its `cls` members."""
-    pool = resolve_pool(pool_uri, storage_options)
-    keys, labels = [], []
-    for sample in iter_pool_samples(pool):
-        if "cls" not in sample.files:
-            raise ValueError(f"sample {sample.key} of {pool_uri} has no label (cls); label it with `lplgrad pool label`")
-        keys.append(sample.key)
-        labels.append(int(sample.files["cls"].decode().strip()))
-    if not keys:
-        raise ValueError(f"{pool_uri} has no labeled samples")
-    classes = list(pool.classes) if pool.classes else [str(c) for c in range(max(labels) + 1)]
-    return keys, np.array(labels), classes
-
-
 def lookup_features(stores: Sequence[FeatureStore], keys: Sequence[str]) -> np.ndarray:
     """[len(keys), D] features, each key from the first store that has it."""
     backbones = {s.backbone.sha256 for s in stores}
@@ -96,7 +73,7 @@ def run(config: ProxyConfig) -> dict[str, Any]:
     """Train and write the proxy checkpoint; returns {"checkpoint", "metrics", "holdout_accuracy"}."""
     stores = [open_store(uri, config.storage_options) for uri in config.features]
     check_writable(config.out, config.storage_options, what="proxy checkpoint directory")
-    keys, labels, classes = labeled_keys(config.labeled, config.storage_options)
+    keys, labels, classes = read_labels(config.labeled, config.storage_options)
     features = lookup_features(stores, keys)
     spec = ProxySpec(config.kind, features.shape[1], len(classes), config.hidden, config.lossnet_hidden,
                      feature_store=stores[0].uri, backbone_sha256=stores[0].backbone.sha256)
@@ -106,7 +83,7 @@ def run(config: ProxyConfig) -> dict[str, Any]:
     metrics = [dict(m) for m in history]
     holdout = None
     if config.holdout:
-        holdout_keys, holdout_labels, _ = labeled_keys(config.holdout, config.storage_options)
+        holdout_keys, holdout_labels, _ = read_labels(config.holdout, config.storage_options)
         holdout = proxy_accuracy(head, lookup_features(stores, holdout_keys), holdout_labels)
         metrics[-1]["holdout_accuracy"] = holdout
     save_to(config.out, config.storage_options, head, lossnet, spec, classes, metrics, config_to_dict(config))
@@ -127,12 +104,12 @@ def save_to(uri: str, storage_options: Mapping[str, Any], *args: Any) -> None:
         fs.put_file(str(written), f"{path.rstrip('/')}/{written.name}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    print(config_to_yaml(config), end="")
+def start(config: ProxyConfig) -> None:
+    """`lplgrad proxy`: train the head (no Ray needed: the features are cached)."""
     run(config)
-    return 0
 
+
+JOB = Job("proxy", ProxyConfig, start, run, "Train a proxy head on cached features.")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_job(JOB))

@@ -13,7 +13,7 @@ driver streams the rows to `scores/` parquet parts under its own attempt directo
 top-k (ties by key) in O(k) memory, writes `selection.parquet`, `errors.parquet`,
 `excluded.parquet` beside them and commits by creating `manifest.json` exclusively (one attempt
 wins; docs/manifest.md). Every input is checked before Ray starts (`check_before_ray`); a user
-error ends as one line, exit code 2 (ray_jobs/_errors.py).
+error ends as one line, exit code 2 (ray_jobs/_shared/errors.py).
 
 Incremental (`incremental=true`, the default; never with `subset`): shards whose identity (size
 plus ETag or mtime) is unchanged since the previous committed run under `out`, scored with the
@@ -24,10 +24,8 @@ new or changed shards are scored (pipeline/manifest/incremental.py, docs/manifes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -46,8 +44,8 @@ from pipeline.acquisition import (
     check_stochastic,
     stochastic_values,
 )
-from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
-from pipeline.config import config_to_dict, config_to_yaml, load_config
+from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
+from pipeline.config import config_to_dict
 from pipeline.proxy.extraction import feature_batch
 from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
 from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
@@ -68,12 +66,12 @@ from pipeline.pools import resolve_pool, spec_for_model
 from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.acquisition.selection import TopK
-from ray_jobs._cluster import connect
-from ray_jobs._cluster_guard import guard_driver
-from ray_jobs._progress import Progress
-from ray_jobs._errors import run_command, strip_debug
-from ray_jobs._row_filters import EXCLUDED, mark_excluded, prefilter_raw, store_prefilter
-from ray_jobs.pool_data import read_pool, read_pool_raw
+from ray_jobs._shared.cluster import connect
+from ray_jobs._shared.cluster_guard import guard_driver
+from ray_jobs._shared.progress import Progress
+from ray_jobs._shared.row_filters import EXCLUDED, mark_excluded, prefilter_raw, store_prefilter
+from ray_jobs._shared.pool_data import read_pool, read_pool_raw
+from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -118,20 +116,7 @@ class QueryConfig:
             check_stochastic(self.stochastic, self.beta, self.strategy)
 
 
-def parse_args(argv: list[str] | None = None) -> QueryConfig:
-    parser = argparse.ArgumentParser(prog="lplgrad query", description="Score a pool and commit a selection manifest.")
-    parser.add_argument("--config", help="YAML config (configs/query/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. k=500 run_id=2026-11-21")
-    args = parser.parse_args(argv)
-    return load_config(QueryConfig, args.config, args.overrides)
-
-
 # -- actors ----------------------------------------------------------------------------------
-
-
-def build_scoring_model(checkpoint: str, storage_options: dict[str, Any], num_classes: int):
-    """Runs inside each actor: fetch the checkpoint once and rebuild model (or proxy head), LossNet and tap."""
-    return build_from_checkpoint(load_checkpoint(fetch_checkpoint(checkpoint, storage_options)), num_classes)
 
 
 class QueryScorer(RowScorer):
@@ -335,7 +320,7 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan 
         marker = f"{config.out.rstrip('/')}/.actor-failure-drill" if "://" not in config.out else None
     return data.drop_columns(["label", "meta"]).map_batches(
         QueryScorer,
-        fn_constructor_args=(functools.partial(build_scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
+        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
         fn_constructor_kwargs={"norm": config.norm, "fail_after": config.fail_once_after_batches, "marker": marker},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=config.batch_size,
@@ -376,7 +361,7 @@ def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.dat
                             fn_kwargs={"current": store.current, "excluded": prepared["excluded"], "fraction": fraction, "seed": config.seed})
     return data.map_batches(
         ProxyQueryScorer,
-        fn_constructor_args=(functools.partial(build_scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
+        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
         fn_constructor_kwargs={"norm": config.norm},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=config.batch_size,
@@ -548,17 +533,17 @@ def proxy_record(prepared: dict[str, Any]) -> dict[str, Any]:
                       "backbone_source": prepared["store"].backbone.source, "trained_on_store": proxy.get("feature_store")}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = with_run_id(parse_args(argv))
-    print(config_to_yaml(config), end="")
-    checked = check_before_ray(config)  # a wrong input fails here, in seconds, before Ray starts
+def start(config: QueryConfig) -> None:
+    """`lplgrad query`: every input is checked in seconds, before Ray starts; then join and run."""
+    config = with_run_id(config)
+    checked = check_before_ray(config)
     print(connect(config.address))
     guard_driver([("pool", config.pool), ("checkpoint", config.checkpoint), ("features", config.features),
                   ("out", config.out), ("exclude_labeled", config.exclude_labeled)], config.storage_options)
     run(config, checked)
-    return 0
 
+
+JOB = Job("query", QueryConfig, start, run, "Score a pool with a checkpoint and commit a selection manifest.")
 
 if __name__ == "__main__":
-    _argv, _debug = strip_debug(sys.argv[1:])
-    raise SystemExit(run_command("query", lambda: main(_argv), _debug))
+    raise SystemExit(run_job(JOB))

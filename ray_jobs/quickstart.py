@@ -11,20 +11,20 @@ again, and prints the accuracy of each cycle and where every artifact is.
 
 from __future__ import annotations
 
-import argparse
 import csv
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import config_to_yaml, load_config
+from pipeline.config import config_to_yaml
 from pipeline.manifest import load as load_selection
 from pipeline.pools import build_pool, label_pool, synthetic
 from pipeline.report import write_run_report
 from ray_jobs import query, train
-from ray_jobs._cluster import connect
+from ray_jobs._shared.cluster import connect
 from pipeline.simulation import initial_keys
+from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,6 @@ class QuickstartConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.initial + self.per_cycle > self.samples:
             raise ValueError(f"initial + per_cycle ({self.initial + self.per_cycle}) exceeds samples ({self.samples})")
-
-
-def parse_args(argv: list[str] | None = None) -> QuickstartConfig:
-    parser = argparse.ArgumentParser(prog="lplgrad quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (`lplgrad config show quickstart` prints one)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. samples=5000")
-    args = parser.parse_args(argv)
-    return load_config(QuickstartConfig, args.config, args.overrides)
 
 
 def write_labels(path: Path, labels: dict[str, int]) -> Path:
@@ -132,12 +124,14 @@ next: open {root / 'report.html'} in a browser, or `lplgrad manifest show {root 
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+def start(config: QuickstartConfig) -> None:
+    """`lplgrad quickstart`: join (or start) Ray, then the whole cycle."""
     print(connect(config.address))
     run(config)
-    return 0
 
+
+# The config is not echoed: quickstart's output is the walkthrough itself.
+JOB = Job("quickstart", QuickstartConfig, start, run, __doc__.splitlines()[0], echo_config=False)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_job(JOB))

@@ -15,7 +15,6 @@ exercises the machinery, the query job (issue 5) scores trained checkpoints and 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -28,11 +27,12 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.config import config_to_yaml, load_config
+from pipeline.config import config_to_yaml
 from pipeline.models import available_models, create_model, input_spec
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.acquisition.selection import TopK
-from ray_jobs._cluster import connect
+from ray_jobs._shared.cluster import connect
+from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,6 @@ def make_images(batch: dict[str, np.ndarray], shape: tuple[int, int, int], seed:
     ids = batch["id"]
     images = np.stack([np.random.default_rng((seed, int(i))).standard_normal(shape, dtype=np.float32) for i in ids])
     return {"key": np.array([f"demo-{int(i):08d}" for i in ids]), "image": images}
-
-
-def parse_args(argv: list[str] | None = None) -> ScoreDemoConfig:
-    parser = argparse.ArgumentParser(description="LPLgrad scoring demo on a synthetic pool.")
-    parser.add_argument("--config", help="YAML config (configs/score_demo/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. samples=4096")
-    args = parser.parse_args(argv)
-    return load_config(ScoreDemoConfig, args.config, args.overrides)
 
 
 def run(config: ScoreDemoConfig) -> dict:
@@ -131,17 +123,17 @@ def run(config: ScoreDemoConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    print(config_to_yaml(config), end="")
+def start(config: ScoreDemoConfig) -> None:
+    """`lplgrad demo`: score a synthetic pool on Ray, print what was selected."""
     print(connect(config.address))
     summary = run(config)
     print(
         f"scored {summary['samples']} samples at {summary['samples_per_s']:.1f} samples/s, "
         f"selected {summary['selected']}, errors {summary['errors']}, outputs in {summary['run_dir']}"
     )
-    return 0
 
+
+JOB = Job("demo", ScoreDemoConfig, start, run, "LPLgrad scoring demo on a synthetic pool.")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_job(JOB))

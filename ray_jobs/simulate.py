@@ -36,7 +36,6 @@ head's own accuracy on the test pool's features.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 from dataclasses import dataclass, field
@@ -50,21 +49,21 @@ import torch
 from pipeline.acquisition import Chain, FeatureRows, check_badge_memory, kcenter_greedy, parse_chain, random_values
 from pipeline.augment import AUGMENT_PRESETS
 from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState
-from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint
-from pipeline.config import config_to_yaml, load_config
+from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
+from pipeline.config import config_to_yaml
 from pipeline.checkpoint import ModelSpec
 from pipeline.learning_curves import append_results, difference_table, markdown_table, plot_learning_curves, write_summaries
 from pipeline.manifest import load as load_selection
 from pipeline.models import available_models
-from pipeline.pools import iter_pool_samples, label_pool, resolve_pool, spec_for_model
+from pipeline.pools import iter_pool_samples, label_pool, read_labels, resolve_pool, spec_for_model
 from pipeline.report import write_simulation_report
 from pipeline.simulation import FirstCycles, Protocol, classifier_head, initial_keys, load_array_pool, run_chain_in_memory
 from pipeline.training import TrainSchedule
 from ray_jobs import features, proxy, query, train
 from ray_jobs.align import finetune_backbone
-from ray_jobs.proxy import labeled_keys
-from ray_jobs._cluster import connect
-from ray_jobs.pool_data import read_pool
+from ray_jobs._shared.cluster import connect
+from ray_jobs._shared.pool_data import read_pool
+from ray_jobs._shared.entry import Job, run_job
 
 MODES = ("full", "proxy", "proxy-aligned")
 ENGINES = ("memory", "ray")
@@ -145,20 +144,6 @@ class SimulateConfig:
         return AlignmentPolicy(self.align_every, self.align_growth, self.finetune, self.lp_ft_below)
 
 
-def parse_args(argv: list[str] | None = None) -> SimulateConfig:
-    parser = argparse.ArgumentParser(prog="lplgrad simulate", description="Simulated active-learning cycles.")
-    parser.add_argument("--config", help="YAML config (configs/simulate/*.yaml)")
-    parser.add_argument("--proxy", action="store_true", help="run modes full, proxy and proxy-aligned side by side")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0] cycles=3")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.proxy and not any(o.startswith("modes=") for o in overrides):
-        overrides.append("modes=[full,proxy,proxy-aligned]")
-    if args.proxy and not any(o.startswith("engine=") for o in overrides):
-        overrides.append("engine=ray")  # proxy modes run through the feature and proxy jobs
-    return load_config(SimulateConfig, args.config, overrides)
-
-
 # -- pieces ----------------------------------------------------------------------------------
 
 
@@ -176,7 +161,7 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
     """k-center greedy over penultimate features of the (subset of the) unlabeled pool."""
     state = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options))
     spec = spec_for_model(state["spec"]["model"], in_channels=state["spec"].get("in_channels"))
-    build = functools.partial(query.build_scoring_model, checkpoint, config.storage_options, len(state["classes"]))
+    build = functools.partial(scoring_model, checkpoint, config.storage_options, len(state["classes"]))
     rows = read_pool(config.pool, spec, storage_options=config.storage_options).map_batches(
         FeatureRows, fn_constructor_args=(build,), compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=256, num_cpus=config.cpus_per_actor, num_gpus=1 if config.gpus else 0,
@@ -277,7 +262,7 @@ def ensure_features(config: SimulateConfig, backbone: str) -> tuple[str, str, fl
 def align_backbone(config: SimulateConfig, backbone: str, store: str, labeled_uri: str, work: Path, cycle: int, seed: int) -> tuple[str, str]:
     """Fine-tune the backbone on the labeled set as the policy says, through the same code as
     `lplgrad align`: (new backbone checkpoint, LP-FT or FT)."""
-    finetune = config.alignment().finetune_mode(len(labeled_keys(labeled_uri, config.storage_options)[0]))
+    finetune = config.alignment().finetune_mode(len(read_labels(labeled_uri, config.storage_options)[0]))
     train_config = train.TrainConfig(
         labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
         batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
@@ -453,14 +438,17 @@ def run_with_jobs(config: SimulateConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    print(config_to_yaml(config), end="")
+def start(config: SimulateConfig) -> None:
+    """`lplgrad simulate`: the in-memory engine needs no Ray; the Ray engine joins one first."""
     if config.engine == "ray":
         print(connect(config.address))
     run(config)
-    return 0
 
+
+JOB = Job("simulate", SimulateConfig, start, run, "Simulated active-learning cycles.",
+          # Proxy modes run through the feature and proxy jobs, so they need the Ray engine.
+          shortcuts={"--proxy": ("run modes full, proxy and proxy-aligned side by side",
+                                 ["modes=[full,proxy,proxy-aligned]", "engine=ray"])})
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_job(JOB))

@@ -14,7 +14,6 @@ latest one (`max_failures`). The job prints the final checkpoint URI, which the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -32,15 +31,16 @@ import torch.distributed as dist
 from pipeline.proxy.alignment import load_probe_into
 from pipeline.augment import AUGMENT_PRESETS, augment_generator, make_augment
 from pipeline.checkpoint import CheckpointError, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import config_from_dict, config_to_dict, config_to_yaml, load_config
+from pipeline.config import config_from_dict, config_to_dict
 from pipeline.models import available_models
 from pipeline.pools import spec_for_model
 from pipeline.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
-from ray_jobs._cluster import connect
-from ray_jobs._cluster_guard import guard_driver
-from ray_jobs._progress import EpochFeed, put_epoch
-from ray_jobs import pool_data
+from ray_jobs._shared.cluster import connect
+from ray_jobs._shared.cluster_guard import guard_driver
+from ray_jobs._shared.progress import EpochFeed, put_epoch
+from ray_jobs._shared import pool_data
+from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -256,14 +256,6 @@ def labeled_training_data(config: TrainConfig) -> tuple[dict[str, ray.data.Datas
     return datasets, classes
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="lplgrad train", description="Joint LPLgrad training on Ray Train.")
-    parser.add_argument("--config", help="YAML config (configs/train/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=20 num_workers=4")
-    args = parser.parse_args(argv)
-    return load_config(TrainConfig, args.config, args.overrides)
-
-
 def check_storage(config: TrainConfig) -> None:
     """Fail before training if checkpoints could not be written, or a run would be silently resumed."""
     check_writable(f"{config.storage_path.rstrip('/')}/{config.name}", config.storage_options, what="storage_path")
@@ -342,17 +334,22 @@ def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: lis
     return display_uri(fs, result.checkpoint.path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    print(config_to_yaml(config), end="")
+def start(config: TrainConfig) -> str:
+    """`lplgrad train`: join Ray, train, print the final checkpoint URI."""
     print(connect(config.address))
     guard_driver([("labeled", config.labeled), ("holdout", config.holdout), ("storage_path", config.storage_path),
                   ("warm_start", config.warm_start), ("init_head", config.init_head)], config.storage_options)
-    datasets, classes = labeled_training_data(config)
-    uri = run(config, datasets, classes)
+    uri = train(config)
     print(f"final checkpoint: {uri}")
-    return 0
+    return uri
 
+
+def train(config: TrainConfig) -> str:
+    """Read the labeled (and holdout) pool, train; the final checkpoint's URI."""
+    return run(config, *labeled_training_data(config))
+
+
+JOB = Job("train", TrainConfig, start, train, "Joint LPLgrad training on Ray Train.")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_job(JOB))

@@ -1,6 +1,6 @@
 """Pools: sharded WebDataset on any fsspec storage. Build, label, list, check and decode.
 
-No Ray here: the Ray Data reader lives in ``ray_jobs/pool_data.py`` and calls into this
+No Ray here: the Ray Data reader lives in ``ray_jobs/_shared/pool_data.py`` and calls into this
 package. See ``docs/pools.md`` for the format and the commands.
 """
 
@@ -39,7 +39,7 @@ from pipeline.pools.format import (
     shard_name,
     validate_key,
 )
-from pipeline.pools.labeling import LabelReport, label_pool, read_labels_table, resolve_label
+from pipeline.pools.labeling import LabelReport, label_pool, read_labels, read_labels_table, resolve_label
 from pipeline.pools.listing import ResolvedPool, ShardRef, read_index, resolve_pool
 from pipeline.pools.scan import (
     CheckMode,
@@ -106,6 +106,7 @@ __all__ = [
     "iter_shard_samples",
     "label_pool",
     "read_index",
+    "read_labels",
     "read_labels_table",
     "resolve_label",
     "resolve_pool",

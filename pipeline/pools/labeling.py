@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pa_parquet
@@ -28,7 +29,7 @@ from pipeline.pools.scan import iter_pool_samples
 from pipeline.storage import filesystem_for
 from pipeline.pools.writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, PoolWriter
 
-__all__ = ["LabelReport", "label_pool", "read_labels_table", "resolve_label"]
+__all__ = ["LabelReport", "label_pool", "read_labels", "read_labels_table", "resolve_label"]
 
 _SHOW = 10
 
@@ -212,3 +213,22 @@ def label_pool(
             )
         index = writer.close()
     return LabelReport(index=index, added=added, carried=carried, already_labeled=already)
+
+
+def read_labels(pool_uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """(keys, labels [N], class names) of a labeled pool, read from its `cls` members.
+
+    Raises:
+        LabelError: a sample without a label, or a pool without any sample.
+    """
+    pool = resolve_pool(pool_uri, storage_options)
+    keys, labels = [], []
+    for sample in iter_pool_samples(pool):
+        if "cls" not in sample.files:
+            raise LabelError(f"sample {sample.key} of {pool_uri} has no label (cls); label it with `lplgrad pool label`")
+        keys.append(sample.key)
+        labels.append(int(sample.files["cls"].decode().strip()))
+    if not keys:
+        raise LabelError(f"{pool_uri} has no labeled samples")
+    classes = list(pool.classes) if pool.classes else [str(c) for c in range(max(labels) + 1)]
+    return keys, np.array(labels), classes

@@ -21,7 +21,7 @@ from pipeline.pools import (
     sample_files,
     synthetic,
 )
-from ray_jobs.pool_data import (
+from ray_jobs._shared.pool_data import (
     ErrorTally,
     iter_labeled_batches,
     labeled_training_data,

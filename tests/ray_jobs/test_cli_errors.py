@@ -85,7 +85,7 @@ def test_a_query_input_error_is_one_line_before_ray(case, inputs, no_ray, capsys
 
 
 def test_torch_advice_to_load_unsafely_is_never_passed_on() -> None:
-    from ray_jobs._errors import user_error_line
+    from ray_jobs._shared.errors import user_error_line
     torch_text = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
                   "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will "
                   "likely succeed, but it can result in arbitrary code execution. Do it only if you got the file from a "

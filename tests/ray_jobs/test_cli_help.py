@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import ConfigError, config_fields, load_config
 from ray_jobs import cli
-from ray_jobs._config_cli import config_class
+from ray_jobs._shared.config_cli import config_class
 
 # What each job's defaults leave empty (its own validation asks for these).
 REQUIRED = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs._cluster_guard import CLUSTER_LOST_EXIT, ClusterPathError, check_cluster_paths
+from ray_jobs._shared.cluster_guard import CLUSTER_LOST_EXIT, ClusterPathError, check_cluster_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ CLUSTER = textwrap.dedent("""
 
 DRIVER = textwrap.dedent("""
     import sys, time, ray
-    from ray_jobs._cluster_guard import guard_driver
+    from ray_jobs._shared.cluster_guard import guard_driver
     ray.init(address=sys.argv[1], log_to_driver=False)
     guard_driver([("out", sys.argv[2] if len(sys.argv) > 2 else None)])
     print("joined", flush=True)
@@ -117,7 +117,7 @@ def test_query_on_a_two_node_cluster_refuses_a_local_pool(cluster, tmp_path) -> 
 
 WORKER_CREDENTIALS = textwrap.dedent("""
     import json, sys, ray
-    from ray_jobs._cluster_guard import check_storage_on_workers
+    from ray_jobs._shared.cluster_guard import check_storage_on_workers
     ray.init(address=sys.argv[1], log_to_driver=False)
     check_storage_on_workers([("out", sys.argv[2])], {"endpoint_url": sys.argv[3]})
 """)

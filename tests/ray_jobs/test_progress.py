@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.pools import build_pool, synthetic
-from ray_jobs._progress import VERBOSE_ENV, Progress
+from ray_jobs._shared.progress import VERBOSE_ENV, Progress
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_LOG_LINE = re.compile(r"\b(INFO|DEBUG) [\w.]+\.py:\d+ --|\(\w+ pid=\d+")  # Ray's logger, forwarded worker output

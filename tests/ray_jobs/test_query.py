@@ -136,7 +136,7 @@ def test_pool_and_manifest_on_s3_read_back_with_plain_pyarrow(cycle, s3_server) 
 
 def test_bad_input_is_refused_before_scoring(cycle, tmp_path) -> None:
     with pytest.raises(ConfigError, match="k must be positive"):
-        query.parse_args([f"pool={cycle['pool']}", f"checkpoint={cycle['checkpoint']}", "k=0"])
+        query.JOB.parse_args([f"pool={cycle['pool']}", f"checkpoint={cycle['checkpoint']}", "k=0"])
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
         query.run(query_config(cycle, checkpoint=str(tmp_path), run_id="bad1"))
     blocker = tmp_path / "file"

@@ -32,4 +32,4 @@ def test_quickstart_runs_one_whole_cycle(ray_local, tmp_path, capsys) -> None:
 
 def test_quickstart_sizes_are_checked() -> None:
     with pytest.raises(ConfigError, match="exceeds samples"):
-        quickstart.parse_args(["samples=100", "initial=90", "per_cycle=20"])
+        quickstart.JOB.parse_args(["samples=100", "initial=90", "per_cycle=20"])

@@ -39,6 +39,6 @@ def test_demo_scores_every_sample_and_selects_exact_topk(ray_local, tmp_path) ->
 
 def test_demo_config_is_validated_before_ray_starts() -> None:
     with pytest.raises(ConfigError, match="model 'resnet9' is unknown"):
-        score_demo.parse_args(["model=resnet9"])
+        score_demo.JOB.parse_args(["model=resnet9"])
     with pytest.raises(ConfigError, match="k must be positive"):
-        score_demo.parse_args(["k=0"])
+        score_demo.JOB.parse_args(["k=0"])

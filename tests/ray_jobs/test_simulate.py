@@ -42,13 +42,13 @@ def test_initial_set_is_seeded_and_strategies_are_checked() -> None:
     assert simulate.initial_keys(keys, 10, 0) == simulate.initial_keys(list(reversed(keys)), 10, 0)
     assert simulate.initial_keys(keys, 10, 0) != simulate.initial_keys(keys, 10, 1)
     with pytest.raises(ConfigError, match="unknown strategies"):
-        simulate.parse_args(["pool=x", "strategies=[bogus]"])
+        simulate.JOB.parse_args(["pool=x", "strategies=[bogus]"])
 
 
 def test_proxy_aligned_simulation_refreshes_features_from_the_fine_tuned_backbone(ray_local, tmp_path) -> None:
     build_pool(synthetic(80, seed=5, num_classes=3, image_size=28, channels=1), str(tmp_path / "pool"))
     build_pool(synthetic(30, seed=6, num_classes=3, image_size=28, channels=1, split="test"), str(tmp_path / "test"))
-    config = simulate.parse_args([
+    config = simulate.JOB.parse_args([
         "--proxy", f"pool={tmp_path / 'pool'}", f"test_pool={tmp_path / 'test'}", "strategies=[lplgrad]", "modes=[proxy-aligned]",
         "seeds=[0]", "initial=16", "per_cycle=8", "cycles=3", "epochs=1", "batch_size=16", "cpus_per_worker=0.5",
         "cpus_per_actor=0.5", "proxy_epochs=3", "align_every=1", "align_growth=null", f"out={tmp_path / 'sim'}",

@@ -1,9 +1,9 @@
 """Ray Data over pools: read shards, decode in CPU tasks, iterate labeled pools for training.
 
-    python -m ray_jobs.pool_data /data/pools/fmnist-train --model small_cnn
-    python -m ray_jobs.pool_data s3://bucket/pools/cifar --model cifar_resnet18 \
+    python -m ray_jobs._shared.pool_data /data/pools/fmnist-train --model small_cnn
+    python -m ray_jobs._shared.pool_data s3://bucket/pools/cifar --model cifar_resnet18 \
         --storage-option endpoint_url=http://minio:9000
-    ray job submit --working-dir . -- python -m ray_jobs.pool_data s3://bucket/pools/cifar --model cifar_resnet18
+    ray job submit --working-dir . -- python -m ray_jobs._shared.pool_data s3://bucket/pools/cifar --model cifar_resnet18
 
 (The command reads the whole pool and prints row and error counts: a smoke test for storage
 access and decoding.)

@@ -4,17 +4,14 @@
     lplgrad config show query         # every key at its default as YAML, to start a config file from
     lplgrad config show train > configs/train/mine.yaml
 
-A job's config class is the return annotation of its module's `parse_args`, so a job needs no
-registration here beyond its row in `ray_jobs.cli.JOBS`.
+A job's config class is its module's `JOB.config` (entry.py), so a job needs no registration here
+beyond its row in `ray_jobs.cli.JOBS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
-import typing
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -25,25 +22,22 @@ __all__ = ["add_commands", "config_class", "job_help", "show_config"]
 
 
 def config_class(module: ModuleType) -> type:
-    """The config dataclass a job module's `parse_args` returns.
+    """The config dataclass of a job module's `JOB`.
 
     Raises:
-        TypeError: If the module has no `parse_args` annotated with a dataclass.
+        TypeError: If the module has no `JOB` with a config dataclass.
     """
-    parse_args = getattr(module, "parse_args", None)
-    cls = typing.get_type_hints(parse_args).get("return") if parse_args is not None else None
+    cls = getattr(getattr(module, "JOB", None), "config", None)
     if cls is None or not hasattr(cls, "__dataclass_fields__"):
-        raise TypeError(f"{module.__name__}.parse_args is not annotated to return a config dataclass")
+        raise TypeError(f"{module.__name__} has no JOB = Job(...) with a config dataclass (ray_jobs/_shared/entry.py)")
     return cls
 
 
 def job_help(command: str, module_name: str) -> str:
     """The job's own argparse help, then every key of its config, then where to find a full file."""
     module = importlib.import_module(module_name)
-    usage = io.StringIO()
-    with contextlib.redirect_stdout(usage), contextlib.suppress(SystemExit):
-        module.parse_args(["--help"])
-    return (f"{usage.getvalue().rstrip()}\n  --verbose        Ray's own logs, Ray Data's progress and every worker's output "
+    usage = module.JOB.parser().format_help()
+    return (f"{usage.rstrip()}\n  --verbose        Ray's own logs, Ray Data's progress and every worker's output "
             f"(quiet by default; LPLGRAD_VERBOSE=1 for python -m)\n\n{config_help(config_class(module))}\n\n"
             f"`lplgrad config show {command}` prints every key at its default as a YAML file to start from.")
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import re
 import sys
+import functools
 import traceback
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["USER_ERROR_EXIT", "is_user_error", "run_command", "strip_debug", "user_error_line"]
+__all__ = ["USER_ERROR_EXIT", "is_user_error", "one_line_errors", "run_command", "strip_debug", "user_error_line"]
 
 USER_ERROR_EXIT = 2
 BUG_EXIT = 1
@@ -101,3 +103,24 @@ def run_command(command: str, fn: Callable[[], int], debug: bool = False) -> int
         print(f"lplgrad {command}: internal error: {type(error).__name__} is a bug in lplgrad, not in your inputs; "
               "please report it with the traceback above", file=sys.stderr)
         return BUG_EXIT
+
+
+def one_line_errors(group: str) -> Callable[[Callable[[Any], int]], Callable[[Any], int]]:
+    """Decorate the handler ``(args) -> int`` of ``lplgrad GROUP CMD``: a user error prints
+    ``lplgrad GROUP CMD: error: ... (fix)`` and returns 2; a bug propagates with its traceback.
+    ``CMD`` is read from ``args.<group>_command``."""
+
+    def decorate(handler: Callable[[Any], int]) -> Callable[[Any], int]:
+        @functools.wraps(handler)
+        def guarded(args: Any) -> int:
+            try:
+                return handler(args)
+            except Exception as error:  # noqa: BLE001  (classified; a bug is re-raised as it is)
+                if not is_user_error(error):
+                    raise
+                print(user_error_line(f"{group} {getattr(args, f'{group}_command')}", error), file=sys.stderr)
+                return USER_ERROR_EXIT
+
+        return guarded
+
+    return decorate

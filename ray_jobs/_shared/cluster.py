@@ -11,7 +11,7 @@ import os
 
 import ray
 
-from ray_jobs._progress import quiet_ray, ray_init_options
+from ray_jobs._shared.progress import quiet_ray, ray_init_options
 
 __all__ = ["connect", "LOCAL_MIN_CPUS"]
 
@@ -32,7 +32,7 @@ def connect(address: str | None) -> str:
     if ray.is_initialized():
         return "reusing this process's Ray"
     if address:
-        ray.init(address=address, **ray_init_options())  # quiet unless --verbose (ray_jobs/_progress.py)
+        ray.init(address=address, **ray_init_options())  # quiet unless --verbose (ray_jobs/_shared/progress.py)
         quiet_ray()
         return f"joined Ray cluster at {address}"
     cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)

@@ -1,0 +1,89 @@
+"""How every job starts: one `Job` per module, one `run_job` for all of them.
+
+    JOB = Job("train", TrainConfig, start, train, "Joint LPLgrad training on Ray Train.")
+
+    if __name__ == "__main__":
+        raise SystemExit(run_job(JOB))
+
+`run_job` reads `--config FILE key=value ...` into the job's frozen config dataclass, prints the
+resolved config (so a log shows exactly what ran), calls the job's `start`, and turns what it
+raises into one line and exit code 2 for a person's mistake, or a traceback and exit code 1 for a
+bug (errors.py). `lplgrad JOB ...` (cli.py) and `python -m ray_jobs.JOB ...` take this same path.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pipeline.config import config_to_yaml, load_config
+from ray_jobs._shared.errors import run_command, strip_debug
+
+__all__ = ["Job", "run_job"]
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Job(Generic[C]):
+    """A job's command-line contract.
+
+    Attributes:
+        command: The `lplgrad` subcommand (also the prefix of its error lines).
+        config: The job's frozen config dataclass; `--help` and `lplgrad config show` read it.
+        start: Runs the job from a config read off the command line: connects to Ray where the
+            job needs it, guards the driver, runs, prints the result.
+        run: The job for a caller already on Ray (another job, through jobs.py): takes the config,
+            returns the job's result (a checkpoint URI, a manifest, a feature store).
+        description: One line for `--help`.
+        shortcuts: Extra flags, each standing for `key=value` overrides that apply unless the
+            command line already sets that key (`--proxy` for `modes=[...]`).
+        echo_config: Print the resolved config as YAML before starting.
+    """
+
+    command: str
+    config: type[C]
+    start: Callable[[C], Any]
+    run: Callable[[C], Any]
+    description: str
+    shortcuts: Mapping[str, tuple[str, Sequence[str]]] = field(default_factory=dict)
+    echo_config: bool = True
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=f"lplgrad {self.command}", description=self.description)
+        parser.add_argument("--config", help=f"YAML config (`lplgrad config show {self.command}` prints one to start from)")
+        for flag, (help_text, _) in self.shortcuts.items():
+            parser.add_argument(flag, action="store_true", help=help_text)
+        parser.add_argument("overrides", nargs="*", help="key=value overrides; `lplgrad config show` lists every key")
+        return parser
+
+    def parse_args(self, argv: Sequence[str] | None = None) -> C:
+        """The config from `--config FILE key=value ...` (raises ConfigError for a bad one)."""
+        args = self.parser().parse_args(argv)
+        overrides = list(args.overrides)
+        for flag, (_, implied) in self.shortcuts.items():
+            if getattr(args, flag.lstrip("-").replace("-", "_")):
+                given = {o.split("=", 1)[0] for o in overrides}
+                overrides += [o for o in implied if o.split("=", 1)[0] not in given]
+        return load_config(self.config, args.config, overrides)
+
+
+def run_job(job: Job[Any], argv: Sequence[str] | None = None) -> int:
+    """Parse, echo and start `job`; the process's exit code (0, 1 for a bug, 2 for a user error).
+
+    `--debug` anywhere on the command line (or LPLGRAD_DEBUG=1) keeps the traceback of a user error.
+    """
+    import sys
+
+    argv, debug = strip_debug(list(sys.argv[1:] if argv is None else argv))
+
+    def body() -> int:
+        config = job.parse_args(argv)
+        if job.echo_config:
+            print(config_to_yaml(config), end="")
+        job.start(config)
+        return 0
+
+    return run_command(job.command, body, debug)
