@@ -72,15 +72,15 @@ def in_process_rates(pool: str, backbone: str, store_uri: str, proxy_checkpoint:
     from pipeline.pools import decode_sample, spec_for_model
     from pipeline.scoring import RowScorer
 
-    state = load_checkpoint(backbone)
-    spec = spec_for_model(state["spec"]["model"], num_classes=len(state["classes"]))
+    loaded = load_checkpoint(backbone)
+    spec = spec_for_model(loaded.model_name, num_classes=len(loaded.classes))
     samples = [s for _, s in zip(range(limit), iter_pool_samples(resolve_pool(pool)))]
     images = np.stack([decode_sample(s.files, spec).image for s in samples])
     keys = np.array([s.key for s in samples], dtype=object)
-    full = RowScorer(lambda: build_from_checkpoint(state), device="cpu")
+    full = RowScorer(lambda: build_from_checkpoint(loaded), device="cpu")
     table = pa.concat_tables(list(open_store(store_uri).iter_tables())).slice(0, len(samples))
     table = table.rename_columns(["__key__" if n == "key" else n for n in table.column_names]).drop_columns(["generation"])
-    head = query.ProxyQueryScorer(functools.partial(scoring_model, proxy_checkpoint, {}, len(state["classes"])), norm="per_tensor_sum")
+    head = query.ProxyQueryScorer(functools.partial(scoring_model, proxy_checkpoint, {}, len(loaded.classes)), norm="per_tensor_sum")
     rates = {}
     for name, score in (("full", lambda i: full({"__key__": keys[i : i + batch_size], "image": images[i : i + batch_size],
                                                  "error": np.full(len(keys[i : i + batch_size]), None, dtype=object)})),

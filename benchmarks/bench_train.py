@@ -101,7 +101,7 @@ def ray_train_rate(model_name: str, batch_size: int, workers: int, samples: int,
             num_workers=workers, use_gpu=use_gpu, storage_path=storage, name=f"bench-{workers}", checkpoint_every=epochs,
             augment=augment,
         )
-        metrics = load_checkpoint(run(config, {"train": dataset}, [str(c) for c in range(10)]))["metrics"]
+        metrics = load_checkpoint(run(config, {"train": dataset}, [str(c) for c in range(10)])).metrics
     steady = [m["epoch_seconds"] for m in metrics[1:]] or [metrics[0]["epoch_seconds"]]
     return samples * len(steady) / sum(steady)
 

@@ -3,7 +3,8 @@
 A checkpoint is a directory holding `state.pt`: a dict of tensors and plain values (state dicts of
 model, loss module, optimiser and scheduler; epoch; the model config; the class list; per-epoch
 metrics). It is always read with `torch.load(weights_only=True)`, so a checkpoint can carry no
-code, and the model is rebuilt from the registry by name before the weights are loaded.
+code, and the model is rebuilt from the registry by name before the weights are loaded. In memory
+it is a `Checkpoint`; that dict is only its on-disk form (`Checkpoint.to_state`/`from_state`).
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import hashlib
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.lossnet import LossNet
 from pipeline.models import FeatureTap, create_model
 from pipeline.storage import filesystem_for, is_local
 
+if TYPE_CHECKING:  # pipeline.proxy imports this module, so ProxySpec is imported lazily at run time
+    from pipeline.proxy.head import ProxySpec
+
 __all__ = [
     "CHECKPOINT_FILE",
+    "Checkpoint",
     "CheckpointError",
     "ModelSpec",
     "save_checkpoint",
@@ -82,11 +87,92 @@ class ModelSpec:
         return model, lossnet, tap
 
 
-def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` (tensors and plain values only) to `directory/state.pt`."""
+# Keys every state.pt has had since the first `lplgrad train`; the others default when absent.
+_REQUIRED_KEYS = frozenset({"model", "lossnet", "spec", "classes", "epoch"})
+
+
+# eq=False: comparing state dicts of tensors with `==` is ambiguous, so identity is the equality.
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """What a checkpoint holds: the networks' weights, the training state a resumed run needs,
+    and what rebuilds the networks (`spec`) and reads their outputs (`classes`).
+
+    A backbone checkpoint (`lplgrad train`) has a `ModelSpec`; a proxy checkpoint (`lplgrad proxy`)
+    has a `pipeline.proxy.head.ProxySpec`: a head on cached features instead of a backbone.
+    """
+
+    model_state: dict[str, Tensor]
+    lossnet_state: dict[str, Tensor]
+    spec: ModelSpec | ProxySpec
+    classes: tuple[str, ...]
+    epoch: int = 0  # the last epoch trained; -1 for a proxy trained for no epochs
+    optimizer_state: dict[str, Any] = field(default_factory=dict)  # empty when not resumable
+    scheduler_state: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config of the run that wrote it
+    metrics: tuple[dict[str, Any], ...] = ()  # one row per epoch, oldest first
+
+    @property
+    def proxy(self) -> ProxySpec | None:
+        """The proxy spec of a proxy checkpoint; None for a backbone checkpoint."""
+        return None if isinstance(self.spec, ModelSpec) else self.spec
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.proxy is not None
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def model_name(self) -> str:
+        """The registry name of a backbone; `proxy_<kind>` for a proxy head."""
+        return self.spec.model if isinstance(self.spec, ModelSpec) else f"proxy_{self.spec.kind}"
+
+    @property
+    def in_channels(self) -> int | None:
+        """The backbone's input channels as recorded (None: the model's default, or a proxy)."""
+        return self.spec.in_channels if isinstance(self.spec, ModelSpec) else None
+
+    def to_state(self) -> dict[str, Any]:
+        """The on-disk form: a dict of tensors and plain values, as `torch.load(weights_only=True)` reads."""
+        # A proxy keeps a stub `spec` beside `proxy`, as proxy checkpoints always have: its name and class count.
+        spec = self.spec.to_dict() if self.proxy is None else {"model": self.model_name, "num_classes": self.num_classes}
+        proxy = {} if self.proxy is None else {"proxy": self.proxy.to_dict()}
+        return {
+            "model": self.model_state, "lossnet": self.lossnet_state, "optimizer": self.optimizer_state,
+            "scheduler": self.scheduler_state, "epoch": self.epoch, "spec": spec, **proxy,
+            "classes": list(self.classes), "config": dict(self.config), "metrics": list(self.metrics),
+        }
+
+    @classmethod
+    def from_state(cls, state: Any, path: str | Path = CHECKPOINT_FILE) -> Checkpoint:
+        """The checkpoint in `state` (what `torch.load` returned for `path`, named in errors).
+
+        Raises:
+            CheckpointError: required keys missing, or a spec that does not parse.
+        """
+        from pipeline.proxy.head import ProxySpec
+
+        missing = _REQUIRED_KEYS - set(state if isinstance(state, dict) else ())
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; was it written by `lplgrad train`?")
+        try:
+            spec = ProxySpec.from_dict(state["proxy"]) if "proxy" in state else ModelSpec.from_dict(state["spec"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} has an unreadable model spec ({error!r}); was it written by `lplgrad train` or `lplgrad proxy`?") from None
+        return cls(
+            model_state=state["model"], lossnet_state=state["lossnet"], spec=spec, classes=tuple(state["classes"]),
+            epoch=int(state["epoch"]), optimizer_state=state.get("optimizer", {}), scheduler_state=state.get("scheduler", {}),
+            config=state.get("config", {}), metrics=tuple(state.get("metrics", ())),
+        )
+
+
+def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint` (tensors and plain values only) to `directory/state.pt`."""
     path = Path(directory) / CHECKPOINT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    torch.save(checkpoint.to_state(), path)
     return path
 
 
@@ -95,15 +181,12 @@ def save_untrained_checkpoint(directory: str | Path, spec: ModelSpec, classes: S
     measure querying, not training. Returns the directory."""
     torch.manual_seed(seed)
     model, lossnet, _ = spec.build()
-    save_checkpoint(directory, {
-        "model": model.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {}, "scheduler": {},
-        "epoch": 0, "spec": spec.to_dict(), "classes": list(classes), "config": {}, "metrics": [],
-    })
+    save_checkpoint(directory, Checkpoint(model.state_dict(), lossnet.state_dict(), spec, tuple(classes)))
     return str(directory)
 
 
-def load_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """Read a checkpoint directory safely.
+def load_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read a checkpoint directory safely (weights-only: tensors and plain values, never code).
 
     Raises:
         CheckpointError: no state.pt, unreadable, or not a checkpoint of this project.
@@ -115,10 +198,7 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(unreadable_checkpoint_message(path, error)) from None
-    missing = {"model", "lossnet", "spec", "classes", "epoch"} - set(state if isinstance(state, dict) else ())
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; was it written by `lplgrad train`?")
-    return state
+    return Checkpoint.from_state(state, path)
 
 
 def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str:
@@ -140,29 +220,26 @@ def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str
     return f"cannot read checkpoint {path}: {' '.join(text.split())[:300]}"
 
 
-def build_from_checkpoint(state: dict[str, Any], expected_classes: int | None = None) -> tuple[nn.Module, LossNet, FeatureTap]:
+def build_from_checkpoint(checkpoint: Checkpoint, expected_classes: int | None = None) -> tuple[nn.Module, LossNet, FeatureTap]:
     """Rebuild the model, loss module and tap of a loaded checkpoint and load their weights.
 
+    A proxy checkpoint (lplgrad proxy) rebuilds its head on cached features instead of a backbone.
+
     Args:
-        state: from `load_checkpoint`.
+        checkpoint: from `load_checkpoint`.
         expected_classes: when given, the class count the caller needs (a pool's class list).
 
     Raises:
         CheckpointError: the weights do not fit the recorded model, or the class count differs.
     """
-    # A proxy checkpoint (lplgrad proxy) holds a head on cached features instead of a backbone.
-    # Imported here: pipeline.proxy saves its checkpoints through this module.
-    from pipeline.proxy.head import ProxySpec
-
-    spec = ProxySpec.from_dict(state["proxy"]) if "proxy" in state else ModelSpec.from_dict(state["spec"])
-    if expected_classes is not None and spec.num_classes != expected_classes:
-        raise CheckpointError(f"checkpoint has {spec.num_classes} classes but {expected_classes} were expected")
-    model, lossnet, tap = spec.build()
+    if expected_classes is not None and checkpoint.num_classes != expected_classes:
+        raise CheckpointError(f"checkpoint has {checkpoint.num_classes} classes but {expected_classes} were expected")
+    model, lossnet, tap = checkpoint.spec.build()
     try:
-        model.load_state_dict(state["model"])
-        lossnet.load_state_dict(state["lossnet"])
+        model.load_state_dict(checkpoint.model_state)
+        lossnet.load_state_dict(checkpoint.lossnet_state)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint weights do not match model {state['spec'].get('model')!r}: {error}") from error
+        raise CheckpointError(f"checkpoint weights do not match model {checkpoint.model_name!r}: {error}") from error
     return model, lossnet, tap
 
 

@@ -82,8 +82,8 @@ class FeaturesConfig:
 
 def checkpoint_backbone(checkpoint: str, storage_options: dict[str, Any]):
     """Runs inside each actor: the checkpoint's model (its LossNet is not needed)."""
-    state = load_checkpoint(fetch_checkpoint(checkpoint, storage_options))
-    return build_from_checkpoint(state, len(state["classes"]))
+    loaded = load_checkpoint(fetch_checkpoint(checkpoint, storage_options))
+    return build_from_checkpoint(loaded, len(loaded.classes))
 
 
 def weights_backbone(model: str, weights: str, num_classes: int, in_channels: int | None):
@@ -103,11 +103,11 @@ def resolve_backbone(config: FeaturesConfig, num_classes: int | None) -> tuple[B
     bad checkpoint or weights file fails before Ray starts anything."""
     if config.checkpoint is not None:
         local = fetch_checkpoint(config.checkpoint, config.storage_options)
-        state = load_checkpoint(local)
-        if "proxy" in state:
+        loaded = load_checkpoint(local)
+        if loaded.is_proxy:
             raise ValueError(f"{config.checkpoint} is a proxy checkpoint; features come from a backbone checkpoint (lplgrad train)")
-        model = build_from_checkpoint(state, len(state["classes"]))[0]
-        name, in_channels, sha = state["spec"]["model"], state["spec"].get("in_channels"), checkpoint_digest(local)
+        model = build_from_checkpoint(loaded, len(loaded.classes))[0]
+        name, in_channels, sha = loaded.model_name, loaded.in_channels, checkpoint_digest(local)
         source, build = config.checkpoint, functools.partial(checkpoint_backbone, config.checkpoint, config.storage_options)
     else:
         classes = config.num_classes or num_classes

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from pipeline.proxy.alignment import load_probe_into
 from pipeline.augment import AUGMENT_PRESETS, augment_generator, make_augment
-from pipeline.checkpoint import CheckpointError, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import Checkpoint, CheckpointError, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import config_from_dict, config_to_dict
 from pipeline.models import available_models
 from pipeline.pools import spec_for_model
@@ -132,10 +132,10 @@ def _maybe_fail(config: TrainConfig, epoch: int, rank: int, run_dir: str) -> Non
 
 def linear_probe(uri: str, storage_options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of a linear proxy checkpoint, on raw features (standardisation folded in)."""
-    state = load_checkpoint(fetch_checkpoint(uri, storage_options))
-    if state.get("proxy", {}).get("kind") != "linear":
+    probe = load_checkpoint(fetch_checkpoint(uri, storage_options))
+    if probe.proxy is None or probe.proxy.kind != "linear":
         raise CheckpointError(f"init_head={uri} must be a linear proxy checkpoint (lplgrad proxy kind=linear)")
-    return build_from_checkpoint(state)[0].raw_linear()
+    return build_from_checkpoint(probe)[0].raw_linear()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -148,13 +148,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
 
     model, lossnet, tap = spec.build()
-    resume_state = None
+    resumed = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            resume_state = load_checkpoint(directory)
-        model.load_state_dict(resume_state["model"])
-        lossnet.load_state_dict(resume_state["lossnet"])
+            resumed = load_checkpoint(directory)
+        model.load_state_dict(resumed.model_state)
+        lossnet.load_state_dict(resumed.lossnet_state)
     elif config.warm_start:
         # The reference implementation keeps the model across cycles: weights only, fresh optimiser.
         warm_model, warm_lossnet, _ = build_from_checkpoint(load_checkpoint(fetch_checkpoint(config.warm_start, config.storage_options)), spec.num_classes)
@@ -165,10 +165,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     optimizer, lr_scheduler = make_optimizers(model, lossnet, schedule)
     start_epoch, history = 0, []
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        lr_scheduler.load_state_dict(resume_state["scheduler"])
-        start_epoch, history = resume_state["epoch"] + 1, list(resume_state["metrics"])
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.optimizer_state)
+        lr_scheduler.load_state_dict(resumed.scheduler_state)
+        start_epoch, history = resumed.epoch + 1, list(resumed.metrics)
     ddp_model = ray.train.torch.prepare_model(model)
     ddp_lossnet = ray.train.torch.prepare_model(lossnet)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -219,17 +219,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, {
-                    "model": model.state_dict(),
-                    "lossnet": lossnet.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": lr_scheduler.state_dict(),
-                    "epoch": epoch,
-                    "spec": spec.to_dict(),
-                    "classes": list(loop_config["classes"]),
-                    "config": loop_config["config"],
-                    "metrics": history,
-                })
+                save_checkpoint(directory, Checkpoint(
+                    model_state=model.state_dict(),
+                    lossnet_state=lossnet.state_dict(),
+                    spec=spec,
+                    classes=tuple(loop_config["classes"]),
+                    epoch=epoch,
+                    optimizer_state=optimizer.state_dict(),
+                    scheduler_state=lr_scheduler.state_dict(),
+                    config=loop_config["config"],
+                    metrics=tuple(history),
+                ))
                 with open(os.path.join(directory, "metrics.json"), "w") as handle:
                     json.dump(history, handle, indent=1)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

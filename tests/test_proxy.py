@@ -61,7 +61,8 @@ def test_proxy_checkpoint_round_trip(tmp_path):
     head, lossnet, history = train_proxy(x, y, spec, ProxyTraining(epochs=3))
     save_proxy_checkpoint(tmp_path, head, lossnet, spec, ["a", "b", "c", "d"], history)
     state = load_checkpoint(tmp_path)
-    assert state["proxy"]["backbone_sha256"] == "f" * 64 and state["classes"] == ["a", "b", "c", "d"]
+    assert state.proxy == spec and state.is_proxy and state.classes == ("a", "b", "c", "d")
+    assert state.model_name == "proxy_mlp" and state.in_channels is None and state.metrics == tuple(history)
     rebuilt, rebuilt_lossnet, _ = build_from_checkpoint(state, 4)
     batch = torch.from_numpy(x[:8])
     torch.testing.assert_close(rebuilt.eval()(batch), head(batch))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import Checkpoint, save_checkpoint
 from pipeline.lossnet import LossNet
 from pipeline.proxy.head import ProxyHead, ProxySpec
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
@@ -104,9 +104,8 @@ def proxy_accuracy(head: nn.Module, features: np.ndarray | Tensor, labels: Seque
 
 def save_proxy_checkpoint(directory: str | Path, head: ProxyHead, lossnet: LossNet, spec: ProxySpec, classes: Sequence[str],
                           metrics: Sequence[dict[str, Any]] = (), config: dict[str, Any] | None = None) -> Path:
-    """Write a proxy checkpoint in the layout `load_checkpoint` reads; `proxy` marks it as one."""
-    return save_checkpoint(directory, {
-        "model": head.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {}, "scheduler": {},
-        "epoch": len(metrics) - 1, "spec": {"model": f"proxy_{spec.kind}", "num_classes": spec.num_classes},
-        "proxy": spec.to_dict(), "classes": list(classes), "config": dict(config or {}), "metrics": list(metrics),
-    })
+    """Write a proxy checkpoint (its `ProxySpec` marks it as one) where `load_checkpoint` reads it."""
+    return save_checkpoint(directory, Checkpoint(
+        head.state_dict(), lossnet.state_dict(), spec, tuple(classes), epoch=len(metrics) - 1,
+        config=dict(config or {}), metrics=tuple(metrics),
+    ))

@@ -3,11 +3,14 @@ object storage and the refusals that must happen before any worker starts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray
+import torch
 
-from pipeline.checkpoint import build_from_checkpoint, fetch_checkpoint, load_checkpoint
+from pipeline.checkpoint import CHECKPOINT_FILE, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint
 from pipeline.config import ConfigError
 from ray_jobs import train
 
@@ -40,9 +43,12 @@ def config(tmp_path, **overrides) -> train.TrainConfig:
 def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) -> None:
     uri = train.run(config(tmp_path, fail_once_at_epoch=1, max_failures=1), task, CLASSES)
     state = load_checkpoint(uri)  # weights_only load
-    assert state["epoch"] == 2 and state["classes"] == CLASSES
-    assert set(state) >= {"model", "lossnet", "optimizer", "scheduler", "spec", "config", "metrics"}
-    metrics = state["metrics"]
+    assert state.epoch == 2 and list(state.classes) == CLASSES
+    assert isinstance(state.spec, ModelSpec) and state.model_name == "small_cnn" and state.config["epochs"] == 3
+    assert state.optimizer_state["state"] and state.scheduler_state["last_epoch"] == 3  # resumable
+    on_disk = torch.load(Path(uri) / CHECKPOINT_FILE, weights_only=True)
+    assert set(on_disk) >= {"model", "lossnet", "optimizer", "scheduler", "spec", "config", "metrics"}
+    metrics = state.metrics
     # The failed epoch was redone from the epoch-0 checkpoint: every epoch exactly once.
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
     assert all(m["samples"] == 192 for m in metrics)  # the two workers covered the set once per epoch
@@ -56,13 +62,13 @@ def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) 
 def test_resume_continues_a_named_run_and_refuses_to_resume_by_accident(task, tmp_path) -> None:
     # With augmentation on: the worker's per-epoch generator runs through the real training loop.
     first = load_checkpoint(train.run(config(tmp_path, epochs=2, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES))
-    assert first["config"]["augment"] == "gray28"
+    assert first.config["augment"] == "gray28"
     with pytest.raises(ValueError, match="already has checkpoints"):
         train.run(config(tmp_path, epochs=3, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES)
     resumed = load_checkpoint(train.run(config(tmp_path, epochs=3, num_workers=1, resume=True, augment="gray28"),
                                         {"train": task["train"]}, CLASSES))
-    assert [m["epoch"] for m in resumed["metrics"]] == [0, 1, 2]
-    assert resumed["metrics"][:2] == first["metrics"]
+    assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2]
+    assert resumed.metrics[:2] == first.metrics
 
 
 def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
@@ -71,7 +77,7 @@ def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
                     {"train": task["train"]}, CLASSES)
     assert uri.startswith(storage + "/run/checkpoint_")
     state = load_checkpoint(fetch_checkpoint(uri, s3_server.storage_options))
-    assert state["epoch"] == 0
+    assert state.epoch == 0
 
 
 def test_bad_input_is_refused_before_training(task, tmp_path) -> None:
