@@ -25,7 +25,7 @@ def pools(tmp_path_factory):
 
 
 def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, tmp_path) -> None:
-    config = simulate.parse_args([
+    config = simulate.JOB.parse_args([
         f"pool={pools / 'pool'}", f"test_pool={pools / 'test'}", "strategies=[lplgrad+power,badge,random]",
         "seeds=[0,1]", "initial=12", "per_cycle=10", "cycles=2", "epochs=1", "batch_size=12", "subset=40",
         "augment=gray28", f"out={tmp_path / 'sim'}",
@@ -56,7 +56,7 @@ def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, 
 
 
 def test_badge_over_budget_is_refused_before_any_training(pools, tmp_path) -> None:
-    config = simulate.parse_args([f"pool={pools / 'pool'}", f"test_pool={pools / 'test'}", "strategies=[badge]",
+    config = simulate.JOB.parse_args([f"pool={pools / 'pool'}", f"test_pool={pools / 'test'}", "strategies=[badge]",
                                   "badge_memory_mb=0.001", f"out={tmp_path / 'sim'}", "seeds=[0]"])
     with pytest.raises(BadgeMemoryError, match="over the budget"):
         simulate.run(config)

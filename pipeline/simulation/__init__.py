@@ -3,12 +3,13 @@
 
 from pipeline.simulation.arrays import ArrayPool, load_array_pool
 from pipeline.simulation.chain import FirstCycles, Protocol, initial_keys, run_chain_in_memory, subset_rows
-from pipeline.simulation.fit import TrainedModel, evaluate, train_in_memory
+from pipeline.simulation.fit import NetworkWeights, TrainedModel, evaluate, train_in_memory
 from pipeline.simulation.query import classifier_head, query_in_memory, score_rows
 
 __all__ = [
     "ArrayPool",
     "FirstCycles",
+    "NetworkWeights",
     "Protocol",
     "TrainedModel",
     "classifier_head",

@@ -20,7 +20,7 @@ from pipeline.augment import make_augment
 from pipeline.checkpoint import ModelSpec
 from pipeline.pools import DecodeSpec
 from pipeline.simulation.arrays import ArrayPool
-from pipeline.simulation.fit import TrainedModel, evaluate, train_in_memory
+from pipeline.simulation.fit import NetworkWeights, TrainedModel, evaluate, train_in_memory
 from pipeline.simulation.query import query_in_memory
 from pipeline.training import TrainSchedule
 
@@ -47,7 +47,7 @@ class Protocol:
 class FirstCycles:
     """The first cycle's trained state per seed, shared by every chain of that seed."""
 
-    by_seed: dict[int, tuple[dict[str, Any], float, float]] = field(default_factory=dict)
+    by_seed: dict[int, tuple[NetworkWeights, float, float]] = field(default_factory=dict)  # weights, train accuracy, seconds
 
 
 def initial_keys(keys: Sequence[str], size: int, seed: int) -> list[str]:
@@ -65,7 +65,7 @@ def subset_rows(keys: Sequence[str], unlabeled: np.ndarray, subset: int | None, 
 
 
 def _train(spec: ModelSpec, pool: ArrayPool, rows: np.ndarray, protocol: Protocol, decode: DecodeSpec, seed: int,
-           warm: dict[str, Any] | None) -> TrainedModel:
+           warm: NetworkWeights | None) -> TrainedModel:
     return train_in_memory(
         spec, pool.images[rows], pool.labels[rows], protocol.schedule, batch_size=protocol.batch_size, seed=seed,
         augment=make_augment(protocol.augment, decode.mean, decode.std), warm_start=warm, device=protocol.device,
@@ -83,8 +83,8 @@ def run_chain_in_memory(chain: Chain, seed: int, pool: ArrayPool, test: ArrayPoo
     rows, warm = [], None
     for cycle in range(protocol.cycles):
         if cycle == 0 and seed in first.by_seed:
-            state, train_accuracy, seconds = first.by_seed[seed]
-            trained = _restore(spec, state, train_accuracy, seconds, protocol.device)
+            weights, train_accuracy, seconds = first.by_seed[seed]
+            trained = _restore(spec, weights, train_accuracy, seconds, protocol.device)
         else:
             trained = _train(spec, pool, labeled, protocol, decode, seed * 1000 + cycle, warm if protocol.warm_start else None)
             if cycle == 0:
@@ -115,10 +115,9 @@ def run_chain_in_memory(chain: Chain, seed: int, pool: ArrayPool, test: ArrayPoo
     return rows
 
 
-def _restore(spec: ModelSpec, state: dict[str, Any], train_accuracy: float, seconds: float, device: str) -> TrainedModel:
+def _restore(spec: ModelSpec, weights: NetworkWeights, train_accuracy: float, seconds: float, device: str) -> TrainedModel:
     model, lossnet, tap = spec.build()
-    model.load_state_dict(state["model"])
-    lossnet.load_state_dict(state["lossnet"])
+    weights.load_into(model, lossnet)
     model.to(device).eval()
     lossnet.to(device).eval()
     return TrainedModel(model, lossnet, tap, train_accuracy, seconds)

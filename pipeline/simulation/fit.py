@@ -18,7 +18,21 @@ from pipeline.lossnet import LossNet
 from pipeline.models import FeatureTap
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 
-__all__ = ["TrainedModel", "evaluate", "train_in_memory"]
+__all__ = ["NetworkWeights", "TrainedModel", "evaluate", "train_in_memory"]
+
+
+# eq=False: comparing state dicts of tensors with `==` is ambiguous, so identity is the equality.
+@dataclass(frozen=True, eq=False)
+class NetworkWeights:
+    """State dicts of a model and its LossNet, kept apart from the modules (a warm start, or a
+    first cycle shared by the chains of one seed)."""
+
+    model_state: dict[str, torch.Tensor]
+    lossnet_state: dict[str, torch.Tensor]
+
+    def load_into(self, model: nn.Module, lossnet: LossNet) -> None:
+        model.load_state_dict(self.model_state)
+        lossnet.load_state_dict(self.lossnet_state)
 
 
 @dataclass
@@ -31,9 +45,9 @@ class TrainedModel:
     train_accuracy: float
     seconds: float
 
-    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+    def state(self) -> NetworkWeights:
         """Copies of both state dicts (for a warm start or a shared first cycle)."""
-        return {"model": _copy(self.model.state_dict()), "lossnet": _copy(self.lossnet.state_dict())}
+        return NetworkWeights(_copy(self.model.state_dict()), _copy(self.lossnet.state_dict()))
 
 
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,7 +63,7 @@ def train_in_memory(
     batch_size: int,
     seed: int,
     augment: BatchAugment | None = None,
-    warm_start: dict[str, dict[str, torch.Tensor]] | None = None,
+    warm_start: NetworkWeights | None = None,
     device: torch.device | str = "cpu",
 ) -> TrainedModel:
     """Train a fresh (or warm-started) model and LossNet jointly on the given samples.
@@ -74,8 +88,7 @@ def train_in_memory(
     torch.manual_seed(seed)
     model, lossnet, tap = spec.build()
     if warm_start is not None:
-        model.load_state_dict(warm_start["model"])
-        lossnet.load_state_dict(warm_start["lossnet"])
+        warm_start.load_into(model, lossnet)
     model.to(device)
     lossnet.to(device)
     optimizer, lr_scheduler = make_optimizers(model, lossnet, schedule)

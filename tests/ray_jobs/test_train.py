@@ -90,6 +90,6 @@ def test_bad_input_is_refused_before_training(task, tmp_path) -> None:
     with pytest.raises(ValueError, match="is not writable"):
         train.run(config(tmp_path, storage_path=str(blocker / "sub")), {"train": task["train"]}, CLASSES)
     with pytest.raises(ConfigError, match="batch_size must be at least 2"):
-        train.parse_args(["labeled=x", "batch_size=1"])
+        train.JOB.parse_args(["labeled=x", "batch_size=1"])
     with pytest.raises(ConfigError, match="labeled is required"):
-        train.parse_args([])
+        train.JOB.parse_args([])
