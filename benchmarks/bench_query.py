@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint  # noqa: E402
 from pipeline.models import available_models, register_model  # noqa: E402
+from pipeline.checkpoint import scoring_model  # noqa: E402
 from pipeline.pools import PoolWriter, build_pool, decode_sample, encode_image, iter_pool_samples, resolve_pool, spec_for_model, synthetic  # noqa: E402
 from pipeline.storage import filesystem_for  # noqa: E402
 from pipeline.scoring import RowScorer  # noqa: E402

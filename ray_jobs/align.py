@@ -33,9 +33,9 @@ from pipeline.checkpoint import CHECKPOINT_FILE, checkpoint_digest, fetch_checkp
 from pipeline.proxy.store import FeatureStoreError, open_store
 from pipeline.pools import resolve_pool
 from pipeline.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
-from ray_jobs import proxy, train
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
+from ray_jobs._shared import jobs
 from ray_jobs._shared.entry import Job, run_job
 
 
@@ -184,19 +184,6 @@ def check_probe_stores(stores: Sequence[str], backbone_sha256: str, storage_opti
                                     f"is {backbone_sha256[:12]}: run lplgrad features with it first")
 
 
-def finetune_backbone(train_config: train.TrainConfig, mode: str, stores: Sequence[str], probe_out: str,
-                      probe_epochs: int) -> str:
-    """Fine-tune `train_config.warm_start` on `train_config.labeled`: LP-FT (the classifier starts
-    from a linear probe trained on the cached features) or FT. Returns the new checkpoint URI."""
-    probe = None
-    if mode == "lp-ft":
-        probe = proxy.run(proxy.ProxyConfig(labeled=train_config.labeled, features=tuple(stores), out=probe_out, kind="linear",
-                                            epochs=probe_epochs, seed=train_config.seed,
-                                            storage_options=train_config.storage_options))["checkpoint"]
-    config = replace(train_config, init_head=probe)
-    return train.run(config, *train.labeled_training_data(config))
-
-
 def promote(local_checkpoint: Path, to: str, storage_options: Mapping[str, Any]) -> None:
     """Copy a (fetched) checkpoint's one file to `to`, whole or not at all (readers never see half a file)."""
     data = (local_checkpoint / CHECKPOINT_FILE).read_bytes()
@@ -206,17 +193,18 @@ def promote(local_checkpoint: Path, to: str, storage_options: Mapping[str, Any])
 
 def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -> tuple[AlignmentState, Path]:
     """Fine-tune; return the state to commit and the fetched new checkpoint (promoted at the commit)."""
-    spec = load_checkpoint(fetch_checkpoint(state.backbone, config.storage_options))["spec"]
+    backbone = load_checkpoint(fetch_checkpoint(state.backbone, config.storage_options))
     name = f"align-{labeled}"
-    train_config = train.TrainConfig(
-        labeled=config.labeled, holdout=config.holdout, model=spec["model"], in_channels=spec.get("in_channels"),
+    train_config = jobs.config(
+        "train",
+        labeled=config.labeled, holdout=config.holdout, model=backbone.model_name, in_channels=backbone.in_channels,
         epochs=config.epochs, batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.use_gpu,
         cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path, name=name,
         checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=config.seed,
         warm_start=state.backbone, storage_options=config.storage_options, augment=config.augment,
     )
     probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
-    checkpoint = finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
+    checkpoint = jobs.finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
     local = fetch_checkpoint(checkpoint, config.storage_options)  # one download serves the copy and the hash
     return state.observe(labeled).aligned(checkpoint, checkpoint_digest(local), labeled, mode), local
 

@@ -1,6 +1,5 @@
 """`lplgrad`: one command line for the jobs and tools.
 
-    lplgrad demo [key=value ...]        scoring demo on local Ray (ray_jobs/score_demo.py)
     lplgrad train [key=value ...]       joint training on Ray Train (ray_jobs/train.py)
     lplgrad query [key=value ...]       score a pool, commit a manifest (ray_jobs/query.py)
     lplgrad features [key=value ...]    extract a pool's features into a feature store (ray_jobs/features.py)
@@ -26,19 +25,9 @@ import sys
 
 from ray_jobs._shared import config_cli as _config_cli, errors as _errors
 from ray_jobs._shared.entry import run_job
+from ray_jobs._shared.jobs import JOBS
 from ray_jobs._shared.progress import VERBOSE_ENV
 
-# subcommand -> (module with its JOB, help); modules load only when their subcommand runs
-JOBS = {
-    "demo": ("ray_jobs.score_demo", "score a synthetic pool on Ray and select the top-k (scoring demo)"),
-    "train": ("ray_jobs.train", "joint LPLgrad training on Ray Train; prints the final checkpoint URI"),
-    "query": ("ray_jobs.query", "score a pool with a checkpoint and commit a selection manifest"),
-    "features": ("ray_jobs.features", "extract a pool's penultimate features under a frozen backbone into a feature store"),
-    "proxy": ("ray_jobs.proxy", "train a proxy head (linear or MLP, with LossNet) on cached features of the labeled set"),
-    "align": ("ray_jobs.align", "proxy mode: fine-tune the backbone (LP-FT or FT) when the alignment policy says so, and promote it"),
-    "simulate": ("ray_jobs.simulate", "simulated active-learning cycles on a pool whose labels are known"),
-    "quickstart": ("ray_jobs.quickstart", "one whole cycle on a synthetic pool: build, train, query, label, retrain"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,9 @@ from pipeline.config import config_to_yaml
 from pipeline.manifest import load as load_selection
 from pipeline.pools import build_pool, label_pool, synthetic
 from pipeline.report import write_run_report
-from ray_jobs import query, train
 from ray_jobs._shared.cluster import connect
 from pipeline.simulation import initial_keys
+from ray_jobs._shared import jobs
 from ray_jobs._shared.entry import Job, run_job
 
 
@@ -58,13 +58,14 @@ def write_labels(path: Path, labels: dict[str, int]) -> Path:
 
 
 def train_cycle(config: QuickstartConfig, root: Path, labeled: str, cycle: int) -> tuple[str, float]:
-    train_config = train.TrainConfig(
+    train_config = jobs.config(
+        "train",
         labeled=labeled, holdout=str(root / "pools" / "test"), model="small_cnn", epochs=config.epochs,
         batch_size=config.batch_size, num_workers=1, cpus_per_worker=1.0, storage_path=str(root / "train"),
         name=f"cycle-{cycle}", checkpoint_every=config.epochs, eval_every=config.epochs, seed=config.seed,
     )
-    checkpoint = train.run(train_config, *train.labeled_training_data(train_config))
-    return checkpoint, load_checkpoint(checkpoint)["metrics"][-1]["holdout_accuracy"]
+    checkpoint = jobs.run("train", train_config)
+    return checkpoint, load_checkpoint(checkpoint).metrics[-1]["holdout_accuracy"]
 
 
 def run(config: QuickstartConfig) -> dict[str, object]:
@@ -88,7 +89,8 @@ def run(config: QuickstartConfig) -> dict[str, object]:
     checkpoint0, accuracy0 = train_cycle(config, root, str(root / "labeled-cycle-0"), 0)
 
     # 3. Query the rest of the pool with LPLgrad and commit a manifest.
-    query.run(query.QueryConfig(
+    jobs.run("query", jobs.config(
+        "query",
         pool=pool, checkpoint=checkpoint0, k=config.per_cycle, exclude_labeled=str(root / "labeled-cycle-0"),
         out=str(root / "queries"), run_id="cycle-1", actors=1, cpus_per_actor=1.0, seed=config.seed,
     ))

@@ -59,10 +59,9 @@ from pipeline.pools import iter_pool_samples, label_pool, read_labels, resolve_p
 from pipeline.report import write_simulation_report
 from pipeline.simulation import FirstCycles, Protocol, classifier_head, initial_keys, load_array_pool, run_chain_in_memory
 from pipeline.training import TrainSchedule
-from ray_jobs import features, proxy, query, train
-from ray_jobs.align import finetune_backbone
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.pool_data import read_pool
+from ray_jobs._shared import jobs
 from ray_jobs._shared.entry import Job, run_job
 
 MODES = ("full", "proxy", "proxy-aligned")
@@ -159,9 +158,9 @@ def true_labels(pool_uri: str, storage_options: dict[str, Any]) -> dict[str, int
 
 def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k: int, seed: int) -> list[str]:
     """k-center greedy over penultimate features of the (subset of the) unlabeled pool."""
-    state = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options))
-    spec = spec_for_model(state["spec"]["model"], in_channels=state["spec"].get("in_channels"))
-    build = functools.partial(scoring_model, checkpoint, config.storage_options, len(state["classes"]))
+    loaded = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options))
+    spec = spec_for_model(loaded.model_name, in_channels=loaded.in_channels)
+    build = functools.partial(scoring_model, checkpoint, config.storage_options, loaded.num_classes)
     rows = read_pool(config.pool, spec, storage_options=config.storage_options).map_batches(
         FeatureRows, fn_constructor_args=(build,), compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=256, num_cpus=config.cpus_per_actor, num_gpus=1 if config.gpus else 0,
@@ -187,7 +186,8 @@ def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int
     The first cycle's model depends only on the seed, so chains of one seed share it."""
     if cycle == 0 and seed in shared:
         return shared[seed]
-    train_config = train.TrainConfig(
+    train_config = jobs.config(
+        "train",
         labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
         batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
         cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "train"), name=f"c{cycle}",
@@ -195,8 +195,9 @@ def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int
         warm_start=previous if config.warm_start else None, storage_options=config.storage_options,
     )
     started = time.perf_counter()
-    checkpoint = train.run(train_config, *train.labeled_training_data(train_config))
-    result = (checkpoint, load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options))["metrics"][-1], time.perf_counter() - started)
+    checkpoint = jobs.run("train", train_config)
+    metrics = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options)).metrics[-1]
+    result = (checkpoint, metrics, time.perf_counter() - started)
     if cycle == 0:
         shared[seed] = result
     return result
@@ -208,7 +209,8 @@ def query_cycle(config: SimulateConfig, strategy: str, checkpoint: str, labeled:
     chain = parse_chain(strategy, config.beta)
     if chain.strategy == "coreset":
         return coreset_query(config, checkpoint, set(labeled), config.per_cycle, seed * 1000 + cycle)
-    query.run(query.QueryConfig(
+    jobs.run("query", jobs.config(
+        "query",
         pool="" if features else config.pool, checkpoint=checkpoint, features=features, strategy=chain.strategy,
         stochastic=chain.stochastic, beta=chain.beta, k=config.per_cycle,
         exclude_labeled=labeled_uri, out=str(work / "queries"), run_id=f"c{cycle}",
@@ -252,7 +254,8 @@ def ensure_features(config: SimulateConfig, backbone: str) -> tuple[str, str, fl
     root = Path(config.out) / "features" / checkpoint_digest(fetch_checkpoint(backbone, config.storage_options))[:16]
     started = time.perf_counter()
     for pool, name in ((config.pool, "pool"), (config.test_pool, "test")):
-        features.run(features.FeaturesConfig(
+        jobs.run("features", jobs.config(
+            "features",
             pool=pool, out=str(root / name), checkpoint=backbone, actors=config.actors, cpus_per_actor=config.cpus_per_actor,
             gpus_per_actor=1.0 if config.gpus else 0.0, storage_options=config.storage_options,
         ))
@@ -263,14 +266,15 @@ def align_backbone(config: SimulateConfig, backbone: str, store: str, labeled_ur
     """Fine-tune the backbone on the labeled set as the policy says, through the same code as
     `lplgrad align`: (new backbone checkpoint, LP-FT or FT)."""
     finetune = config.alignment().finetune_mode(len(read_labels(labeled_uri, config.storage_options)[0]))
-    train_config = train.TrainConfig(
+    train_config = jobs.config(
+        "train",
         labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
         batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
         cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "align"), name=f"c{cycle}",
         checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, augment=config.augment, seed=seed * 1000 + cycle + 500,
         warm_start=backbone, storage_options=config.storage_options,
     )
-    return finetune_backbone(train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs), finetune
+    return jobs.finetune_backbone(train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs), finetune
 
 
 def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str, truth: dict[str, int], classes: list[str],
@@ -300,7 +304,8 @@ def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str,
         state = state.observe(len(labeled))
         store, test_store, row["feature_seconds"] = ensure_features(config, state.backbone)
         started = time.perf_counter()
-        trained = proxy.run(proxy.ProxyConfig(
+        trained = jobs.run("proxy", jobs.config(
+            "proxy",
             labeled=labeled_uri, features=(store, test_store), out=str(work / "proxy" / f"c{cycle}"), kind=config.proxy_kind,
             epochs=config.proxy_epochs, seed=seed * 1000 + cycle, holdout=config.test_pool, storage_options=config.storage_options,
         ))

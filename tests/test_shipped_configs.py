@@ -12,11 +12,10 @@ from ray_jobs.align import AlignConfig
 from ray_jobs.features import FeaturesConfig
 from ray_jobs.simulate import SimulateConfig
 from ray_jobs.query import QueryConfig
-from ray_jobs.score_demo import ScoreDemoConfig
 from ray_jobs.train import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-JOBS = {"align": AlignConfig, "features": FeaturesConfig, "query": QueryConfig, "score_demo": ScoreDemoConfig, "simulate": SimulateConfig,
+JOBS = {"align": AlignConfig, "features": FeaturesConfig, "query": QueryConfig, "simulate": SimulateConfig,
         "train": TrainConfig}
 
 

@@ -13,7 +13,6 @@ from ray_jobs._shared.config_cli import config_class
 
 # What each job's defaults leave empty (its own validation asks for these).
 REQUIRED = {
-    "demo": [],
     "train": ["labeled=pools/labeled"],
     "query": ["pool=pools/unlabeled", "checkpoint=runs/ckpt"],
     "features": ["pool=pools/unlabeled", "out=stores/f", "checkpoint=runs/ckpt"],
