@@ -120,3 +120,17 @@ def test_the_layout_rules_see_the_modules() -> None:
     assert {"pipeline.manifest.commit", "pipeline.proxy.store", "pipeline.storage", "ray_jobs.query"} <= set(MODULES)
     assert "ray_jobs._shared.jobs" in _imports("ray_jobs.simulate", top_level_only=True)
     assert "pipeline.manifest.commit" in _imports("pipeline.manifest", top_level_only=True)
+
+
+def test_private_modules_stay_inside_their_package() -> None:
+    offenders = []
+    for module in MODULES:
+        for imported in _imports(module, top_level_only=False):
+            parts = imported.split(".")
+            private = next((i for i, part in enumerate(parts) if part.startswith("_") and part != "__init__"), None)
+            if private is None or parts[0] not in PACKAGES:
+                continue
+            package = ".".join(parts[:private])  # where the private module lives
+            if module != package and not module.startswith(package + "."):
+                offenders.append(f"{module} imports {imported}")
+    assert offenders == []
