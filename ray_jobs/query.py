@@ -44,7 +44,7 @@ from pipeline.acquisition import (
     check_stochastic,
     stochastic_values,
 )
-from pipeline.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
+from pipeline.checkpoint import Checkpoint, CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
 from pipeline.config import config_to_dict
 from pipeline.proxy.extraction import feature_batch
 from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
@@ -181,14 +181,14 @@ def check_before_ray(config: QueryConfig) -> dict[str, Any]:
     for what, uri in storage_uris(config):
         check_storage(uri, config.storage_options, what=what)
     local_checkpoint = fetch_checkpoint(config.checkpoint, config.storage_options)
-    state = load_checkpoint(local_checkpoint)
-    store = proxy_store(config, state)
+    checkpoint = load_checkpoint(local_checkpoint)
+    store = proxy_store(config, checkpoint)
     pool = resolve_pool(config.pool or store.pool_uri, config.storage_options)
-    classes = list(state["classes"])
+    classes = list(checkpoint.classes)
     if pool.classes is not None and list(pool.classes) != classes:
         raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)} "
                               "(query with a checkpoint trained on this pool's classes)")
-    build_from_checkpoint(state, len(classes))  # weights must fit the recorded model now, not in an actor
+    build_from_checkpoint(checkpoint, len(classes))  # weights must fit the recorded model now, not in an actor
     identities = shard_identities(pool.fs, [s.path for s in pool.shards])
     if store is not None:
         check_store_fresh(store, {s.uri: identities[s.path] for s in pool.shards})
@@ -197,7 +197,7 @@ def check_before_ray(config: QueryConfig) -> dict[str, Any]:
         resolve_pool(config.exclude_labeled, config.storage_options)  # resolvable and not empty; read after Ray starts
     exclusion_runs = tuple(run for uri in config.exclude_manifests if (run := exclusion_run(uri, config)) is not None)
     excluded = set(previously_selected_keys(exclusion_runs, config.storage_options))
-    checked = {"pool": pool, "classes": classes, "state": state, "store": store, "identities": identities,
+    checked = {"pool": pool, "classes": classes, "state": checkpoint, "store": store, "identities": identities,
                "checkpoint_sha256": checkpoint_digest(local_checkpoint), "exclusion_runs": exclusion_runs, "excluded": excluded}
     if config.run_id and not config.exclude_labeled:  # the fingerprint is known without Ray: a conflict fails now
         begin_run(config.out, config.run_id, prepare(config, checked)["inputs"].fingerprint(), config.storage_options)
@@ -235,17 +235,17 @@ def prepare(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[
             "inputs": inputs, "store": store}
 
 
-def proxy_store(config: QueryConfig, state: dict[str, Any]) -> FeatureStore | None:
+def proxy_store(config: QueryConfig, checkpoint: Checkpoint) -> FeatureStore | None:
     """The feature store a proxy checkpoint scores from (None for a backbone checkpoint),
     checked against what the proxy was trained on."""
-    if "proxy" not in state:
+    if checkpoint.proxy is None:
         if config.features:
             raise CheckpointError(f"features= is for proxy checkpoints (lplgrad proxy); {config.checkpoint} is a backbone checkpoint")
         return None
     if not config.features:
         raise CheckpointError(f"{config.checkpoint} is a proxy checkpoint: pass features=FEATURE_STORE (made by lplgrad features)")
     store = open_store(config.features, config.storage_options)
-    trained_on = state["proxy"].get("backbone_sha256")
+    trained_on = checkpoint.proxy.backbone_sha256
     if trained_on != store.backbone.sha256:
         raise CheckpointError(
             f"the proxy was trained on features of backbone {str(trained_on)[:12]}, but {config.features} holds backbone "
@@ -298,7 +298,7 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan 
     # No num_classes: a query ignores labels (they do not change a score), so a stray `cls` in a pool
     # without an index never makes a sample unscoreable; an index's class list is still checked
     # (read_pool), as docs/pools.md says.
-    spec = spec_for_model(prepared["state"]["spec"]["model"], in_channels=prepared["state"]["spec"].get("in_channels"))
+    spec = spec_for_model(prepared["state"].model_name, in_channels=prepared["state"].in_channels)
     total = prepared["pool"].num_samples
     fraction = None
     if config.subset is not None:
@@ -528,9 +528,9 @@ def proxy_record(prepared: dict[str, Any]) -> dict[str, Any]:
     """What the manifest says about a proxy query (nothing for a full-model one)."""
     if prepared["store"] is None:
         return {}
-    proxy = prepared["state"]["proxy"]
-    return {"proxy": {"kind": proxy["kind"], "feature_store": prepared["store"].uri, "backbone_sha256": prepared["store"].backbone.sha256,
-                      "backbone_source": prepared["store"].backbone.source, "trained_on_store": proxy.get("feature_store")}}
+    proxy = prepared["state"].proxy
+    return {"proxy": {"kind": proxy.kind, "feature_store": prepared["store"].uri, "backbone_sha256": prepared["store"].backbone.sha256,
+                      "backbone_source": prepared["store"].backbone.source, "trained_on_store": proxy.feature_store}}
 
 
 def start(config: QueryConfig) -> None:
