@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,13 +36,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import ray
 
-from pipeline.acquisition import (
-    ScoreRanks,
-    acquisition_values,
-    available_strategies,
-    check_stochastic,
-    stochastic_values,
-)
+from pipeline.acquisition import SelectionSpec, StreamedSelection, select_streamed
 from pipeline.checkpoint import Checkpoint, CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
 from pipeline.config import config_to_dict
 from pipeline.proxy.extraction import feature_batch
@@ -52,7 +45,6 @@ from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reus
 from pipeline.manifest import (
     PoolShard,
     QueryInputs,
-    ScoreSummary,
     begin_run,
     commit_run,
     keys_digest,
@@ -60,12 +52,10 @@ from pipeline.manifest import (
     previous_run,
     previously_selected_keys,
     resolve_run,
-    selection_rows,
 )
 from pipeline.pools import resolve_pool, spec_for_model
 from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from pipeline.scoring import NORMS, RowScorer
-from pipeline.acquisition.selection import TopK
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
 from ray_jobs._shared.progress import Progress
@@ -102,18 +92,17 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if not (self.pool or self.features) or not self.checkpoint:
             raise ValueError("pool (or, for a proxy, features) and checkpoint are required (pool=URI checkpoint=URI)")
-        if self.strategy not in available_strategies():
-            raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(available_strategies())}")
-        if self.k <= 0:
-            raise ValueError(f"k must be positive, got {self.k}")
+        self.selection()  # the spec checks strategy, k and the stochastic draw
         if self.batch_size <= 0 or self.actors <= 0:
             raise ValueError("batch_size and actors must be positive")
         if self.subset is not None and self.subset <= 0:
             raise ValueError(f"subset must be positive, got {self.subset}")
         if self.norm not in NORMS:
             raise ValueError(f"norm {self.norm!r} is unknown; choose one of {', '.join(NORMS)}")
-        if self.stochastic is not None:
-            check_stochastic(self.stochastic, self.beta, self.strategy)
+
+    def selection(self) -> SelectionSpec:
+        """What the job selects; the manifest records this same spec (`QueryInputs.for_selection`)."""
+        return SelectionSpec(self.strategy, self.k, self.stochastic, self.beta, self.seed)
 
 
 # -- actors ----------------------------------------------------------------------------------
@@ -214,15 +203,13 @@ def prepare(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[
         raw = read_pool_raw(config.exclude_labeled, storage_options=config.storage_options)
         if raw.dataset is not None:
             excluded.update(k for batch in raw.dataset.select_columns(["__key__"]).iter_batches(batch_format="pyarrow") for k in batch.column("__key__").to_pylist())
-    params = {"seed": config.seed, "norm": config.norm, "stochastic": config.stochastic, "beta": config.beta if config.stochastic else None}
-    inputs = QueryInputs(
+    inputs = QueryInputs.for_selection(
+        config.selection(),
+        {"norm": config.norm},  # a scoring parameter: reuse of earlier scores depends on it
         pool_uri=config.pool or store.pool_uri,
         shards=tuple(PoolShard(s.uri, s.samples, s.bytes, identities[s.path]) for s in pool.shards),
         checkpoint_uri=config.checkpoint,
         checkpoint_sha256=checked["checkpoint_sha256"],
-        strategy=config.strategy,
-        k=config.k,
-        strategy_params=params,
         exclusion_runs=checked["exclusion_runs"],
         excluded_keys_sha256=keys_digest(excluded) if excluded else None,
         excluded_keys_count=len(excluded),
@@ -372,96 +359,64 @@ def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.dat
 
 
 def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iterable[pa.Table] = (),
-           excluded_rows: Sequence[tuple[str, str]] = (), progress: Progress | None = None) -> dict[str, Any]:
-    """Stream scored rows (copied ones first, then the pipeline's): write them, merge the top-k,
-    collect errors and excluded rows, summarise.
-
-    Driver memory is O(k + batch + excluded rows), except for softrank, which keeps one float per
-    scored row to know global ranks (pipeline.acquisition.ScoreRanks) and reads the scores back
-    for a second pass.
-    """
-    top = TopK(config.k)
-    summary = ScoreSummary()
-    ranks = ScoreRanks() if config.stochastic == "softrank" else None
-    errors: list[tuple[str | None, str | None, str]] = []
+           excluded_rows: Sequence[tuple[str, str]] = (), progress: Progress | None = None) -> Selected:
+    """Stream the scored rows (copied ones first, then the pipeline's) through the library's
+    selection (`pipeline.acquisition.select_streamed`) into the run's `scores/`, counting the
+    excluded rows on the way."""
     excluded = list(excluded_rows)
-    shard_rows: dict[str, Counter[str]] = {"reused": Counter(), "scored": Counter()}
-    scored = 0
+    arrival = _Arrival()
+    fresh = arrival.watch(_scored_batches(rows))
     with run.scores_writer() as writer:
-        first_scored_at = None
-        for origin, batch in _scored_batches(rows, reused):
-            if progress is not None:
-                progress.update(batch.num_rows)
-            if origin == "scored" and first_scored_at is None:
-                first_scored_at = time.perf_counter()  # pipeline and actors are up from here on
-            marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()], pa.bool_())
-            if marked.true_count:
-                dropped = batch.filter(marked)
-                excluded.extend(zip(dropped.column("key").to_pylist(), dropped.column("shard").to_pylist()))
-                batch = batch.filter(pa.compute.invert(marked))
-            if not batch.num_rows:
-                continue
-            shard_rows[origin].update(batch.column("shard").to_pylist())
-            writer.write(batch)
-            columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
-            failed = np.array([e is not None for e in columns["error"]], dtype=bool)
-            errors.extend((columns["key"][i], columns["shard"][i], str(columns["error"][i])) for i in np.flatnonzero(failed))
-            values = acquisition_values(config.strategy, columns, seed=config.seed)
-            values[failed] = np.nan
-            scored += int((~failed).sum())
-            summary.add(values[~failed], columns["key"][~failed].tolist())
-            if ranks is not None:
-                ranks.add(values)
-            else:
-                _offer(top, config, columns, values)
-    if ranks is not None:
-        for batch in writer.iter_batches():
-            columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
-            values = acquisition_values(config.strategy, columns, seed=config.seed)
-            values[np.array([e is not None for e in columns["error"]], dtype=bool)] = np.nan
-            _offer(top, config, columns, values, ranks.ranks(values))
-    return {"first_scored_at": first_scored_at, "top": top, "summary": summary, "errors": errors, "scored": scored, "excluded": len(excluded),
-            "excluded_rows": excluded, "shard_rows": shard_rows}
+        streamed = select_streamed(config.selection(), _unmarked(_counted(fresh, progress), excluded), writer,
+                                   reused=_unmarked(_counted(reused, progress), excluded))
+    return Selected(streamed, excluded, arrival.first)
 
 
-def _scored_batches(rows: ray.data.Dataset | None, reused: Iterable[pa.Table]) -> Iterator[tuple[str, pa.Table]]:
-    """("reused" | "scored", batch) in the scores schema: copied rows, then the pipeline's."""
-    for table in reused:
-        yield "reused", table
+@dataclass(frozen=True)
+class Selected:
+    """What :func:`select` found: the library's result plus what only the job knows."""
+
+    streamed: StreamedSelection
+    excluded_rows: list[tuple[str, str]]  # (key, shard) of every pool row an exclusion dropped
+    first_scored_at: float | None  # perf_counter of the first scored batch: pipeline and actors up
+
+
+class _Arrival:
+    """Notes when the first scored batch arrives (the pipeline and the actors are up by then)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def watch(self, batches: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        for batch in batches:
+            if self.first is None:
+                self.first = time.perf_counter()
+            yield batch
+
+
+def _counted(batches: Iterable[pa.Table], progress: Progress | None) -> Iterator[pa.Table]:
+    for batch in batches:
+        if progress is not None:
+            progress.update(batch.num_rows)
+        yield batch
+
+
+def _unmarked(batches: Iterable[pa.Table], excluded: list[tuple[str, str]]) -> Iterator[pa.Table]:
+    """The batches without the rows marked EXCLUDED, whose (key, shard) go to `excluded`."""
+    for batch in batches:
+        marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()], pa.bool_())
+        if marked.true_count:
+            dropped = batch.filter(marked)
+            excluded.extend(zip(dropped.column("key").to_pylist(), dropped.column("shard").to_pylist()))
+            batch = batch.filter(pa.compute.invert(marked))
+        yield batch
+
+
+def _scored_batches(rows: ray.data.Dataset | None) -> Iterator[pa.Table]:
+    """The pipeline's rows in the scores schema."""
     if rows is not None:
         for batch in rows.iter_batches(batch_size=4096, batch_format="pyarrow"):
-            yield "scored", _text_columns(batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names]))
-
-
-def _text_columns(batch: pa.Table) -> pa.Table:
-    """key, shard and error as strings. A batch of whole-shard error rows only has no key at all,
-    and Ray's numpy batches turn that all-None column into NaN floats: read back, they are nulls."""
-    for name in ("key", "shard", "error"):
-        column = batch.column(name)
-        if not pa.types.is_string(column.type):
-            values = [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in column.to_pylist()]
-            batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
-    return batch
-
-
-def _offer(top: TopK, config: QueryConfig, columns: dict[str, np.ndarray], values: np.ndarray, ranks: np.ndarray | None = None) -> None:
-    """Offer a batch to the running top-k, building selection rows only for its candidates."""
-    ranked = values
-    if config.stochastic is not None:
-        ranked = stochastic_values(config.stochastic, values, columns["key"].tolist(), config.beta, config.seed, ranks=ranks)
-    candidates = _batch_candidates(ranked, config.k)
-    if len(candidates):
-        picked = {name: col[candidates] for name, col in columns.items()}
-        top.add(picked["key"].tolist(), ranked[candidates], rows=selection_rows(picked, values[candidates]))
-
-
-def _batch_candidates(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of a batch that can still enter a global top-k: its own top-k plus ties."""
-    finite = np.flatnonzero(np.isfinite(values))
-    if len(finite) <= k:
-        return finite
-    threshold = np.partition(values[finite], len(finite) - k)[len(finite) - k]
-    return finite[values[finite] >= threshold]
+            yield batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names])
 
 
 def with_run_id(config: QueryConfig) -> QueryConfig:
@@ -490,23 +445,24 @@ def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str,
         result = select(config, state, score_stream(config, prepared, plan), reused_rows(config, prepared, plan),
                         excluded_rows=plan.still_excluded, progress=progress)
     elapsed = time.perf_counter() - start
-    selection = result["top"].result()
+    streamed = result.streamed
+    selection = streamed.selected
     if len(selection) < config.k:
         print(f"k={config.k} is larger than the {len(selection)} scoreable samples: selecting all of them")
-    streamed, copied = (sum(result["shard_rows"][origin].values()) for origin in ("scored", "reused"))
+    fresh, copied = sum(streamed.scored_rows.values()), sum(streamed.reused_rows.values())
     # Rows through the scoring actors per second over the whole streaming phase, start-up included:
     # timing from the first batch would flatter the rate, since Ray Data delivers scored batches
     # in bursts. The time to the first scored batch (an upper bound on start-up) is reported apart.
-    first = result["first_scored_at"]
+    first = result.first_scored_at
     startup = (first - start) if first is not None else elapsed
-    rate = streamed / elapsed if elapsed > 0 else 0.0
+    rate = fresh / elapsed if elapsed > 0 else 0.0
     manifest = commit_run(
-        state, prepared["inputs"], selection, result["errors"],
-        scored=result["scored"], excluded=result["excluded"], summary=result["summary"],
+        state, prepared["inputs"], selection, streamed.errors,
+        scored=streamed.scored, excluded=len(result.excluded_rows), summary=streamed.summary,
         extra={"samples_per_s": rate, "seconds": elapsed, "first_batch_s": startup, "config": config_to_dict(config),
                "mode": "proxy" if prepared["store"] is not None else "full", **proxy_record(prepared)},
-        excluded_rows=result["excluded_rows"],
-        shards=shard_records(prepared["inputs"], plan, result["shard_rows"]["reused"], result["shard_rows"]["scored"]),
+        excluded_rows=result.excluded_rows,
+        shards=shard_records(prepared["inputs"], plan, streamed.reused_rows, streamed.scored_rows),
         reuse=plan.to_dict(),
     )
     if manifest.get("attempt") != state.attempt_id:
@@ -514,12 +470,12 @@ def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str,
               "this attempt's files were discarded")
         return manifest
     copied_from = f" and copied {copied} from {plan.source_id}" if plan.source_id else ""
-    unreadable = sorted({shard for key, shard, _ in result["errors"] if key is None})
-    nothing = "; nothing was scoreable: see errors.parquet for why" if not result["scored"] else ""
+    unreadable = sorted({shard for key, shard, _ in streamed.errors if key is None})
+    nothing = "; nothing was scoreable: see errors.parquet for why" if not streamed.scored else ""
     print(
-        f"scored {streamed} rows at {rate:.1f} rows/s{copied_from}, "
-        f"selected {len(selection)}, errors {len(result['errors'])} (unreadable shards {len(unreadable)}), "
-        f"excluded {result['excluded']}, manifest {state.run_uri}/manifest.json{nothing}"
+        f"scored {fresh} rows at {rate:.1f} rows/s{copied_from}, "
+        f"selected {len(selection)}, errors {len(streamed.errors)} (unreadable shards {len(unreadable)}), "
+        f"excluded {len(result.excluded_rows)}, manifest {state.run_uri}/manifest.json{nothing}"
     )
     return manifest
 

@@ -1,6 +1,6 @@
 """Acquisition: per-sample strategies by name, stochastic draws, chains, and the set functions
-(core-set, BADGE) that pick from a gathered feature or embedding matrix, and the streaming
-exact top-k that a query merges across scoring actors."""
+(core-set, BADGE) that pick from a gathered feature or embedding matrix, and a query's selection
+(its spec, and the streaming exact top-k or draw over the rows the scoring actors return)."""
 
 from pipeline.acquisition._strategies import (
     STOCHASTIC_MODES,
@@ -19,7 +19,8 @@ from pipeline.acquisition._strategies import (
 from pipeline.acquisition.badge import BadgeMemoryError, badge_embeddings, check_badge_memory, kmeanspp_seeding
 from pipeline.acquisition.chains import SET_STRATEGIES, Chain, parse_chain, select_by_values
 from pipeline.acquisition.coreset import FeatureRows, kcenter_greedy, penultimate_features
-from pipeline.acquisition.selection import TopK, select_topk
+from pipeline.acquisition.selection import SelectionSpec, TopK, select_topk
+from pipeline.acquisition.streaming import ScoresSink, StreamedSelection, select_streamed
 
 __all__ = [
     "STOCHASTIC_MODES",
@@ -29,7 +30,10 @@ __all__ = [
     "Chain",
     "FeatureRows",
     "ScoreRanks",
+    "ScoresSink",
+    "SelectionSpec",
     "Strategy",
+    "StreamedSelection",
     "TopK",
     "acquisition_values",
     "available_strategies",
@@ -45,6 +49,7 @@ __all__ = [
     "random_values",
     "register_strategy",
     "select_by_values",
+    "select_streamed",
     "select_topk",
     "stochastic_values",
 ]

@@ -1,4 +1,5 @@
-"""Exact top-k selection over a stream of scored batches, in O(k) memory.
+"""What a query selects (:class:`SelectionSpec`) and the exact top-k over a stream of scored
+batches, in O(k) memory.
 
 Order: higher score first; equal scores broken by key (ascending), so a selection is the same
 however the pool was split into batches, shards or actors. Rows without a finite score are never
@@ -8,12 +9,79 @@ selected.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
-__all__ = ["TopK", "select_topk"]
+from pipeline.acquisition._strategies import available_strategies, check_stochastic
+
+__all__ = ["SelectionSpec", "TopK", "select_topk"]
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """How a query picks its rows from the acquisition values: the strategy, k and the draw.
+
+    It is also what the run manifest records as ``inputs.strategy`` (name, and the params other
+    than scoring ones such as ``norm``) and ``inputs.k``
+    (``pipeline.manifest.QueryInputs.for_selection``), so the recorded selection is the one made.
+
+    Attributes:
+        strategy: A registered strategy name (:func:`available_strategies`).
+        k: Rows to select (> 0).
+        stochastic: ``None`` for the exact top-k, else a stochastic mode (``softmax``, ``power``,
+            ``softrank``) drawing k rows without replacement.
+        beta: Inverse temperature of the draw. Without a draw it means nothing and is stored as
+            ``None``, so two exact top-k specs compare (and fingerprint) equal whatever beta was given.
+        seed: Seed of the ``random`` strategy and of the draw's Gumbel noise.
+
+    Raises:
+        ValueError: On an unknown strategy, k <= 0, or a bad stochastic mode or beta.
+    """
+
+    strategy: str
+    k: int
+    stochastic: str | None = None
+    beta: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in available_strategies():
+            raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(available_strategies())}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+            raise ValueError(f"k must be positive, got {self.k}")
+        if self.stochastic is None:
+            object.__setattr__(self, "beta", None)  # frozen: the one normalisation, at construction
+        else:
+            check_stochastic(self.stochastic, self.beta, self.strategy)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-ready dict (inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SelectionSpec:
+        """A spec from :meth:`to_dict`'s dict.
+
+        Raises:
+            ValueError: On unknown or missing fields, or an invalid spec.
+        """
+        known = {"strategy", "k", "stochastic", "beta", "seed"}
+        if set(values) - known or not {"strategy", "k"} <= set(values):
+            raise ValueError(f"a selection spec has fields {sorted(known)} (strategy and k required), got {sorted(values)}")
+        return cls(**values)
+
+    def manifest_params(self) -> dict[str, Any]:
+        """This spec's entries of the manifest's ``inputs.strategy.params``."""
+        return {"seed": self.seed, "stochastic": self.stochastic, "beta": self.beta}
+
+    @classmethod
+    def from_manifest(cls, strategy: str, k: int, params: Mapping[str, Any]) -> SelectionSpec:
+        """The spec a manifest recorded (``inputs.strategy.name``, ``inputs.k``,
+        ``inputs.strategy.params``; params it does not know, such as ``norm``, are ignored)."""
+        return cls(strategy, k, params.get("stochastic"), params.get("beta"), int(params.get("seed", 0)))
 
 
 @dataclass(order=True)

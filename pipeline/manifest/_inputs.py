@@ -13,7 +13,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the acquisition package imports torch; reading a manifest must not
+    from pipeline.acquisition.selection import SelectionSpec
 
 __all__ = ["PoolShard", "QueryInputs", "inputs_fingerprint", "keys_digest"]
 
@@ -43,6 +46,10 @@ class QueryInputs:
     are resolved run directories (not ``{out}`` with LATEST, which moves) and
     ``excluded_keys_sha256`` is :func:`keys_digest` of their keys.
     ``strategy_params`` (seed, stochastic mode, beta, ...) must be JSON-serialisable.
+
+    A query builds its inputs with :meth:`for_selection` from the ``SelectionSpec`` it selects
+    with, so that ``strategy``, ``k`` and the selection's params are that spec's; the fields stay
+    plain so that any manifest, older ones included, reads back as it was written.
     """
 
     pool_uri: str
@@ -64,6 +71,31 @@ class QueryInputs:
             raise ValueError(f"k must be a positive integer, got {self.k!r}")
         if self.subset_size is not None and self.subset_size <= 0:
             raise ValueError(f"subset_size must be positive or None, got {self.subset_size!r}")
+
+    @classmethod
+    def for_selection(cls, selection: SelectionSpec, score_params: Mapping[str, Any], **fields: Any) -> QueryInputs:
+        """The inputs of a query that selects with ``selection``.
+
+        Args:
+            selection: Becomes ``strategy``, ``k`` and its params (seed, stochastic, beta).
+            score_params: Scoring parameters recorded beside them in ``strategy_params``
+                (``norm``: it changes the stored scores, see ``pipeline.manifest.incremental.SCORE_PARAMS``).
+            **fields: The other fields.
+
+        Raises:
+            ValueError: If a scoring parameter has the name of a selection one.
+        """
+        params = selection.manifest_params()
+        if clash := sorted(set(params) & set(score_params)):
+            raise ValueError(f"score_params {clash} are selection params; they come from the selection spec")
+        return cls(strategy=selection.strategy, k=selection.k, strategy_params={**params, **score_params}, **fields)
+
+    @property
+    def selection(self) -> SelectionSpec:
+        """The ``SelectionSpec`` these inputs record."""
+        from pipeline.acquisition.selection import SelectionSpec  # deferred: see the TYPE_CHECKING import
+
+        return SelectionSpec.from_manifest(self.strategy, self.k, self.strategy_params)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``inputs`` object of manifest.json (what the fingerprint covers)."""
