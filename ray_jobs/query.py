@@ -53,7 +53,7 @@ from pipeline.manifest import (
     previously_selected_keys,
     resolve_run,
 )
-from pipeline.pools import resolve_pool, spec_for_model
+from pipeline.pools import ResolvedPool, resolve_pool, spec_for_model
 from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from pipeline.scoring import NORMS, RowScorer
 from ray_jobs._shared.cluster import connect
@@ -158,7 +158,33 @@ def storage_uris(config: QueryConfig) -> list[tuple[str, str]]:
     return [(what, uri) for what, uri in named if uri]
 
 
-def check_before_ray(config: QueryConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What :func:`check_before_ray` found, read without Ray; :func:`prepare` builds on it."""
+
+    pool: ResolvedPool
+    classes: tuple[str, ...]  # the checkpoint's, equal to the pool's when the pool has a class list
+    checkpoint: Checkpoint
+    store: FeatureStore | None  # a proxy checkpoint's feature store
+    identities: Mapping[str, Any]  # shard path -> what the storage says about its version
+    checkpoint_sha256: str
+    exclusion_runs: tuple[str, ...]  # resolved run directories
+    excluded: frozenset[str]  # keys those runs selected
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """Everything scoring needs, fixed before it starts (:func:`prepare`)."""
+
+    pool: ResolvedPool
+    classes: tuple[str, ...]
+    checkpoint: Checkpoint
+    store: FeatureStore | None
+    excluded: frozenset[str]  # keys never scored nor selected: exclusion runs and the labeled pool
+    inputs: QueryInputs  # what the manifest records and fingerprints
+
+
+def check_before_ray(config: QueryConfig) -> CheckedInputs:
     """Everything that can be checked without Ray, in the order a person would fix it: every
     object-store URI answers with these credentials (one request each), the checkpoint loads and
     its weights fit its model, the pool resolves, is not empty and has the checkpoint's classes,
@@ -173,9 +199,9 @@ def check_before_ray(config: QueryConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(local_checkpoint)
     store = proxy_store(config, checkpoint)
     pool = resolve_pool(config.pool or store.pool_uri, config.storage_options)
-    classes = list(checkpoint.classes)
-    if pool.classes is not None and list(pool.classes) != classes:
-        raise CheckpointError(f"checkpoint classes {classes} differ from the pool's {list(pool.classes)} "
+    classes = tuple(checkpoint.classes)
+    if pool.classes is not None and tuple(pool.classes) != classes:
+        raise CheckpointError(f"checkpoint classes {list(classes)} differ from the pool's {list(pool.classes)} "
                               "(query with a checkpoint trained on this pool's classes)")
     build_from_checkpoint(checkpoint, len(classes))  # weights must fit the recorded model now, not in an actor
     identities = shard_identities(pool.fs, [s.path for s in pool.shards])
@@ -185,20 +211,19 @@ def check_before_ray(config: QueryConfig) -> dict[str, Any]:
     if config.exclude_labeled:
         resolve_pool(config.exclude_labeled, config.storage_options)  # resolvable and not empty; read after Ray starts
     exclusion_runs = tuple(run for uri in config.exclude_manifests if (run := exclusion_run(uri, config)) is not None)
-    excluded = set(previously_selected_keys(exclusion_runs, config.storage_options))
-    checked = {"pool": pool, "classes": classes, "state": checkpoint, "store": store, "identities": identities,
-               "checkpoint_sha256": checkpoint_digest(local_checkpoint), "exclusion_runs": exclusion_runs, "excluded": excluded}
+    excluded = frozenset(previously_selected_keys(exclusion_runs, config.storage_options))
+    checked = CheckedInputs(pool, classes, checkpoint, store, identities, checkpoint_digest(local_checkpoint), exclusion_runs, excluded)
     if config.run_id and not config.exclude_labeled:  # the fingerprint is known without Ray: a conflict fails now
-        begin_run(config.out, config.run_id, prepare(config, checked)["inputs"].fingerprint(), config.storage_options)
+        begin_run(config.out, config.run_id, prepare(config, checked).inputs.fingerprint(), config.storage_options)
     return checked
 
 
-def prepare(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str, Any]:
+def prepare(config: QueryConfig, checked: CheckedInputs | None = None) -> PreparedQuery:
     """Everything that can fail before scoring: :func:`check_before_ray`, then the labeled pool's
     keys (read with Ray Data) and the run's inputs."""
     checked = checked if checked is not None else check_before_ray(config)
-    pool, store, identities = checked["pool"], checked["store"], checked["identities"]
-    excluded = set(checked["excluded"])
+    pool, store = checked.pool, checked.store
+    excluded = set(checked.excluded)
     if config.exclude_labeled:
         raw = read_pool_raw(config.exclude_labeled, storage_options=config.storage_options)
         if raw.dataset is not None:
@@ -207,10 +232,10 @@ def prepare(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[
         config.selection(),
         {"norm": config.norm},  # a scoring parameter: reuse of earlier scores depends on it
         pool_uri=config.pool or store.pool_uri,
-        shards=tuple(PoolShard(s.uri, s.samples, s.bytes, identities[s.path]) for s in pool.shards),
+        shards=tuple(PoolShard(s.uri, s.samples, s.bytes, checked.identities[s.path]) for s in pool.shards),
         checkpoint_uri=config.checkpoint,
-        checkpoint_sha256=checked["checkpoint_sha256"],
-        exclusion_runs=checked["exclusion_runs"],
+        checkpoint_sha256=checked.checkpoint_sha256,
+        exclusion_runs=checked.exclusion_runs,
         excluded_keys_sha256=keys_digest(excluded) if excluded else None,
         excluded_keys_count=len(excluded),
         subset_size=config.subset,
@@ -218,8 +243,7 @@ def prepare(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[
         features=None if store is None else {"store": config.features, "backbone_sha256": store.backbone.sha256,
                                              "committed_at": store.committed_at},
     )
-    return {"pool": pool, "classes": checked["classes"], "state": checked["state"], "excluded": frozenset(excluded),
-            "inputs": inputs, "store": store}
+    return PreparedQuery(pool, checked.classes, checked.checkpoint, store, frozenset(excluded), inputs)
 
 
 def proxy_store(config: QueryConfig, checkpoint: Checkpoint) -> FeatureStore | None:
@@ -255,28 +279,28 @@ def check_store_fresh(store: FeatureStore, identities: Mapping[str, Any]) -> Non
         )
 
 
-def reuse_plan(config: QueryConfig, prepared: dict[str, Any]) -> ReusePlan:
+def reuse_plan(config: QueryConfig, prepared: PreparedQuery) -> ReusePlan:
     """Which shards take their rows from the previous committed run under `out`."""
     if not config.incremental:
         return ReusePlan(reason="incremental=false: every shard is scored")
-    if prepared["store"] is not None:
+    if prepared.store is not None:
         return ReusePlan(reason="proxy query: every row is scored from the feature store (the store itself is incremental)")
     source = previous_run(config.out, str(config.run_id), config.storage_options)
-    return plan_reuse(source, prepared["inputs"], prepared["excluded"], config.storage_options)
+    return plan_reuse(source, prepared.inputs, prepared.excluded, config.storage_options)
 
 
-def reused_rows(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan) -> Iterator[pa.Table]:
+def reused_rows(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan) -> Iterator[pa.Table]:
     """The copied rows, with tonight's exclusions marked as on fresh rows."""
     for table in iter_reused_rows(plan, config.storage_options):
-        yield mark_excluded(table, prepared["excluded"], key="key")
+        yield mark_excluded(table, prepared.excluded, key="key")
 
 
-def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan | None = None) -> ray.data.Dataset | None:
+def score_stream(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan | None = None) -> ray.data.Dataset | None:
     """The lazy Ray Data pipeline: read, decode, exclude, subset, score (None: nothing to score)."""
     plan = plan or ReusePlan()
-    if prepared["store"] is not None:
+    if prepared.store is not None:
         return proxy_score_stream(config, prepared)
-    shards = prepared["pool"].shards
+    shards = prepared.pool.shards
     to_score = plan.to_score([s.uri for s in shards])
     if not to_score:
         return None
@@ -285,29 +309,29 @@ def score_stream(config: QueryConfig, prepared: dict[str, Any], plan: ReusePlan 
     # No num_classes: a query ignores labels (they do not change a score), so a stray `cls` in a pool
     # without an index never makes a sample unscoreable; an index's class list is still checked
     # (read_pool), as docs/pools.md says.
-    spec = spec_for_model(prepared["state"].model_name, in_channels=prepared["state"].in_channels)
-    total = prepared["pool"].num_samples
+    spec = spec_for_model(prepared.checkpoint.model_name, in_channels=prepared.checkpoint.in_channels)
+    total = prepared.pool.num_samples
     fraction = None
     if config.subset is not None:
         if total is None:
-            total = sum(s.samples or 0 for s in prepared["pool"].shards) or None
+            total = sum(s.samples or 0 for s in prepared.pool.shards) or None
         if total is None:  # a pool without index: count it once (keys only, no decoding)
             total = read_pool_raw(config.pool, storage_options=config.storage_options).dataset.count()
         fraction = min(1.0, config.subset / total)
     prefilter = None
-    if prepared["excluded"] or fraction is not None or only:
-        prefilter = functools.partial(prefilter_raw, excluded=prepared["excluded"], fraction=fraction, seed=config.seed, only=only)
+    if prepared.excluded or fraction is not None or only:
+        prefilter = functools.partial(prefilter_raw, excluded=prepared.excluded, fraction=fraction, seed=config.seed, only=only)
     data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
                      batch_size=config.batch_size, prefilter=prefilter,
                      shards=to_score if len(to_score) < len(shards) else None)
-    if prepared["excluded"]:
-        data = data.map_batches(mark_excluded, fn_kwargs={"excluded": prepared["excluded"]}, batch_format="pyarrow", num_cpus=0.25)
+    if prepared.excluded:
+        data = data.map_batches(mark_excluded, fn_kwargs={"excluded": prepared.excluded}, batch_format="pyarrow", num_cpus=0.25)
     marker = None
     if config.fail_once_after_batches is not None:
         marker = f"{config.out.rstrip('/')}/.actor-failure-drill" if "://" not in config.out else None
     return data.drop_columns(["label", "meta"]).map_batches(
         QueryScorer,
-        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
+        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared.classes)),),
         fn_constructor_kwargs={"norm": config.norm, "fail_after": config.fail_once_after_batches, "marker": marker},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=config.batch_size,
@@ -335,9 +359,9 @@ def read_store_files(files: list[str], filesystem: Any) -> ray.data.Dataset:
             context.use_datasource_v2 = previous
 
 
-def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.data.Dataset | None:
+def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery) -> ray.data.Dataset | None:
     """The proxy pipeline: feature-store parquet -> current rows, subset, exclusions -> head scoring."""
-    store = prepared["store"]
+    store = prepared.store
     files = store.files()
     if not files:
         return None
@@ -345,10 +369,10 @@ def proxy_score_stream(config: QueryConfig, prepared: dict[str, Any]) -> ray.dat
     fs, _ = filesystem_for(store.uri, config.storage_options)
     data = read_store_files(files, None if is_local(fs) else arrow_filesystem(fs))
     data = data.map_batches(store_prefilter, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"current": store.current, "excluded": prepared["excluded"], "fraction": fraction, "seed": config.seed})
+                            fn_kwargs={"current": store.current, "excluded": prepared.excluded, "fraction": fraction, "seed": config.seed})
     return data.map_batches(
         ProxyQueryScorer,
-        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared["classes"])),),
+        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared.classes)),),
         fn_constructor_kwargs={"norm": config.norm},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=config.batch_size,
@@ -424,7 +448,7 @@ def with_run_id(config: QueryConfig) -> QueryConfig:
     return config if config.run_id else dataclasses.replace(config, run_id=new_run_id())
 
 
-def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, Any]:
     """Run the query; returns the committed manifest (or the existing one for a no-op re-run).
 
     Args:
@@ -433,14 +457,14 @@ def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str,
     """
     config = with_run_id(config)
     prepared = prepare(config, checked)
-    state = begin_run(config.out, config.run_id, prepared["inputs"].fingerprint(), config.storage_options)
+    state = begin_run(config.out, config.run_id, prepared.inputs.fingerprint(), config.storage_options)
     print(state.message)
     if state.already_committed:
         return state.committed
     plan = reuse_plan(config, prepared)
     print(plan.reason)
     start = time.perf_counter()
-    expected = prepared["pool"].num_samples if prepared["store"] is None and config.subset is None else None
+    expected = prepared.pool.num_samples if prepared.store is None and config.subset is None else None
     with Progress("score", expected, "rows", min_interval=10.0) as progress:  # a bar, or a line per 10 s
         result = select(config, state, score_stream(config, prepared, plan), reused_rows(config, prepared, plan),
                         excluded_rows=plan.still_excluded, progress=progress)
@@ -457,12 +481,12 @@ def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str,
     startup = (first - start) if first is not None else elapsed
     rate = fresh / elapsed if elapsed > 0 else 0.0
     manifest = commit_run(
-        state, prepared["inputs"], selection, streamed.errors,
+        state, prepared.inputs, selection, streamed.errors,
         scored=streamed.scored, excluded=len(result.excluded_rows), summary=streamed.summary,
         extra={"samples_per_s": rate, "seconds": elapsed, "first_batch_s": startup, "config": config_to_dict(config),
-               "mode": "proxy" if prepared["store"] is not None else "full", **proxy_record(prepared)},
+               "mode": "proxy" if prepared.store is not None else "full", **proxy_record(prepared)},
         excluded_rows=result.excluded_rows,
-        shards=shard_records(prepared["inputs"], plan, streamed.reused_rows, streamed.scored_rows),
+        shards=shard_records(prepared.inputs, plan, streamed.reused_rows, streamed.scored_rows),
         reuse=plan.to_dict(),
     )
     if manifest.get("attempt") != state.attempt_id:
@@ -480,13 +504,13 @@ def run(config: QueryConfig, checked: dict[str, Any] | None = None) -> dict[str,
     return manifest
 
 
-def proxy_record(prepared: dict[str, Any]) -> dict[str, Any]:
+def proxy_record(prepared: PreparedQuery) -> dict[str, Any]:
     """What the manifest says about a proxy query (nothing for a full-model one)."""
-    if prepared["store"] is None:
+    if prepared.store is None:
         return {}
-    proxy = prepared["state"].proxy
-    return {"proxy": {"kind": proxy.kind, "feature_store": prepared["store"].uri, "backbone_sha256": prepared["store"].backbone.sha256,
-                      "backbone_source": prepared["store"].backbone.source, "trained_on_store": proxy.feature_store}}
+    proxy = prepared.checkpoint.proxy
+    return {"proxy": {"kind": proxy.kind, "feature_store": prepared.store.uri, "backbone_sha256": prepared.store.backbone.sha256,
+                      "backbone_source": prepared.store.backbone.source, "trained_on_store": proxy.feature_store}}
 
 
 def start(config: QueryConfig) -> None:
