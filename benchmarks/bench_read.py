@@ -130,7 +130,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
         return
-    print(f"{results['samples']} samples, {results['shards']} shards, {results['pool_mb']} MB, {args.num_cpus} logical CPUs")
+    print(f"{results['samples']} samples, {results['shards']} shards, {results['pool_mb']} MB, "
+          f"{args.num_cpus} logical CPUs")
     for name, value in results.items():
         if name.endswith("_sps"):
             print(f"  {name[:-4]:<22} {value:>9.0f} samples/s")

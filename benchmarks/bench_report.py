@@ -116,7 +116,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"report of k={args.k:,} from a {args.samples:,}-sample pool ({result['shards']} shards), best of {args.repeats}:")
+    print(f"report of k={args.k:,} from a {args.samples:,}-sample pool ({result['shards']} shards), "
+          f"best of {args.repeats}:")
     print(f"  with {shown:,} thumbnails   {full:7.2f} s   {size / 1e6:6.2f} MB")
     print(f"  without images       {bare:7.2f} s   {bare_size / 1e6:6.2f} MB")
     print(f"  ratio                {full / bare:7.2f}x  (images: {full - bare:.2f} s)")

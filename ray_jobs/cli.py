@@ -9,7 +9,8 @@
     lplgrad quickstart [key=value ...]  the whole cycle on a synthetic pool (ray_jobs/quickstart.py)
     lplgrad pool build|label ...        build and label WebDataset pools (ray_jobs/pool_cli.py)
     lplgrad manifest show|verify|export|extract|report ...  read committed query runs (ray_jobs/manifest_cli.py)
-    lplgrad config show JOB             a job's every config key at its default, as YAML (ray_jobs/_shared/config_cli.py)
+    lplgrad config show JOB             every config key of a job at its default, as YAML
+                                        (ray_jobs/_shared/config_cli.py)
     lplgrad JOB --help                  the job's flags and every config key: type, default, meaning
 
 Job subcommands take the same `--config FILE key=value ...` arguments as `python -m ray_jobs.<job>`;

@@ -62,7 +62,8 @@ def _add_manifest_commands(subparsers: Any) -> None:
     verify = subparsers.add_parser("verify", help="check a run is complete, matches the schema and its checksums; exit 1 if not")
     _run_arguments(verify)
     verify.add_argument("--quick", action="store_true",
-                        help="skip streaming the scores' key column and hashing every file (row counts and file sizes are still checked)")
+                        help="skip streaming the scores' key column and hashing every file "
+                             "(row counts and file sizes are still checked)")
     verify.set_defaults(func=run_verify)
 
     export = subparsers.add_parser("export", help="write the selection as CSV, JSON Lines or Label Studio tasks")

@@ -182,7 +182,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"strategy    {summary['strategy']} {json.dumps(summary['strategy_params'], sort_keys=True)}  k={summary['k']}",
         f"pool        {pool['uri']}  ({pool['shards']} shards, {_number(pool['samples'])} samples)",
         f"checkpoint  {checkpoint.get('uri')}  sha256 {checkpoint.get('sha256')}",
-        *([f"proxy       features {summary['features'].get('store')}  backbone sha256 {summary['features'].get('backbone_sha256')}"]
+        *([f"proxy       features {summary['features'].get('store')}  "
+             f"backbone sha256 {summary['features'].get('backbone_sha256')}"]
           if summary.get("features") else []),
         f"exclusions  {exclusions.get('num_keys', 0)} keys from {len(exclusions.get('runs') or [])} run(s)"
         + "".join(f"\n              {r}" for r in exclusions.get("runs") or []),

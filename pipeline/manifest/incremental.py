@@ -213,7 +213,8 @@ def _incompatible(previous: Mapping[str, Any], inputs: QueryInputs) -> str | Non
     """Why the previous run's rows cannot stand for this run's, or ``None``."""
     before = previous["inputs"]
     if before["checkpoint_sha256"] != inputs.checkpoint_sha256:
-        return f"the checkpoint changed (sha256 {before['checkpoint_sha256'][:12]}... -> {inputs.checkpoint_sha256[:12]}...)"
+        was, now = before["checkpoint_sha256"][:12], inputs.checkpoint_sha256[:12]
+        return f"the checkpoint changed (sha256 {was}... -> {now}...)"
     params = before["strategy"].get("params", {})
     for name in SCORE_PARAMS:
         if params.get(name) != inputs.strategy_params.get(name):

@@ -5,8 +5,8 @@ it finds instead of stopping at the first: a manifest with missing fields or an 
 fingerprint that does not recompute, a selection whose row count, ranks, keys or order do not
 match, selected keys that are also errors, score part files that are missing, unlisted, or whose
 rows do not add up to ``scored + errors``, and any file whose sha256 or size differs from the
-``checksums`` the commit recorded (every file is read once for that; ``--quick`` compares sizes). Parquet row counts come from file footers; only the
-``key`` column of the scores table is streamed (to find every selected key in it), and only
+``checksums`` the commit recorded (every file is read once for that; ``--quick`` compares sizes).
+Parquet row counts come from file footers; only the ``key`` column of the scores table is streamed (to find every selected key in it), and only
 when ``scan_scores`` is set.
 """
 

@@ -71,9 +71,11 @@ def check_cluster_paths(named: Iterable[tuple[str, str | None]], nodes: int | No
         return
     listed = ", ".join(f"{key}={uri}" for key, uri in local)
     raise ClusterPathError(
-        f"this Ray cluster has {nodes} alive nodes, but {listed} {'is a local path' if len(local) == 1 else 'are local paths'} "
+        f"this Ray cluster has {nodes} alive nodes, but {listed} "
+        f"{'is a local path' if len(local) == 1 else 'are local paths'} "
         "that tasks on the other nodes cannot read or write (put them on object storage, e.g. s3://bucket/prefix with "
-        f"storage_options for the endpoint; or, if every node mounts the same filesystem at this path, set {_SHARED_FS_ENV}=1)"
+        "storage_options for the endpoint; or, if every node mounts the same filesystem at this path, "
+        f"set {_SHARED_FS_ENV}=1)"
     )
 
 
@@ -116,7 +118,8 @@ def check_storage_on_workers(named: Iterable[tuple[str, str | None]], storage_op
         node, answer = failed[0]
         raise WorkerStorageError(
             f"the driver reaches object storage but {len(failed)} of {len(others)} other node(s) do not; node "
-            f"{node.get('NodeManagerAddress')} ({node['NodeID'][:8]}): {answer.rstrip(')')}; give the workers the same access: "
+            f"{node.get('NodeManagerAddress')} ({node['NodeID'][:8]}): {answer.rstrip(')')}; "
+            "give the workers the same access: "
             "an instance role, AWS_* variables where `ray start` runs, or storage_options with key/secret)"
         )
 

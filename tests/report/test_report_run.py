@@ -109,7 +109,8 @@ def test_report_renders_in_a_real_browser(local_run: str, tmp_path: Path) -> Non
     probe.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load', () => {"
                      "const ok = [...document.querySelectorAll('img.thumb')].filter(i => i.complete && i.naturalWidth > 0);"
                      "document.body.setAttribute('data-decoded', ok.length);"
-                     "document.body.setAttribute('data-imgs', document.querySelectorAll('img.thumb').length);});</script></body>"))
+                     "document.body.setAttribute('data-imgs', document.querySelectorAll('img.thumb').length);});"
+                     "</script></body>"))
     flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
