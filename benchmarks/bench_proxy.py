@@ -79,10 +79,10 @@ def in_process_rates(pool: str, backbone: str, store_uri: str, proxy_checkpoint:
     keys = np.array([s.key for s in samples], dtype=object)
     full = RowScorer(lambda: build_from_checkpoint(loaded), device="cpu")
     table = pa.concat_tables(list(open_store(store_uri).iter_tables())).slice(0, len(samples))
-    table = table.rename_columns(["__key__" if n == "key" else n for n in table.column_names]).drop_columns(["generation"])
+    table = table.drop_columns(["generation"])
     head = query.ProxyQueryScorer(functools.partial(scoring_model, proxy_checkpoint, {}, len(loaded.classes)), norm="per_tensor_sum")
     rates = {}
-    for name, score in (("full", lambda i: full({"__key__": keys[i : i + batch_size], "image": images[i : i + batch_size],
+    for name, score in (("full", lambda i: full({"key": keys[i : i + batch_size], "image": images[i : i + batch_size],
                                                  "error": np.full(len(keys[i : i + batch_size]), None, dtype=object)})),
                         ("proxy", lambda i: head(table.slice(i, batch_size)))):
         score(0)  # warm-up

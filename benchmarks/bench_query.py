@@ -129,7 +129,7 @@ def predecode(pool_uri: str, model: str, num_classes: int) -> dict[str, np.ndarr
         keys.append(sample.key)
         shards.append(sample.shard)
         images.append(decode_sample(sample.files, spec).image)
-    return {"__key__": np.array(keys, dtype=object), "shard": np.array(shards, dtype=object), "image": np.stack(images)}
+    return {"key": np.array(keys, dtype=object), "shard": np.array(shards, dtype=object), "image": np.stack(images)}
 
 
 # -- measurements ---------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def in_memory_rate(checkpoint: str, num_classes: int, data: dict[str, np.ndarray
 
     def batch(start: int) -> dict[str, np.ndarray]:
         stop = min(start + batch_size, n)
-        return {"__key__": data["__key__"][start:stop], "shard": data["shard"][start:stop], "image": data["image"][start:stop],
+        return {"key": data["key"][start:stop], "shard": data["shard"][start:stop], "image": data["image"][start:stop],
                 "error": np.full(stop - start, None, dtype=object)}
 
     scorer(batch(0))

@@ -292,7 +292,7 @@ def reuse_plan(config: QueryConfig, prepared: PreparedQuery) -> ReusePlan:
 def reused_rows(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan) -> Iterator[pa.Table]:
     """The copied rows, with tonight's exclusions marked as on fresh rows."""
     for table in iter_reused_rows(plan, config.storage_options):
-        yield mark_excluded(table, prepared.excluded, key="key")
+        yield mark_excluded(table, prepared.excluded)
 
 
 def score_stream(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan | None = None) -> ray.data.Dataset | None:
@@ -437,10 +437,9 @@ def _unmarked(batches: Iterable[pa.Table], excluded: list[tuple[str, str]]) -> I
 
 
 def _scored_batches(rows: ray.data.Dataset | None) -> Iterator[pa.Table]:
-    """The pipeline's rows in the scores schema."""
+    """The pipeline's rows, already in the scores schema."""
     if rows is not None:
-        for batch in rows.iter_batches(batch_size=4096, batch_format="pyarrow"):
-            yield batch.rename_columns(["key" if n == "__key__" else n for n in batch.column_names])
+        yield from rows.iter_batches(batch_size=4096, batch_format="pyarrow")
 
 
 def with_run_id(config: QueryConfig) -> QueryConfig:

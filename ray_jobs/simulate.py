@@ -167,7 +167,7 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
     )
     keys, features = [], []
     for batch in rows.iter_batches(batch_size=4096, batch_format="numpy"):
-        keys.extend(batch["__key__"].tolist())
+        keys.extend(batch["key"].tolist())
         features.append(batch["features"])
     matrix = torch.from_numpy(np.concatenate(features))
     is_labeled = np.array([k in labeled for k in keys])

@@ -101,4 +101,4 @@ class FeatureRows:
         ok = np.array([e is None for e in batch["error"]], dtype=bool)
         images = np.ascontiguousarray(np.asarray(batch["image"])[ok])
         features = penultimate_features(self.model, torch.from_numpy(images.copy()).float()).numpy()
-        return {"__key__": np.asarray(batch["__key__"])[ok], "features": features}
+        return {"key": np.asarray(batch["key"])[ok], "features": features}

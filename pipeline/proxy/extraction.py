@@ -3,7 +3,7 @@ feature store (`pipeline.proxy.store`), and the reverse step that turns stored r
 a numpy batch for a proxy scorer.
 
 Plain classes and functions, no Ray: the backbone is built once in `__init__`; every call maps a
-decoded batch {"__key__", "shard", "image" [B, C, H, W], "error"} to rows in the store's schema.
+decoded batch {"key", "shard", "image" [B, C, H, W], "error"} to rows in the store's schema.
 """
 
 from __future__ import annotations
@@ -60,17 +60,16 @@ class FeatureExtractor:
             for index in np.flatnonzero(ok)[~finite]:
                 errors[index] = "non-finite features (check the input and the backbone weights)"
             features[ok] = np.where(finite[:, None], values, 0.0)
-        return features_table([k if isinstance(k, str) else None for k in batch["__key__"]], list(batch["shard"]),
+        return features_table([k if isinstance(k, str) else None for k in batch["key"]], list(batch["shard"]),
                               self.generation, features, errors)
 
 
 def feature_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """Store rows -> {"__key__", "shard", "image": [B, D] float32, "error"}, the batch a
+    """Store rows -> {"key", "shard", "image": [B, D] float32, "error"}, the batch a
     `RowScorer` takes (error rows get zero features; they are not scored)."""
     images = features_matrix(table)
-    key = "__key__" if "__key__" in table.column_names else "key"
     return {
-        "__key__": np.array(table.column(key).to_pylist(), dtype=object),
+        "key": np.array(table.column("key").to_pylist(), dtype=object),
         "shard": np.array(table.column("shard").to_pylist(), dtype=object),
         "image": images,
         "error": np.array(table.column("error").to_pylist(), dtype=object),

@@ -11,7 +11,9 @@ access and decoding.)
 Pipeline: ``resolve_pool`` + ``check_pool`` on the driver (fail fast, every bad shard
 named) -> ``ray.data.read_webdataset(decoder=None)``, so payload bytes stay bytes and
 nothing is unpickled -> ``decode`` as ``map_batches`` CPU tasks -> rows
-``__key__, shard, image [C, H, W] float32, label (-1 if none), error (None or reason), meta``.
+``key, shard, image [C, H, W] float32, label (-1 if none), error (None or reason), meta``. The raw
+read's ``__key__`` (Ray Data's name) becomes ``key`` there, once: every later stage, the scores
+table and the manifest call it ``key``.
 A sample that fails to decode is an error row; it flows to the end of the job to be counted.
 
 Storage goes through the same fsspec filesystem as the library (``arrow_filesystem``): a
@@ -154,7 +156,7 @@ def _decode_to_arrow(batch: dict[str, np.ndarray], spec: DecodeSpec, shard_prefi
     # Ray hands back as float NaN, not None.
     cols = decode_batch(batch, spec, shard_prefix=shard_prefix)
     return pa.table({
-        "__key__": pa.array(cols["__key__"], type=pa.string()),
+        "key": pa.array(cols["__key__"], type=pa.string()),  # the one rename from the raw read's name
         "shard": pa.array(cols["shard"], type=pa.string()),
         "image": ArrowTensorArray.from_numpy(cols["image"]),
         "label": pa.array(cols["label"], type=pa.int64()),
@@ -181,7 +183,7 @@ def decode(
         batch_size: Samples per decode call.
 
     Returns:
-        Rows ``__key__`` (string), ``shard`` (string), ``image`` (float32 tensor ``[C, H, W]``),
+        Rows ``key`` (string), ``shard`` (string), ``image`` (float32 tensor ``[C, H, W]``),
         ``label`` (int64, -1 when absent), ``error`` (string, null when the row is good),
         ``meta`` (string or null); see ``pipeline.pools.decode_batch``.
     """
@@ -209,7 +211,7 @@ def error_mask(errors: Sequence[Any]) -> np.ndarray:
 
 def _shard_error_rows(problems: Sequence[tuple[str, str]], spec: DecodeSpec) -> Dataset:
     rows = [
-        {"__key__": None, "shard": shard, "image": np.zeros(spec.shape, np.float32), "label": -1,
+        {"key": None, "shard": shard, "image": np.zeros(spec.shape, np.float32), "label": -1,
          "error": f"shard unreadable: {reason}", "meta": None}
         for shard, reason in problems
     ]
@@ -242,7 +244,7 @@ def read_pool(
         storage_options: fsspec options.
         check: Pre-read check mode.
         on_bad_shard: ``raise`` (default) or ``error_row``: one error row per bad shard
-            (``__key__`` None, ``shard`` its URI, ``error`` the reason).
+            (``key`` None, ``shard`` its URI, ``error`` the reason).
         shuffle_seed: Shuffle the shard order.
         read_num_cpus: CPUs per read task.
         decode_num_cpus: CPUs per decode task.
@@ -254,7 +256,7 @@ def read_pool(
         shards: Read only these shards (see :func:`read_pool_raw`).
 
     Returns:
-        Rows ``__key__, shard, image, label, error, meta``.
+        Rows ``key, shard, image, label, error, meta``.
 
     Raises:
         ShardReadError, PoolNotFoundError, EmptyPoolError, DuplicateKeyError: See
@@ -362,10 +364,10 @@ def iter_labeled_batches(
     for batch in batches:
         ok = ~error_mask(batch["error"])
         for i in np.flatnonzero(~ok):
-            tally.add(batch["__key__"][i], batch["shard"][i], str(batch["error"][i]))
+            tally.add(batch["key"][i], batch["shard"][i], str(batch["error"][i]))
         labels = batch["label"][ok]
         if (labels < 0).any():
-            key = batch["__key__"][ok][int(np.argmax(labels < 0))]
+            key = batch["key"][ok][int(np.argmax(labels < 0))]
             raise ValueError(f"sample {key!r} has no label: train on a labeled set (lplgrad pool label)")
         if ok.any():
             import torch
@@ -375,9 +377,9 @@ def iter_labeled_batches(
 
 def _error_report(ds: Dataset, keep: int = 20) -> ErrorTally:
     tally = ErrorTally(keep=keep)
-    for batch in ds.select_columns(["__key__", "shard", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
+    for batch in ds.select_columns(["key", "shard", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
         for i in np.flatnonzero(error_mask(batch["error"])):
-            tally.add(batch["__key__"][i], batch["shard"][i], batch["error"][i])
+            tally.add(batch["key"][i], batch["shard"][i], batch["error"][i])
     return tally
 
 
@@ -451,9 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = read_pool(args.uri, spec, storage_options=storage_options, on_bad_shard=args.on_bad_shard)
     rows, tally = 0, ErrorTally()
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        rows += len(batch["__key__"])
+        rows += len(batch["key"])
         for i in np.flatnonzero(error_mask(batch["error"])):
-            tally.add(batch["__key__"][i], batch["shard"][i], batch["error"][i])
+            tally.add(batch["key"][i], batch["shard"][i], batch["error"][i])
     print(f"{args.uri}: {rows} rows, {tally.count} error rows")
     for key, shard, reason in tally.examples:
         print(f"  {key} in {shard}: {reason}")

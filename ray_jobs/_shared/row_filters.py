@@ -51,9 +51,9 @@ def prefilter_raw(batch: dict[str, np.ndarray], excluded: frozenset[str], fracti
     return batch
 
 
-def mark_excluded(batch: pa.Table, excluded: frozenset[str], key: str = "__key__") -> pa.Table:
+def mark_excluded(batch: pa.Table, excluded: frozenset[str]) -> pa.Table:
     """Decoded or stored rows -> the same rows, with the error of excluded keys set to EXCLUDED."""
-    hit = [k in excluded for k in batch.column(key).to_pylist()]
+    hit = [k in excluded for k in batch.column("key").to_pylist()]
     errors = [EXCLUDED if h else e for h, e in zip(hit, batch.column("error").to_pylist())]
     return batch.set_column(batch.column_names.index("error"), "error", pa.array(errors, pa.string()))
 
@@ -68,7 +68,6 @@ def store_prefilter(batch: pa.Table, current: Mapping[str, str], excluded: froze
         values = random_values([k if k is not None else "" for k in keys], seed + 1)
         keep = [k is None or v < fraction for k, v in zip(keys, values)]
         batch = batch.filter(pa.array(keep, pa.bool_()))
-    batch = batch.rename_columns(["__key__" if n == "key" else n for n in batch.column_names])
     if excluded:
         batch = mark_excluded(batch, excluded)
     return batch.drop_columns(["generation"])

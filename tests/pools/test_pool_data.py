@@ -35,7 +35,7 @@ SPEC = DecodeSpec(3, 32, 32)
 
 
 def _rows(ds) -> list[dict]:
-    return sorted(ds.take_all(), key=lambda r: (r["__key__"] is None, r["__key__"] or ""))
+    return sorted(ds.take_all(), key=lambda r: (r["key"] is None, r["key"] or ""))
 
 
 def test_read_pool_gives_every_sample_decoded(store, ray_local) -> None:
@@ -43,13 +43,13 @@ def test_read_pool_gives_every_sample_decoded(store, ray_local) -> None:
     build_pool(synthetic(30, seed=2), uri, shard_samples=12, storage_options=store.storage_options)
     rows = _rows(read_pool(uri, SPEC, storage_options=store.storage_options))
     source = {s.key: s for s in synthetic(30, seed=2)}
-    assert [r["__key__"] for r in rows] == sorted(source)
+    assert [r["key"] for r in rows] == sorted(source)
     assert all(r["error"] is None for r in rows)
-    assert [r["label"] for r in rows] == [source[r["__key__"]].label for r in rows]
+    assert [r["label"] for r in rows] == [source[r["key"]].label for r in rows]
     shards = {s.uri for s in resolve_pool(uri, store.storage_options).shards}
     assert {r["shard"] for r in rows} == shards  # full URIs, s3:// included
     for row in rows[::7]:
-        expected = decode_image(sample_files(source[row["__key__"]])["png"], SPEC)
+        expected = decode_image(sample_files(source[row["key"]])["png"], SPEC)
         assert np.array_equal(row["image"], expected)
 
 
@@ -70,7 +70,7 @@ def test_bad_samples_become_error_rows_and_nothing_is_dropped(local_store, make_
     writer.write("label_outside", {"png": png, "cls": b"7"})
     writer.write("bad_json", {"png": png, "json": b"{oops"})
     writer.close()
-    rows = {r["__key__"]: r for r in read_pool(local_store.uri("p"), SPEC).take_all()}
+    rows = {r["key"]: r for r in read_pool(local_store.uri("p"), SPEC).take_all()}
     assert len(rows) == 5
     assert rows["good"]["error"] is None and rows["good"]["label"] == 2
     assert rows["not_an_image"]["error"] == "not a JPEG, PNG or WebP image"
@@ -92,7 +92,7 @@ def test_unreadable_shard_is_named_or_becomes_an_error_row(store, ray_local) -> 
     rows = _rows(read_pool(uri, SPEC, storage_options=store.storage_options, on_bad_shard="error_row"))
     assert len(rows) == 7
     shard_row = rows[-1]
-    assert shard_row["__key__"] is None and shard_row["shard"] == bad
+    assert shard_row["key"] is None and shard_row["shard"] == bad
     assert shard_row["error"].startswith("shard unreadable: size 5000 bytes")
     assert all(r["error"] is None for r in rows[:-1])
 

@@ -11,10 +11,10 @@ def test_rows_pass_keys_through_and_keep_upstream_errors_unscored() -> None:
     scorer = RowScorer(lambda: (model, None, None), device="cpu")
     images = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)
     images[3, 0, 0, 0] = np.inf
-    batch = {"image": images, "__key__": np.array(["a", "b", "c", "d"]), "shard": np.array(["s0"] * 4),
+    batch = {"image": images, "key": np.array(["a", "b", "c", "d"]), "shard": np.array(["s0"] * 4),
              "error": np.array([None, "not an image", None, None], dtype=object)}
     rows = scorer(batch)
-    assert "image" not in rows and list(rows["__key__"]) == ["a", "b", "c", "d"] and list(rows["shard"]) == ["s0"] * 4
+    assert "image" not in rows and list(rows["key"]) == ["a", "b", "c", "d"] and list(rows["shard"]) == ["s0"] * 4
     assert list(rows["error"]) == [None, "not an image", None, "non-finite logits"]
     assert np.isnan(rows["score"][[1, 3]]).all() and list(rows["pred_class"][[1, 3]]) == [-1, -1]
     expected = gradnorm_scores(model, torch.from_numpy(images[[0, 2]]))
