@@ -1,47 +1,40 @@
-"""The selection manifest of a query run: run layout and commit protocol (commit), the parquet
-tables and recorded inputs behind it, verification, export, and incremental reuse of a previous
-night's scores. See docs/manifest.md."""
+"""The selection manifest of a query run: its layout (_layout), the commit protocol (commit), the
+readers (read), the parquet tables and recorded inputs behind it, verification, export, and
+incremental reuse of a previous night's scores. See docs/manifest.md."""
 
-from pipeline.manifest.commit import (
+from pipeline.manifest._inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest
+from pipeline.manifest._layout import (
     ATTEMPTS_DIR,
-    COMMIT_STEPS,
     ERRORS_NAME,
-    ERRORS_SCHEMA,
     EXCLUDED_NAME,
-    EXCLUDED_SCHEMA,
     LATEST_NAME,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     SCORES_DIR,
     SELECTION_NAME,
-    SELECTION_SCHEMA,
     ManifestError,
-    PoolShard,
-    QueryInputs,
     RunConflictError,
-    RunState,
     SchemaVersionError,
-    ScoreSummary,
-    ScoresWriter,
     UncommittedRunError,
-    begin_run,
-    commit_run,
+)
+from pipeline.manifest._summary import ScoreSummary
+from pipeline.manifest._tables import (
+    ERRORS_SCHEMA,
+    EXCLUDED_SCHEMA,
+    SELECTION_SCHEMA,
+    ScoresWriter,
     errors_table,
     excluded_table,
-    inputs_fingerprint,
-    iter_scores,
-    keys_digest,
-    load,
-    load_errors,
-    load_excluded,
-    new_attempt_id,
-    new_run_id,
-    previous_run,
-    previously_selected_keys,
-    read_manifest,
-    resolve_run,
     selection_rows,
     selection_table,
+)
+from pipeline.manifest.commit import (
+    COMMIT_STEPS,
+    RunState,
+    begin_run,
+    commit_run,
+    new_attempt_id,
+    new_run_id,
     software_versions,
 )
 from pipeline.manifest.export import (
@@ -63,6 +56,16 @@ from pipeline.manifest.incremental import (
     shard_identities,
     shard_identity,
     shard_records,
+)
+from pipeline.manifest.read import (
+    iter_scores,
+    load,
+    load_errors,
+    load_excluded,
+    previous_run,
+    previously_selected_keys,
+    read_manifest,
+    resolve_run,
 )
 from pipeline.manifest.verify import Verification, verify_run
 

@@ -1,16 +1,6 @@
-"""The selection manifest of a query run: layout, commit protocol and readers (schema version 1).
+"""The commit protocol of a query run (schema version 1; the layout is in _layout.py).
 
-A run lives under ``{out}/{run_id}/`` on any fsspec storage (local path, ``s3://``, ...)::
-
-    manifest.json       the commit point: created once, exclusively; names one attempt's files
-    attempts/{attempt}/ one directory per attempt (a job, a rerun, a concurrent job):
-        selection.parquet   the selected rows, rank 1 first
-        errors.parquet      rows (or whole shards) that could not be scored, with the reason
-        excluded.parquet    pool rows skipped because an exclusion named their key (key, shard)
-        scores/part-*.parquet  every scored row (written by the job through ScoresWriter)
-
-and ``{out}/LATEST`` holds the id of the newest committed run. An attempt writes only under its
-own directory; :func:`commit_run` creates ``manifest.json`` with an exclusive create (``O_EXCL``
+An attempt writes only under its own directory ``{out}/{run_id}/attempts/{attempt}/``; :func:`commit_run` creates ``manifest.json`` with an exclusive create (``O_EXCL``
 semantics locally, ``If-None-Match: *`` on S3), so exactly one attempt becomes the run and a
 losing, crashed or concurrent attempt can never change it. The manifest records the sha256 of
 every file it names. A run without ``manifest.json`` is a failed or running job: readers refuse
@@ -24,110 +14,55 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipeline.manifest._layout import (
+    ATTEMPTS_DIR,
+    ERRORS_NAME,
+    EXCLUDED_NAME,
+    LATEST_NAME,
+    MANIFEST_NAME,
+    RUN_ID_PATTERN,
+    SCHEMA_VERSION,
+    SCORES_DIR,
+    SELECTION_NAME,
+    ManifestError,
+    RunConflictError,
+    read_manifest_file,
+)
 from pipeline.manifest._tables import (
-    ERRORS_SCHEMA,
-    EXCLUDED_SCHEMA,
     SELECTION_SCHEMA,
     ScoresWriter,
     errors_table,
     excluded_table,
-    file_checksum,
-    iter_parquet_batches,
-    selection_rows,
     selection_table,
     write_table,
 )
-from pipeline.manifest._inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest
+from pipeline.manifest._inputs import QueryInputs
 from pipeline.manifest._summary import ScoreSummary
 from pipeline.storage import create_exclusive, display_uri, filesystem_for, join_path, write_bytes_atomic
 
-if TYPE_CHECKING:
-    import pandas as pd
-
 __all__ = [
-    "ATTEMPTS_DIR",
     "COMMIT_STEPS",
-    "ERRORS_NAME",
-    "ERRORS_SCHEMA",
-    "EXCLUDED_NAME",
-    "EXCLUDED_SCHEMA",
-    "LATEST_NAME",
-    "MANIFEST_NAME",
-    "SCHEMA_VERSION",
-    "SCORES_DIR",
-    "SELECTION_NAME",
-    "SELECTION_SCHEMA",
-    "ManifestError",
-    "PoolShard",
-    "QueryInputs",
-    "RunConflictError",
     "RunState",
-    "SchemaVersionError",
-    "ScoreSummary",
-    "ScoresWriter",
-    "UncommittedRunError",
     "begin_run",
     "commit_run",
-    "errors_table",
-    "excluded_table",
-    "inputs_fingerprint",
-    "iter_scores",
-    "keys_digest",
-    "load",
-    "load_errors",
-    "load_excluded",
     "new_attempt_id",
     "new_run_id",
-    "previously_selected_keys",
-    "previous_run",
-    "read_manifest",
-    "resolve_run",
-    "selection_rows",
-    "selection_table",
     "software_versions",
 ]
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SELECTION_NAME = "selection.parquet"
-ERRORS_NAME = "errors.parquet"
-EXCLUDED_NAME = "excluded.parquet"
-SCORES_DIR = "scores"
-ATTEMPTS_DIR = "attempts"
-LATEST_NAME = "LATEST"
 # The steps of commit_run, in order; LPLGRAD_FAULT_AT_COMMIT_STEP=<step> ends the process hard just
 # before that step (the fault drill of tests/test_commit_protocol.py).
 COMMIT_STEPS = ("tables", "scores-check", "manifest", "latest")
 _FAULT_ENV = "LPLGRAD_FAULT_AT_COMMIT_STEP"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class ManifestError(Exception):
-    """Base class of manifest errors; each message names the run and the fix."""
-
-
-class UncommittedRunError(ManifestError, FileNotFoundError):
-    """The run directory has no manifest.json: the job failed or is still running."""
-
-
-class RunConflictError(ManifestError, FileExistsError):
-    """A run with this id was committed with different inputs."""
-
-
-class SchemaVersionError(ManifestError, ValueError):
-    """manifest.json has a schema version this code does not read."""
-
 
 def new_run_id(prefix: str = "query") -> str:
     """``{prefix}-YYYYmmddTHHMMSSZ`` in UTC: ids that sort in time order, as LATEST assumes."""
@@ -234,7 +169,7 @@ def begin_run(
         RunConflictError: If the run was committed with a different fingerprint.
         SchemaVersionError: If the committed manifest has an unknown schema version.
     """
-    if not _RUN_ID.match(run_id) or run_id == LATEST_NAME:
+    if not RUN_ID_PATTERN.match(run_id) or run_id == LATEST_NAME:
         raise ValueError(
             f"run id {run_id!r} must be 1-128 letters, digits, '.', '_' or '-', start with a letter "
             f"or digit, and not be {LATEST_NAME!r} (e.g. {new_run_id()})"
@@ -245,7 +180,7 @@ def begin_run(
     run_uri = display_uri(fs, run_path)
     committed, earlier = None, 0
     if fs.exists(join_path(run_path, MANIFEST_NAME)):
-        committed = _read_manifest_file(fs, run_path)
+        committed = read_manifest_file(fs, run_path)
         if committed.get("inputs_fingerprint") != fingerprint:
             raise RunConflictError(_conflict_message(run_id, run_uri, committed, fingerprint))
         _advance_latest(fs, out_path, run_id)  # a job killed after its commit left LATEST behind
@@ -374,7 +309,7 @@ def commit_run(
     except FileExistsError:
         state.discard()
         fs.invalidate_cache()
-        winner = _read_manifest_file(fs, state.run_path)
+        winner = read_manifest_file(fs, state.run_path)
         if winner.get("inputs_fingerprint") != state.fingerprint:
             raise RunConflictError(
                 f"another attempt committed run {state.run_id} at {state.run_uri} first, with other inputs (fingerprint "
@@ -423,199 +358,3 @@ def _advance_latest(fs: AbstractFileSystem, out_path: str, run_id: str) -> None:
         if current is not None and run_id <= current:
             return
         write_bytes_atomic(fs, latest, run_id.encode())
-
-
-def _read_manifest_file(fs: AbstractFileSystem, run_path: str) -> dict[str, Any]:
-    where = display_uri(fs, join_path(run_path, MANIFEST_NAME))
-    try:
-        manifest = json.loads(fs.cat_file(join_path(run_path, MANIFEST_NAME)))
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{where} is not valid JSON: {err}") from err
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        newer = isinstance(version, int) and version > SCHEMA_VERSION
-        fix = "upgrade lplgrad to read it" if newer else "it was not written by this tool"
-        raise SchemaVersionError(f"{where} has schema_version {version!r}; this code reads {SCHEMA_VERSION}: {fix}")
-    return manifest
-
-
-def _resolve(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[AbstractFileSystem, str]:
-    fs, path = filesystem_for(uri, storage_options)
-    fs.invalidate_cache()
-    if fs.exists(join_path(path, MANIFEST_NAME)):
-        return fs, path
-    latest = join_path(path, LATEST_NAME)
-    if fs.exists(latest):
-        run_path = join_path(path, fs.cat_file(latest).decode().strip())
-        if not fs.exists(join_path(run_path, MANIFEST_NAME)):
-            raise UncommittedRunError(f"{display_uri(fs, latest)} names {display_uri(fs, run_path)}, which has no {MANIFEST_NAME}")
-        return fs, run_path
-    if fs.exists(path):
-        raise UncommittedRunError(
-            f"{uri} has no {MANIFEST_NAME}: the query run failed or is still running, so its files are "
-            "not a result; rerun the query job with the same run id to replace it"
-        )
-    raise FileNotFoundError(f"no query run at {uri}: expected {MANIFEST_NAME} (a run) or {LATEST_NAME} (an output root)")
-
-
-def resolve_run(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """The committed run directory that ``uri`` (a run, or an output root with LATEST) names.
-
-    Raises:
-        UncommittedRunError: If the run has no manifest.json.
-        FileNotFoundError: If nothing is there.
-    """
-    fs, run_path = _resolve(uri, storage_options)
-    return display_uri(fs, run_path)
-
-
-def previous_run(out: str, before: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """The newest committed run under the output root `out` whose id sorts before `before`.
-
-    A nightly job excludes what earlier nights selected by naming its own output root. Following
-    LATEST would, on a re-run of a committed night, name that night itself; this names the night
-    before (None on the first night).
-    """
-    fs, path = filesystem_for(out, storage_options)
-    fs.invalidate_cache()
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return None
-    runs = sorted(
-        name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        if _RUN_ID.match(name) and name < before and fs.exists(join_path(join_path(path, name), MANIFEST_NAME))
-    )
-    return display_uri(fs, join_path(path, runs[-1])) if runs else None
-
-
-def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """manifest.json of a committed run (``uri`` = run directory, or output root: follows LATEST).
-
-    Raises:
-        UncommittedRunError: If the run has no manifest.json.
-        SchemaVersionError: If its schema version is not :data:`SCHEMA_VERSION`.
-        FileNotFoundError: If nothing is there.
-    """
-    fs, run_path = _resolve(uri, storage_options)
-    return _read_manifest_file(fs, run_path)
-
-
-def load(
-    uri: str,
-    storage_options: Mapping[str, Any] | None = None,
-    *,
-    columns: Sequence[str] | None = None,
-    as_pandas: bool = False,
-) -> pa.Table | pd.DataFrame:
-    """The selection of a committed run, rank 1 first.
-
-    Args:
-        uri: Run directory ``{out}/{run_id}``, or ``{out}`` to follow LATEST.
-        storage_options: fsspec options.
-        columns: Subset of :data:`SELECTION_SCHEMA` columns (all by default).
-        as_pandas: Return a pandas DataFrame instead of a pyarrow Table.
-
-    Returns:
-        The selection table (or DataFrame).
-
-    Raises:
-        UncommittedRunError: If the run has no manifest.json.
-        SchemaVersionError: If its schema version is not :data:`SCHEMA_VERSION`.
-        FileNotFoundError: If nothing is there.
-    """
-    fs, run_path = _resolve(uri, storage_options)
-    manifest = _read_manifest_file(fs, run_path)
-    with fs.open(join_path(run_path, manifest["files"]["selection"]), "rb") as handle:
-        # ParquetFile.read, not pq.read_table: on a Python file object read_table leaves pool threads
-        # releasing Python objects after it returns, which can abort a short-lived process at exit
-        # ("terminate called without an active exception"; pyarrow 26, Python 3.11).
-        table = pq.ParquetFile(handle).read(columns=list(columns) if columns is not None else None)
-    return table.to_pandas() if as_pandas else table
-
-
-def iter_scores(
-    uri: str,
-    storage_options: Mapping[str, Any] | None = None,
-    columns: Sequence[str] | None = None,
-    batch_size: int = 65_536,
-    shards: Iterable[str] | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """Stream the full scores table of a committed run, one part file at a time.
-
-    Args:
-        uri: Run directory, or output root (follows LATEST).
-        storage_options: fsspec options.
-        columns: Columns to read (all by default).
-        batch_size: Rows per record batch read (batches are smaller after a ``shards`` filter).
-        shards: Only rows whose ``shard`` is one of these URIs (empty batches are skipped).
-
-    Raises:
-        UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
-    """
-    fs, run_path = _resolve(uri, storage_options)
-    parts = [join_path(run_path, name) for name in _read_manifest_file(fs, run_path)["files"]["scores"]]
-    batches = iter_parquet_batches(fs, parts, columns, batch_size)
-    if shards is None:
-        return batches
-    wanted = pa.array(sorted(set(shards)), pa.string())
-    return _rows_of_shards(batches, wanted)
-
-
-def _rows_of_shards(batches: Iterator[pa.RecordBatch], wanted: pa.Array) -> Iterator[pa.RecordBatch]:
-    for batch in batches:
-        kept = batch.filter(pa.compute.is_in(batch.column("shard"), value_set=wanted))
-        if kept.num_rows:
-            yield kept
-
-
-def _run_table(uri: str, name: str, storage_options: Mapping[str, Any] | None) -> pa.Table | None:
-    fs, run_path = _resolve(uri, storage_options)
-    relative = _read_manifest_file(fs, run_path)["files"].get(name)
-    if relative is None:
-        return None
-    with fs.open(join_path(run_path, relative), "rb") as handle:
-        return pq.ParquetFile(handle).read()  # not read_table: see load()
-
-
-def load_errors(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """errors.parquet of a committed run (:data:`ERRORS_SCHEMA`).
-
-    Raises:
-        UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
-    """
-    table = _run_table(uri, "errors", storage_options)
-    if table is None:
-        raise ManifestError(f"{uri}: manifest.json lists no errors file; check it with `lplgrad manifest verify`")
-    return table
-
-
-def load_excluded(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
-    """excluded.parquet of a committed run (:data:`EXCLUDED_SCHEMA`), ``None`` if it has none
-    (runs committed before incremental runs existed).
-
-    Raises:
-        UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
-    """
-    return _run_table(uri, "excluded", storage_options)
-
-
-def previously_selected_keys(
-    manifest_uris: Iterable[str], storage_options: Mapping[str, Any] | None = None
-) -> set[str]:
-    """Keys selected by earlier committed runs, to exclude from a new query.
-
-    Args:
-        manifest_uris: Run directories, or output roots (each follows its LATEST).
-        storage_options: fsspec options shared by all of them.
-
-    Returns:
-        The union of their selection keys.
-
-    Raises:
-        UncommittedRunError: If one of them is not committed (its selection is not a result).
-    """
-    keys: set[str] = set()
-    for uri in manifest_uris:
-        keys.update(load(uri, storage_options, columns=["key"]).column("key").to_pylist())
-    return keys

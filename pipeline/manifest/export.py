@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from pipeline.manifest.commit import load, read_manifest, resolve_run
+from pipeline.manifest.read import load, read_manifest, resolve_run
 from pipeline.pools import (
     IMAGE_EXTENSIONS,
     PoolError,

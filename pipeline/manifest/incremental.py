@@ -36,14 +36,9 @@ from typing import Any
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from pipeline.manifest.commit import (
-    QueryInputs,
-    iter_scores,
-    load_errors,
-    load_excluded,
-    read_manifest,
-    software_versions,
-)
+from pipeline.manifest._inputs import QueryInputs
+from pipeline.manifest.commit import software_versions
+from pipeline.manifest.read import iter_scores, load_errors, load_excluded, read_manifest
 from pipeline.storage import DEFAULT_ATTEMPTS, display_uri, retry_call
 
 __all__ = [

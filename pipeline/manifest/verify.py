@@ -22,17 +22,10 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from pipeline.manifest._tables import file_checksum
-from pipeline.manifest.commit import (
-    ATTEMPTS_DIR,
-    ERRORS_SCHEMA,
-    MANIFEST_NAME,
-    SCORES_DIR,
-    SELECTION_SCHEMA,
-    ManifestError,
-    inputs_fingerprint,
-    read_manifest,
-    resolve_run,
-)
+from pipeline.manifest._inputs import inputs_fingerprint
+from pipeline.manifest._layout import ATTEMPTS_DIR, MANIFEST_NAME, SCORES_DIR, ManifestError
+from pipeline.manifest._tables import ERRORS_SCHEMA, SELECTION_SCHEMA
+from pipeline.manifest.read import read_manifest, resolve_run
 from pipeline.storage import filesystem_for, join_path
 
 __all__ = ["Verification", "verify_run"]
