@@ -7,10 +7,12 @@ selection manifest to object storage.
         python -m ray_jobs.query --config configs/query/nightly.yaml actors=8 gpus_per_actor=1
 
 Pipeline: shards are read by Ray Data (`read_webdataset`, no default decoder) and decoded in CPU
-tasks; keys already labeled or selected by earlier manifests are dropped; an actor pool of
-`RowScorer`s (model loaded once per actor) scores batches with one forward and one backward; the
-driver streams the rows to `scores/` parquet parts under its own attempt directory, keeps the exact
-top-k (ties by key) in O(k) memory, writes `selection.parquet`, `errors.parquet`,
+tasks; keys already labeled or selected by earlier manifests are dropped in the read tasks, before
+decoding, and recorded there for the manifest's count (ray_jobs/_shared/row_filters.py); an actor
+pool of `RowScorer`s (model loaded once per actor) scores batches with one forward and one
+backward; the driver streams the rows to `scores/` parquet parts under its own attempt directory
+and selects (`pipeline.acquisition.select_streamed`: the exact top-k, ties by key, in O(k)
+memory, or a stochastic draw), writes `selection.parquet`, `errors.parquet`,
 `excluded.parquet` beside them and commits by creating `manifest.json` exclusively (one attempt
 wins; docs/manifest.md). Every input is checked before Ray starts (`check_before_ray`); a user
 error ends as one line, exit code 2 (ray_jobs/_shared/errors.py).
@@ -27,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,12 +56,12 @@ from pipeline.manifest import (
     resolve_run,
 )
 from pipeline.pools import ResolvedPool, resolve_pool, spec_for_model
-from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
+from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local, uri_prefix
 from pipeline.scoring import NORMS, RowScorer
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
 from ray_jobs._shared.progress import Progress
-from ray_jobs._shared.row_filters import EXCLUDED, mark_excluded, prefilter_raw, store_prefilter
+from ray_jobs._shared.row_filters import ExcludedRows, ExcludedRowSet, drop_excluded, prefilter_raw, store_prefilter
 from ray_jobs._shared.pool_data import read_pool, read_pool_raw
 from ray_jobs._shared.entry import Job, run_job
 
@@ -289,17 +291,28 @@ def reuse_plan(config: QueryConfig, prepared: PreparedQuery) -> ReusePlan:
     return plan_reuse(source, prepared.inputs, prepared.excluded, config.storage_options)
 
 
-def reused_rows(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan) -> Iterator[pa.Table]:
-    """The copied rows, with tonight's exclusions marked as on fresh rows."""
+def reused_rows(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan, excluded: ExcludedRowSet) -> Iterator[pa.Table]:
+    """The copied rows without tonight's exclusions, whose (key, shard) go to `excluded`, as the
+    read tasks record the fresh rows they drop."""
     for table in iter_reused_rows(plan, config.storage_options):
-        yield mark_excluded(table, prepared.excluded)
+        kept, dropped = drop_excluded(table, prepared.excluded)
+        excluded.add(dropped)
+        yield kept
 
 
-def score_stream(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan | None = None) -> ray.data.Dataset | None:
-    """The lazy Ray Data pipeline: read, decode, exclude, subset, score (None: nothing to score)."""
+def score_stream(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan | None = None,
+                 excluded_rows: ray.actor.ActorHandle | None = None) -> ray.data.Dataset | None:
+    """The lazy Ray Data pipeline: read, subset, exclude, decode, score (None: nothing to score).
+
+    Excluded rows are dropped in the read tasks, before decoding, and recorded in `excluded_rows`
+    (an `ExcludedRows` actor, required when `prepared.excluded` is not empty), which the caller
+    reads once the pipeline is exhausted.
+    """
     plan = plan or ReusePlan()
+    if prepared.excluded and excluded_rows is None:
+        raise ValueError("a query with exclusions needs excluded_rows (an ExcludedRows actor) to count them in")
     if prepared.store is not None:
-        return proxy_score_stream(config, prepared)
+        return proxy_score_stream(config, prepared, excluded_rows)
     shards = prepared.pool.shards
     to_score = plan.to_score([s.uri for s in shards])
     if not to_score:
@@ -320,12 +333,11 @@ def score_stream(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan |
         fraction = min(1.0, config.subset / total)
     prefilter = None
     if prepared.excluded or fraction is not None or only:
-        prefilter = functools.partial(prefilter_raw, excluded=prepared.excluded, fraction=fraction, seed=config.seed, only=only)
+        prefilter = functools.partial(prefilter_raw, excluded=prepared.excluded, fraction=fraction, seed=config.seed, only=only,
+                                      excluded_rows=excluded_rows, shard_prefix=uri_prefix(prepared.pool.fs))
     data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
                      batch_size=config.batch_size, prefilter=prefilter,
                      shards=to_score if len(to_score) < len(shards) else None)
-    if prepared.excluded:
-        data = data.map_batches(mark_excluded, fn_kwargs={"excluded": prepared.excluded}, batch_format="pyarrow", num_cpus=0.25)
     marker = None
     if config.fail_once_after_batches is not None:
         marker = f"{config.out.rstrip('/')}/.actor-failure-drill" if "://" not in config.out else None
@@ -359,8 +371,10 @@ def read_store_files(files: list[str], filesystem: Any) -> ray.data.Dataset:
             context.use_datasource_v2 = previous
 
 
-def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery) -> ray.data.Dataset | None:
-    """The proxy pipeline: feature-store parquet -> current rows, subset, exclusions -> head scoring."""
+def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery,
+                       excluded_rows: ray.actor.ActorHandle | None = None) -> ray.data.Dataset | None:
+    """The proxy pipeline: feature-store parquet -> current rows, subset, exclusions (recorded in
+    `excluded_rows`, as in :func:`score_stream`) -> head scoring."""
     store = prepared.store
     files = store.files()
     if not files:
@@ -369,7 +383,8 @@ def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery) -> ray.data
     fs, _ = filesystem_for(store.uri, config.storage_options)
     data = read_store_files(files, None if is_local(fs) else arrow_filesystem(fs))
     data = data.map_batches(store_prefilter, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"current": store.current, "excluded": prepared.excluded, "fraction": fraction, "seed": config.seed})
+                            fn_kwargs={"current": store.current, "excluded": prepared.excluded, "fraction": fraction, "seed": config.seed,
+                                       "excluded_rows": excluded_rows})
     return data.map_batches(
         ProxyQueryScorer,
         fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared.classes)),),
@@ -383,17 +398,14 @@ def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery) -> ray.data
 
 
 def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iterable[pa.Table] = (),
-           excluded_rows: Sequence[tuple[str, str]] = (), progress: Progress | None = None) -> Selected:
+           progress: Progress | None = None) -> Selected:
     """Stream the scored rows (copied ones first, then the pipeline's) through the library's
-    selection (`pipeline.acquisition.select_streamed`) into the run's `scores/`, counting the
-    excluded rows on the way."""
-    excluded = list(excluded_rows)
+    selection (`pipeline.acquisition.select_streamed`) into the run's `scores/`."""
     arrival = _Arrival()
     fresh = arrival.watch(_scored_batches(rows))
     with run.scores_writer() as writer:
-        streamed = select_streamed(config.selection(), _unmarked(_counted(fresh, progress), excluded), writer,
-                                   reused=_unmarked(_counted(reused, progress), excluded))
-    return Selected(streamed, excluded, arrival.first)
+        streamed = select_streamed(config.selection(), _counted(fresh, progress), writer, reused=_counted(reused, progress))
+    return Selected(streamed, arrival.first)
 
 
 @dataclass(frozen=True)
@@ -401,7 +413,6 @@ class Selected:
     """What :func:`select` found: the library's result plus what only the job knows."""
 
     streamed: StreamedSelection
-    excluded_rows: list[tuple[str, str]]  # (key, shard) of every pool row an exclusion dropped
     first_scored_at: float | None  # perf_counter of the first scored batch: pipeline and actors up
 
 
@@ -422,17 +433,6 @@ def _counted(batches: Iterable[pa.Table], progress: Progress | None) -> Iterator
     for batch in batches:
         if progress is not None:
             progress.update(batch.num_rows)
-        yield batch
-
-
-def _unmarked(batches: Iterable[pa.Table], excluded: list[tuple[str, str]]) -> Iterator[pa.Table]:
-    """The batches without the rows marked EXCLUDED, whose (key, shard) go to `excluded`."""
-    for batch in batches:
-        marked = pa.array([e == EXCLUDED for e in batch.column("error").to_pylist()], pa.bool_())
-        if marked.true_count:
-            dropped = batch.filter(marked)
-            excluded.extend(zip(dropped.column("key").to_pylist(), dropped.column("shard").to_pylist()))
-            batch = batch.filter(pa.compute.invert(marked))
         yield batch
 
 
@@ -464,9 +464,16 @@ def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, 
     print(plan.reason)
     start = time.perf_counter()
     expected = prepared.pool.num_samples if prepared.store is None and config.subset is None else None
+    excluded = ExcludedRowSet()  # every pool row an exclusion dropped, once
+    excluded.add(plan.still_excluded)  # reused shards' keys the source excluded too: never read
+    in_tasks = ExcludedRows.remote() if prepared.excluded else None  # what the read tasks drop
     with Progress("score", expected, "rows", min_interval=10.0) as progress:  # a bar, or a line per 10 s
-        result = select(config, state, score_stream(config, prepared, plan), reused_rows(config, prepared, plan),
-                        excluded_rows=plan.still_excluded, progress=progress)
+        result = select(config, state, score_stream(config, prepared, plan, in_tasks),
+                        reused_rows(config, prepared, plan, excluded), progress=progress)
+        if in_tasks is not None:  # the pipeline is exhausted: every task has recorded its rows
+            excluded.add(ray.get(in_tasks.rows.remote()))
+        if dropped := len(excluded) - len(plan.still_excluded):
+            progress.update(dropped, note="excluded")  # rows of the pool read and dropped, not scored
     elapsed = time.perf_counter() - start
     streamed = result.streamed
     selection = streamed.selected
@@ -481,10 +488,10 @@ def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, 
     rate = fresh / elapsed if elapsed > 0 else 0.0
     manifest = commit_run(
         state, prepared.inputs, selection, streamed.errors,
-        scored=streamed.scored, excluded=len(result.excluded_rows), summary=streamed.summary,
+        scored=streamed.scored, excluded=len(excluded), summary=streamed.summary,
         extra={"samples_per_s": rate, "seconds": elapsed, "first_batch_s": startup, "config": config_to_dict(config),
                "mode": "proxy" if prepared.store is not None else "full", **proxy_record(prepared)},
-        excluded_rows=result.excluded_rows,
+        excluded_rows=excluded.rows(),
         shards=shard_records(prepared.inputs, plan, streamed.reused_rows, streamed.scored_rows),
         reuse=plan.to_dict(),
     )
@@ -498,7 +505,7 @@ def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, 
     print(
         f"scored {fresh} rows at {rate:.1f} rows/s{copied_from}, "
         f"selected {len(selection)}, errors {len(streamed.errors)} (unreadable shards {len(unreadable)}), "
-        f"excluded {len(result.excluded_rows)}, manifest {state.run_uri}/manifest.json{nothing}"
+        f"excluded {len(excluded)}, manifest {state.run_uri}/manifest.json{nothing}"
     )
     return manifest
 

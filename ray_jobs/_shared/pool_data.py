@@ -251,7 +251,7 @@ def read_pool(
         batch_size: Samples per decode call.
         attempts: Tries per storage operation.
         prefilter: Applied to raw (undecoded) batches before decoding, in the same task: the
-            query job drops rows outside a random subset and blanks excluded rows there, so
+            query job drops rows outside a random subset and excluded rows there, so
             that they cost no decoding.
         shards: Read only these shards (see :func:`read_pool_raw`).
 
