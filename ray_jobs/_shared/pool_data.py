@@ -1,12 +1,4 @@
-"""Ray Data over pools: read shards, decode in CPU tasks, iterate labeled pools for training.
-
-    python -m ray_jobs._shared.pool_data /data/pools/fmnist-train --model small_cnn
-    python -m ray_jobs._shared.pool_data s3://bucket/pools/cifar --model cifar_resnet18 \
-        --storage-option endpoint_url=http://minio:9000
-    ray job submit --working-dir . -- python -m ray_jobs._shared.pool_data s3://bucket/pools/cifar --model cifar_resnet18
-
-(The command reads the whole pool and prints row and error counts: a smoke test for storage
-access and decoding.)
+"""Ray Data over pools: read shards, decode in CPU tasks, labeled pools as Ray Train datasets.
 
 Pipeline: ``resolve_pool`` + ``check_pool`` on the driver (fail fast, every bad shard
 named) -> ``ray.data.read_webdataset(decoder=None)``, so payload bytes stay bytes and
@@ -29,17 +21,15 @@ can still be scheduled beside them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import DataIterator, Dataset, FileShuffleConfig, RandomSeedConfig
+from ray.data import Dataset, FileShuffleConfig
 from ray.data.expressions import col
 from ray.data.extensions import ArrowTensorArray
 
@@ -53,21 +43,15 @@ from pipeline.pools import (
     resolve_pool,
     spec_for_model,
 )
-from pipeline.storage import DEFAULT_ATTEMPTS, arrow_filesystem, parse_storage_options, uri_prefix
-
-if TYPE_CHECKING:  # torch only where training batches are built: decode workers never import it
-    import torch
+from pipeline.storage import DEFAULT_ATTEMPTS, arrow_filesystem, uri_prefix
 
 __all__ = [
-    "ErrorTally",
     "RawPool",
     "decode",
     "error_mask",
-    "iter_labeled_batches",
     "labeled_training_data",
     "read_pool",
     "read_pool_raw",
-    "split_for_workers",
 ]
 
 BadShardPolicy = Literal["raise", "error_row"]
@@ -281,106 +265,15 @@ def read_pool(
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def split_for_workers(ds: Dataset, num_workers: int, *, seed: int | None = None) -> list[DataIterator]:
-    """Split a decoded labeled pool into one streaming iterator per training worker.
-
-    Block order is randomised per execution (reproducibly from ``seed``), so each epoch
-    sees a new order; iterators get equal row counts (a few rows may be dropped) so every
-    worker runs the same number of steps. Consume all iterators concurrently (one per
-    worker); with Ray Train pass ``datasets={"train": ds}`` and call
-    ``ray.train.get_dataset_shard("train")`` in the worker instead.
-
-    Args:
-        ds: From :func:`read_pool`.
-        num_workers: Number of iterators.
-        seed: Seed of the block-order shuffle.
-
-    Returns:
-        ``num_workers`` iterators over disjoint parts of ``ds``.
-    """
-    shuffled = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return shuffled.streaming_split(num_workers, equal=True)
-
-
-@dataclass
-class ErrorTally:
-    """Error rows seen while iterating: counted, with the first few kept for the report.
-
-    Attributes:
-        count: Error rows seen.
-        examples: ``(key, shard, reason)`` of the first ``keep`` error rows.
-        keep: How many examples to keep.
-    """
-
-    count: int = 0
-    examples: list[tuple[str | None, str | None, str]] = field(default_factory=list)
-    keep: int = 20
-
-    def add(self, key: str | None, shard: str | None, reason: str) -> None:
-        """Record one error row."""
-        self.count += 1
-        if len(self.examples) < self.keep:
-            self.examples.append((key, shard, reason))
-
-
-def iter_labeled_batches(
-    data: Dataset | DataIterator,
-    batch_size: int,
-    *,
-    shuffle_buffer: int = 2048,
-    seed: int | None = None,
-    drop_last: bool = False,
-    errors: ErrorTally | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield shuffled ``(images [B, C, H, W], labels [B])`` from a decoded labeled pool.
-
-    Rows are shuffled in a local buffer of ``shuffle_buffer`` rows (on top of the block
-    order shuffle of :func:`split_for_workers`); pass ``seed=base + epoch`` to reshuffle
-    per epoch reproducibly. Error rows are skipped and counted in ``errors``, so a batch can
-    be a few rows short of ``batch_size``.
-
-    Args:
-        data: A decoded dataset or a worker's iterator (``streaming_split`` / Ray Train shard).
-        batch_size: Rows per batch before error rows are removed.
-        shuffle_buffer: Local shuffle buffer size in rows (0 disables shuffling).
-        seed: Local shuffle seed.
-        drop_last: Drop a final partial batch.
-        errors: Tally to record error rows in.
-
-    Yields:
-        ``(float32 images, int64 labels)`` CPU tensors.
-
-    Raises:
-        ValueError: If a decoded row has no label (the pool is not a labeled set).
-    """
-    tally = errors if errors is not None else ErrorTally()
-    batches = data.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        drop_last=drop_last,
-        local_shuffle_buffer_size=shuffle_buffer or None,
-        local_shuffle_seed=seed,
-    )
-    for batch in batches:
-        ok = ~error_mask(batch["error"])
-        for i in np.flatnonzero(~ok):
-            tally.add(batch["key"][i], batch["shard"][i], str(batch["error"][i]))
-        labels = batch["label"][ok]
-        if (labels < 0).any():
-            key = batch["key"][ok][int(np.argmax(labels < 0))]
-            raise ValueError(f"sample {key!r} has no label: train on a labeled set (lplgrad pool label)")
-        if ok.any():
-            import torch
-
-            yield torch.from_numpy(np.ascontiguousarray(batch["image"][ok])), torch.from_numpy(labels)
-
-
-def _error_report(ds: Dataset, keep: int = 20) -> ErrorTally:
-    tally = ErrorTally(keep=keep)
+def _error_rows(ds: Dataset, keep: int = 20) -> tuple[int, list[tuple[str | None, str | None, str]]]:
+    """(how many error rows, (key, shard, reason) of the first `keep`) of a decoded dataset."""
+    count, examples = 0, []
     for batch in ds.select_columns(["key", "shard", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
         for i in np.flatnonzero(error_mask(batch["error"])):
-            tally.add(batch["key"][i], batch["shard"][i], batch["error"][i])
-    return tally
+            count += 1
+            if len(examples) < keep:
+                examples.append((batch["key"][i], batch["shard"][i], str(batch["error"][i])))
+    return count, examples
 
 
 def labeled_training_data(
@@ -428,39 +321,12 @@ def labeled_training_data(
     for name, uri in uris.items():
         # Decoded once: the error report and every epoch then read the materialised blocks.
         ds = read_pool(uri, spec, storage_options=storage_options).materialize()
-        tally = _error_report(ds)
-        if tally.count:
-            lines = "\n".join(f"  {key} in {shard}: {reason}" for key, shard, reason in tally.examples)
-            message = f"{tally.count} sample(s) of the {name} set {uri} cannot be used:\n{lines}"
+        count, examples = _error_rows(ds)
+        if count:
+            lines = "\n".join(f"  {key} in {shard}: {reason}" for key, shard, reason in examples)
+            message = f"{count} sample(s) of the {name} set {uri} cannot be used:\n{lines}"
             if errors == "raise":
                 raise ValueError(message)
             print(f"warning: {message}\n  (dropped from training)", flush=True)
         datasets[name] = ds.filter(expr=col("error").is_null()).select_columns(["image", "label"])
     return datasets, classes
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Read a pool end to end and print rows, error rows and the first errors."""
-    parser = argparse.ArgumentParser(description="Read and decode a pool with Ray Data; print counts.")
-    parser.add_argument("uri")
-    parser.add_argument("--model", default="small_cnn", help="decode for this model's input spec")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--on-bad-shard", choices=("raise", "error_row"), default="raise")
-    args = parser.parse_args(argv)
-    spec = spec_for_model(args.model)
-    storage_options = parse_storage_options(args.storage_option)
-    ray.init()
-    ds = read_pool(args.uri, spec, storage_options=storage_options, on_bad_shard=args.on_bad_shard)
-    rows, tally = 0, ErrorTally()
-    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        rows += len(batch["key"])
-        for i in np.flatnonzero(error_mask(batch["error"])):
-            tally.add(batch["key"][i], batch["shard"][i], batch["error"][i])
-    print(f"{args.uri}: {rows} rows, {tally.count} error rows")
-    for key, shard, reason in tally.examples:
-        print(f"  {key} in {shard}: {reason}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,14 +21,8 @@ from pipeline.pools import (
     sample_files,
     synthetic,
 )
-from ray_jobs._shared.pool_data import (
-    ErrorTally,
-    iter_labeled_batches,
-    labeled_training_data,
-    read_pool,
-    read_pool_raw,
-    split_for_workers,
-)
+from _pool_iteration import ErrorTally, iter_labeled_batches, split_for_workers
+from ray_jobs._shared.pool_data import labeled_training_data, read_pool, read_pool_raw
 
 pytestmark = pytest.mark.ray
 SPEC = DecodeSpec(3, 32, 32)
