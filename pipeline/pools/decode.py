@@ -42,7 +42,7 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Columns of a decoded batch (see decode_batch).
-OUTPUT_COLUMNS = ("__key__", "shard", "image", "label", "error", "meta")
+OUTPUT_COLUMNS = ("key", "shard", "image", "label", "error", "meta")
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
@@ -280,7 +280,8 @@ def decode_batch(
         on_error: ``"row"``: a failing sample becomes an error row; ``"raise"``: re-raise.
 
     Returns:
-        Columns ``__key__`` (str), ``shard`` (str), ``image`` (float32 ``[B, C, H, W]``,
+        Columns ``key`` (str; the raw read's ``__key__`` under the name every later stage, the
+        scores table and the manifest use), ``shard`` (str), ``image`` (float32 ``[B, C, H, W]``,
         zeros on error rows), ``label`` (int64, -1 when absent or on error), ``error``
         (``None`` or the reason), ``meta`` (JSON text or ``None``).
 
@@ -309,7 +310,7 @@ def decode_batch(
             continue
         images[i], labels[i], metas[i] = sample.image, sample.label, sample.meta
     return {
-        "__key__": np.asarray([str(k) if k is not None else None for k in keys], dtype=object),
+        "key": np.asarray([str(k) if k is not None else None for k in keys], dtype=object),
         "shard": np.asarray([f"{shard_prefix}{u}" if u is not None else None for u in urls], dtype=object),
         "image": images,
         "label": labels,

@@ -4,8 +4,8 @@ Pipeline: ``resolve_pool`` + ``check_pool`` on the driver (fail fast, every bad 
 named) -> ``ray.data.read_webdataset(decoder=None)``, so payload bytes stay bytes and
 nothing is unpickled -> ``decode`` as ``map_batches`` CPU tasks -> rows
 ``key, shard, image [C, H, W] float32, label (-1 if none), error (None or reason), meta``. The raw
-read's ``__key__`` (Ray Data's name) becomes ``key`` there, once: every later stage, the scores
-table and the manifest call it ``key``.
+read's ``__key__`` (Ray Data's name) becomes ``key`` in decoding, once: every later stage, the
+scores table and the manifest call it ``key``.
 A sample that fails to decode is an error row; it flows to the end of the job to be counted.
 
 Storage goes through the same fsspec filesystem as the library (``arrow_filesystem``): a
@@ -140,7 +140,7 @@ def _decode_to_arrow(batch: dict[str, np.ndarray], spec: DecodeSpec, shard_prefi
     # Ray hands back as float NaN, not None.
     cols = decode_batch(batch, spec, shard_prefix=shard_prefix)
     return pa.table({
-        "key": pa.array(cols["__key__"], type=pa.string()),  # the one rename from the raw read's name
+        "key": pa.array(cols["key"], type=pa.string()),
         "shard": pa.array(cols["shard"], type=pa.string()),
         "image": ArrowTensorArray.from_numpy(cols["image"]),
         "label": pa.array(cols["label"], type=pa.int64()),

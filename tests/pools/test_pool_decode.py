@@ -130,7 +130,7 @@ def test_decode_batch_turns_failures_into_error_rows() -> None:
         "error": np.array([None, None, None, "shard unreadable"], dtype=object),
     }
     out = decode_batch(batch, DecodeSpec(1, 4, 4, **UNIT), shard_prefix="s3://")
-    assert list(out["__key__"]) == ["good", "bad", "nolabel", "upstream"]
+    assert list(out["key"]) == ["good", "bad", "nolabel", "upstream"]
     assert list(out["shard"]) == ["s3://b/p/a.tar"] * 4
     assert out["image"].shape == (4, 1, 4, 4) and np.allclose(out["image"][0], 1.0)
     assert np.all(out["image"][1] == 0)
