@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 # The steps of commit_run, in order; LPLGRAD_FAULT_AT_COMMIT_STEP=<step> ends the process hard just
-# before that step (the fault drill of tests/test_commit_protocol.py).
+# before that step (the fault drill of tests/manifest/test_commit_protocol.py).
 COMMIT_STEPS = ("tables", "scores-check", "manifest", "latest")
 _FAULT_ENV = "LPLGRAD_FAULT_AT_COMMIT_STEP"
 

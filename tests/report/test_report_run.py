@@ -1,4 +1,4 @@
-"""`lplgrad manifest report` on a tiny committed run, built without Ray (as tests/test_manifest_cli.py).
+"""`lplgrad manifest report` on a tiny committed run, built without Ray (as tests/ray_jobs/test_manifest_cli.py).
 
 The run: a 40-sample PNG pool in 3 shards, made-up scores for every row, two rows that failed, an
 exact top-6 and commit_run. Checked: one inlined image per selected row, nothing fetched from a

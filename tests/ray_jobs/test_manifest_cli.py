@@ -33,7 +33,7 @@ from _committed_run import K
 from _committed_run import commit_fake_run as make_run
 from ray_jobs import cli, manifest_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_pool(uri: str, options: dict[str, Any] | None = None) -> dict[str, bytes]:

@@ -1,7 +1,7 @@
 """The commit protocol with real processes: concurrent attempts on one run id, a losing attempt
 after a commit, and a process killed at each step of the commit, on local files and loopback S3.
 
-Each attempt is this file run as a script (``python tests/test_commit_protocol.py SPEC``): it
+Each attempt is this file run as a script (``python tests/manifest/test_commit_protocol.py SPEC``): it
 begins the run, writes its scores, waits at a file barrier, commits, and prints what happened.
 """
 
@@ -36,7 +36,7 @@ from pipeline.manifest import (
 from pipeline.manifest.verify import verify_run
 from pipeline.acquisition.selection import TopK
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFLICT_EXIT = 3
 
 
