@@ -90,7 +90,9 @@ def timed_run(config: query.QueryConfig) -> dict[str, Any]:
     }
 
 
-def best_of(repeats: int, work: Path, name: str, run_id: str, base: dict[str, Any], before: Path | None) -> dict[str, Any]:
+def best_of(
+    repeats: int, work: Path, name: str, run_id: str, base: dict[str, Any], before: Path | None
+) -> dict[str, Any]:
     """The fastest of `repeats` runs, each in a fresh output root seeded with a copy of `before`."""
     results = []
     for r in range(repeats):
@@ -110,11 +112,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for s in range(args.shards):
         write_shard(pool / f"shard-{s:05d}.tar", s * per_shard, per_shard, seed=s)
     checkpoint = make_checkpoint(work / "checkpoint")
-    base = dict(pool=str(pool), checkpoint=checkpoint, k=args.k, batch_size=args.batch_size, actors=args.actors,
-                cpus_per_actor=args.cpus_per_actor)
+    base = dict(
+        pool=str(pool),
+        checkpoint=checkpoint,
+        k=args.k,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+    )
     (work / "warmup-pool").mkdir()
     write_shard(work / "warmup-pool" / "shard-00000.tar", 0, args.batch_size, seed=0)
-    timed_run(query.QueryConfig(**{**base, "pool": str(work / "warmup-pool")}, out=str(work / "warmup"), run_id="warmup"))
+    timed_run(
+        query.QueryConfig(**{**base, "pool": str(work / "warmup-pool")}, out=str(work / "warmup"), run_id="warmup")
+    )
     runs = {"full": best_of(args.repeats, work, "full", "night-1", base, None)}
     runs["unchanged"] = best_of(args.repeats, work, "unchanged", "night-2", base, work / "full-0" / "night-1")
     added = max(1, round(args.shards * args.added))
@@ -124,28 +134,48 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     last = args.shards + added
     write_shard(pool / f"shard-{last:05d}.tar", last * per_shard, args.batch_size, seed=last)
     runs["startup"] = best_of(args.repeats, work, "startup", "night-4", base, work / "added-0" / "night-3")
-    same = (manifest.load(str(work / "unchanged-0" / "night-2")).column("key").to_pylist()
-            == manifest.load(str(work / "full-0" / "night-1")).column("key").to_pylist())
+    same = (
+        manifest.load(str(work / "unchanged-0" / "night-2")).column("key").to_pylist()
+        == manifest.load(str(work / "full-0" / "night-1")).column("key").to_pylist()
+    )
     for name in ("unchanged", "added", "startup"):
         runs[name]["job_ratio"] = runs[name]["job_s"] / runs["full"]["job_s"]
         runs[name]["stream_ratio"] = runs[name]["stream_s"] / runs["full"]["stream_s"]
     return {
-        "samples": per_shard * args.shards, "shards": args.shards, "added_shards": added, "repeats": args.repeats,
-        "actors": args.actors, "batch_size": args.batch_size, "num_cpus": args.num_cpus,
-        "unchanged_selection_identical": same, "load_average_1m": os.getloadavg()[0], "runs": runs,
+        "samples": per_shard * args.shards,
+        "shards": args.shards,
+        "added_shards": added,
+        "repeats": args.repeats,
+        "actors": args.actors,
+        "batch_size": args.batch_size,
+        "num_cpus": args.num_cpus,
+        "unchanged_selection_identical": same,
+        "load_average_1m": os.getloadavg()[0],
+        "runs": runs,
     }
 
 
 def report(results: dict[str, Any]) -> None:
-    print(f"best of {results['repeats']}; pool {results['samples']} samples in {results['shards']} shards (+{results['added_shards']} added); "
-          f"{results['actors']} actor(s), {results['num_cpus']} logical CPUs; load average {results['load_average_1m']:.1f}")
-    print(f"{'run':10s} {'job s':>8s} {'stream s':>9s} {'job/full':>9s} {'stream/full':>12s} {'reused':>7s} {'scored rows':>12s}")
+    print(
+        f"best of {results['repeats']}; pool {results['samples']} samples in {results['shards']} shards "
+        f"(+{results['added_shards']} added); "
+        f"{results['actors']} actor(s), {results['num_cpus']} logical CPUs; load average "
+        f"{results['load_average_1m']:.1f}"
+    )
+    print(
+        f"{'run':10s} {'job s':>8s} {'stream s':>9s} {'job/full':>9s} {'stream/full':>12s} {'reused':>7s} "
+        f"{'scored rows':>12s}"
+    )
     for name, run in results["runs"].items():
-        ratios = (f"{run['job_ratio']:9.3f} {run['stream_ratio']:12.3f}" if "job_ratio" in run else f"{'':9s} {'':12s}")
-        print(f"{name:10s} {run['job_s']:8.2f} {run['stream_s']:9.2f} {ratios} "
-              f"{run['shards_reused']:3d}/{run['shards']:<3d} {run['rows_scored']:12d}")
-    print(f"fixed start-up of a scoring pipeline (the startup run): {results['runs']['startup']['stream_s']:.2f} s, "
-          f"the floor of any run that scores something")
+        ratios = f"{run['job_ratio']:9.3f} {run['stream_ratio']:12.3f}" if "job_ratio" in run else f"{'':9s} {'':12s}"
+        print(
+            f"{name:10s} {run['job_s']:8.2f} {run['stream_s']:9.2f} {ratios} "
+            f"{run['shards_reused']:3d}/{run['shards']:<3d} {run['rows_scored']:12d}"
+        )
+    print(
+        f"fixed start-up of a scoring pipeline (the startup run): {results['runs']['startup']['stream_s']:.2f} s, "
+        f"the floor of any run that scores something"
+    )
     print(f"unchanged re-run selects the same rows: {results['unchanged_selection_identical']}")
 
 

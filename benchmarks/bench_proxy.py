@@ -10,9 +10,10 @@ feature extraction of the pool into a feature store (`lplgrad features`: read, d
 a proxy trained on the features of a labeled subset (`lplgrad proxy`, MLP head); and a proxy
 query (`lplgrad query features=`: the store's parquet rows, forward and backward through the
 head). Also the two scorers alone, in this process on the same rows (no reading, decoding or
-Ray start-up), which is where the proxy's saving lives. Reported: each step's rows per second (the manifests' `samples_per_s`, which counts the
-whole streaming phase including actor start-up) and wall time, the proxy/full ratios, and how
-many nightly queries pay back the extraction. The backbone has fresh weights (training is not
+Ray start-up), which is where the proxy's saving lives. Reported: each step's rows per second
+(the manifests' `samples_per_s`, which counts the whole streaming phase including actor
+start-up) and wall time, the proxy/full ratios, and how many nightly queries pay back the
+extraction. The backbone has fresh weights (training is not
 what is measured). The proxy selection is checked against a brute-force top-k over the store.
 Everything lives in a temporary directory deleted at the end (`--workdir` to keep it).
 """
@@ -35,12 +36,18 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from pipeline import manifest  # noqa: E402
-from pipeline.checkpoint import ModelSpec, build_from_checkpoint, load_checkpoint, save_untrained_checkpoint  # noqa: E402
-from pipeline.proxy.store import features_matrix, open_store  # noqa: E402
+from pipeline.acquisition.selection import select_topk  # noqa: E402
+from pipeline.checkpoint import (  # noqa: E402
+    ModelSpec,
+    build_from_checkpoint,
+    load_checkpoint,
+    save_untrained_checkpoint,
+    scoring_model,
+)
 from pipeline.models import input_spec  # noqa: E402
 from pipeline.pools import build_pool, iter_pool_samples, label_pool, resolve_pool, synthetic  # noqa: E402
+from pipeline.proxy.store import features_matrix, open_store  # noqa: E402
 from pipeline.scoring import gradnorm_scores  # noqa: E402
-from pipeline.acquisition.selection import select_topk  # noqa: E402
 from ray_jobs import features, proxy, query  # noqa: E402
 from ray_jobs._shared.cluster import connect  # noqa: E402
 
@@ -57,11 +64,15 @@ def brute_force_proxy_topk(store_uri: str, checkpoint: str, excluded: set[str], 
             if error is None and key not in excluded:
                 keys.append(key)
                 rows.append(matrix[i])
-    scores = torch.cat([gradnorm_scores(head, torch.from_numpy(np.stack(rows[i : i + 4096]))) for i in range(0, len(rows), 4096)])
+    scores = torch.cat(
+        [gradnorm_scores(head, torch.from_numpy(np.stack(rows[i : i + 4096]))) for i in range(0, len(rows), 4096)]
+    )
     return select_topk(keys, scores.numpy(), k)
 
 
-def in_process_rates(pool: str, backbone: str, store_uri: str, proxy_checkpoint: str, batch_size: int, limit: int = 2000) -> dict[str, float]:
+def in_process_rates(
+    pool: str, backbone: str, store_uri: str, proxy_checkpoint: str, batch_size: int, limit: int = 2000
+) -> dict[str, float]:
     """Samples/s of the two scorers alone, in this process, no Ray: `RowScorer` on the backbone over
     pre-decoded images, and `ProxyQueryScorer` on the head over store rows (what each query's
     actors do per batch, without reading, decoding or start-up)."""
@@ -80,11 +91,23 @@ def in_process_rates(pool: str, backbone: str, store_uri: str, proxy_checkpoint:
     full = RowScorer(lambda: build_from_checkpoint(loaded), device="cpu")
     table = pa.concat_tables(list(open_store(store_uri).iter_tables())).slice(0, len(samples))
     table = table.drop_columns(["generation"])
-    head = query.ProxyQueryScorer(functools.partial(scoring_model, proxy_checkpoint, {}, len(loaded.classes)), norm="per_tensor_sum")
+    head = query.ProxyQueryScorer(
+        functools.partial(scoring_model, proxy_checkpoint, {}, len(loaded.classes)), norm="per_tensor_sum"
+    )
     rates = {}
-    for name, score in (("full", lambda i: full({"key": keys[i : i + batch_size], "image": images[i : i + batch_size],
-                                                 "error": np.full(len(keys[i : i + batch_size]), None, dtype=object)})),
-                        ("proxy", lambda i: head(table.slice(i, batch_size)))):
+    for name, score in (
+        (
+            "full",
+            lambda i: full(
+                {
+                    "key": keys[i : i + batch_size],
+                    "image": images[i : i + batch_size],
+                    "error": np.full(len(keys[i : i + batch_size]), None, dtype=object),
+                }
+            ),
+        ),
+        ("proxy", lambda i: head(table.slice(i, batch_size))),
+    ):
         score(0)  # warm-up
         started = time.perf_counter()
         for i in range(0, len(samples), batch_size):
@@ -102,36 +125,94 @@ def timed(step: str, results: dict[str, Any], fn, *args: Any) -> Any:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     channels, size, _ = input_spec(args.model)
-    build_pool(synthetic(args.samples, seed=0, num_classes=CLASSES, image_size=size, channels=channels), str(work / "pool"),
-               shard_samples=args.shard_samples)
+    build_pool(
+        synthetic(args.samples, seed=0, num_classes=CLASSES, image_size=size, channels=channels),
+        str(work / "pool"),
+        shard_samples=args.shard_samples,
+    )
     truth = {s.key: int(s.files["cls"].decode()) for s in iter_pool_samples(resolve_pool(str(work / "pool")))}
     labeled = {k: truth[k] for k in sorted(truth)[: args.labeled]}
     classes = list(resolve_pool(str(work / "pool")).classes)
     label_pool(str(work / "pool"), labeled, str(work / "labeled"))
     backbone = save_untrained_checkpoint(work / "backbone", ModelSpec(args.model, num_classes=len(classes)), classes)
-    common = {"k": args.k, "exclude_labeled": str(work / "labeled"), "batch_size": args.batch_size, "actors": args.actors,
-              "cpus_per_actor": args.cpus_per_actor}
+    common = {
+        "k": args.k,
+        "exclude_labeled": str(work / "labeled"),
+        "batch_size": args.batch_size,
+        "actors": args.actors,
+        "cpus_per_actor": args.cpus_per_actor,
+    }
     results: dict[str, Any] = {"model": args.model, "samples": args.samples, "labeled": args.labeled, "k": args.k}
 
     # A first tiny query starts Ray's worker processes, so that neither side pays for it.
-    timed("warmup", results, query.run, query.QueryConfig(pool=str(work / "pool"), checkpoint=backbone, out=str(work / "warm"),
-                                                         run_id="w", subset=min(256, args.samples), **common))
-    full = timed("full_query", results, query.run, query.QueryConfig(pool=str(work / "pool"), checkpoint=backbone,
-                                                                    out=str(work / "full"), run_id="full", **common))
-    store = timed("extract", results, features.run, features.FeaturesConfig(pool=str(work / "pool"), out=str(work / "store"),
-                                                                           checkpoint=backbone, batch_size=args.batch_size,
-                                                                           actors=args.actors, cpus_per_actor=args.cpus_per_actor))
-    trained = timed("proxy_train", results, proxy.run, proxy.ProxyConfig(labeled=str(work / "labeled"), features=(str(work / "store"),),
-                                                                        out=str(work / "proxy"), kind="mlp", epochs=args.proxy_epochs))
-    proxied = timed("proxy_query", results, query.run, query.QueryConfig(checkpoint=trained["checkpoint"], features=str(work / "store"),
-                                                                        out=str(work / "proxyq"), run_id="proxy", **common))
+    timed(
+        "warmup",
+        results,
+        query.run,
+        query.QueryConfig(
+            pool=str(work / "pool"),
+            checkpoint=backbone,
+            out=str(work / "warm"),
+            run_id="w",
+            subset=min(256, args.samples),
+            **common,
+        ),
+    )
+    full = timed(
+        "full_query",
+        results,
+        query.run,
+        query.QueryConfig(
+            pool=str(work / "pool"), checkpoint=backbone, out=str(work / "full"), run_id="full", **common
+        ),
+    )
+    store = timed(
+        "extract",
+        results,
+        features.run,
+        features.FeaturesConfig(
+            pool=str(work / "pool"),
+            out=str(work / "store"),
+            checkpoint=backbone,
+            batch_size=args.batch_size,
+            actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+        ),
+    )
+    trained = timed(
+        "proxy_train",
+        results,
+        proxy.run,
+        proxy.ProxyConfig(
+            labeled=str(work / "labeled"),
+            features=(str(work / "store"),),
+            out=str(work / "proxy"),
+            kind="mlp",
+            epochs=args.proxy_epochs,
+        ),
+    )
+    proxied = timed(
+        "proxy_query",
+        results,
+        query.run,
+        query.QueryConfig(
+            checkpoint=trained["checkpoint"],
+            features=str(work / "store"),
+            out=str(work / "proxyq"),
+            run_id="proxy",
+            **common,
+        ),
+    )
     selection = manifest.load(str(work / "proxyq" / "proxy")).column("key").to_pylist()
-    results.update({
-        "full_query_samples_per_s": full["extra"]["samples_per_s"],
-        "proxy_query_samples_per_s": proxied["extra"]["samples_per_s"],
-        "extract_rows_per_s": store.num_rows / results["extract_wall_s"],
-        "proxy_exact": selection == brute_force_proxy_topk(str(work / "store"), trained["checkpoint"], set(labeled), args.k),
-    })
+    results.update(
+        {
+            "full_query_samples_per_s": full["extra"]["samples_per_s"],
+            "proxy_query_samples_per_s": proxied["extra"]["samples_per_s"],
+            "extract_rows_per_s": store.num_rows / results["extract_wall_s"],
+            "proxy_exact": selection
+            == brute_force_proxy_topk(str(work / "store"), trained["checkpoint"], set(labeled), args.k),
+        }
+    )
     rates = in_process_rates(str(work / "pool"), backbone, str(work / "store"), trained["checkpoint"], args.batch_size)
     results["scorer_full_samples_per_s"], results["scorer_proxy_samples_per_s"] = rates["full"], rates["proxy"]
     results["scorer_ratio"] = rates["proxy"] / rates["full"]
@@ -166,15 +247,28 @@ def main() -> int:
         print(json.dumps(results, indent=1))
         return 0
     print(f"pool: {args.samples} samples, backbone {args.model} (fresh weights), {args.labeled} labeled, k={args.k}")
-    print(f"full-model query   {results['full_query_samples_per_s']:9.1f} samples/s   wall {results['full_query_wall_s']:7.1f} s")
-    print(f"feature extraction {results['extract_rows_per_s']:9.1f} rows/s      wall {results['extract_wall_s']:7.1f} s (once; incremental after)")
+    print(
+        f"full-model query   {results['full_query_samples_per_s']:9.1f} samples/s   wall "
+        f"{results['full_query_wall_s']:7.1f} s"
+    )
+    print(
+        f"feature extraction {results['extract_rows_per_s']:9.1f} rows/s      wall {results['extract_wall_s']:7.1f} "
+        "s (once; incremental after)"
+    )
     print(f"proxy training                          wall {results['proxy_train_wall_s']:7.1f} s")
-    print(f"proxy query        {results['proxy_query_samples_per_s']:9.1f} samples/s   wall {results['proxy_query_wall_s']:7.1f} s")
-    print(f"scorers alone (in process, no Ray): full {results['scorer_full_samples_per_s']:.0f} samples/s, "
-          f"proxy {results['scorer_proxy_samples_per_s']:.0f} samples/s: {results['scorer_ratio']:.0f}x")
-    print(f"proxy / full: {results['samples_per_s_ratio']:.2f}x samples/s, {results['wall_ratio']:.2f}x less wall time; "
-          f"extraction repaid after {results['queries_to_repay_extraction'] or float('inf'):.1f} queries; "
-          f"proxy selection exact: {results['proxy_exact']}")
+    print(
+        f"proxy query        {results['proxy_query_samples_per_s']:9.1f} samples/s   wall "
+        f"{results['proxy_query_wall_s']:7.1f} s"
+    )
+    print(
+        f"scorers alone (in process, no Ray): full {results['scorer_full_samples_per_s']:.0f} samples/s, "
+        f"proxy {results['scorer_proxy_samples_per_s']:.0f} samples/s: {results['scorer_ratio']:.0f}x"
+    )
+    print(
+        f"proxy / full: {results['samples_per_s_ratio']:.2f}x samples/s, {results['wall_ratio']:.2f}x less wall time; "
+        f"extraction repaid after {results['queries_to_repay_extraction'] or float('inf'):.1f} queries; "
+        f"proxy selection exact: {results['proxy_exact']}"
+    )
     return 0
 
 

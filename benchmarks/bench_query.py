@@ -36,7 +36,6 @@ Pools, checkpoints and outputs live in a temporary directory (``--workdir``) del
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -60,15 +59,28 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint  # noqa: E402
+from _loopback_s3 import start_s3  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+from pipeline.checkpoint import (  # noqa: E402
+    ModelSpec,
+    save_untrained_checkpoint,
+    scoring_model,  # noqa: E402
+)
 from pipeline.models import available_models, register_model  # noqa: E402
-from pipeline.checkpoint import scoring_model  # noqa: E402
-from pipeline.pools import PoolWriter, build_pool, decode_sample, encode_image, iter_pool_samples, resolve_pool, spec_for_model, synthetic  # noqa: E402
-from pipeline.storage import filesystem_for  # noqa: E402
+from pipeline.pools import (  # noqa: E402
+    PoolWriter,
+    build_pool,
+    decode_sample,
+    encode_image,
+    iter_pool_samples,
+    resolve_pool,
+    spec_for_model,
+    synthetic,
+)
 from pipeline.scoring import RowScorer  # noqa: E402
+from pipeline.storage import filesystem_for  # noqa: E402
 from ray_jobs import query  # noqa: E402
 from ray_jobs._shared.cluster import LOCAL_MIN_CPUS  # noqa: E402
-from _loopback_s3 import start_s3  # benchmarks/ is on sys.path when run as a script
 
 TINY_MODEL = "bench_tiny_cnn"
 TARGETS = {"efficiency_local": 0.85, "efficiency_s3": 0.75, "memory_growth": 1.2}
@@ -98,7 +110,9 @@ class TinyCNN(nn.Module):
 def register_tiny_model() -> None:
     """Register ``bench_tiny_cnn`` once per process (here and, as the setup hook, in each worker)."""
     if TINY_MODEL not in available_models():
-        register_model(TINY_MODEL, input_shape=(1, 8, 8))(lambda num_classes, in_channels: TinyCNN(num_classes, in_channels))
+        register_model(TINY_MODEL, input_shape=(1, 8, 8))(
+            lambda num_classes, in_channels: TinyCNN(num_classes, in_channels)
+        )
 
 
 register_tiny_model()
@@ -109,10 +123,14 @@ register_tiny_model()
 
 def make_checkpoint(directory: Path, model: str, classes: list[str], lossnet_hidden: int = 128) -> str:
     """A checkpoint of fresh (seeded) weights, laid out as `lplgrad train` writes it."""
-    return save_untrained_checkpoint(directory, ModelSpec(model=model, num_classes=len(classes), lossnet_hidden=lossnet_hidden), classes)
+    return save_untrained_checkpoint(
+        directory, ModelSpec(model=model, num_classes=len(classes), lossnet_hidden=lossnet_hidden), classes
+    )
 
 
-def build_repeated_pool(uri: str, samples: int, classes: list[str], distinct: int = 512, shard_samples: int = 50_000) -> None:
+def build_repeated_pool(
+    uri: str, samples: int, classes: list[str], distinct: int = 512, shard_samples: int = 50_000
+) -> None:
     """An 8x8 grayscale PNG pool cycling through `distinct` random payloads (encoded once): fast to write."""
     rng = np.random.default_rng(0)
     payloads = [encode_image(rng.integers(0, 256, (8, 8), dtype=np.uint8), "png") for _ in range(distinct)]
@@ -142,8 +160,12 @@ def in_memory_rate(checkpoint: str, num_classes: int, data: dict[str, np.ndarray
 
     def batch(start: int) -> dict[str, np.ndarray]:
         stop = min(start + batch_size, n)
-        return {"key": data["key"][start:stop], "shard": data["shard"][start:stop], "image": data["image"][start:stop],
-                "error": np.full(stop - start, None, dtype=object)}
+        return {
+            "key": data["key"][start:stop],
+            "shard": data["shard"][start:stop],
+            "image": data["image"][start:stop],
+            "error": np.full(stop - start, None, dtype=object),
+        }
 
     scorer(batch(0))
     begin = time.perf_counter()
@@ -157,14 +179,20 @@ def timed_query(config: query.QueryConfig) -> dict[str, Any]:
     begin = time.perf_counter()
     manifest = query.run(config)
     wall = time.perf_counter() - begin
-    return {"job_sps": manifest["extra"]["samples_per_s"], "stream_s": manifest["extra"]["seconds"], "wall_s": wall,
-            "counts": manifest["counts"]}
+    return {
+        "job_sps": manifest["extra"]["samples_per_s"],
+        "stream_s": manifest["extra"]["seconds"],
+        "wall_s": wall,
+        "counts": manifest["counts"],
+    }
 
 
 def check_selection(run_uri: str, k: int, samples: int, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Compare selection.parquet with a brute-force sort of every row in scores/*.parquet."""
     fs, path = filesystem_for(run_uri, storage_options)
-    files = json.loads(fs.cat_file(f"{path.rstrip('/')}/manifest.json"))["files"]  # parts live under the committed attempt
+    files = json.loads(fs.cat_file(f"{path.rstrip('/')}/manifest.json"))[
+        "files"
+    ]  # parts live under the committed attempt
     parts = [f"{path.rstrip('/')}/{part}" for part in files["scores"]]
     tables = []
     for part in parts:
@@ -172,12 +200,18 @@ def check_selection(run_uri: str, k: int, samples: int, storage_options: dict[st
             tables.append(pq.ParquetFile(handle).read(columns=["key", "score", "error"]))
     scores = pa.concat_tables(tables)
     keys = scores.column("key")
-    good = scores.filter(pa.compute.and_(pa.compute.is_null(scores.column("error")), pa.compute.is_finite(scores.column("score"))))
+    good = scores.filter(
+        pa.compute.and_(pa.compute.is_null(scores.column("error")), pa.compute.is_finite(scores.column("score")))
+    )
     expected = good.sort_by([("score", "descending"), ("key", "ascending")]).column("key").slice(0, k).to_pylist()
     with fs.open(f"{path.rstrip('/')}/{files['selection']}", "rb") as handle:
         selected = pq.ParquetFile(handle).read(columns=["key"]).column("key").to_pylist()
-    return {"exact": selected == expected, "rows": scores.num_rows, "every_key_once": scores.num_rows == samples == len(pa.compute.unique(keys)),
-            "parts": len(parts)}
+    return {
+        "exact": selected == expected,
+        "rows": scores.num_rows,
+        "every_key_once": scores.num_rows == samples == len(pa.compute.unique(keys)),
+        "parts": len(parts),
+    }
 
 
 def probe_threads(cpus: float) -> int:
@@ -199,19 +233,29 @@ def efficiency(args: argparse.Namespace, work: Path, s3: dict[str, Any] | None) 
     """Job rate over in-memory scorer rate, from local disk and from S3."""
     pool = str(work / "pool20k")
     begin = time.perf_counter()
-    index = build_pool(synthetic(args.samples, seed=0, num_classes=10, image_size=28, channels=1), pool,
-                       shard_samples=args.shard_samples, unlabeled=True)
+    index = build_pool(
+        synthetic(args.samples, seed=0, num_classes=10, image_size=28, channels=1),
+        pool,
+        shard_samples=args.shard_samples,
+        unlabeled=True,
+    )
     build_s = time.perf_counter() - begin
     classes = list(resolve_pool(pool).classes)
     checkpoint = make_checkpoint(work / "ckpt_small_cnn", "small_cnn", classes)
     data = predecode(pool, "small_cnn", len(classes))
-    base = dict(checkpoint=checkpoint, k=args.k, batch_size=args.batch_size, actors=1, cpus_per_actor=args.cpus_per_actor)
+    base = dict(
+        checkpoint=checkpoint, k=args.k, batch_size=args.batch_size, actors=1, cpus_per_actor=args.cpus_per_actor
+    )
     results: dict[str, Any] = {"samples": args.samples, "shards": len(index.shards), "pool_build_s": build_s}
     # A first query on a fresh Ray pays for worker processes (and their torch import): measured
     # here on a tiny pool, so that the local and S3 runs below start equally warm.
     warm_pool = str(work / "warmup_pool")
-    build_pool(synthetic(4 * args.batch_size, seed=1, num_classes=10, image_size=28, channels=1), warm_pool, unlabeled=True)
-    results["cold_start_wall_s"] = timed_query(query.QueryConfig(pool=warm_pool, out=str(work / "warmup_out"), run_id="warmup", **base))["wall_s"]
+    build_pool(
+        synthetic(4 * args.batch_size, seed=1, num_classes=10, image_size=28, channels=1), warm_pool, unlabeled=True
+    )
+    results["cold_start_wall_s"] = timed_query(
+        query.QueryConfig(pool=warm_pool, out=str(work / "warmup_out"), run_id="warmup", **base)
+    )["wall_s"]
     targets = [("local", pool, str(work / "out"), {})]
     if s3 is not None:
         filesystem_for("s3://bench", s3)[0].put(f"{pool}/", "bench/pool20k/", recursive=True)
@@ -221,16 +265,28 @@ def efficiency(args: argparse.Namespace, work: Path, s3: dict[str, Any] | None) 
         run = timed_query(query.QueryConfig(pool=pool_uri, out=out, run_id=name, storage_options=options, **base))
         after = in_memory_rate(checkpoint, len(classes), data, args.batch_size)
         memory_sps = (before + after) / 2
-        results[name] = {**run, "in_memory_sps": memory_sps, "in_memory_before_after": [before, after],
-                         "efficiency": run["job_sps"] / memory_sps, "wall_efficiency": args.samples / run["wall_s"] / memory_sps,
-                         "selection": check_selection(f"{out}/{name}", args.k, args.samples, options)}
+        results[name] = {
+            **run,
+            "in_memory_sps": memory_sps,
+            "in_memory_before_after": [before, after],
+            "efficiency": run["job_sps"] / memory_sps,
+            "wall_efficiency": args.samples / run["wall_s"] / memory_sps,
+            "selection": check_selection(f"{out}/{name}", args.k, args.samples, options),
+        }
     return results
 
 
 def child_main(spec: dict[str, Any]) -> None:
     """One memory query in this fresh process: print its driver's peak RSS during query.run as JSON."""
-    ray.init(address=spec["address"], log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"worker_process_setup_hook": register_tiny_model, "env_vars": {"OMP_NUM_THREADS": str(spec["threads"])}})
+    ray.init(
+        address=spec["address"],
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={
+            "worker_process_setup_hook": register_tiny_model,
+            "env_vars": {"OMP_NUM_THREADS": str(spec["threads"])},
+        },
+    )
     quiet_ray_data()
     config = query.QueryConfig(**spec["config"])
     baseline = proc_status_kb("VmRSS")
@@ -242,9 +298,24 @@ def child_main(spec: dict[str, Any]) -> None:
     begin = time.perf_counter()
     manifest = query.run(config)
     wall = time.perf_counter() - begin
-    peak = proc_status_kb("VmHWM") if peak_source.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("CHILD_RESULT " + json.dumps({"baseline_mb": baseline / 1024, "peak_mb": peak / 1024, "peak_source": peak_source,
-                                        "wall_s": wall, "job_sps": manifest["extra"]["samples_per_s"], "counts": manifest["counts"]}))
+    peak = (
+        proc_status_kb("VmHWM")
+        if peak_source.startswith("VmHWM")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
+    print(
+        "CHILD_RESULT "
+        + json.dumps(
+            {
+                "baseline_mb": baseline / 1024,
+                "peak_mb": peak / 1024,
+                "peak_source": peak_source,
+                "wall_s": wall,
+                "job_sps": manifest["extra"]["samples_per_s"],
+                "counts": manifest["counts"],
+            }
+        )
+    )
 
 
 def proc_status_kb(field: str) -> int:
@@ -265,13 +336,26 @@ def driver_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         build_repeated_pool(pool, size, classes)
         build_s = time.perf_counter() - begin
         out = str(work / f"memory_out{size}")  # one output root per run: nothing to reuse from an earlier run
-        config = dict(pool=pool, checkpoint=checkpoint, k=args.k, out=out, run_id=f"n{size}", batch_size=args.memory_batch_size,
-                      actors=1, cpus_per_actor=args.cpus_per_actor)
+        config = dict(
+            pool=pool,
+            checkpoint=checkpoint,
+            k=args.k,
+            out=out,
+            run_id=f"n{size}",
+            batch_size=args.memory_batch_size,
+            actors=1,
+            cpus_per_actor=args.cpus_per_actor,
+        )
         spec = {"address": ray.get_runtime_context().gcs_address, "threads": args.threads, "config": config}
-        child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+        )
         lines = [line for line in child.stdout.splitlines() if line.startswith("CHILD_RESULT ")]
         if child.returncode != 0 or not lines:
-            raise RuntimeError(f"memory run of {size} samples failed ({child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+            raise RuntimeError(
+                f"memory run of {size} samples failed "
+                f"({child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}"
+            )
         result = json.loads(lines[-1].removeprefix("CHILD_RESULT "))
         result["pool_build_s"] = build_s
         result["selection"] = check_selection(f"{out}/n{size}", args.k, size, {})
@@ -291,16 +375,29 @@ def quiet_ray_data() -> None:
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)  # as ray_jobs._shared.cluster.connect sizes a local Ray
-    context = ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                       runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+    context = ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}},
+    )
     os.environ["RAY_ADDRESS"] = context.address_info["address"]  # another Ray may run on this machine
     quiet_ray_data()
     if args.target_block_mb is not None:  # an experiment: smaller blocks stream a shard in pieces
         ray.data.DataContext.get_current().target_max_block_size = int(args.target_block_mb * 2**20)
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"batch_size": args.batch_size, "k": args.k, "target_block_mb": args.target_block_mb, "cpus_per_actor": args.cpus_per_actor, "ray_logical_cpus": cpus,
-                               "cores": os.cpu_count(), "torch_threads_here": torch.get_num_threads(),
-                               "torch_threads_actor": probe_threads(args.cpus_per_actor), "load_avg_start": os.getloadavg()[0]}
+    results: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "k": args.k,
+        "target_block_mb": args.target_block_mb,
+        "cpus_per_actor": args.cpus_per_actor,
+        "ray_logical_cpus": cpus,
+        "cores": os.cpu_count(),
+        "torch_threads_here": torch.get_num_threads(),
+        "torch_threads_actor": probe_threads(args.cpus_per_actor),
+        "load_avg_start": os.getloadavg()[0],
+    }
     server, s3 = start_s3() if not args.skip_s3 else (None, None)
     try:
         if not args.skip_efficiency:
@@ -321,41 +418,69 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    print(f"\ncores {results['cores']}, Ray logical CPUs {results['ray_logical_cpus']}, actor cpus {results['cpus_per_actor']}, "
-          f"torch threads here/actor {results['torch_threads_here']}/{results['torch_threads_actor']}, "
-          f"load avg {results['load_avg_start']:.1f} -> {results['load_avg_end']:.1f}")
+    print(
+        f"\ncores {results['cores']}, Ray logical CPUs {results['ray_logical_cpus']}, actor cpus "
+        f"{results['cpus_per_actor']}, "
+        f"torch threads here/actor {results['torch_threads_here']}/{results['torch_threads_actor']}, "
+        f"load avg {results['load_avg_start']:.1f} -> {results['load_avg_end']:.1f}"
+    )
     eff = results.get("efficiency")
     if eff:
-        print(f"\nefficiency: {eff['samples']} samples, {eff['shards']} shards, batch {results['batch_size']}; "
-              f"cold-start query of {4 * results['batch_size']} samples took {eff['cold_start_wall_s']:.1f} s")
-        print(f"  {'':<6} {'job sps':>9} {'in-mem sps':>11} {'ratio':>6} {'target':>6} {'stream s':>9} {'wall s':>7} {'wall ratio':>10} exact")
+        print(
+            f"\nefficiency: {eff['samples']} samples, {eff['shards']} shards, batch {results['batch_size']}; "
+            f"cold-start query of {4 * results['batch_size']} samples took {eff['cold_start_wall_s']:.1f} s"
+        )
+        print(
+            f"  {'':<6} {'job sps':>9} {'in-mem sps':>11} {'ratio':>6} {'target':>6} {'stream s':>9} {'wall s':>7} "
+            f"{'wall ratio':>10} exact"
+        )
         for name in ("local", "s3"):
             if name in eff:
                 r = eff[name]
-                print(f"  {name:<6} {r['job_sps']:>9.0f} {r['in_memory_sps']:>11.0f} {r['efficiency']:>6.2f} {TARGETS['efficiency_' + name]:>6.2f} "
-                      f"{r['stream_s']:>9.1f} {r['wall_s']:>7.1f} {r['wall_efficiency']:>10.2f} {r['selection']['exact'] and r['selection']['every_key_once']}")
+                print(
+                    f"  {name:<6} {r['job_sps']:>9.0f} {r['in_memory_sps']:>11.0f} {r['efficiency']:>6.2f} "
+                    f"{TARGETS['efficiency_' + name]:>6.2f} "
+                    f"{r['stream_s']:>9.1f} {r['wall_s']:>7.1f} {r['wall_efficiency']:>10.2f} "
+                    f"{r['selection']['exact'] and r['selection']['every_key_once']}"
+                )
     memory = results.get("memory")
     if memory:
         print(f"\ndriver memory ({TINY_MODEL}, 8x8 PNG):")
         print(f"  {'samples':>9} {'baseline MB':>11} {'peak MB':>8} {'job sps':>8} {'wall s':>7} exact")
         for size, r in sorted(memory.items(), key=lambda item: int(item[0])):
-            print(f"  {int(size):>9} {r['baseline_mb']:>11.0f} {r['peak_mb']:>8.0f} {r['job_sps']:>8.0f} {r['wall_s']:>7.1f} "
-                  f"{r['selection']['exact'] and r['selection']['every_key_once']}")
+            print(
+                f"  {int(size):>9} {r['baseline_mb']:>11.0f} {r['peak_mb']:>8.0f} {r['job_sps']:>8.0f} "
+                f"{r['wall_s']:>7.1f} "
+                f"{r['selection']['exact'] and r['selection']['every_key_once']}"
+            )
         if "memory_growth" in results:
-            print(f"  peak growth largest/smallest {results['memory_growth']:.2f}x (target <= {TARGETS['memory_growth']})")
+            print(
+                f"  peak growth largest/smallest {results['memory_growth']:.2f}x (target <= {TARGETS['memory_growth']})"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=20_000, help="efficiency pool size (28x28 grayscale)")
-    parser.add_argument("--shard-samples", type=int, default=None, help="efficiency pool shard size (default: the pool default)")
-    parser.add_argument("--memory-sizes", default="100000,1000000", help="comma-separated driver-memory pool sizes ('' skips)")
+    parser.add_argument(
+        "--shard-samples", type=int, default=None, help="efficiency pool shard size (default: the pool default)"
+    )
+    parser.add_argument(
+        "--memory-sizes", default="100000,1000000", help="comma-separated driver-memory pool sizes ('' skips)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--memory-batch-size", type=int, default=1024, help="batch size of the memory runs (tiny model)")
+    parser.add_argument(
+        "--memory-batch-size", type=int, default=1024, help="batch size of the memory runs (tiny model)"
+    )
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--cpus-per-actor", type=float, default=float(os.cpu_count() or 1))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, in the actor and here")
-    parser.add_argument("--target-block-mb", type=float, default=None, help="Ray Data target_max_block_size for the efficiency runs (default: Ray's)")
+    parser.add_argument(
+        "--target-block-mb",
+        type=float,
+        default=None,
+        help="Ray Data target_max_block_size for the efficiency runs (default: Ray's)",
+    )
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,11 +25,11 @@ from typing import Any
 import fsspec
 import ray
 import webdataset
+from _loopback_s3 import start_s3  # benchmarks/ is on sys.path when run as a script
 from webdataset.gopen import gopen_schemes
 
 from pipeline.pools import DecodeSpec, build_pool, decode_sample, resolve_pool, synthetic
 from ray_jobs._shared.pool_data import error_mask, read_pool
-from _loopback_s3 import start_s3  # benchmarks/ is on sys.path when run as a script
 
 SPEC = DecodeSpec(channels=3, height=32, width=32)
 
@@ -130,8 +129,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
         return
-    print(f"{results['samples']} samples, {results['shards']} shards, {results['pool_mb']} MB, "
-          f"{args.num_cpus} logical CPUs")
+    print(
+        f"{results['samples']} samples, {results['shards']} shards, {results['pool_mb']} MB, "
+        f"{args.num_cpus} logical CPUs"
+    )
     for name, value in results.items():
         if name.endswith("_sps"):
             print(f"  {name[:-4]:<22} {value:>9.0f} samples/s")

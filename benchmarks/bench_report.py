@@ -29,19 +29,23 @@ from typing import Any
 import numpy as np
 
 from pipeline.acquisition import acquisition_values
+from pipeline.acquisition.selection import TopK
 from pipeline.manifest import PoolShard, QueryInputs, ScoreSummary, begin_run, commit_run, selection_rows
 from pipeline.manifest.export import open_run
 from pipeline.pools import build_pool, iter_shard_samples, resolve_pool, synthetic
 from pipeline.report import build_run_report, render_run_report
-from pipeline.acquisition.selection import TopK
 
 
 def make_run(root: Path, samples: int, k: int, shard_samples: int) -> str:
     """A PNG pool of `samples` and a committed run selecting `k` of it (reused when present)."""
     pool_uri, run_uri = str(root / "pool"), str(root / "queries" / f"k{k}")
     if not (root / "pool" / "index.json").exists():
-        build_pool(synthetic(samples, seed=0, num_classes=10, image_size=28, channels=1), pool_uri,
-                   encoding="png", shard_samples=shard_samples)
+        build_pool(
+            synthetic(samples, seed=0, num_classes=10, image_size=28, channels=1),
+            pool_uri,
+            encoding="png",
+            shard_samples=shard_samples,
+        )
     if (Path(run_uri) / "manifest.json").exists():
         return run_uri
     pool = resolve_pool(pool_uri)
@@ -52,22 +56,36 @@ def make_run(root: Path, samples: int, k: int, shard_samples: int) -> str:
     logits = rng.normal(size=(n, 10))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     top2 = np.sort(probs, 1)[:, -2:]
-    batch = {"key": keys, "shard": shards, "score": rng.gamma(2.0, size=n),
-             "entropy": -(probs * np.log(probs)).sum(1), "margin": top2[:, 1] - top2[:, 0],
-             "least_confidence": 1 - top2[:, 1], "pred_class": probs.argmax(1), "pred_prob": top2[:, 1],
-             "predicted_loss": rng.normal(size=n), "error": np.array([None] * n, dtype=object)}
-    inputs = QueryInputs(pool_uri=pool_uri, shards=tuple(PoolShard(s.uri, s.samples, s.bytes) for s in pool.shards),
-                         checkpoint_uri="runs/made-up/checkpoint", checkpoint_sha256="ab" * 32, strategy="lplgrad",
-                         k=k, strategy_params={"seed": 0})
+    batch = {
+        "key": keys,
+        "shard": shards,
+        "score": rng.gamma(2.0, size=n),
+        "entropy": -(probs * np.log(probs)).sum(1),
+        "margin": top2[:, 1] - top2[:, 0],
+        "least_confidence": 1 - top2[:, 1],
+        "pred_class": probs.argmax(1),
+        "pred_prob": top2[:, 1],
+        "predicted_loss": rng.normal(size=n),
+        "error": np.array([None] * n, dtype=object),
+    }
+    inputs = QueryInputs(
+        pool_uri=pool_uri,
+        shards=tuple(PoolShard(s.uri, s.samples, s.bytes) for s in pool.shards),
+        checkpoint_uri="runs/made-up/checkpoint",
+        checkpoint_sha256="ab" * 32,
+        strategy="lplgrad",
+        k=k,
+        strategy_params={"seed": 0},
+    )
     state = begin_run(str(root / "queries"), f"k{k}", inputs.fingerprint())
     values = acquisition_values("lplgrad", batch)
     top, summary = TopK(k), ScoreSummary()
     with state.scores_writer() as writer:
         for start in range(0, n, 8192):
-            part = {name: column[start:start + 8192] for name, column in batch.items()}
+            part = {name: column[start : start + 8192] for name, column in batch.items()}
             writer.write({name: list(column) for name, column in part.items()})
-            top.add(list(part["key"]), values[start:start + 8192], selection_rows(part, values[start:start + 8192]))
-            summary.add(values[start:start + 8192], list(part["key"]))
+            top.add(list(part["key"]), values[start : start + 8192], selection_rows(part, values[start : start + 8192]))
+            summary.add(values[start : start + 8192], list(part["key"]))
     commit_run(state, inputs, top.result(), [], scored=n, excluded=0, summary=summary)
     return run_uri
 
@@ -103,21 +121,46 @@ def main() -> None:
         full, size, shown = timed_report(run_uri, args.k, args.repeats)
         bare, bare_size, _ = timed_report(run_uri, 0, args.repeats)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "ray_jobs.cli", "manifest", "report", run_uri, "--out",
-                        str(root / "report.html"), "--max-images", str(args.k)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ray_jobs.cli",
+                "manifest",
+                "report",
+                run_uri,
+                "--out",
+                str(root / "report.html"),
+                "--max-images",
+                str(args.k),
+            ],
+            check=True,
+            capture_output=True,
+        )
         command = time.perf_counter() - start
     result: dict[str, Any] = {
-        "samples": args.samples, "k": args.k, "shards": -(-args.samples // args.shard_samples),
-        "command_seconds": round(command, 2), "report_seconds": round(full, 3), "report_without_images_seconds": round(bare, 3),
-        "images_seconds": round(full - bare, 3), "ratio_full_to_without_images": round(full / bare, 2),
-        "html_bytes": size, "html_bytes_without_images": bare_size, "thumbnails": shown,
-        "repeats": args.repeats, "setup_seconds": round(setup, 1), "cpus": os.cpu_count(),
+        "samples": args.samples,
+        "k": args.k,
+        "shards": -(-args.samples // args.shard_samples),
+        "command_seconds": round(command, 2),
+        "report_seconds": round(full, 3),
+        "report_without_images_seconds": round(bare, 3),
+        "images_seconds": round(full - bare, 3),
+        "ratio_full_to_without_images": round(full / bare, 2),
+        "html_bytes": size,
+        "html_bytes_without_images": bare_size,
+        "thumbnails": shown,
+        "repeats": args.repeats,
+        "setup_seconds": round(setup, 1),
+        "cpus": os.cpu_count(),
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"report of k={args.k:,} from a {args.samples:,}-sample pool ({result['shards']} shards), "
-          f"best of {args.repeats}:")
+    print(
+        f"report of k={args.k:,} from a {args.samples:,}-sample pool ({result['shards']} shards), "
+        f"best of {args.repeats}:"
+    )
     print(f"  with {shown:,} thumbnails   {full:7.2f} s   {size / 1e6:6.2f} MB")
     print(f"  without images       {bare:7.2f} s   {bare_size / 1e6:6.2f} MB")
     print(f"  ratio                {full / bare:7.2f}x  (images: {full - bare:.2f} s)")

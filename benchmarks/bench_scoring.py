@@ -120,14 +120,24 @@ class Row:
 
 
 ROWS = {
-    "resnet_bn": Row("CIFAR ResNet-18, BatchNorm, 32px, batch 128", lambda: create_model("cifar_resnet18", 10), 128, 32),
+    "resnet_bn": Row(
+        "CIFAR ResNet-18, BatchNorm, 32px, batch 128", lambda: create_model("cifar_resnet18", 10), 128, 32
+    ),
     "resnet_gn": Row("same, BatchNorm replaced by GroupNorm", _group_norm_resnet, 128, 32),
     "tv_resnet18": Row("torchvision ResNet-18, 112px, batch 32", lambda: create_model("resnet18", 10), 32, 112),
-    "vit_mha": Row("torchvision ViT (4 layers, 4 heads, width 128, nn.MultiheadAttention, 32px, patch 4), batch 64",
-                   _torchvision_vit, 64, 32),
+    "vit_mha": Row(
+        "torchvision ViT (4 layers, 4 heads, width 128, nn.MultiheadAttention, 32px, patch 4), batch 64",
+        _torchvision_vit,
+        64,
+        32,
+    ),
     "vit_linear": Row("same ViT with attention as nn.Linear layers", _torchvision_vit_linear, 64, 32),
-    "vit_tiny": Row("registry vit_tiny (timm-style, qkv nn.Linear + SDPA), 32px, batch 64",
-                    lambda: create_model("vit_tiny", 10), 64, 32),
+    "vit_tiny": Row(
+        "registry vit_tiny (timm-style, qkv nn.Linear + SDPA), 32px, batch 64",
+        lambda: create_model("vit_tiny", 10),
+        64,
+        32,
+    ),
 }
 
 
@@ -177,7 +187,9 @@ def _backpack(model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
         net.zero_grad(set_to_none=True)
         with backpack(BatchL2Grad()):
             entropy(net(x)).sum().backward()
-        missing = {type(m).__name__ for m in net.modules() for p in m.parameters(recurse=False) if not hasattr(p, "batch_l2")}
+        missing = {
+            type(m).__name__ for m in net.modules() for p in m.parameters(recurse=False) if not hasattr(p, "batch_l2")
+        }
         if missing:
             raise Refused(f"refuses {', '.join(sorted(missing))}")
         return _sum_of_norms([p.batch_l2 for p in net.parameters() if p.requires_grad])
@@ -239,7 +251,9 @@ def _opacus_ghost(model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
     return run
 
 
-def build_method(name: str, model: nn.Module, x: Tensor, labels: Tensor, loop_samples: int) -> tuple[Callable[[], Tensor | None], int, str]:
+def build_method(
+    name: str, model: nn.Module, x: Tensor, labels: Tensor, loop_samples: int
+) -> tuple[Callable[[], Tensor | None], int, str]:
     """(call, samples per call, norm it returns) for one method on its own copy of the model."""
     own = copy.deepcopy(model)
     if name == "backpack":
@@ -294,7 +308,9 @@ def bench_row(key: str, args: argparse.Namespace, device: torch.device) -> dict[
     reference = {k: v.to(device) for k, v in float64_reference(model, x[: args.check].cpu().to(device)).items()}
 
     scorer = GradNormScorer(copy.deepcopy(model))
-    calls: dict[str, tuple[Callable[[], object], int, str]] = {"scorer": (lambda: scorer(x).gradnorm, row.batch, "per_tensor_sum")}
+    calls: dict[str, tuple[Callable[[], object], int, str]] = {
+        "scorer": (lambda: scorer(x).gradnorm, row.batch, "per_tensor_sum")
+    }
     result: dict[str, object] = {"row": key, "label": row.label, "batch": row.batch, "image_size": row.side}
     status: dict[str, str] = {}
     errors: dict[str, float] = {}
@@ -314,7 +330,11 @@ def bench_row(key: str, args: argparse.Namespace, device: torch.device) -> dict[
             ref = reference[calls[name][2]][: args.check]
             errors[name] = ((out[: args.check].to(ref) - ref).abs() / ref.abs()).max().item()
     _, out = _timed(calls["scorer"][0], device)
-    errors["scorer"] = ((out[: args.check].to(device) - reference["per_tensor_sum"]).abs() / reference["per_tensor_sum"].abs()).max().item()
+    errors["scorer"] = (
+        ((out[: args.check].to(device) - reference["per_tensor_sum"]).abs() / reference["per_tensor_sum"].abs())
+        .max()
+        .item()
+    )
 
     times: dict[str, list[float]] = {name: [] for name in calls}
     fallback, scorer_total = 0.0, 0.0
@@ -380,8 +400,10 @@ def main() -> None:
         results.append(bench_row(key, args, device))
         if not args.json:
             r = results[-1]
-            print(f"\n{r['label']}: scorer {r['scorer_samples_per_s']:.1f} samples/s, fallback share "
-                  f"{r['fallback_share']:.1%}, max rel err (scorer) {r['max_relative_error']['scorer']:.1e}")
+            print(
+                f"\n{r['label']}: scorer {r['scorer_samples_per_s']:.1f} samples/s, fallback share "
+                f"{r['fallback_share']:.1%}, max rel err (scorer) {r['max_relative_error']['scorer']:.1e}"
+            )
             for name in METHODS:
                 err = r["max_relative_error"].get(name)
                 print(f"  {name:18s} {_cell(r, name):40s} {'' if err is None else f'err {err:.1e}'}")
@@ -393,7 +415,11 @@ def main() -> None:
     print("|---" * (len(METHODS) + 3) + "|")
     for r in results:
         cells = [_cell(r, m) for m in METHODS]
-        print(f"| {r['label']} | " + " | ".join(cells) + f" | {r['max_relative_error']['scorer']:.1e} | {r['fallback_share']:.0%} |")
+        print(
+            f"| {r['label']} | "
+            + " | ".join(cells)
+            + f" | {r['max_relative_error']['scorer']:.1e} | {r['fallback_share']:.0%} |"
+        )
 
 
 if __name__ == "__main__":

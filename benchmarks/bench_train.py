@@ -33,7 +33,9 @@ def default_augment(model_name: str) -> str:
     return "gray28" if (channels, height) == (1, 28) else "cifar" if height <= 32 else "imagenet"
 
 
-def step_rates(model_name: str, batch_size: int, steps: int, device: torch.device, augment_name: str) -> dict[str, float]:
+def step_rates(
+    model_name: str, batch_size: int, steps: int, device: torch.device, augment_name: str
+) -> dict[str, float]:
     """Samples/s of the joint step, a plain CE step and the augmented joint step (same model, same
     batch), in interleaved rounds."""
     torch.manual_seed(0)
@@ -83,8 +85,9 @@ def step_rates(model_name: str, batch_size: int, steps: int, device: torch.devic
     return {f"{name}_step_sps": batch_size * steps / seconds for name, seconds in best.items()}
 
 
-def ray_train_rate(model_name: str, batch_size: int, workers: int, samples: int, epochs: int, use_gpu: bool,
-                   augment: str = "none") -> float:
+def ray_train_rate(
+    model_name: str, batch_size: int, workers: int, samples: int, epochs: int, use_gpu: bool, augment: str = "none"
+) -> float:
     """Samples/s of the training job's epochs after the first (which pays start-up), from the
     per-epoch wall times the job records in its checkpoint."""
     import ray
@@ -93,12 +96,23 @@ def ray_train_rate(model_name: str, batch_size: int, workers: int, samples: int,
 
     channels, height, width = input_spec(model_name)
     rng = np.random.default_rng(0)
-    items = [{"image": rng.standard_normal((channels, height, width), dtype=np.float32), "label": int(rng.integers(10))} for _ in range(samples)]
+    items = [
+        {"image": rng.standard_normal((channels, height, width), dtype=np.float32), "label": int(rng.integers(10))}
+        for _ in range(samples)
+    ]
     dataset = ray.data.from_items(items).materialize()
     with tempfile.TemporaryDirectory() as storage:
         config = TrainConfig(
-            labeled="in-memory", model=model_name, num_classes=10, epochs=epochs, batch_size=batch_size,
-            num_workers=workers, use_gpu=use_gpu, storage_path=storage, name=f"bench-{workers}", checkpoint_every=epochs,
+            labeled="in-memory",
+            model=model_name,
+            num_classes=10,
+            epochs=epochs,
+            batch_size=batch_size,
+            num_workers=workers,
+            use_gpu=use_gpu,
+            storage_path=storage,
+            name=f"bench-{workers}",
+            checkpoint_every=epochs,
             augment=augment,
         )
         metrics = load_checkpoint(run(config, {"train": dataset}, [str(c) for c in range(10)])).metrics
@@ -116,7 +130,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096, help="labeled samples for the Ray Train runs")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--use-gpu", action="store_true")
-    parser.add_argument("--augment", default=None, help="augmentation preset (default: the one for the model's input size)")
+    parser.add_argument(
+        "--augment", default=None, help="augmentation preset (default: the one for the model's input size)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 

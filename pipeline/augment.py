@@ -99,7 +99,9 @@ class BatchAugment:
     def _resized_crop(self, images: Tensor, generator: torch.Generator, tries: int = 10) -> Tensor:
         b, _, h, w = images.shape
         area = h * w * torch.empty(b, tries).uniform_(*self.scale, generator=generator)
-        log_ratio = torch.empty(b, tries).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator)
+        log_ratio = torch.empty(b, tries).uniform_(
+            math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator
+        )
         ratio = torch.exp(log_ratio)
         cw, ch = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
         fits = (cw <= w) & (ch <= h)

@@ -137,12 +137,21 @@ class Checkpoint:
     def to_state(self) -> dict[str, Any]:
         """The on-disk form: a dict of tensors and plain values, as `torch.load(weights_only=True)` reads."""
         # A proxy keeps a stub `spec` beside `proxy`, as proxy checkpoints always have: its name and class count.
-        spec = self.spec.to_dict() if self.proxy is None else {"model": self.model_name, "num_classes": self.num_classes}
+        spec = (
+            self.spec.to_dict() if self.proxy is None else {"model": self.model_name, "num_classes": self.num_classes}
+        )
         proxy = {} if self.proxy is None else {"proxy": self.proxy.to_dict()}
         return {
-            "model": self.model_state, "lossnet": self.lossnet_state, "optimizer": self.optimizer_state,
-            "scheduler": self.scheduler_state, "epoch": self.epoch, "spec": spec, **proxy,
-            "classes": list(self.classes), "config": dict(self.config), "metrics": list(self.metrics),
+            "model": self.model_state,
+            "lossnet": self.lossnet_state,
+            "optimizer": self.optimizer_state,
+            "scheduler": self.scheduler_state,
+            "epoch": self.epoch,
+            "spec": spec,
+            **proxy,
+            "classes": list(self.classes),
+            "config": dict(self.config),
+            "metrics": list(self.metrics),
         }
 
     @classmethod
@@ -156,15 +165,26 @@ class Checkpoint:
 
         missing = _REQUIRED_KEYS - set(state if isinstance(state, dict) else ())
         if missing:
-            raise CheckpointError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; was it written by `lplgrad train`?")
+            raise CheckpointError(
+                f"checkpoint {path} lacks {', '.join(sorted(missing))}; was it written by `lplgrad train`?"
+            )
         try:
             spec = ProxySpec.from_dict(state["proxy"]) if "proxy" in state else ModelSpec.from_dict(state["spec"])
         except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {path} has an unreadable model spec ({error!r}); was it written by `lplgrad train` or `lplgrad proxy`?") from None
+            raise CheckpointError(
+                f"checkpoint {path} has an unreadable model spec ({error!r}); was it written by `lplgrad train` or "
+                "`lplgrad proxy`?"
+            ) from None
         return cls(
-            model_state=state["model"], lossnet_state=state["lossnet"], spec=spec, classes=tuple(state["classes"]),
-            epoch=int(state["epoch"]), optimizer_state=state.get("optimizer", {}), scheduler_state=state.get("scheduler", {}),
-            config=state.get("config", {}), metrics=tuple(state.get("metrics", ())),
+            model_state=state["model"],
+            lossnet_state=state["lossnet"],
+            spec=spec,
+            classes=tuple(state["classes"]),
+            epoch=int(state["epoch"]),
+            optimizer_state=state.get("optimizer", {}),
+            scheduler_state=state.get("scheduler", {}),
+            config=state.get("config", {}),
+            metrics=tuple(state.get("metrics", ())),
         )
 
 
@@ -212,15 +232,21 @@ def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str
         found = re.search(r"Unpickler error:\s*(.*?)\s*(?:Check the documentation|$)", " ".join(text.split()))
         named = re.search(r"(?:unsupported|Unsupported) (?:global: )?GLOBAL [\w.]+", text)
         detail = named.group(0) if named else (found.group(1).rstrip(".") if found else "")
-        return (f"checkpoint {path} holds Python objects beyond tensors and plain values"
-                f"{' (' + detail + ')' if detail else ''}, so it is refused: checkpoints are only ever read as data, "
-                "never as code (re-save it from `lplgrad train`, or save only state dicts with torch.save)")
+        return (
+            f"checkpoint {path} holds Python objects beyond tensors and plain values"
+            f"{' (' + detail + ')' if detail else ''}, so it is refused: checkpoints are only ever read as data, "
+            "never as code (re-save it from `lplgrad train`, or save only state dicts with torch.save)"
+        )
     if "zip" in text.lower() or "magic number" in text.lower() or isinstance(error, (EOFError, RuntimeError)):
-        return f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({' '.join(text.split())[:200]})"
+        return (
+            f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({' '.join(text.split())[:200]})"
+        )
     return f"cannot read checkpoint {path}: {' '.join(text.split())[:300]}"
 
 
-def build_from_checkpoint(checkpoint: Checkpoint, expected_classes: int | None = None) -> tuple[nn.Module, LossNet, FeatureTap]:
+def build_from_checkpoint(
+    checkpoint: Checkpoint, expected_classes: int | None = None
+) -> tuple[nn.Module, LossNet, FeatureTap]:
     """Rebuild the model, loss module and tap of a loaded checkpoint and load their weights.
 
     A proxy checkpoint (lplgrad proxy) rebuilds its head on cached features instead of a backbone.
@@ -269,7 +295,9 @@ def fetch_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None)
     return local
 
 
-def scoring_model(checkpoint: str, storage_options: Mapping[str, Any], num_classes: int) -> tuple[nn.Module, LossNet, FeatureTap]:
+def scoring_model(
+    checkpoint: str, storage_options: Mapping[str, Any], num_classes: int
+) -> tuple[nn.Module, LossNet, FeatureTap]:
     """Fetch `checkpoint` (a directory or object-store prefix) and rebuild its networks: what a
     scoring actor runs once, in its own process."""
     return build_from_checkpoint(load_checkpoint(fetch_checkpoint(checkpoint, storage_options)), num_classes)

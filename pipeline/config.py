@@ -138,10 +138,15 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        hints_text = "".join(f"; did you mean {prefix + close[0]}?" for u in unknown
-                             if (close := difflib.get_close_matches(str(u), list(fields), n=1, cutoff=0.6)))
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + str(u) for u in unknown)}{hints_text} "
-                          f"(valid keys: {', '.join(prefix + k for k in fields)}; `lplgrad JOB --help` describes them)")
+        hints_text = "".join(
+            f"; did you mean {prefix + close[0]}?"
+            for u in unknown
+            if (close := difflib.get_close_matches(str(u), list(fields), n=1, cutoff=0.6))
+        )
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + str(u) for u in unknown)}{hints_text} "
+            f"(valid keys: {', '.join(prefix + k for k in fields)}; `lplgrad JOB --help` describes them)"
+        )
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in values.items()}
     try:
         return cls(**kwargs)
@@ -350,8 +355,10 @@ def config_fields(cls: type, prefix: str = "") -> list[ConfigField]:
     for field in dataclasses.fields(cls):
         if not field.init:
             continue
-        meaning = _meaning(field.metadata.get("help") or comments.get(field.name) or attributes.get(field.name) or "",
-                           COMMON_MEANINGS.get(field.name, ""))
+        meaning = _meaning(
+            field.metadata.get("help") or comments.get(field.name) or attributes.get(field.name) or "",
+            COMMON_MEANINGS.get(field.name, ""),
+        )
         written = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
         described.append(ConfigField(prefix + field.name, written, _plain_default(field), meaning, prefix.rstrip(".")))
         section = _section_class(hints[field.name])
@@ -369,7 +376,13 @@ def _meaning(own: str, common: str) -> str:
 
 def _flow(value: Any) -> str:
     """A value as one line of YAML (what a key=value override or a config file would hold)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").removesuffix("...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10_000)
+        .strip()
+        .removesuffix("\n...")
+        .removesuffix("...")
+        .strip()
+    )
 
 
 def config_help(cls: type) -> str:
@@ -384,15 +397,19 @@ def config_help(cls: type) -> str:
     described = config_fields(cls)
     section_keys = {f.section for f in described}
     fields = [f for f in described if f.key not in section_keys]
-    widths = [max(len(text) for text in column) for column in
-              zip(*[(f.key, f.type, _flow(f.default)) for f in fields], ("key", "type", "default"))]
+    widths = [
+        max(len(text) for text in column)
+        for column in zip(*[(f.key, f.type, _flow(f.default)) for f in fields], ("key", "type", "default"))
+    ]
     widths[2] = min(widths[2], 24)  # a long default (a list of strategies) overflows its column
 
     def row(key: str, kind: str, default: str, meaning: str) -> str:
         return f"  {key.ljust(widths[0])}  {kind.ljust(widths[1])}  {default.ljust(widths[2])}  {meaning}".rstrip()
 
-    lines = [f"config keys ({cls.__name__}): set as key=value, section.key=value, or in --config FILE",
-             row("key", "type", "default", "meaning")]
+    lines = [
+        f"config keys ({cls.__name__}): set as key=value, section.key=value, or in --config FILE",
+        row("key", "type", "default", "meaning"),
+    ]
     lines.extend(row(f.key, f.type, _flow(f.default), f.meaning) for f in fields if not f.section)
     for section in (f for f in described if f.key in section_keys):
         note = f"; {section.meaning}" if section.meaning else ""
@@ -426,8 +443,11 @@ def default_config_yaml(cls: type, header: str = "") -> str:
             # An optional section left null: show its keys commented out, so uncommenting them sets it.
             lines.append(f"{indent}{name}: null{comment}")
             lines.append(f"{indent}# to set {field.key}, replace null with these keys (defaults shown):")
-            lines.extend(f"{indent}# {'  ' * (f.key.count('.') - depth - 1)}  {f.key.rsplit('.', 1)[-1]}: {_flow(f.default)}"
-                         for f in all_fields if f.key.startswith(field.key + "."))
+            lines.extend(
+                f"{indent}# {'  ' * (f.key.count('.') - depth - 1)}  {f.key.rsplit('.', 1)[-1]}: {_flow(f.default)}"
+                for f in all_fields
+                if f.key.startswith(field.key + ".")
+            )
             continue
         if any(field.key.startswith(s + ".") for s in sections if _default_of(all_fields, s) is None):
             continue

@@ -77,8 +77,23 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # Two-sided 95% Student t quantiles by degrees of freedom (df > 30: the normal 1.96 is within 4%).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+}
 
 
 def t_quantile_975(df: int) -> float:
@@ -132,12 +147,27 @@ def paired_differences(rows: Sequence[dict[str, Any]], baseline: str = "random")
             accuracies = [float(runs[(strategy, seed)][cycle]["test_accuracy"]) for seed in present]
             mean, std, _, _ = _mean_ci(accuracies)
             labeled = sum(int(runs[(strategy, seed)][cycle]["labeled"]) for seed in present) / len(present)
-            paired = [float(runs[(strategy, seed)][cycle]["test_accuracy"]) - float(runs[(baseline, seed)][cycle]["test_accuracy"])
-                      for seed in present if cycle in runs.get((baseline, seed), {})]
+            paired = [
+                float(runs[(strategy, seed)][cycle]["test_accuracy"])
+                - float(runs[(baseline, seed)][cycle]["test_accuracy"])
+                for seed in present
+                if cycle in runs.get((baseline, seed), {})
+            ]
             diff = _mean_ci(paired) if paired else (None, None, None, None)
-            out.append({"strategy": strategy, "cycle": cycle, "labeled": round(labeled), "runs": len(present), "mean": mean,
-                        "std": 0.0 if math.isnan(std) else std, "diff": diff[0], "diff_std": diff[1],
-                        "diff_low": diff[2], "diff_high": diff[3]})
+            out.append(
+                {
+                    "strategy": strategy,
+                    "cycle": cycle,
+                    "labeled": round(labeled),
+                    "runs": len(present),
+                    "mean": mean,
+                    "std": 0.0 if math.isnan(std) else std,
+                    "diff": diff[0],
+                    "diff_std": diff[1],
+                    "diff_low": diff[2],
+                    "diff_high": diff[3],
+                }
+            )
     return out
 
 
@@ -182,8 +212,18 @@ def aulc_summary(rows: Sequence[dict[str, Any]], baseline: str = "random") -> li
         mean, std, _, _ = _mean_ci(list(values.values()))
         paired = [v - b for seed, v in values.items() if (b := seed_aulc(baseline, seed)) is not None]
         diff = _mean_ci(paired) if paired else (None, None, None, None)
-        out.append({"strategy": strategy, "runs": len(values), "aulc": mean, "aulc_std": 0.0 if math.isnan(std) else std,
-                    "diff": diff[0], "diff_std": diff[1], "diff_low": diff[2], "diff_high": diff[3]})
+        out.append(
+            {
+                "strategy": strategy,
+                "runs": len(values),
+                "aulc": mean,
+                "aulc_std": 0.0 if math.isnan(std) else std,
+                "diff": diff[0],
+                "diff_std": diff[1],
+                "diff_low": diff[2],
+                "diff_high": diff[3],
+            }
+        )
     return out
 
 
@@ -213,18 +253,38 @@ def difference_table(rows: Sequence[dict[str, Any]], baseline: str = "random") -
         return ""
     diffs = paired_differences(rows, baseline)
     cycles = sorted({d["cycle"] for d in diffs})
-    sizes = {c: round(sum(d["labeled"] for d in diffs if d["cycle"] == c) / sum(1 for d in diffs if d["cycle"] == c)) for c in cycles}
-    cells = {(d["strategy"], d["cycle"]): f"{_pct(d['diff'], True)} [{_pct(d['diff_low'], True)}, {_pct(d['diff_high'], True)}]"
-             for d in diffs if d["diff"] is not None}
-    lines = [f"Accuracy minus {baseline} (points), paired by seed, mean [95% interval]:", "",
-             "| strategy | " + " | ".join(str(sizes[c]) for c in cycles) + " |", "| --- |" + " --- |" * len(cycles)]
+    sizes = {
+        c: round(sum(d["labeled"] for d in diffs if d["cycle"] == c) / sum(1 for d in diffs if d["cycle"] == c))
+        for c in cycles
+    }
+    cells = {
+        (
+            d["strategy"],
+            d["cycle"],
+        ): f"{_pct(d['diff'], True)} [{_pct(d['diff_low'], True)}, {_pct(d['diff_high'], True)}]"
+        for d in diffs
+        if d["diff"] is not None
+    }
+    lines = [
+        f"Accuracy minus {baseline} (points), paired by seed, mean [95% interval]:",
+        "",
+        "| strategy | " + " | ".join(str(sizes[c]) for c in cycles) + " |",
+        "| --- |" + " --- |" * len(cycles),
+    ]
     for strategy in sorted({d["strategy"] for d in diffs} - {baseline}):
         lines.append(f"| {strategy} | " + " | ".join(cells.get((strategy, c), "") for c in cycles) + " |")
-    lines += ["", f"Area under the learning curve (mean accuracy over the budget, %), and minus {baseline} paired by seed:", "",
-              f"| strategy | AULC | minus {baseline} [95% interval] |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        f"Area under the learning curve (mean accuracy over the budget, %), and minus {baseline} paired by seed:",
+        "",
+        f"| strategy | AULC | minus {baseline} [95% interval] |",
+        "| --- | --- | --- |",
+    ]
     for entry in sorted(aulc_summary(rows, baseline), key=lambda e: -e["aulc"]):
-        lines.append(f"| {entry['strategy']} | {_pct(entry['aulc'])} ± {_pct(entry['aulc_std'])} | "
-                     f"{_pct(entry['diff'], True)} [{_pct(entry['diff_low'], True)}, {_pct(entry['diff_high'], True)}] |")
+        lines.append(
+            f"| {entry['strategy']} | {_pct(entry['aulc'])} ± {_pct(entry['aulc_std'])} | "
+            f"{_pct(entry['diff'], True)} [{_pct(entry['diff_low'], True)}, {_pct(entry['diff_high'], True)}] |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +321,9 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], png: str | Path, title:
             xs = [d["labeled"] for d in points]
             lower.plot(xs, [100 * d["diff"] for d in points], marker="o", label=strategy)
             if all(d["diff_low"] is not None and not math.isnan(d["diff_low"]) for d in points):
-                lower.fill_between(xs, [100 * d["diff_low"] for d in points], [100 * d["diff_high"] for d in points], alpha=0.12)
+                lower.fill_between(
+                    xs, [100 * d["diff_low"] for d in points], [100 * d["diff_high"] for d in points], alpha=0.12
+                )
         lower.axhline(0.0, color="black", linewidth=0.8)
         lower.set_xlabel("labeled samples")
         lower.set_ylabel(f"accuracy minus {baseline} (points), 95% interval")

@@ -25,9 +25,7 @@ def _as_vector(t: Tensor, name: str) -> Tensor:
     return t
 
 
-def loss_prediction_ranking_loss(
-    pred_loss: Tensor, true_loss: Tensor, margin: float = 1.0
-) -> Tensor:
+def loss_prediction_ranking_loss(pred_loss: Tensor, true_loss: Tensor, margin: float = 1.0) -> Tensor:
     """Pairwise margin ranking loss between predicted and true per-sample losses.
 
     Sample ``i`` is paired with ``B-1-i`` for ``i < B // 2`` (the authors' split of a batch
@@ -53,8 +51,7 @@ def loss_prediction_ranking_loss(
     true = _as_vector(true_loss, "true_loss").detach()
     if pred.shape != true.shape:
         raise ValueError(
-            f"pred_loss and true_loss must have the same batch size, got {list(pred.shape)} "
-            f"and {list(true.shape)}"
+            f"pred_loss and true_loss must have the same batch size, got {list(pred.shape)} and {list(true.shape)}"
         )
     half = pred.shape[0] // 2
     if half == 0:

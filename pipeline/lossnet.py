@@ -33,15 +33,11 @@ class LossNet(nn.Module):
         super().__init__()
         channels = [int(c) for c in feature_channels]
         if not channels or any(c <= 0 for c in channels):
-            raise ValueError(
-                f"feature_channels must be positive ints, got {list(feature_channels)}"
-            )
+            raise ValueError(f"feature_channels must be positive ints, got {list(feature_channels)}")
         if hidden <= 0:
             raise ValueError(f"hidden must be positive, got {hidden}")
         self.feature_channels = tuple(channels)
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(c, hidden), nn.ReLU()) for c in channels
-        )
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(c, hidden), nn.ReLU()) for c in channels)
         self.out = nn.Linear(len(channels) * hidden, 1)
 
     @classmethod
@@ -71,9 +67,7 @@ class LossNet(nn.Module):
         if input_shape is None:
             input_shape = getattr(model, "expected_input", None)
             if input_shape is None:
-                raise ValueError(
-                    f"{type(model).__name__} has no expected_input; pass input_shape=(C, H, W)"
-                )
+                raise ValueError(f"{type(model).__name__} has no expected_input; pass input_shape=(C, H, W)")
         shapes = feature_shapes(model, layers, input_shape)
         if any(len(s) == 0 for s in shapes):
             raise ValueError(f"tapped features must have a channel dimension, got shapes {shapes}")
@@ -99,12 +93,9 @@ class LossNet(nn.Module):
         pooled = []
         for i, (f, head) in enumerate(zip(features, self.heads)):
             if f.dim() < 2 or f.shape[1] != self.feature_channels[i]:
-                raise ValueError(
-                    f"feature {i} must be [B, {self.feature_channels[i]}, ...], got {list(f.shape)}"
-                )
+                raise ValueError(f"feature {i} must be [B, {self.feature_channels[i]}, ...], got {list(f.shape)}")
             # Global average pool over all spatial dims: [B, C, *S] -> [B, C]; any S works.
             v = f.flatten(2).mean(dim=2) if f.dim() > 2 else f
             pooled.append(head(v))
         # Concatenate heads: n x [B, hidden] -> [B, n * hidden] -> [B, 1] -> [B].
         return self.out(torch.cat(pooled, dim=1)).squeeze(1)
-

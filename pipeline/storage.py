@@ -88,9 +88,7 @@ class StorageReadError(StorageError, OSError):
         return (type(self), (self.problems,))
 
 
-def storage_options_for(
-    uri: str, storage_options: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
+def storage_options_for(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Resolve the fsspec storage options for ``uri``, applying S3 endpoint overrides.
 
     Args:
@@ -112,9 +110,7 @@ def storage_options_for(
     return options
 
 
-def filesystem_for(
-    uri: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[AbstractFileSystem, str]:
+def filesystem_for(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """Open the fsspec filesystem for ``uri``.
 
     Args:
@@ -179,7 +175,11 @@ def check_storage(uri: str, storage_options: Mapping[str, Any] | None = None, wh
 
 def _endpoint(uri: str, storage_options: Mapping[str, Any] | None) -> str:
     options = storage_options_for(uri, storage_options)
-    return options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or "the AWS default endpoint"
+    return (
+        options.get("endpoint_url")
+        or (options.get("client_kwargs") or {}).get("endpoint_url")
+        or "the AWS default endpoint"
+    )
 
 
 def storage_error(error: BaseException, uri: str, storage_options: Mapping[str, Any] | None, what: str) -> Exception:
@@ -191,16 +191,22 @@ def storage_error(error: BaseException, uri: str, storage_options: Mapping[str, 
     endpoint = _endpoint(uri, storage_options)
     where = f"{what} {uri} (endpoint {endpoint})"
     if any(s in name for s in ("NoCredentials", "Unable to locate credentials", "PartialCredentials")):
-        return PermissionError(f"{where}: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                               "an AWS profile, or storage_options.key/secret)")
+        return PermissionError(
+            f"{where}: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "an AWS profile, or storage_options.key/secret)"
+        )
     if isinstance(error, PermissionError) or any(
         s in name for s in ("Forbidden", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
     ):
-        return PermissionError(f"{where}: access denied: {error} (check the access key and secret for this endpoint, "
-                               "and that they may list and write this bucket)")
+        return PermissionError(
+            f"{where}: access denied: {error} (check the access key and secret for this endpoint, "
+            "and that they may list and write this bucket)"
+        )
     if any(s in name for s in ("EndpointConnection", "ConnectTimeout", "ConnectionError", "Could not connect")):
-        return ConnectionError(f"{where}: cannot reach the endpoint (check endpoint_url / AWS_ENDPOINT_URL and "
-                               "that the store is up and reachable from this machine)")
+        return ConnectionError(
+            f"{where}: cannot reach the endpoint (check endpoint_url / AWS_ENDPOINT_URL and "
+            "that the store is up and reachable from this machine)"
+        )
     if isinstance(error, FileNotFoundError) or "NoSuchBucket" in name:
         return FileNotFoundError(f"{where}: the bucket does not exist: {error} (create it, or fix the URI)")
     return error if isinstance(error, Exception) else RuntimeError(str(error))
@@ -429,7 +435,9 @@ class RetryingReader(io.RawIOBase):
                 self._drop_handle()
                 raise
 
-        data = retry_call(attempt, what=self._uri, attempts=self._attempts, backoff_s=self._backoff_s, error=self._error)
+        data = retry_call(
+            attempt, what=self._uri, attempts=self._attempts, backoff_s=self._backoff_s, error=self._error
+        )
         self._pos += len(data)
         return data
 

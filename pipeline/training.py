@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler, MultiStepLR
 
-from pipeline.lossnet import LossNet
 from pipeline.losses import JointLoss, joint_loss
+from pipeline.lossnet import LossNet
 from pipeline.models.feature_tap import FeatureTap
 
 __all__ = [
@@ -65,9 +65,7 @@ class TrainSchedule:
         if self.epochs <= 0:
             problems.append(f"epochs must be > 0, got {self.epochs}")
         if not 0 <= self.epoch_loss <= self.epochs:
-            problems.append(
-                f"epoch_loss must be in [0, epochs={self.epochs}], got {self.epoch_loss}"
-            )
+            problems.append(f"epoch_loss must be in [0, epochs={self.epochs}], got {self.epoch_loss}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -78,8 +76,7 @@ class TrainSchedule:
         increasing = list(self.milestones) == sorted(set(self.milestones))
         if not (in_range and increasing):
             problems.append(
-                f"milestones must be strictly increasing epochs in (0, epochs={self.epochs}], "
-                f"got {self.milestones}"
+                f"milestones must be strictly increasing epochs in (0, epochs={self.epochs}], got {self.milestones}"
             )
         if self.gamma <= 0:
             problems.append(f"gamma must be > 0, got {self.gamma}")
@@ -116,9 +113,7 @@ def detach_features(epoch: int, schedule: TrainSchedule) -> bool:
     return epoch >= schedule.epoch_loss
 
 
-def make_optimizers(
-    model: nn.Module, lossnet: LossNet, schedule: TrainSchedule
-) -> tuple[Optimizer, LRScheduler]:
+def make_optimizers(model: nn.Module, lossnet: LossNet, schedule: TrainSchedule) -> tuple[Optimizer, LRScheduler]:
     """One SGD over backbone and LossNet (one param group each) with a MultiStepLR.
 
     The paper uses two optimisers with identical settings; one with two groups is the same
@@ -136,12 +131,8 @@ def make_optimizers(
         {"params": [p for p in model.parameters() if p.requires_grad]},
         {"params": [p for p in lossnet.parameters() if p.requires_grad]},
     ]
-    optimizer = SGD(
-        groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
-    )
-    lr_scheduler = MultiStepLR(
-        optimizer, milestones=list(schedule.milestones), gamma=schedule.gamma
-    )
+    optimizer = SGD(groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    lr_scheduler = MultiStepLR(optimizer, milestones=list(schedule.milestones), gamma=schedule.gamma)
     return optimizer, lr_scheduler
 
 

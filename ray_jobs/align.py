@@ -24,18 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.proxy.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
 from pipeline.checkpoint import CHECKPOINT_FILE, checkpoint_digest, fetch_checkpoint, load_checkpoint
-from pipeline.proxy.store import FeatureStoreError, open_store
 from pipeline.pools import resolve_pool
+from pipeline.proxy.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
+from pipeline.proxy.store import FeatureStoreError, open_store
 from pipeline.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
+from ray_jobs._shared import jobs
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
-from ray_jobs._shared import jobs
 from ray_jobs._shared.entry import Job, run_job
 
 
@@ -160,13 +160,17 @@ def current_state(config: AlignConfig, labeled: int) -> tuple[AlignmentState, by
 def _first_or(config: AlignConfig, state: AlignmentState | None, labeled: int) -> AlignmentState:
     if state is not None:
         if config.backbone and config.backbone != state.backbone:
-            raise ValueError(f"{config.state} already names backbone {state.backbone}; backbone= only starts a new state "
-                             "(drop it, or point state= at a new file)")
+            raise ValueError(
+                f"{config.state} already names backbone {state.backbone}; backbone= only starts a new state "
+                "(drop it, or point state= at a new file)"
+            )
         return state
     first = config.backbone or config.promote
     if not first:
-        raise ValueError(f"no alignment state at {config.state} yet: name the backbone the feature store was "
-                         "extracted with (backbone=CHECKPOINT_URI)")
+        raise ValueError(
+            f"no alignment state at {config.state} yet: name the backbone the feature store was "
+            "extracted with (backbone=CHECKPOINT_URI)"
+        )
     return AlignmentState(first, checkpoint_digest(fetch_checkpoint(first, config.storage_options)), labeled)
 
 
@@ -176,12 +180,16 @@ def _first_or(config: AlignConfig, state: AlignmentState | None, labeled: int) -
 def check_probe_stores(stores: Sequence[str], backbone_sha256: str, storage_options: Mapping[str, Any]) -> None:
     """LP-FT probes the current backbone's features: refuse stores of another backbone before training."""
     if not stores:
-        raise ValueError("LP-FT trains a linear probe on the labeled samples' cached features: set features=[STORE,...]")
+        raise ValueError(
+            "LP-FT trains a linear probe on the labeled samples' cached features: set features=[STORE,...]"
+        )
     for uri in stores:
         store = open_store(uri, storage_options)
         if store.backbone.sha256 != backbone_sha256:
-            raise FeatureStoreError(f"{uri} holds features of backbone {store.backbone.sha256[:12]}, but the current backbone "
-                                    f"is {backbone_sha256[:12]}: run lplgrad features with it first")
+            raise FeatureStoreError(
+                f"{uri} holds features of backbone {store.backbone.sha256[:12]}, but the current backbone "
+                f"is {backbone_sha256[:12]}: run lplgrad features with it first"
+            )
 
 
 def promote(local_checkpoint: Path, to: str, storage_options: Mapping[str, Any]) -> None:
@@ -197,11 +205,24 @@ def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -
     name = f"align-{labeled}"
     train_config = jobs.config(
         "train",
-        labeled=config.labeled, holdout=config.holdout, model=backbone.model_name, in_channels=backbone.in_channels,
-        epochs=config.epochs, batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.use_gpu,
-        cpus_per_worker=config.cpus_per_worker, storage_path=config.storage_path, name=name,
-        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, seed=config.seed,
-        warm_start=state.backbone, storage_options=config.storage_options, augment=config.augment,
+        labeled=config.labeled,
+        holdout=config.holdout,
+        model=backbone.model_name,
+        in_channels=backbone.in_channels,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        use_gpu=config.use_gpu,
+        cpus_per_worker=config.cpus_per_worker,
+        storage_path=config.storage_path,
+        name=name,
+        checkpoint_every=config.epochs,
+        eval_every=config.epochs,
+        keep_checkpoints=1,
+        seed=config.seed,
+        warm_start=state.backbone,
+        storage_options=config.storage_options,
+        augment=config.augment,
     )
     probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
     checkpoint = jobs.finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
@@ -235,15 +256,31 @@ def run(config: AlignConfig) -> dict[str, Any]:
     aligned = None
     if mode is not None:
         print(connect(config.address))
-        guard_driver([("labeled", config.labeled), ("holdout", config.holdout), ("storage_path", config.storage_path),
-                      ("backbone", state.backbone), *(("features", store) for store in config.features)], config.storage_options)
+        guard_driver(
+            [
+                ("labeled", config.labeled),
+                ("holdout", config.holdout),
+                ("storage_path", config.storage_path),
+                ("backbone", state.backbone),
+                *(("features", store) for store in config.features),
+            ],
+            config.storage_options,
+        )
         print(f"aligning at {labeled} labels ({mode}) from {state.backbone}")
         state, aligned = align(config, state, labeled, mode)
     else:
         state = state.observe(labeled)
     commit_round(config, base, state, aligned)
-    result = {"aligned": mode is not None, "finetune": mode, "backbone": state.backbone, "backbone_sha256": state.backbone_sha256,
-              "labeled": labeled, "aligned_at": state.aligned_at, "rounds_since": len(state.rounds), "state": config.state}
+    result = {
+        "aligned": mode is not None,
+        "finetune": mode,
+        "backbone": state.backbone,
+        "backbone_sha256": state.backbone_sha256,
+        "labeled": labeled,
+        "aligned_at": state.aligned_at,
+        "rounds_since": len(state.rounds),
+        "state": config.state,
+    }
     print(json.dumps(result))
     return result
 

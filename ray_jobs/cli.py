@@ -24,11 +24,11 @@ import importlib
 import os
 import sys
 
-from ray_jobs._shared import config_cli as _config_cli, errors as _errors
+from ray_jobs._shared import config_cli as _config_cli
+from ray_jobs._shared import errors as _errors
 from ray_jobs._shared.entry import run_job
 from ray_jobs._shared.jobs import JOBS
 from ray_jobs._shared.progress import VERBOSE_ENV
-
 
 
 def build_parser() -> argparse.ArgumentParser:

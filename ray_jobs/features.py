@@ -4,7 +4,8 @@ that proxy training and proxy queries read instead of running the backbone (docs
     lplgrad features pool=runs/pools/unlabeled out=runs/features/unlabeled checkpoint=runs/train/RUN/checkpoint_...
     lplgrad features pool=s3://bucket/pool out=s3://bucket/features/pool model=resnet50 weights=/models/resnet50.pt
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python -m ray_jobs.features pool=s3://bucket/pool out=s3://bucket/features/pool checkpoint=... actors=8 gpus_per_actor=1
+        python -m ray_jobs.features pool=s3://bucket/pool out=s3://bucket/features/pool checkpoint=... \
+        actors=8 gpus_per_actor=1
 
 Pipeline: the same read/decode stages as the query job; an actor pool of `FeatureExtractor`s
 (backbone loaded once per actor) turns batches into feature rows, which Ray Data writes as
@@ -27,6 +28,9 @@ from typing import Any
 import ray
 
 from pipeline.checkpoint import build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint
+from pipeline.manifest.incremental import shard_identities
+from pipeline.models import available_models, create_model
+from pipeline.pools import resolve_pool, spec_for_model
 from pipeline.proxy.extraction import FeatureExtractor, feature_dim
 from pipeline.proxy.store import (
     Backbone,
@@ -39,14 +43,11 @@ from pipeline.proxy.store import (
     open_store,
     plan_extraction,
 )
-from pipeline.manifest.incremental import shard_identities
-from pipeline.models import available_models, create_model
-from pipeline.pools import resolve_pool, spec_for_model
 from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
-from ray_jobs._shared.pool_data import read_pool
 from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.pool_data import read_pool
 
 
 @dataclass(frozen=True)
@@ -98,23 +99,35 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_backbone(config: FeaturesConfig, num_classes: int | None) -> tuple[Backbone, Callable[[], tuple[Any, ...]], Any]:
+def resolve_backbone(
+    config: FeaturesConfig, num_classes: int | None
+) -> tuple[Backbone, Callable[[], tuple[Any, ...]], Any]:
     """(Backbone record, the actors' build function, the decode spec), checked on the driver so a
     bad checkpoint or weights file fails before Ray starts anything."""
     if config.checkpoint is not None:
         local = fetch_checkpoint(config.checkpoint, config.storage_options)
         loaded = load_checkpoint(local)
         if loaded.is_proxy:
-            raise ValueError(f"{config.checkpoint} is a proxy checkpoint; features come from a backbone checkpoint (lplgrad train)")
+            raise ValueError(
+                f"{config.checkpoint} is a proxy checkpoint; features come from a backbone checkpoint (lplgrad train)"
+            )
         model = build_from_checkpoint(loaded, len(loaded.classes))[0]
         name, in_channels, sha = loaded.model_name, loaded.in_channels, checkpoint_digest(local)
-        source, build = config.checkpoint, functools.partial(checkpoint_backbone, config.checkpoint, config.storage_options)
+        source, build = (
+            config.checkpoint,
+            functools.partial(checkpoint_backbone, config.checkpoint, config.storage_options),
+        )
     else:
         classes = config.num_classes or num_classes
         if classes is None:
             raise ValueError("the pool has no class list: pass num_classes= (the weights file's classifier size)")
         model = create_model(config.model, num_classes=classes, in_channels=config.in_channels, weights=config.weights)
-        name, in_channels, sha, source = config.model, config.in_channels, file_digest(config.weights), str(config.weights)
+        name, in_channels, sha, source = (
+            config.model,
+            config.in_channels,
+            file_digest(config.weights),
+            str(config.weights),
+        )
         build = functools.partial(weights_backbone, config.model, config.weights, classes, config.in_channels)
     backbone = Backbone(sha256=sha, source=source, model=name, dim=feature_dim(model))
     return backbone, build, spec_for_model(name, in_channels=in_channels)
@@ -149,21 +162,39 @@ def run(config: FeaturesConfig, join: Callable[[], None] | None = None) -> Featu
             join()
         write_generation(config, pool, plan.extract, build, spec, generation, backbone.dim)
     counts = count_generation(config.out, generation, config.storage_options)
-    shards = [plan.reuse.get(uri) or StoreShard(uri, identities[uri], generation, *counts.get(uri, (0, 0))) for uri in identities]
-    store = commit_store(config.out, config.pool, backbone, shards, config.storage_options,
-                         based_on=previous.sequence if previous is not None else 0, generation=generation)
+    shards = [
+        plan.reuse.get(uri) or StoreShard(uri, identities[uri], generation, *counts.get(uri, (0, 0)))
+        for uri in identities
+    ]
+    store = commit_store(
+        config.out,
+        config.pool,
+        backbone,
+        shards,
+        config.storage_options,
+        based_on=previous.sequence if previous is not None else 0,
+        generation=generation,
+    )
     extracted = sum(rows for rows, _ in counts.values())
     seconds = time.perf_counter() - start
-    print(f"extracted {extracted} rows from {len(plan.extract)} shards in {seconds:.1f}s "
-          f"({extracted / max(seconds, 1e-9):.1f} rows/s), reused {len(plan.reuse)} shards; "
-          f"store {config.out}: {store.num_rows} rows, dim {backbone.dim}, backbone {backbone.sha256[:12]}")
+    print(
+        f"extracted {extracted} rows from {len(plan.extract)} shards in {seconds:.1f}s "
+        f"({extracted / max(seconds, 1e-9):.1f} rows/s), reused {len(plan.reuse)} shards; "
+        f"store {config.out}: {store.num_rows} rows, dim {backbone.dim}, backbone {backbone.sha256[:12]}"
+    )
     return store
 
 
 def write_generation(config: FeaturesConfig, pool, shards: list[str], build, spec, generation: str, dim: int) -> None:
     """Read and decode the shards, extract on the actor pool, write parquet from the workers."""
-    data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
-                     batch_size=config.batch_size, shards=shards if len(shards) < len(pool.shards) else None)
+    data = read_pool(
+        config.pool,
+        spec,
+        storage_options=config.storage_options,
+        on_bad_shard="error_row",
+        batch_size=config.batch_size,
+        shards=shards if len(shards) < len(pool.shards) else None,
+    )
     rows = data.drop_columns(["label", "meta"]).map_batches(
         FeatureExtractor,
         fn_constructor_args=(build, generation),
@@ -185,8 +216,15 @@ def start(config: FeaturesConfig) -> None:
 
     def join() -> None:
         print(connect(config.address))
-        guard_driver([("pool", config.pool), ("out", config.out), ("checkpoint", config.checkpoint), ("weights", config.weights)],
-                     config.storage_options)
+        guard_driver(
+            [
+                ("pool", config.pool),
+                ("out", config.out),
+                ("checkpoint", config.checkpoint),
+                ("weights", config.weights),
+            ],
+            config.storage_options,
+        )
 
     run(config, join)  # inputs are checked before Ray starts
 

@@ -43,13 +43,19 @@ _COMMANDS = "{show,verify,export,extract,report}"
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("uri", help="run directory {out}/{run_id}, or the output root {out} (follows LATEST)")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec option for every URI, repeatable (endpoint_url=http://host:9000)")
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for every URI, repeatable (endpoint_url=http://host:9000)",
+    )
 
 
 def _pool_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pool", help="the pool's current location, when it moved since the run "
-                                       "(shards are matched by file name)")
+    parser.add_argument(
+        "--pool", help="the pool's current location, when it moved since the run (shards are matched by file name)"
+    )
 
 
 def _add_manifest_commands(subparsers: Any) -> None:
@@ -59,19 +65,27 @@ def _add_manifest_commands(subparsers: Any) -> None:
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(func=run_show)
 
-    verify = subparsers.add_parser("verify", help="check a run is complete, matches the schema and its checksums; exit 1 if not")
+    verify = subparsers.add_parser(
+        "verify", help="check a run is complete, matches the schema and its checksums; exit 1 if not"
+    )
     _run_arguments(verify)
-    verify.add_argument("--quick", action="store_true",
-                        help="skip streaming the scores' key column and hashing every file "
-                             "(row counts and file sizes are still checked)")
+    verify.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip streaming the scores' key column and hashing every file "
+        "(row counts and file sizes are still checked)",
+    )
     verify.set_defaults(func=run_verify)
 
     export = subparsers.add_parser("export", help="write the selection as CSV, JSON Lines or Label Studio tasks")
     _run_arguments(export)
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="destination file (path or fsspec URI), or - for stdout")
-    export.add_argument("--image-url-prefix", metavar="PREFIX",
-                        help="image URLs are PREFIX/KEY.EXT (required for label-studio; adds an image column otherwise)")
+    export.add_argument(
+        "--image-url-prefix",
+        metavar="PREFIX",
+        help="image URLs are PREFIX/KEY.EXT (required for label-studio; adds an image column otherwise)",
+    )
     export.add_argument("--image-ext", help="extension of every image (default: looked up in the pool)")
     _pool_argument(export)
     export.set_defaults(func=run_export)
@@ -80,11 +94,16 @@ def _add_manifest_commands(subparsers: Any) -> None:
     _run_arguments(extract)
     extract.add_argument("--out", required=True, help="destination folder or fsspec prefix")
     _pool_argument(extract)
-    extract.add_argument("--search-pool", action="store_true",
-                         help="look through every shard for keys not found in the shard the selection names")
+    extract.add_argument(
+        "--search-pool",
+        action="store_true",
+        help="look through every shard for keys not found in the shard the selection names",
+    )
     extract.set_defaults(func=run_extract)
 
-    report = subparsers.add_parser("report", help="write one self-contained HTML page: selected images, scores, class mix, errors")
+    report = subparsers.add_parser(
+        "report", help="write one self-contained HTML page: selected images, scores, class mix, errors"
+    )
     _run_arguments(report)
     report.add_argument("--out", help="HTML file (path or fsspec URI; default: report-RUN_ID.html here)")
     report.add_argument("--max-images", type=int, default=1000, help="thumbnails shown, rank order (default 1000)")
@@ -99,11 +118,12 @@ def add_commands(subparsers: Any) -> None:
         subparsers: What ``ArgumentParser.add_subparsers()`` returned; each leaf parser sets
             ``func`` to a callable ``(args) -> int`` exit code.
     """
-    manifest = subparsers.add_parser("manifest", help="show, verify, export, extract and report committed query runs",
-                                     description="Read committed query runs (selection manifests).")
+    manifest = subparsers.add_parser(
+        "manifest",
+        help="show, verify, export, extract and report committed query runs",
+        description="Read committed query runs (selection manifests).",
+    )
     _add_manifest_commands(manifest.add_subparsers(dest="manifest_command", required=True, metavar=_COMMANDS))
-
-
 
 
 @one_line_errors("manifest")
@@ -132,8 +152,14 @@ def run_export(args: argparse.Namespace) -> int:
     """Export the selection; says how many rows went where."""
     run = open_run(args.uri, parse_storage_options(args.storage_option))
     to_stdout = args.out == "-"
-    data = export_selection(run, args.format, None if to_stdout else args.out, image_url_prefix=args.image_url_prefix,
-                            image_ext=args.image_ext, pool=args.pool)
+    data = export_selection(
+        run,
+        args.format,
+        None if to_stdout else args.out,
+        image_url_prefix=args.image_url_prefix,
+        image_ext=args.image_ext,
+        pool=args.pool,
+    )
     if to_stdout:
         sys.stdout.write(data.decode())
     else:
@@ -146,9 +172,18 @@ def run_extract(args: argparse.Namespace) -> int:
     """Extract the selected images; lists missing keys and exits 1 when there are any."""
     run = open_run(args.uri, parse_storage_options(args.storage_option))
     report = extract_images(run, args.out, pool=args.pool, search_pool=args.search_pool)
-    print(json.dumps({"run": run.uri, "out": report.out, "written": len(report.written),
-                      "missing": len(report.missing), "shards_read": report.shards_read,
-                      "bytes": report.bytes_written}))
+    print(
+        json.dumps(
+            {
+                "run": run.uri,
+                "out": report.out,
+                "written": len(report.written),
+                "missing": len(report.missing),
+                "shards_read": report.shards_read,
+                "bytes": report.bytes_written,
+            }
+        )
+    )
     for key, reason in sorted(report.missing.items()):
         print(f"missing {key}: {reason}", file=sys.stderr)
     return 1 if report.missing else 0
@@ -170,8 +205,11 @@ def run_report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m ray_jobs.manifest_cli {show,verify,export,extract} ...``."""
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.manifest_cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.manifest_cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_manifest_commands(parser.add_subparsers(dest="manifest_command", required=True, metavar=_COMMANDS))
     args = parser.parse_args(argv)
     return int(args.func(args))

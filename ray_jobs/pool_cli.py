@@ -42,27 +42,51 @@ __all__ = ["add_commands", "main"]
 
 def _common_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="new pool prefix: path, file://, s3://, gs://, ...")
-    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
-                        help=f"maximum samples per shard (default {DEFAULT_SHARD_SAMPLES})")
-    parser.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES,
-                        help=f"target maximum bytes per shard (default {DEFAULT_SHARD_BYTES})")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for every URI, repeatable (endpoint_url=http://host:9000, "
-                             "anon=true, client_kwargs.region_name=eu-west-1)")
+    parser.add_argument(
+        "--shard-samples",
+        type=int,
+        default=DEFAULT_SHARD_SAMPLES,
+        help=f"maximum samples per shard (default {DEFAULT_SHARD_SAMPLES})",
+    )
+    parser.add_argument(
+        "--shard-bytes",
+        type=int,
+        default=DEFAULT_SHARD_BYTES,
+        help=f"target maximum bytes per shard (default {DEFAULT_SHARD_BYTES})",
+    )
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option for every URI, repeatable (endpoint_url=http://host:9000, "
+        "anon=true, client_kwargs.region_name=eu-west-1)",
+    )
 
 
 def _add_build(subparsers: Any) -> None:
-    parser = subparsers.add_parser("build", help="build a pool from images, IDX, CIFAR or a synthetic task",
-                                   description="Build a pool: WebDataset shards plus index.json.")
+    parser = subparsers.add_parser(
+        "build",
+        help="build a pool from images, IDX, CIFAR or a synthetic task",
+        description="Build a pool: WebDataset shards plus index.json.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image-folder", metavar="DIR", help="folder of images, optional class subfolders")
     source.add_argument("--idx", metavar="DIR", help="folder of MNIST/Fashion-MNIST IDX files (gzip or raw)")
     source.add_argument("--cifar", metavar="DIR", help="local CIFAR-10/100 python batch folder (trusted file)")
     source.add_argument("--synthetic", metavar="N", type=int, help="N images of a learnable synthetic task")
-    parser.add_argument("--split", choices=("train", "test"), default=None,
-                        help="split for sources that have one (default train; image folders: a subfolder)")
-    parser.add_argument("--encoding", choices=ENCODINGS, default=None,
-                        help="image encoding (default: keep jpg/png/webp files, else png)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default=None,
+        help="split for sources that have one (default train; image folders: a subfolder)",
+    )
+    parser.add_argument(
+        "--encoding",
+        choices=ENCODINGS,
+        default=None,
+        help="image encoding (default: keep jpg/png/webp files, else png)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
     parser.add_argument("--num-classes", type=int, default=10, help="classes of --synthetic")
     parser.add_argument("--image-size", type=int, default=32, help="height and width of --synthetic")
@@ -74,9 +98,11 @@ def _add_build(subparsers: Any) -> None:
 
 
 def _add_label(subparsers: Any) -> None:
-    parser = subparsers.add_parser("label", help="make a labeled pool from a pool and a key,label table",
-                                   description="Write a labeled pool (samples with cls) from a pool and a "
-                                               "CSV/Parquet key,label table.")
+    parser = subparsers.add_parser(
+        "label",
+        help="make a labeled pool from a pool and a key,label table",
+        description="Write a labeled pool (samples with cls) from a pool and a CSV/Parquet key,label table.",
+    )
     parser.add_argument("--pool", required=True, help="pool the keys refer to")
     parser.add_argument("--labels", required=True, help="CSV (header key,label) or Parquet table")
     parser.add_argument("--append-to", help="existing labeled pool whose samples come first")
@@ -109,18 +135,29 @@ def _source(args: argparse.Namespace, storage_options: dict[str, Any]) -> ImageS
         return IdxSource(args.idx, split=split, storage_options=storage_options)
     if args.cifar:
         return CifarSource(args.cifar, split=split)
-    return synthetic(args.synthetic, seed=args.seed, num_classes=args.num_classes,
-                     image_size=args.image_size, channels=args.channels, split=split)
+    return synthetic(
+        args.synthetic,
+        seed=args.seed,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        channels=args.channels,
+        split=split,
+    )
 
 
 def _summary(uri: str, index: PoolIndex, **extra: Any) -> str:
-    return json.dumps({
-        "pool": uri, "samples": index.num_samples, "shards": len(index.shards), "bytes": index.total_bytes,
-        "labeled": index.labeled, "classes": len(index.classes) if index.classes else None,
-        "brace_pattern": brace_pattern(len(index.shards)), **extra,
-    })
-
-
+    return json.dumps(
+        {
+            "pool": uri,
+            "samples": index.num_samples,
+            "shards": len(index.shards),
+            "bytes": index.total_bytes,
+            "labeled": index.labeled,
+            "classes": len(index.classes) if index.classes else None,
+            "brace_pattern": brace_pattern(len(index.shards)),
+            **extra,
+        }
+    )
 
 
 @one_line_errors("pool")
@@ -129,9 +166,14 @@ def run_build(args: argparse.Namespace) -> int:
     storage_options = parse_storage_options(args.storage_option)
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
     index = build_pool(
-        _source(args, storage_options), args.out, encoding=args.encoding,
-        shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
-        storage_options=storage_options, class_names=class_names, unlabeled=args.unlabeled,
+        _source(args, storage_options),
+        args.out,
+        encoding=args.encoding,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
+        storage_options=storage_options,
+        class_names=class_names,
+        unlabeled=args.unlabeled,
     )
     print(_summary(args.out, index))
     return 0
@@ -143,18 +185,28 @@ def run_label(args: argparse.Namespace) -> int:
     storage_options = parse_storage_options(args.storage_option)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     report = label_pool(
-        args.pool, args.labels, args.out, append_to=args.append_to, classes=classes,
-        storage_options=storage_options, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
+        args.pool,
+        args.labels,
+        args.out,
+        append_to=args.append_to,
+        classes=classes,
+        storage_options=storage_options,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
     )
-    print(_summary(args.out, report.index, added=report.added, carried=report.carried,
-                   already_labeled=report.already_labeled))
+    print(
+        _summary(
+            args.out, report.index, added=report.added, carried=report.carried, already_labeled=report.already_labeled
+        )
+    )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m ray_jobs.pool_cli {build,label} ...``."""
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.pool_cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.pool_cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_pool_commands(parser.add_subparsers(dest="pool_command", required=True, metavar="{build,label}"))
     args = parser.parse_args(argv)
     return int(args.func(args))

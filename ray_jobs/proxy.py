@@ -2,7 +2,8 @@
 set with the joint LPLgrad objective; the checkpoint it writes is what `lplgrad query
 features=...` scores the pool with (docs/proxy.md).
 
-    lplgrad proxy labeled=runs/pools/labeled features=[runs/features/unlabeled,runs/features/labeled] out=runs/proxy/2026-11-21
+    lplgrad proxy labeled=runs/pools/labeled features=[runs/features/unlabeled,runs/features/labeled] \
+        out=runs/proxy/2026-11-21
     lplgrad proxy labeled=s3://bucket/labeled features=[s3://bucket/features/pool] kind=mlp epochs=100 out=s3://bucket/proxy/night-42
 
 The labeled keys are looked up in the feature stores (in order; all must share one backbone) and
@@ -21,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import config_to_dict
-from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
-from pipeline.pools import read_labels, resolve_pool
-from pipeline.storage import check_writable, filesystem_for, is_local
+from pipeline.pools import read_labels
 from pipeline.proxy.head import PROXY_KINDS, ProxySpec
+from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
 from pipeline.proxy.training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
+from pipeline.storage import check_writable, filesystem_for, is_local
 from ray_jobs._shared.entry import Job, run_job
 
 
@@ -75,10 +76,19 @@ def run(config: ProxyConfig) -> dict[str, Any]:
     check_writable(config.out, config.storage_options, what="proxy checkpoint directory")
     keys, labels, classes = read_labels(config.labeled, config.storage_options)
     features = lookup_features(stores, keys)
-    spec = ProxySpec(config.kind, features.shape[1], len(classes), config.hidden, config.lossnet_hidden,
-                     feature_store=stores[0].uri, backbone_sha256=stores[0].backbone.sha256)
+    spec = ProxySpec(
+        config.kind,
+        features.shape[1],
+        len(classes),
+        config.hidden,
+        config.lossnet_hidden,
+        feature_store=stores[0].uri,
+        backbone_sha256=stores[0].backbone.sha256,
+    )
     started = time.perf_counter()
-    head, lossnet, history = train_proxy(features, labels, spec, ProxyTraining(config.epochs, config.batch_size, config.lr, seed=config.seed))
+    head, lossnet, history = train_proxy(
+        features, labels, spec, ProxyTraining(config.epochs, config.batch_size, config.lr, seed=config.seed)
+    )
     seconds = time.perf_counter() - started
     metrics = [dict(m) for m in history]
     holdout = None
@@ -87,9 +97,12 @@ def run(config: ProxyConfig) -> dict[str, Any]:
         holdout = proxy_accuracy(head, lookup_features(stores, holdout_keys), holdout_labels)
         metrics[-1]["holdout_accuracy"] = holdout
     save_to(config.out, config.storage_options, head, lossnet, spec, classes, metrics, config_to_dict(config))
-    print(f"proxy ({config.kind}) on {len(keys)} labeled samples, {spec.in_features}-d features: "
-          f"train accuracy {metrics[-1]['accuracy']:.4f}" + (f", holdout accuracy {holdout:.4f}" if holdout is not None else "")
-          + f", {seconds:.1f}s; checkpoint {config.out}")
+    print(
+        f"proxy ({config.kind}) on {len(keys)} labeled samples, {spec.in_features}-d features: "
+        f"train accuracy {metrics[-1]['accuracy']:.4f}"
+        + (f", holdout accuracy {holdout:.4f}" if holdout is not None else "")
+        + f", {seconds:.1f}s; checkpoint {config.out}"
+    )
     return {"checkpoint": config.out, "metrics": metrics, "holdout_accuracy": holdout}
 
 

@@ -39,11 +39,16 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import ray
 
 from pipeline.acquisition import SelectionSpec, StreamedSelection, select_streamed
-from pipeline.checkpoint import Checkpoint, CheckpointError, build_from_checkpoint, checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
+from pipeline.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    build_from_checkpoint,
+    checkpoint_digest,
+    fetch_checkpoint,
+    load_checkpoint,
+    scoring_model,
+)
 from pipeline.config import config_to_dict
-from pipeline.proxy.extraction import feature_batch
-from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
-from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
 from pipeline.manifest import (
     PoolShard,
     QueryInputs,
@@ -55,15 +60,18 @@ from pipeline.manifest import (
     previously_selected_keys,
     resolve_run,
 )
+from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_records
 from pipeline.pools import ResolvedPool, resolve_pool, spec_for_model
-from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local, uri_prefix
+from pipeline.proxy.extraction import feature_batch
+from pipeline.proxy.store import FeatureStore, FeatureStoreError, open_store
 from pipeline.scoring import NORMS, RowScorer
+from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local, uri_prefix
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
+from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.pool_data import read_pool, read_pool_raw
 from ray_jobs._shared.progress import Progress
 from ray_jobs._shared.row_filters import ExcludedRows, ExcludedRowSet, drop_excluded, prefilter_raw, store_prefilter
-from ray_jobs._shared.pool_data import read_pool, read_pool_raw
-from ray_jobs._shared.entry import Job, run_job
 
 
 @dataclass(frozen=True)
@@ -148,14 +156,23 @@ def exclusion_run(uri: str, config: QueryConfig) -> str | None:
     if fs.exists(f"{path.rstrip('/')}/manifest.json"):
         return resolve_run(uri, config.storage_options)
     earlier = previous_run(uri, str(config.run_id), config.storage_options)
-    print(f"excluding selections of {earlier}" if earlier else f"no committed run under {uri} before {config.run_id}: nothing to exclude from it")
+    print(
+        f"excluding selections of {earlier}"
+        if earlier
+        else f"no committed run under {uri} before {config.run_id}: nothing to exclude from it"
+    )
     return earlier
 
 
 def storage_uris(config: QueryConfig) -> list[tuple[str, str]]:
     """(what, URI) of every location the job reads or writes, for the checks before Ray."""
-    named = [("pool", config.pool), ("checkpoint", config.checkpoint), ("features", config.features or ""),
-             ("output prefix", config.out), ("exclude_labeled", config.exclude_labeled or "")]
+    named = [
+        ("pool", config.pool),
+        ("checkpoint", config.checkpoint),
+        ("features", config.features or ""),
+        ("output prefix", config.out),
+        ("exclude_labeled", config.exclude_labeled or ""),
+    ]
     named += [("exclude_manifests", uri) for uri in config.exclude_manifests]
     return [(what, uri) for what, uri in named if uri]
 
@@ -203,8 +220,10 @@ def check_before_ray(config: QueryConfig) -> CheckedInputs:
     pool = resolve_pool(config.pool or store.pool_uri, config.storage_options)
     classes = tuple(checkpoint.classes)
     if pool.classes is not None and tuple(pool.classes) != classes:
-        raise CheckpointError(f"checkpoint classes {list(classes)} differ from the pool's {list(pool.classes)} "
-                              "(query with a checkpoint trained on this pool's classes)")
+        raise CheckpointError(
+            f"checkpoint classes {list(classes)} differ from the pool's {list(pool.classes)} "
+            "(query with a checkpoint trained on this pool's classes)"
+        )
     build_from_checkpoint(checkpoint, len(classes))  # weights must fit the recorded model now, not in an actor
     identities = shard_identities(pool.fs, [s.path for s in pool.shards])
     if store is not None:
@@ -214,7 +233,9 @@ def check_before_ray(config: QueryConfig) -> CheckedInputs:
         resolve_pool(config.exclude_labeled, config.storage_options)  # resolvable and not empty; read after Ray starts
     exclusion_runs = tuple(run for uri in config.exclude_manifests if (run := exclusion_run(uri, config)) is not None)
     excluded = frozenset(previously_selected_keys(exclusion_runs, config.storage_options))
-    checked = CheckedInputs(pool, classes, checkpoint, store, identities, checkpoint_digest(local_checkpoint), exclusion_runs, excluded)
+    checked = CheckedInputs(
+        pool, classes, checkpoint, store, identities, checkpoint_digest(local_checkpoint), exclusion_runs, excluded
+    )
     if config.run_id and not config.exclude_labeled:  # the fingerprint is known without Ray: a conflict fails now
         begin_run(config.out, config.run_id, prepare(config, checked).inputs.fingerprint(), config.storage_options)
     return checked
@@ -229,7 +250,11 @@ def prepare(config: QueryConfig, checked: CheckedInputs | None = None) -> Prepar
     if config.exclude_labeled:
         raw = read_pool_raw(config.exclude_labeled, storage_options=config.storage_options)
         if raw.dataset is not None:
-            excluded.update(k for batch in raw.dataset.select_columns(["__key__"]).iter_batches(batch_format="pyarrow") for k in batch.column("__key__").to_pylist())
+            excluded.update(
+                k
+                for batch in raw.dataset.select_columns(["__key__"]).iter_batches(batch_format="pyarrow")
+                for k in batch.column("__key__").to_pylist()
+            )
     inputs = QueryInputs.for_selection(
         config.selection(),
         {"norm": config.norm},  # a scoring parameter: reuse of earlier scores depends on it
@@ -242,8 +267,9 @@ def prepare(config: QueryConfig, checked: CheckedInputs | None = None) -> Prepar
         excluded_keys_count=len(excluded),
         subset_size=config.subset,
         subset_seed=config.seed,
-        features=None if store is None else {"store": config.features, "backbone_sha256": store.backbone.sha256,
-                                             "committed_at": store.committed_at},
+        features=None
+        if store is None
+        else {"store": config.features, "backbone_sha256": store.backbone.sha256, "committed_at": store.committed_at},
     )
     return PreparedQuery(pool, checked.classes, checked.checkpoint, store, frozenset(excluded), inputs)
 
@@ -253,15 +279,20 @@ def proxy_store(config: QueryConfig, checkpoint: Checkpoint) -> FeatureStore | N
     checked against what the proxy was trained on."""
     if checkpoint.proxy is None:
         if config.features:
-            raise CheckpointError(f"features= is for proxy checkpoints (lplgrad proxy); {config.checkpoint} is a backbone checkpoint")
+            raise CheckpointError(
+                f"features= is for proxy checkpoints (lplgrad proxy); {config.checkpoint} is a backbone checkpoint"
+            )
         return None
     if not config.features:
-        raise CheckpointError(f"{config.checkpoint} is a proxy checkpoint: pass features=FEATURE_STORE (made by lplgrad features)")
+        raise CheckpointError(
+            f"{config.checkpoint} is a proxy checkpoint: pass features=FEATURE_STORE (made by lplgrad features)"
+        )
     store = open_store(config.features, config.storage_options)
     trained_on = checkpoint.proxy.backbone_sha256
     if trained_on != store.backbone.sha256:
         raise CheckpointError(
-            f"the proxy was trained on features of backbone {str(trained_on)[:12]}, but {config.features} holds backbone "
+            f"the proxy was trained on features of backbone {str(trained_on)[:12]}, but {config.features} holds "
+            "backbone "
             f"{store.backbone.sha256[:12]}: retrain the proxy on this store, or query a store of its backbone"
         )
     return store
@@ -271,11 +302,16 @@ def check_store_fresh(store: FeatureStore, identities: Mapping[str, Any]) -> Non
     """A proxy query must see the whole pool as it is now: refuse a store that misses shards or
     holds older versions of them."""
     recorded = {s.uri: s.identity for s in store.shards}
-    stale = [uri for uri, identity in identities.items() if uri not in recorded or identity is None or recorded[uri] != identity]
+    stale = [
+        uri
+        for uri, identity in identities.items()
+        if uri not in recorded or identity is None or recorded[uri] != identity
+    ]
     gone = [uri for uri in recorded if uri not in identities]
     if stale or gone:
         raise FeatureStoreError(
-            f"feature store {store.uri} is stale: {len(stale)} shards new or changed since extraction, {len(gone)} gone "
+            f"feature store {store.uri} is stale: {len(stale)} shards new or changed since extraction, {len(gone)} "
+            "gone "
             f"(e.g. {(stale + gone)[:3]}); run `lplgrad features pool={store.pool_uri} out={store.uri} ...` again "
             "(unchanged shards are not re-extracted)"
         )
@@ -286,12 +322,16 @@ def reuse_plan(config: QueryConfig, prepared: PreparedQuery) -> ReusePlan:
     if not config.incremental:
         return ReusePlan(reason="incremental=false: every shard is scored")
     if prepared.store is not None:
-        return ReusePlan(reason="proxy query: every row is scored from the feature store (the store itself is incremental)")
+        return ReusePlan(
+            reason="proxy query: every row is scored from the feature store (the store itself is incremental)"
+        )
     source = previous_run(config.out, str(config.run_id), config.storage_options)
     return plan_reuse(source, prepared.inputs, prepared.excluded, config.storage_options)
 
 
-def reused_rows(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan, excluded: ExcludedRowSet) -> Iterator[pa.Table]:
+def reused_rows(
+    config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan, excluded: ExcludedRowSet
+) -> Iterator[pa.Table]:
     """The copied rows without tonight's exclusions, whose (key, shard) go to `excluded`, as the
     read tasks record the fresh rows they drop."""
     for table in iter_reused_rows(plan, config.storage_options):
@@ -300,8 +340,12 @@ def reused_rows(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan, e
         yield kept
 
 
-def score_stream(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan | None = None,
-                 excluded_rows: ray.actor.ActorHandle | None = None) -> ray.data.Dataset | None:
+def score_stream(
+    config: QueryConfig,
+    prepared: PreparedQuery,
+    plan: ReusePlan | None = None,
+    excluded_rows: ray.actor.ActorHandle | None = None,
+) -> ray.data.Dataset | None:
     """The lazy Ray Data pipeline: read, subset, exclude, decode, score (None: nothing to score).
 
     Excluded rows are dropped in the read tasks, before decoding, and recorded in `excluded_rows`
@@ -333,17 +377,32 @@ def score_stream(config: QueryConfig, prepared: PreparedQuery, plan: ReusePlan |
         fraction = min(1.0, config.subset / total)
     prefilter = None
     if prepared.excluded or fraction is not None or only:
-        prefilter = functools.partial(prefilter_raw, excluded=prepared.excluded, fraction=fraction, seed=config.seed, only=only,
-                                      excluded_rows=excluded_rows, shard_prefix=uri_prefix(prepared.pool.fs))
-    data = read_pool(config.pool, spec, storage_options=config.storage_options, on_bad_shard="error_row",
-                     batch_size=config.batch_size, prefilter=prefilter,
-                     shards=to_score if len(to_score) < len(shards) else None)
+        prefilter = functools.partial(
+            prefilter_raw,
+            excluded=prepared.excluded,
+            fraction=fraction,
+            seed=config.seed,
+            only=only,
+            excluded_rows=excluded_rows,
+            shard_prefix=uri_prefix(prepared.pool.fs),
+        )
+    data = read_pool(
+        config.pool,
+        spec,
+        storage_options=config.storage_options,
+        on_bad_shard="error_row",
+        batch_size=config.batch_size,
+        prefilter=prefilter,
+        shards=to_score if len(to_score) < len(shards) else None,
+    )
     marker = None
     if config.fail_once_after_batches is not None:
         marker = f"{config.out.rstrip('/')}/.actor-failure-drill" if "://" not in config.out else None
     return data.drop_columns(["label", "meta"]).map_batches(
         QueryScorer,
-        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared.classes)),),
+        fn_constructor_args=(
+            functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared.classes)),
+        ),
         fn_constructor_kwargs={"norm": config.norm, "fail_after": config.fail_once_after_batches, "marker": marker},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=config.batch_size,
@@ -371,8 +430,9 @@ def read_store_files(files: list[str], filesystem: Any) -> ray.data.Dataset:
             context.use_datasource_v2 = previous
 
 
-def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery,
-                       excluded_rows: ray.actor.ActorHandle | None = None) -> ray.data.Dataset | None:
+def proxy_score_stream(
+    config: QueryConfig, prepared: PreparedQuery, excluded_rows: ray.actor.ActorHandle | None = None
+) -> ray.data.Dataset | None:
     """The proxy pipeline: feature-store parquet -> current rows, subset, exclusions (recorded in
     `excluded_rows`, as in :func:`score_stream`) -> head scoring."""
     store = prepared.store
@@ -382,12 +442,23 @@ def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery,
     fraction = None if config.subset is None else min(1.0, config.subset / max(store.num_rows, 1))
     fs, _ = filesystem_for(store.uri, config.storage_options)
     data = read_store_files(files, None if is_local(fs) else arrow_filesystem(fs))
-    data = data.map_batches(store_prefilter, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"current": store.current, "excluded": prepared.excluded, "fraction": fraction, "seed": config.seed,
-                                       "excluded_rows": excluded_rows})
+    data = data.map_batches(
+        store_prefilter,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        fn_kwargs={
+            "current": store.current,
+            "excluded": prepared.excluded,
+            "fraction": fraction,
+            "seed": config.seed,
+            "excluded_rows": excluded_rows,
+        },
+    )
     return data.map_batches(
         ProxyQueryScorer,
-        fn_constructor_args=(functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared.classes)),),
+        fn_constructor_args=(
+            functools.partial(scoring_model, config.checkpoint, config.storage_options, len(prepared.classes)),
+        ),
         fn_constructor_kwargs={"norm": config.norm},
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         batch_size=config.batch_size,
@@ -397,14 +468,21 @@ def proxy_score_stream(config: QueryConfig, prepared: PreparedQuery,
     )
 
 
-def select(config: QueryConfig, run, rows: ray.data.Dataset | None, reused: Iterable[pa.Table] = (),
-           progress: Progress | None = None) -> Selected:
+def select(
+    config: QueryConfig,
+    run,
+    rows: ray.data.Dataset | None,
+    reused: Iterable[pa.Table] = (),
+    progress: Progress | None = None,
+) -> Selected:
     """Stream the scored rows (copied ones first, then the pipeline's) through the library's
     selection (`pipeline.acquisition.select_streamed`) into the run's `scores/`."""
     arrival = _Arrival()
     fresh = arrival.watch(_scored_batches(rows))
     with run.scores_writer() as writer:
-        streamed = select_streamed(config.selection(), _counted(fresh, progress), writer, reused=_counted(reused, progress))
+        streamed = select_streamed(
+            config.selection(), _counted(fresh, progress), writer, reused=_counted(reused, progress)
+        )
     return Selected(streamed, arrival.first)
 
 
@@ -468,8 +546,13 @@ def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, 
     excluded.add(plan.still_excluded)  # reused shards' keys the source excluded too: never read
     in_tasks = ExcludedRows.remote() if prepared.excluded else None  # what the read tasks drop
     with Progress("score", expected, "rows", min_interval=10.0) as progress:  # a bar, or a line per 10 s
-        result = select(config, state, score_stream(config, prepared, plan, in_tasks),
-                        reused_rows(config, prepared, plan, excluded), progress=progress)
+        result = select(
+            config,
+            state,
+            score_stream(config, prepared, plan, in_tasks),
+            reused_rows(config, prepared, plan, excluded),
+            progress=progress,
+        )
         if in_tasks is not None:  # the pipeline is exhausted: every task has recorded its rows
             excluded.add(ray.get(in_tasks.rows.remote()))
         if dropped := len(excluded) - len(plan.still_excluded):
@@ -487,17 +570,30 @@ def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, 
     startup = (first - start) if first is not None else elapsed
     rate = fresh / elapsed if elapsed > 0 else 0.0
     manifest = commit_run(
-        state, prepared.inputs, selection, streamed.errors,
-        scored=streamed.scored, excluded=len(excluded), summary=streamed.summary,
-        extra={"samples_per_s": rate, "seconds": elapsed, "first_batch_s": startup, "config": config_to_dict(config),
-               "mode": "proxy" if prepared.store is not None else "full", **proxy_record(prepared)},
+        state,
+        prepared.inputs,
+        selection,
+        streamed.errors,
+        scored=streamed.scored,
+        excluded=len(excluded),
+        summary=streamed.summary,
+        extra={
+            "samples_per_s": rate,
+            "seconds": elapsed,
+            "first_batch_s": startup,
+            "config": config_to_dict(config),
+            "mode": "proxy" if prepared.store is not None else "full",
+            **proxy_record(prepared),
+        },
         excluded_rows=excluded.rows(),
         shards=shard_records(prepared.inputs, plan, streamed.reused_rows, streamed.scored_rows),
         reuse=plan.to_dict(),
     )
     if manifest.get("attempt") != state.attempt_id:
-        print(f"run {state.run_id} was committed meanwhile by attempt {manifest.get('attempt')} with the same inputs: "
-              "this attempt's files were discarded")
+        print(
+            f"run {state.run_id} was committed meanwhile by attempt {manifest.get('attempt')} with the same inputs: "
+            "this attempt's files were discarded"
+        )
         return manifest
     copied_from = f" and copied {copied} from {plan.source_id}" if plan.source_id else ""
     unreadable = sorted({shard for key, shard, _ in streamed.errors if key is None})
@@ -515,8 +611,15 @@ def proxy_record(prepared: PreparedQuery) -> dict[str, Any]:
     if prepared.store is None:
         return {}
     proxy = prepared.checkpoint.proxy
-    return {"proxy": {"kind": proxy.kind, "feature_store": prepared.store.uri, "backbone_sha256": prepared.store.backbone.sha256,
-                      "backbone_source": prepared.store.backbone.source, "trained_on_store": proxy.feature_store}}
+    return {
+        "proxy": {
+            "kind": proxy.kind,
+            "feature_store": prepared.store.uri,
+            "backbone_sha256": prepared.store.backbone.sha256,
+            "backbone_source": prepared.store.backbone.source,
+            "trained_on_store": proxy.feature_store,
+        }
+    }
 
 
 def start(config: QueryConfig) -> None:
@@ -524,8 +627,16 @@ def start(config: QueryConfig) -> None:
     config = with_run_id(config)
     checked = check_before_ray(config)
     print(connect(config.address))
-    guard_driver([("pool", config.pool), ("checkpoint", config.checkpoint), ("features", config.features),
-                  ("out", config.out), ("exclude_labeled", config.exclude_labeled)], config.storage_options)
+    guard_driver(
+        [
+            ("pool", config.pool),
+            ("checkpoint", config.checkpoint),
+            ("features", config.features),
+            ("out", config.out),
+            ("exclude_labeled", config.exclude_labeled),
+        ],
+        config.storage_options,
+    )
     run(config, checked)
 
 

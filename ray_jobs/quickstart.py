@@ -21,9 +21,9 @@ from pipeline.config import config_to_yaml
 from pipeline.manifest import load as load_selection
 from pipeline.pools import build_pool, label_pool, synthetic
 from pipeline.report import write_run_report
-from ray_jobs._shared.cluster import connect
 from pipeline.simulation import initial_keys
 from ray_jobs._shared import jobs
+from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.entry import Job, run_job
 
 
@@ -60,9 +60,18 @@ def write_labels(path: Path, labels: dict[str, int]) -> Path:
 def train_cycle(config: QuickstartConfig, root: Path, labeled: str, cycle: int) -> tuple[str, float]:
     train_config = jobs.config(
         "train",
-        labeled=labeled, holdout=str(root / "pools" / "test"), model="small_cnn", epochs=config.epochs,
-        batch_size=config.batch_size, num_workers=1, cpus_per_worker=1.0, storage_path=str(root / "train"),
-        name=f"cycle-{cycle}", checkpoint_every=config.epochs, eval_every=config.epochs, seed=config.seed,
+        labeled=labeled,
+        holdout=str(root / "pools" / "test"),
+        model="small_cnn",
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        num_workers=1,
+        cpus_per_worker=1.0,
+        storage_path=str(root / "train"),
+        name=f"cycle-{cycle}",
+        checkpoint_every=config.epochs,
+        eval_every=config.epochs,
+        seed=config.seed,
     )
     checkpoint = jobs.run("train", train_config)
     return checkpoint, load_checkpoint(checkpoint).metrics[-1]["holdout_accuracy"]
@@ -79,8 +88,17 @@ def run(config: QuickstartConfig) -> dict[str, object]:
     build_pool(source, pool, unlabeled=True)
     truth = {sample.key: sample.label for sample in source}
     write_labels(root / "ground_truth.csv", truth)
-    build_pool(synthetic(config.test_samples, seed=config.seed, num_classes=config.num_classes, image_size=28,
-                         channels=1, split="test"), test)
+    build_pool(
+        synthetic(
+            config.test_samples,
+            seed=config.seed,
+            num_classes=config.num_classes,
+            image_size=28,
+            channels=1,
+            split="test",
+        ),
+        test,
+    )
 
     # 2. Cycle 0: a random initial labeled set, then train.
     first = initial_keys(sorted(truth), config.initial, config.seed)
@@ -89,11 +107,21 @@ def run(config: QuickstartConfig) -> dict[str, object]:
     checkpoint0, accuracy0 = train_cycle(config, root, str(root / "labeled-cycle-0"), 0)
 
     # 3. Query the rest of the pool with LPLgrad and commit a manifest.
-    jobs.run("query", jobs.config(
+    jobs.run(
         "query",
-        pool=pool, checkpoint=checkpoint0, k=config.per_cycle, exclude_labeled=str(root / "labeled-cycle-0"),
-        out=str(root / "queries"), run_id="cycle-1", actors=1, cpus_per_actor=1.0, seed=config.seed,
-    ))
+        jobs.config(
+            "query",
+            pool=pool,
+            checkpoint=checkpoint0,
+            k=config.per_cycle,
+            exclude_labeled=str(root / "labeled-cycle-0"),
+            out=str(root / "queries"),
+            run_id="cycle-1",
+            actors=1,
+            cpus_per_actor=1.0,
+            seed=config.seed,
+        ),
+    )
     selected = load_selection(str(root / "queries" / "cycle-1")).column("key").to_pylist()
     write_run_report(str(root / "queries" / "cycle-1"), str(root / "report.html"))  # the selection, as pictures
 
@@ -122,7 +150,7 @@ artifacts under {root}:
   labels-cycle-*.csv              the labels tables fed to `lplgrad pool label`
   report.html                     the selection as a page: images in rank order, scores against the pool, class mix
                                   (`lplgrad manifest report RUN --out FILE` writes one for any run)
-next: open {root / 'report.html'} in a browser, or `lplgrad manifest show {root / 'queries' / 'cycle-1'}`""")
+next: open {root / "report.html"} in a browser, or `lplgrad manifest show {root / "queries" / "cycle-1"}`""")
     return summary
 
 

@@ -2,7 +2,8 @@
 acquisition chains and seeds, learning curves with paired intervals against random at the end.
 
     lplgrad simulate --config configs/simulate/fashion_mnist.yaml
-    lplgrad simulate pool=runs/pools/fmnist-train test_pool=runs/pools/fmnist-test strategies=[lplgrad,lplgrad+power,badge,random] seeds=[0,1,2]
+    lplgrad simulate pool=runs/pools/fmnist-train test_pool=runs/pools/fmnist-test \
+        strategies=[lplgrad,lplgrad+power,badge,random] seeds=[0,1,2]
     lplgrad simulate --proxy --config configs/simulate/fashion_mnist_proxy.yaml
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python -m ray_jobs.simulate --config configs/simulate/cifar10.yaml engine=ray
@@ -48,21 +49,33 @@ import torch
 
 from pipeline.acquisition import Chain, FeatureRows, check_badge_memory, kcenter_greedy, parse_chain, random_values
 from pipeline.augment import AUGMENT_PRESETS
-from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState
-from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
+from pipeline.checkpoint import ModelSpec, checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
 from pipeline.config import config_to_yaml
-from pipeline.checkpoint import ModelSpec
-from pipeline.learning_curves import append_results, difference_table, markdown_table, plot_learning_curves, write_summaries
+from pipeline.learning_curves import (
+    append_results,
+    difference_table,
+    markdown_table,
+    plot_learning_curves,
+    write_summaries,
+)
 from pipeline.manifest import load as load_selection
 from pipeline.models import available_models
 from pipeline.pools import iter_pool_samples, label_pool, read_labels, resolve_pool, spec_for_model
+from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState
 from pipeline.report import write_simulation_report
-from pipeline.simulation import FirstCycles, Protocol, classifier_head, initial_keys, load_array_pool, run_chain_in_memory
+from pipeline.simulation import (
+    FirstCycles,
+    Protocol,
+    classifier_head,
+    initial_keys,
+    load_array_pool,
+    run_chain_in_memory,
+)
 from pipeline.training import TrainSchedule
-from ray_jobs._shared.cluster import connect
-from ray_jobs._shared.pool_data import read_pool
 from ray_jobs._shared import jobs
+from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.pool_data import read_pool
 
 MODES = ("full", "proxy", "proxy-aligned")
 ENGINES = ("memory", "ray")
@@ -160,10 +173,14 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
     """k-center greedy over penultimate features of the (subset of the) unlabeled pool."""
     loaded = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options))
     spec = spec_for_model(loaded.model_name, in_channels=loaded.in_channels)
-    build = functools.partial(scoring_model, checkpoint, config.storage_options, loaded.num_classes)
+    build = functools.partial(scoring_model, checkpoint, config.storage_options, len(loaded.classes))
     rows = read_pool(config.pool, spec, storage_options=config.storage_options).map_batches(
-        FeatureRows, fn_constructor_args=(build,), compute=ray.data.ActorPoolStrategy(size=config.actors),
-        batch_size=256, num_cpus=config.cpus_per_actor, num_gpus=1 if config.gpus else 0,
+        FeatureRows,
+        fn_constructor_args=(build,),
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        batch_size=256,
+        num_cpus=config.cpus_per_actor,
+        num_gpus=1 if config.gpus else 0,
     )
     keys, features = [], []
     for batch in rows.iter_batches(batch_size=4096, batch_format="numpy"):
@@ -179,8 +196,15 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
     return [keys[candidates[i]] for i in picks]
 
 
-def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int, seed: int, shared: dict[Any, Any],
-                previous: str | None = None) -> tuple[str, dict[str, Any], float]:
+def train_cycle(
+    config: SimulateConfig,
+    labeled_uri: str,
+    work: Path,
+    cycle: int,
+    seed: int,
+    shared: dict[Any, Any],
+    previous: str | None = None,
+) -> tuple[str, dict[str, Any], float]:
     """Standard joint training on the labeled set: (checkpoint, last metrics, seconds).
 
     The first cycle's model depends only on the seed, so chains of one seed share it."""
@@ -188,11 +212,23 @@ def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int
         return shared[seed]
     train_config = jobs.config(
         "train",
-        labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
-        batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
-        cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "train"), name=f"c{cycle}",
-        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, augment=config.augment, seed=seed * 1000 + cycle,
-        warm_start=previous if config.warm_start else None, storage_options=config.storage_options,
+        labeled=labeled_uri,
+        holdout=config.test_pool,
+        model=config.model,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        use_gpu=config.gpus,
+        cpus_per_worker=config.cpus_per_worker,
+        storage_path=str(work / "train"),
+        name=f"c{cycle}",
+        checkpoint_every=config.epochs,
+        eval_every=config.epochs,
+        keep_checkpoints=1,
+        augment=config.augment,
+        seed=seed * 1000 + cycle,
+        warm_start=previous if config.warm_start else None,
+        storage_options=config.storage_options,
     )
     started = time.perf_counter()
     checkpoint = jobs.run("train", train_config)
@@ -203,26 +239,54 @@ def train_cycle(config: SimulateConfig, labeled_uri: str, work: Path, cycle: int
     return result
 
 
-def query_cycle(config: SimulateConfig, strategy: str, checkpoint: str, labeled: list[str], labeled_uri: str, work: Path,
-                cycle: int, seed: int, features: str | None = None) -> list[str]:
+def query_cycle(
+    config: SimulateConfig,
+    strategy: str,
+    checkpoint: str,
+    labeled: list[str],
+    labeled_uri: str,
+    work: Path,
+    cycle: int,
+    seed: int,
+    features: str | None = None,
+) -> list[str]:
     """One query (full model, or a proxy with its feature store): the selected keys."""
     chain = parse_chain(strategy, config.beta)
     if chain.strategy == "coreset":
         return coreset_query(config, checkpoint, set(labeled), config.per_cycle, seed * 1000 + cycle)
-    jobs.run("query", jobs.config(
+    jobs.run(
         "query",
-        pool="" if features else config.pool, checkpoint=checkpoint, features=features, strategy=chain.strategy,
-        stochastic=chain.stochastic, beta=chain.beta, k=config.per_cycle,
-        exclude_labeled=labeled_uri, out=str(work / "queries"), run_id=f"c{cycle}",
-        subset=config.subset, seed=seed * 1000 + cycle, actors=config.actors,
-        cpus_per_actor=config.cpus_per_actor, gpus_per_actor=1.0 if config.gpus else 0.0,
-        storage_options=config.storage_options,
-    ))
+        jobs.config(
+            "query",
+            pool="" if features else config.pool,
+            checkpoint=checkpoint,
+            features=features,
+            strategy=chain.strategy,
+            stochastic=chain.stochastic,
+            beta=chain.beta,
+            k=config.per_cycle,
+            exclude_labeled=labeled_uri,
+            out=str(work / "queries"),
+            run_id=f"c{cycle}",
+            subset=config.subset,
+            seed=seed * 1000 + cycle,
+            actors=config.actors,
+            cpus_per_actor=config.cpus_per_actor,
+            gpus_per_actor=1.0 if config.gpus else 0.0,
+            storage_options=config.storage_options,
+        ),
+    )
     return load_selection(str(work / "queries" / f"c{cycle}")).column("key").to_pylist()
 
 
-def run_chain(config: SimulateConfig, strategy: str, seed: int, truth: dict[str, int], classes: list[str],
-              shared: dict[Any, Any] | None = None) -> list[dict[str, Any]]:
+def run_chain(
+    config: SimulateConfig,
+    strategy: str,
+    seed: int,
+    truth: dict[str, int],
+    classes: list[str],
+    shared: dict[Any, Any] | None = None,
+) -> list[dict[str, Any]]:
     """One strategy and seed through every cycle in full mode; returns its result rows (also appended)."""
     shared = {} if shared is None else shared
     work = Path(config.out) / "work" / f"{strategy}-s{seed}"
@@ -231,11 +295,26 @@ def run_chain(config: SimulateConfig, strategy: str, seed: int, truth: dict[str,
     rows = []
     for cycle in range(config.cycles):
         labeled_uri = str(work / f"labeled-c{cycle}")
-        label_pool(config.pool, {k: truth[k] for k in labeled}, labeled_uri, classes=classes, storage_options=config.storage_options)
+        label_pool(
+            config.pool,
+            {k: truth[k] for k in labeled},
+            labeled_uri,
+            classes=classes,
+            storage_options=config.storage_options,
+        )
         checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared, checkpoint)
-        row = {"strategy": strategy, "mode": "full", "seed": seed, "cycle": cycle, "labeled": len(labeled),
-               "test_accuracy": metrics["holdout_accuracy"], "train_accuracy": metrics["train_accuracy"],
-               "train_seconds": train_seconds, "query_seconds": None, "checkpoint": checkpoint}
+        row = {
+            "strategy": strategy,
+            "mode": "full",
+            "seed": seed,
+            "cycle": cycle,
+            "labeled": len(labeled),
+            "test_accuracy": metrics["holdout_accuracy"],
+            "train_accuracy": metrics["train_accuracy"],
+            "train_seconds": train_seconds,
+            "query_seconds": None,
+            "checkpoint": checkpoint,
+        }
         if cycle < config.cycles - 1:
             started = time.perf_counter()
             picked = query_cycle(config, strategy, checkpoint, labeled, labeled_uri, work, cycle, seed)
@@ -254,31 +333,62 @@ def ensure_features(config: SimulateConfig, backbone: str) -> tuple[str, str, fl
     root = Path(config.out) / "features" / checkpoint_digest(fetch_checkpoint(backbone, config.storage_options))[:16]
     started = time.perf_counter()
     for pool, name in ((config.pool, "pool"), (config.test_pool, "test")):
-        jobs.run("features", jobs.config(
+        jobs.run(
             "features",
-            pool=pool, out=str(root / name), checkpoint=backbone, actors=config.actors, cpus_per_actor=config.cpus_per_actor,
-            gpus_per_actor=1.0 if config.gpus else 0.0, storage_options=config.storage_options,
-        ))
+            jobs.config(
+                "features",
+                pool=pool,
+                out=str(root / name),
+                checkpoint=backbone,
+                actors=config.actors,
+                cpus_per_actor=config.cpus_per_actor,
+                gpus_per_actor=1.0 if config.gpus else 0.0,
+                storage_options=config.storage_options,
+            ),
+        )
     return str(root / "pool"), str(root / "test"), time.perf_counter() - started
 
 
-def align_backbone(config: SimulateConfig, backbone: str, store: str, labeled_uri: str, work: Path, cycle: int, seed: int) -> tuple[str, str]:
+def align_backbone(
+    config: SimulateConfig, backbone: str, store: str, labeled_uri: str, work: Path, cycle: int, seed: int
+) -> tuple[str, str]:
     """Fine-tune the backbone on the labeled set as the policy says, through the same code as
     `lplgrad align`: (new backbone checkpoint, LP-FT or FT)."""
     finetune = config.alignment().finetune_mode(len(read_labels(labeled_uri, config.storage_options)[0]))
     train_config = jobs.config(
         "train",
-        labeled=labeled_uri, holdout=config.test_pool, model=config.model, epochs=config.epochs,
-        batch_size=config.batch_size, num_workers=config.num_workers, use_gpu=config.gpus,
-        cpus_per_worker=config.cpus_per_worker, storage_path=str(work / "align"), name=f"c{cycle}",
-        checkpoint_every=config.epochs, eval_every=config.epochs, keep_checkpoints=1, augment=config.augment, seed=seed * 1000 + cycle + 500,
-        warm_start=backbone, storage_options=config.storage_options,
+        labeled=labeled_uri,
+        holdout=config.test_pool,
+        model=config.model,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        use_gpu=config.gpus,
+        cpus_per_worker=config.cpus_per_worker,
+        storage_path=str(work / "align"),
+        name=f"c{cycle}",
+        checkpoint_every=config.epochs,
+        eval_every=config.epochs,
+        keep_checkpoints=1,
+        augment=config.augment,
+        seed=seed * 1000 + cycle + 500,
+        warm_start=backbone,
+        storage_options=config.storage_options,
     )
-    return jobs.finetune_backbone(train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs), finetune
+    return jobs.finetune_backbone(
+        train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs
+    ), finetune
 
 
-def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str, truth: dict[str, int], classes: list[str],
-                    shared: dict[Any, Any]) -> list[dict[str, Any]]:
+def run_proxy_chain(
+    config: SimulateConfig,
+    strategy: str,
+    seed: int,
+    mode: str,
+    truth: dict[str, int],
+    classes: list[str],
+    shared: dict[Any, Any],
+) -> list[dict[str, Any]]:
     """One strategy and seed with proxy queries (mode proxy or proxy-aligned)."""
     work = Path(config.out) / "work" / f"{strategy}-{mode}-s{seed}"
     policy = config.alignment() if mode == "proxy-aligned" else AlignmentPolicy()
@@ -287,11 +397,28 @@ def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str,
     rows = []
     for cycle in range(config.cycles):
         labeled_uri = str(work / f"labeled-c{cycle}")
-        label_pool(config.pool, {k: truth[k] for k in labeled}, labeled_uri, classes=classes, storage_options=config.storage_options)
+        label_pool(
+            config.pool,
+            {k: truth[k] for k in labeled},
+            labeled_uri,
+            classes=classes,
+            storage_options=config.storage_options,
+        )
         checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared)
-        row = {"strategy": strategy, "mode": mode, "seed": seed, "cycle": cycle, "labeled": len(labeled),
-               "test_accuracy": metrics["holdout_accuracy"], "train_accuracy": metrics["train_accuracy"],
-               "train_seconds": train_seconds, "query_seconds": None, "checkpoint": checkpoint, "aligned": None, "align_seconds": 0.0}
+        row = {
+            "strategy": strategy,
+            "mode": mode,
+            "seed": seed,
+            "cycle": cycle,
+            "labeled": len(labeled),
+            "test_accuracy": metrics["holdout_accuracy"],
+            "train_accuracy": metrics["train_accuracy"],
+            "train_seconds": train_seconds,
+            "query_seconds": None,
+            "checkpoint": checkpoint,
+            "aligned": None,
+            "align_seconds": 0.0,
+        }
         if state is None:  # the first cycle's model is the frozen backbone
             state = AlignmentState(checkpoint, "", len(labeled))
         last = cycle == config.cycles - 1
@@ -304,22 +431,36 @@ def run_proxy_chain(config: SimulateConfig, strategy: str, seed: int, mode: str,
         state = state.observe(len(labeled))
         store, test_store, row["feature_seconds"] = ensure_features(config, state.backbone)
         started = time.perf_counter()
-        trained = jobs.run("proxy", jobs.config(
+        trained = jobs.run(
             "proxy",
-            labeled=labeled_uri, features=(store, test_store), out=str(work / "proxy" / f"c{cycle}"), kind=config.proxy_kind,
-            epochs=config.proxy_epochs, seed=seed * 1000 + cycle, holdout=config.test_pool, storage_options=config.storage_options,
-        ))
+            jobs.config(
+                "proxy",
+                labeled=labeled_uri,
+                features=(store, test_store),
+                out=str(work / "proxy" / f"c{cycle}"),
+                kind=config.proxy_kind,
+                epochs=config.proxy_epochs,
+                seed=seed * 1000 + cycle,
+                holdout=config.test_pool,
+                storage_options=config.storage_options,
+            ),
+        )
         row["proxy_train_seconds"] = time.perf_counter() - started
         row["proxy_accuracy"] = trained["holdout_accuracy"]
         if not last:
             started = time.perf_counter()
-            picked = query_cycle(config, strategy, trained["checkpoint"], labeled, labeled_uri, work, cycle, seed, features=store)
+            picked = query_cycle(
+                config, strategy, trained["checkpoint"], labeled, labeled_uri, work, cycle, seed, features=store
+            )
             row["query_seconds"] = time.perf_counter() - started
             labeled = labeled + [k for k in picked if k not in set(labeled)]
         append_results(Path(config.out) / "results.parquet", [row])
         rows.append(row)
-        print(f"{strategy} [{mode}] seed {seed} cycle {cycle}: {row['labeled']} labeled, test accuracy {row['test_accuracy']}, "
-              f"proxy accuracy {row['proxy_accuracy']:.4f}" + (f", aligned ({row['aligned']})" if row["aligned"] else ""))
+        print(
+            f"{strategy} [{mode}] seed {seed} cycle {cycle}: {row['labeled']} labeled, test accuracy "
+            f"{row['test_accuracy']}, "
+            f"proxy accuracy {row['proxy_accuracy']:.4f}" + (f", aligned ({row['aligned']})" if row["aligned"] else "")
+        )
     return rows
 
 
@@ -332,7 +473,9 @@ def report(config: SimulateConfig, rows: list[dict[str, Any]]) -> None:
     labeled_rows = [{**row, "strategy": curve_label(row)} for row in rows]
     title = f"{config.model} on {Path(config.pool).name}"
     plot_learning_curves(labeled_rows, out / "learning_curves.png", title=title)
-    text = "Test accuracy (%) by labeled-set size, mean ± std over seeds " f"{list(config.seeds)}:\n\n" + markdown_table(labeled_rows)
+    text = f"Test accuracy (%) by labeled-set size, mean ± std over seeds {list(config.seeds)}:\n\n" + markdown_table(
+        labeled_rows
+    )
     differences = difference_table(labeled_rows)
     if differences:
         text += "\n" + differences
@@ -340,7 +483,9 @@ def report(config: SimulateConfig, rows: list[dict[str, Any]]) -> None:
     if any(row.get("mode", "full") != "full" for row in rows):
         text += "\n\n" + cost_table(rows)
     (out / "results.md").write_text(text)
-    write_simulation_report(rows, out / "report.html", f"{title}, seeds {list(config.seeds)}", png=out / "learning_curves.png")
+    write_simulation_report(
+        rows, out / "report.html", f"{title}, seeds {list(config.seeds)}", png=out / "learning_curves.png"
+    )
 
 
 def cost_table(rows: list[dict[str, Any]]) -> str:
@@ -349,8 +494,10 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(curve_label(row), []).append(row)
-    lines = ["| strategy [mode] | query s | features s | alignment s | selection total s | final proxy accuracy (%) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| strategy [mode] | query s | features s | alignment s | selection total s | final proxy accuracy (%) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for label, members in sorted(groups.items()):
         seeds = sorted({r["seed"] for r in members})
 
@@ -360,8 +507,11 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
         finals = [r.get("proxy_accuracy") for r in members if r["cycle"] == max(m["cycle"] for m in members)]
         final = np.mean([f for f in finals if f is not None]) if any(f is not None for f in finals) else None
         cost = total("query_seconds") + total("feature_seconds") + total("align_seconds") + total("proxy_train_seconds")
-        lines.append(f"| {label} | {total('query_seconds'):.0f} | {total('feature_seconds'):.0f} | {total('align_seconds'):.0f} | "
-                     f"{cost:.0f} | {'' if final is None else f'{100 * final:.1f}'} |")
+        lines.append(
+            f"| {label} | {total('query_seconds'):.0f} | {total('feature_seconds'):.0f} | "
+            f"{total('align_seconds'):.0f} | "
+            f"{cost:.0f} | {'' if final is None else f'{100 * final:.1f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -376,8 +526,10 @@ def run(config: SimulateConfig) -> list[dict[str, Any]]:
     else:
         rows = run_with_jobs(config)
     print((out / "results.md").read_text())
-    print(f"results: {out / 'results.parquet'} (+ .csv), summaries: {out / 'summary.csv'}, {out / 'aulc.csv'}, "
-          f"plot: {out / 'learning_curves.png'}, page: {out / 'report.html'}")
+    print(
+        f"results: {out / 'results.parquet'} (+ .csv), summaries: {out / 'summary.csv'}, {out / 'aulc.csv'}, "
+        f"plot: {out / 'learning_curves.png'}, page: {out / 'report.html'}"
+    )
     return rows
 
 
@@ -391,12 +543,24 @@ def run_in_memory(config: SimulateConfig) -> list[dict[str, Any]]:
     decode = spec_for_model(config.model, num_classes=len(pool.classes))
     test = load_array_pool(config.test_pool or config.pool, decode, config.storage_options)
     spec = ModelSpec(config.model, len(pool.classes))
-    print(f"decoded {len(pool)} pool and {len(test)} test samples in {time.perf_counter() - started:.0f} s"
-          + (f"; {len(pool.skipped) + len(test.skipped)} could not be decoded and are left out" if pool.skipped or test.skipped else ""))
+    print(
+        f"decoded {len(pool)} pool and {len(test)} test samples in {time.perf_counter() - started:.0f} s"
+        + (
+            f"; {len(pool.skipped) + len(test.skipped)} could not be decoded and are left out"
+            if pool.skipped or test.skipped
+            else ""
+        )
+    )
     protocol = Protocol(
-        initial=config.initial, per_cycle=config.per_cycle, cycles=config.cycles, subset=config.subset,
-        schedule=TrainSchedule.scaled(config.epochs), batch_size=config.batch_size, warm_start=config.warm_start,
-        augment=config.augment, badge_memory_mb=config.badge_memory_mb,
+        initial=config.initial,
+        per_cycle=config.per_cycle,
+        cycles=config.cycles,
+        subset=config.subset,
+        schedule=TrainSchedule.scaled(config.epochs),
+        batch_size=config.batch_size,
+        warm_start=config.warm_start,
+        augment=config.augment,
+        badge_memory_mb=config.badge_memory_mb,
         device="cuda" if config.gpus and torch.cuda.is_available() else "cpu",
     )
     chains = config.chains()
@@ -405,11 +569,15 @@ def run_in_memory(config: SimulateConfig) -> list[dict[str, Any]]:
     results = Path(config.out) / "results.parquet"
     for seed in config.seeds:
         for chain in chains:
+
             def record(row: dict[str, Any]) -> None:
                 append_results(results, [row])
-                print(f"{row['strategy']} seed {row['seed']} cycle {row['cycle']}: {row['labeled']} labeled, "
-                      f"test accuracy {row['test_accuracy']:.4f} (train {row['train_seconds']:.0f} s"
-                      + (f", query {row['query_seconds']:.0f} s)" if row["query_seconds"] is not None else ")"))
+                print(
+                    f"{row['strategy']} seed {row['seed']} cycle {row['cycle']}: {row['labeled']} labeled, "
+                    f"test accuracy {row['test_accuracy']:.4f} (train {row['train_seconds']:.0f} s"
+                    + (f", query {row['query_seconds']:.0f} s)" if row["query_seconds"] is not None else ")")
+                )
+
             rows += run_chain_in_memory(chain, seed, pool, test, spec, decode, protocol, first, record)
             report(config, rows)
     return rows
@@ -420,13 +588,17 @@ def check_badge_budget(config: SimulateConfig, chains: list[Chain], spec: ModelS
     if not any(c.strategy == "badge" for c in chains):
         return
     head = classifier_head(spec.build()[0])
-    check_badge_memory(min(config.subset or pool_size, pool_size), head.out_features, head.in_features, config.badge_memory_mb)
+    check_badge_memory(
+        min(config.subset or pool_size, pool_size), head.out_features, head.in_features, config.badge_memory_mb
+    )
 
 
 def run_with_jobs(config: SimulateConfig) -> list[dict[str, Any]]:
     """Every chain through the real Ray jobs (engine=ray)."""
     truth = true_labels(config.pool, config.storage_options)
-    classes = list(resolve_pool(config.pool, config.storage_options).classes or [str(c) for c in sorted(set(truth.values()))])
+    classes = list(
+        resolve_pool(config.pool, config.storage_options).classes or [str(c) for c in sorted(set(truth.values()))]
+    )
     rows: list[dict[str, Any]] = []
     shared: dict[Any, Any] = {}
     for seed in config.seeds:
@@ -450,10 +622,20 @@ def start(config: SimulateConfig) -> None:
     run(config)
 
 
-JOB = Job("simulate", SimulateConfig, start, run, "Simulated active-learning cycles.",
-          # Proxy modes run through the feature and proxy jobs, so they need the Ray engine.
-          shortcuts={"--proxy": ("run modes full, proxy and proxy-aligned side by side",
-                                 ["modes=[full,proxy,proxy-aligned]", "engine=ray"])})
+JOB = Job(
+    "simulate",
+    SimulateConfig,
+    start,
+    run,
+    "Simulated active-learning cycles.",
+    # Proxy modes run through the feature and proxy jobs, so they need the Ray engine.
+    shortcuts={
+        "--proxy": (
+            "run modes full, proxy and proxy-aligned side by side",
+            ["modes=[full,proxy,proxy-aligned]", "engine=ray"],
+        )
+    },
+)
 
 if __name__ == "__main__":
     raise SystemExit(run_job(JOB))

@@ -28,19 +28,27 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.proxy.alignment import load_probe_into
 from pipeline.augment import AUGMENT_PRESETS, augment_generator, make_augment
-from pipeline.checkpoint import Checkpoint, CheckpointError, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ModelSpec,
+    build_from_checkpoint,
+    fetch_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.config import config_from_dict, config_to_dict
 from pipeline.models import available_models
 from pipeline.pools import spec_for_model
+from pipeline.proxy.alignment import load_probe_into
 from pipeline.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
+from ray_jobs._shared import pool_data
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
-from ray_jobs._shared.progress import EpochFeed, put_epoch
-from ray_jobs._shared import pool_data
 from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.progress import EpochFeed, put_epoch
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,9 @@ class TrainConfig:
         if self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"augment {self.augment!r} is unknown; choose one of {', '.join(AUGMENT_PRESETS)}")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2: the ranking loss compares pairs within a batch, got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be at least 2: the ranking loss compares pairs within a batch, got {self.batch_size}"
+            )
         for name in ("epochs", "num_workers", "checkpoint_every", "keep_checkpoints", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -157,7 +167,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lossnet.load_state_dict(resumed.lossnet_state)
     elif config.warm_start:
         # The reference implementation keeps the model across cycles: weights only, fresh optimiser.
-        warm_model, warm_lossnet, _ = build_from_checkpoint(load_checkpoint(fetch_checkpoint(config.warm_start, config.storage_options)), spec.num_classes)
+        warm_model, warm_lossnet, _ = build_from_checkpoint(
+            load_checkpoint(fetch_checkpoint(config.warm_start, config.storage_options)), spec.num_classes
+        )
         model.load_state_dict(warm_model.state_dict())
         lossnet.load_state_dict(warm_lossnet.state_dict())
     if checkpoint is None and config.init_head:
@@ -183,9 +195,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, ce, ranking, correct, samples
         generator = augment_generator(config.seed, rank, epoch)  # a resumed epoch augments as before
         # Local shuffle buffer: a fresh order every epoch without a global shuffle stage per epoch.
-        for batch in shard.iter_torch_batches(batch_size=config.batch_size, device=device,
-                                              local_shuffle_buffer_size=config.shuffle_buffer,
-                                              local_shuffle_seed=config.seed * 100_003 + epoch):
+        for batch in shard.iter_torch_batches(
+            batch_size=config.batch_size,
+            device=device,
+            local_shuffle_buffer_size=config.shuffle_buffer,
+            local_shuffle_seed=config.seed * 100_003 + epoch,
+        ):
             x, y = batch["image"].float(), batch["label"].long()
             if augment is not None:
                 x = augment(x, generator)
@@ -219,17 +234,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, Checkpoint(
-                    model_state=model.state_dict(),
-                    lossnet_state=lossnet.state_dict(),
-                    spec=spec,
-                    classes=tuple(loop_config["classes"]),
-                    epoch=epoch,
-                    optimizer_state=optimizer.state_dict(),
-                    scheduler_state=lr_scheduler.state_dict(),
-                    config=loop_config["config"],
-                    metrics=tuple(history),
-                ))
+                save_checkpoint(
+                    directory,
+                    Checkpoint(
+                        model_state=model.state_dict(),
+                        lossnet_state=lossnet.state_dict(),
+                        spec=spec,
+                        classes=tuple(loop_config["classes"]),
+                        epoch=epoch,
+                        optimizer_state=optimizer.state_dict(),
+                        scheduler_state=lr_scheduler.state_dict(),
+                        config=loop_config["config"],
+                        metrics=tuple(history),
+                    ),
+                )
                 with open(os.path.join(directory, "metrics.json"), "w") as handle:
                     json.dump(history, handle, indent=1)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -267,19 +285,26 @@ def check_storage(config: TrainConfig) -> None:
         listing = []
     existing = [p for p in listing if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
     if existing and not config.resume:
-        raise ValueError(f"run {config.name!r} already has checkpoints under {config.storage_path}; "
-                         "pass resume=true to continue it, or choose another name")
+        raise ValueError(
+            f"run {config.name!r} already has checkpoints under {config.storage_path}; "
+            "pass resume=true to continue it, or choose another name"
+        )
 
 
 def check_labels(datasets: dict[str, ray.data.Dataset], num_classes: int) -> None:
     """Refuse an empty labeled set or labels outside the class list before any worker starts."""
     for name, dataset in datasets.items():
-        stats = dataset.aggregate(ray.data.aggregate.Count(), ray.data.aggregate.Min("label"), ray.data.aggregate.Max("label"))
+        stats = dataset.aggregate(
+            ray.data.aggregate.Count(), ray.data.aggregate.Min("label"), ray.data.aggregate.Max("label")
+        )
         if not stats["count()"]:
             raise ValueError(f"the {name} set is empty: label some samples first (lplgrad pool label)")
         low, high = stats["min(label)"], stats["max(label)"]
         if low < 0 or high >= num_classes:
-            raise ValueError(f"the {name} set has labels in [{low}, {high}] but the model has {num_classes} classes (0..{num_classes - 1})")
+            raise ValueError(
+                f"the {name} set has labels in [{low}, {high}] but the model has {num_classes} classes "
+                f"(0..{num_classes - 1})"
+            )
 
 
 def absolute_uri(uri: str | None, storage_options: dict[str, Any]) -> str | None:
@@ -292,9 +317,14 @@ def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: lis
     if config.name is None:
         config = replace(config, name=datetime.now(timezone.utc).strftime("train-%Y%m%dT%H%M%SZ"))
     # Workers run in Ray's own working directory, where a relative local path names nothing.
-    config = replace(config, warm_start=absolute_uri(config.warm_start, config.storage_options),
-                     init_head=absolute_uri(config.init_head, config.storage_options))
-    spec = ModelSpec(config.model, config.num_classes or len(classes), config.in_channels, config.tap_layers, config.lossnet_hidden)
+    config = replace(
+        config,
+        warm_start=absolute_uri(config.warm_start, config.storage_options),
+        init_head=absolute_uri(config.init_head, config.storage_options),
+    )
+    spec = ModelSpec(
+        config.model, config.num_classes or len(classes), config.in_channels, config.tap_layers, config.lossnet_hidden
+    )
     check_storage(config)
     check_labels(datasets, spec.num_classes)
     if config.init_head:  # a probe that does not fit the classifier fails here, not in every worker
@@ -337,8 +367,16 @@ def run(config: TrainConfig, datasets: dict[str, ray.data.Dataset], classes: lis
 def start(config: TrainConfig) -> str:
     """`lplgrad train`: join Ray, train, print the final checkpoint URI."""
     print(connect(config.address))
-    guard_driver([("labeled", config.labeled), ("holdout", config.holdout), ("storage_path", config.storage_path),
-                  ("warm_start", config.warm_start), ("init_head", config.init_head)], config.storage_options)
+    guard_driver(
+        [
+            ("labeled", config.labeled),
+            ("holdout", config.holdout),
+            ("storage_path", config.storage_path),
+            ("warm_start", config.warm_start),
+            ("init_head", config.init_head),
+        ],
+        config.storage_options,
+    )
     uri = train(config)
     print(f"final checkpoint: {uri}")
     return uri

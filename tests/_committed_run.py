@@ -13,16 +13,17 @@ from typing import Any
 import numpy as np
 
 from pipeline.acquisition import acquisition_values
+from pipeline.acquisition.selection import TopK
 from pipeline.manifest import PoolShard, QueryInputs, ScoreSummary, begin_run, commit_run, selection_rows
 from pipeline.pools import iter_pool_samples, resolve_pool
-from pipeline.acquisition.selection import TopK
 
 K = 6
 FAILED = (3, 17)  # sample indices that "fail to score"
 
 
-def commit_fake_run(pool_uri: str, out: str, run_id: str, options: dict[str, Any] | None = None,
-                    ghost: str | None = None, k: int = K) -> dict[str, Any]:
+def commit_fake_run(
+    pool_uri: str, out: str, run_id: str, options: dict[str, Any] | None = None, ghost: str | None = None, k: int = K
+) -> dict[str, Any]:
     """Commit a run with made-up scores, as the query job would; ``ghost`` adds a key the pool lacks."""
     pool = resolve_pool(pool_uri, options)
     rows = [(s.key, s.shard) for s in iter_pool_samples(pool)]
@@ -36,14 +37,24 @@ def commit_fake_run(pool_uri: str, out: str, run_id: str, options: dict[str, Any
     failed = np.isin(np.arange(n), FAILED)
     gradnorm[failed] = np.nan
     batch = {
-        "key": keys, "shard": np.array([shard for _, shard in rows]), "score": gradnorm,
-        "entropy": gradnorm / 10, "margin": 1 - gradnorm / 10, "least_confidence": gradnorm / 20,
-        "pred_class": np.arange(n) % 3, "pred_prob": np.full(n, 0.5), "predicted_loss": np.full(n, np.nan),
+        "key": keys,
+        "shard": np.array([shard for _, shard in rows]),
+        "score": gradnorm,
+        "entropy": gradnorm / 10,
+        "margin": 1 - gradnorm / 10,
+        "least_confidence": gradnorm / 20,
+        "pred_class": np.arange(n) % 3,
+        "pred_prob": np.full(n, 0.5),
+        "predicted_loss": np.full(n, np.nan),
         "error": np.array([("non-finite logits" if f else None) for f in failed], dtype=object),
     }
     inputs = QueryInputs(
-        pool_uri=pool_uri, shards=tuple(PoolShard(s.uri, s.samples, s.bytes) for s in pool.shards),
-        checkpoint_uri="s3://ckpt/made-up/epoch-3", checkpoint_sha256="cd" * 32, strategy="lplgrad", k=k,
+        pool_uri=pool_uri,
+        shards=tuple(PoolShard(s.uri, s.samples, s.bytes) for s in pool.shards),
+        checkpoint_uri="s3://ckpt/made-up/epoch-3",
+        checkpoint_sha256="cd" * 32,
+        strategy="lplgrad",
+        k=k,
         strategy_params={"seed": 0},
     )
     state = begin_run(out, run_id, inputs.fingerprint(), options)
@@ -53,7 +64,9 @@ def commit_fake_run(pool_uri: str, out: str, run_id: str, options: dict[str, Any
         for start in range(0, n, 10):
             part = slice(start, start + 10)
             writer.write({name: list(column[part]) for name, column in batch.items()})
-            top.add(list(keys[part]), values[part], selection_rows({k: v[part] for k, v in batch.items()}, values[part]))
+            top.add(
+                list(keys[part]), values[part], selection_rows({k: v[part] for k, v in batch.items()}, values[part])
+            )
             summary.add(values[part][~failed[part]], list(keys[part][~failed[part]]))
     errors = [(str(keys[i]), str(batch["shard"][i]), "non-finite logits") for i in FAILED]
     return commit_run(state, inputs, top.result(), errors, scored=n - len(FAILED), excluded=0, summary=summary)

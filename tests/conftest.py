@@ -87,8 +87,14 @@ def ray_local() -> Iterator[Any]:
         # address="local" and a temp dir of its own: never join (or disturb) another Ray on this
         # machine, whoever started it. /tmp keeps Ray's socket paths under the 107-byte limit.
         temp_dir = tempfile.mkdtemp(prefix="lplgrad-test-ray-", dir="/tmp")
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, _temp_dir=temp_dir)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            _temp_dir=temp_dir,
+        )
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

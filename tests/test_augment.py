@@ -61,8 +61,15 @@ def test_training_sees_augmented_inputs_evaluation_and_scoring_never_do() -> Non
     images = rng.standard_normal((32, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 3, 32)
     seen: list[torch.Tensor] = []
-    trained = train_in_memory(ModelSpec("small_cnn", 3), images, labels, TrainSchedule.scaled(1), batch_size=16, seed=0,
-                              augment=make_augment("gray28", (0.5,), (0.5,)))
+    trained = train_in_memory(
+        ModelSpec("small_cnn", 3),
+        images,
+        labels,
+        TrainSchedule.scaled(1),
+        batch_size=16,
+        seed=0,
+        augment=make_augment("gray28", (0.5,), (0.5,)),
+    )
     handle = trained.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
     evaluate(trained.model, images, labels)
     score_rows(trained, images, [f"k{i}" for i in range(32)])
@@ -75,13 +82,22 @@ def test_training_sees_augmented_inputs_evaluation_and_scoring_never_do() -> Non
 
     def build_with_hook(spec):
         model, lossnet, tap = original_build(spec)
-        model.register_forward_pre_hook(lambda _m, args: training_inputs.append(args[0].detach().clone()) if _m.training else None)
+        model.register_forward_pre_hook(
+            lambda _m, args: training_inputs.append(args[0].detach().clone()) if _m.training else None
+        )
         return model, lossnet, tap
 
     ModelSpec.build = build_with_hook
     try:
-        train_in_memory(ModelSpec("small_cnn", 3), images, labels, TrainSchedule.scaled(1), batch_size=32, seed=0,
-                        augment=make_augment("gray28", (0.5,), (0.5,)))
+        train_in_memory(
+            ModelSpec("small_cnn", 3),
+            images,
+            labels,
+            TrainSchedule.scaled(1),
+            batch_size=32,
+            seed=0,
+            augment=make_augment("gray28", (0.5,), (0.5,)),
+        )
     finally:
         ModelSpec.build = original_build
     batch = training_inputs[0]

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from pipeline.checkpoint import (
-    CHECKPOINT_FILE, Checkpoint, CheckpointError, ModelSpec, build_from_checkpoint, load_checkpoint, save_checkpoint,
+    CHECKPOINT_FILE,
+    Checkpoint,
+    CheckpointError,
+    ModelSpec,
+    build_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from pipeline.proxy.head import ProxySpec
 
@@ -21,7 +27,9 @@ class _Payload:
 
 
 @pytest.mark.parametrize("content", ["pickle-payload", "pickle-stream", "garbage"])
-def test_an_unsafe_or_broken_checkpoint_is_refused_without_unsafe_advice(tmp_path: Path, content: str, monkeypatch) -> None:
+def test_an_unsafe_or_broken_checkpoint_is_refused_without_unsafe_advice(
+    tmp_path: Path, content: str, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
     path = tmp_path / "ckpt" / "state.pt"
@@ -34,7 +42,9 @@ def test_an_unsafe_or_broken_checkpoint_is_refused_without_unsafe_advice(tmp_pat
     message = str(refused.value)
     assert str(path) in message and "\n" not in message
     assert "weights_only=False" not in message and "`False`" not in message and "will likely succeed" not in message
-    assert refused.value.__cause__ is None  # torch's text (with its advice) is not chained into a --debug traceback either
+    assert (
+        refused.value.__cause__ is None
+    )  # torch's text (with its advice) is not chained into a --debug traceback either
     assert not (tmp_path / "pwned-by-checkpoint").exists()
     if content == "pickle-payload":
         assert "posix.system" in message or "system" in message
@@ -50,10 +60,14 @@ def _legacy_backbone_state() -> dict:
     optimizer.step()  # momentum buffers: an optimiser state with tensors in it
     scheduler.step()
     return {
-        "model": model.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "epoch": 4,
+        "model": model.state_dict(),
+        "lossnet": lossnet.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": 4,
         "spec": {"model": "small_cnn", "num_classes": 3, "in_channels": 1, "tap_layers": None, "lossnet_hidden": 128},
-        "classes": ["cat", "dog", "eel"], "config": {"epochs": 5, "augment": "gray28"},
+        "classes": ["cat", "dog", "eel"],
+        "config": {"epochs": 5, "augment": "gray28"},
         "metrics": [{"epoch": e, "loss": 1.0 / (e + 1), "holdout_accuracy": None} for e in range(5)],
     }
 
@@ -63,9 +77,16 @@ def _legacy_proxy_state() -> dict:
     spec = ProxySpec("linear", 8, 2, feature_store="s3://b/store", backbone_sha256="a" * 64)
     head, lossnet, _ = spec.build()
     return {
-        "model": head.state_dict(), "lossnet": lossnet.state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 1,
-        "spec": {"model": "proxy_linear", "num_classes": 2}, "proxy": spec.to_dict(), "classes": ["no", "yes"],
-        "config": {"kind": "linear"}, "metrics": [{"epoch": 0, "accuracy": 0.5}, {"epoch": 1, "accuracy": 0.75}],
+        "model": head.state_dict(),
+        "lossnet": lossnet.state_dict(),
+        "optimizer": {},
+        "scheduler": {},
+        "epoch": 1,
+        "spec": {"model": "proxy_linear", "num_classes": 2},
+        "proxy": spec.to_dict(),
+        "classes": ["no", "yes"],
+        "config": {"kind": "linear"},
+        "metrics": [{"epoch": 0, "accuracy": 0.5}, {"epoch": 1, "accuracy": 0.75}],
     }
 
 

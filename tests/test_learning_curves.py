@@ -18,8 +18,10 @@ from pipeline.learning_curves import (
 
 
 def rows(strategy: str, accuracies: list[float], seed: int) -> list[dict]:
-    return [{"strategy": strategy, "seed": seed, "cycle": c, "labeled": 100 * (c + 1), "test_accuracy": a}
-            for c, a in enumerate(accuracies)]
+    return [
+        {"strategy": strategy, "seed": seed, "cycle": c, "labeled": 100 * (c + 1), "test_accuracy": a}
+        for c, a in enumerate(accuracies)
+    ]
 
 
 def test_append_summarize_plot_and_table(tmp_path) -> None:
@@ -51,12 +53,18 @@ def test_aulc_is_the_trapezoid_mean_over_the_budget() -> None:
 
 
 def test_paired_differences_and_aulc_intervals_by_hand(tmp_path) -> None:
-    everything = (rows("random", [0.50, 0.60], seed=0) + rows("random", [0.50, 0.64], seed=1) + rows("random", [0.50, 0.62], seed=2)
-                  + rows("entropy", [0.50, 0.63], seed=0) + rows("entropy", [0.50, 0.66], seed=1) + rows("entropy", [0.50, 0.68], seed=2))
+    everything = (
+        rows("random", [0.50, 0.60], seed=0)
+        + rows("random", [0.50, 0.64], seed=1)
+        + rows("random", [0.50, 0.62], seed=2)
+        + rows("entropy", [0.50, 0.63], seed=0)
+        + rows("entropy", [0.50, 0.66], seed=1)
+        + rows("entropy", [0.50, 0.68], seed=2)
+    )
     diffs = {(d["strategy"], d["cycle"]): d for d in paired_differences(everything)}
     # Paired differences at cycle 1: 0.03, 0.02, 0.06 -> mean 0.03667, sd 0.02082, t(2) = 4.303.
     entry = diffs[("entropy", 1)]
-    half = 4.303 * 0.0208167 / 3 ** 0.5
+    half = 4.303 * 0.0208167 / 3**0.5
     assert entry["diff"] == pytest.approx(0.0366667, abs=1e-6)
     assert (entry["diff_low"], entry["diff_high"]) == pytest.approx((0.0366667 - half, 0.0366667 + half), abs=1e-5)
     assert entry["mean"] == pytest.approx(0.6566667) and entry["runs"] == 3 and entry["labeled"] == 200

@@ -10,13 +10,18 @@ import pytest
 from pipeline.config import load_config
 from ray_jobs.align import AlignConfig
 from ray_jobs.features import FeaturesConfig
-from ray_jobs.simulate import SimulateConfig
 from ray_jobs.query import QueryConfig
+from ray_jobs.simulate import SimulateConfig
 from ray_jobs.train import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-JOBS = {"align": AlignConfig, "features": FeaturesConfig, "query": QueryConfig, "simulate": SimulateConfig,
-        "train": TrainConfig}
+JOBS = {
+    "align": AlignConfig,
+    "features": FeaturesConfig,
+    "query": QueryConfig,
+    "simulate": SimulateConfig,
+    "train": TrainConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -17,7 +17,6 @@ from pipeline.training import (
     make_optimizers,
 )
 
-
 Setup = tuple[torch.nn.Module, LossNet, FeatureTap, torch.Tensor, torch.Tensor]
 
 
@@ -34,10 +33,7 @@ def test_joint_steps_lower_both_losses() -> None:
     model, lossnet, tap, x, y = _setup()
     schedule = TrainSchedule.scaled(10)
     optimizer, _ = make_optimizers(model, lossnet, schedule)
-    history = [
-        joint_train_step(model, lossnet, tap, x, y, optimizer, schedule, epoch=0)
-        for _ in range(20)
-    ]
+    history = [joint_train_step(model, lossnet, tap, x, y, optimizer, schedule, epoch=0) for _ in range(20)]
     assert set(history[0]) == {"loss", "ce", "ranking", "accuracy"}
     assert all(isinstance(v, float) for v in history[0].values())
     assert history[-1]["ce"] < 0.7 * history[0]["ce"]

@@ -32,20 +32,31 @@ def main(pool_uri: str) -> None:
     index = pool.index()
     labeled = np.array([index[k] for k in initial_keys(sorted(pool.keys), 200, 0)])
     candidates = np.random.default_rng(0).choice(np.setdiff1d(np.arange(len(pool)), labeled), 10_000, replace=False)
-    trained = train_in_memory(ModelSpec("small_cnn", len(pool.classes)), pool.images[labeled], pool.labels[labeled],
-                              TrainSchedule.scaled(50), batch_size=64, seed=0, augment=make_augment("gray28", (0.5,), (0.5,)))
+    trained = train_in_memory(
+        ModelSpec("small_cnn", len(pool.classes)),
+        pool.images[labeled],
+        pool.labels[labeled],
+        TrainSchedule.scaled(50),
+        batch_size=64,
+        seed=0,
+        augment=make_augment("gray28", (0.5,), (0.5,)),
+    )
     rows, _ = score_rows(trained, pool.images[candidates], [pool.keys[i] for i in candidates])
     score, entropy = rows["score"], rows["entropy"] / np.log(len(pool.classes))
     print(f"Spearman rank correlation of LPLgrad with entropy: {np.corrcoef(ranks(score), ranks(entropy))[0, 1]:+.2f}")
     top_score, top_entropy = np.argsort(-score)[:200], np.argsort(-entropy)[:200]
-    print(f"top-200 overlap: {len(set(top_score) & set(top_entropy)) / 200:.1%}; mean normalised entropy of the picks: "
-          f"LPLgrad {entropy[top_score].mean():.2f}, entropy {entropy[top_entropy].mean():.2f}")
+    print(
+        f"top-200 overlap: {len(set(top_score) & set(top_entropy)) / 200:.1%}; mean normalised entropy of the picks: "
+        f"LPLgrad {entropy[top_score].mean():.2f}, entropy {entropy[top_entropy].mean():.2f}"
+    )
     bands = np.minimum((entropy * 10).astype(int), 9)
     for band in range(10):
         members = bands == band
         if members.sum() >= 20:
-            print(f"  entropy/log C in [{band / 10:.1f}, {(band + 1) / 10:.1f}): {members.sum():5d} samples, "
-                  f"mean LPLgrad score {score[members].mean():.1f}")
+            print(
+                f"  entropy/log C in [{band / 10:.1f}, {(band + 1) / 10:.1f}): {members.sum():5d} samples, "
+                f"mean LPLgrad score {score[members].mean():.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -253,8 +253,7 @@ def check_stochastic(mode: str, beta: float, strategy: str | None = None) -> Non
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if mode == "power" and strategy is not None and not get_strategy(strategy).nonnegative:
         raise ValueError(
-            f"power sampling needs values >= 0 but strategy {strategy!r} can be negative; "
-            "use mode softmax or softrank"
+            f"power sampling needs values >= 0 but strategy {strategy!r} can be negative; use mode softmax or softrank"
         )
 
 

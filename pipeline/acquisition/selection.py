@@ -49,7 +49,9 @@ class SelectionSpec:
 
     def __post_init__(self) -> None:
         if self.strategy not in available_strategies():
-            raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(available_strategies())}")
+            raise ValueError(
+                f"strategy {self.strategy!r} is unknown; choose one of {', '.join(available_strategies())}"
+            )
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
             raise ValueError(f"k must be positive, got {self.k}")
         if self.stochastic is None:
@@ -70,7 +72,9 @@ class SelectionSpec:
         """
         known = {"strategy", "k", "stochastic", "beta", "seed"}
         if set(values) - known or not {"strategy", "k"} <= set(values):
-            raise ValueError(f"a selection spec has fields {sorted(known)} (strategy and k required), got {sorted(values)}")
+            raise ValueError(
+                f"a selection spec has fields {sorted(known)} (strategy and k required), got {sorted(values)}"
+            )
         return cls(**values)
 
     def manifest_params(self) -> dict[str, Any]:

@@ -58,8 +58,9 @@ class StreamedSelection:
     scored_rows: Counter[str]
 
 
-def select_streamed(spec: SelectionSpec, scored: Iterable[pa.Table], scores: ScoresSink,
-                    reused: Iterable[pa.Table] = ()) -> StreamedSelection:
+def select_streamed(
+    spec: SelectionSpec, scored: Iterable[pa.Table], scores: ScoresSink, reused: Iterable[pa.Table] = ()
+) -> StreamedSelection:
     """Stream scored rows (copied ones first, then the fresh ones) into ``scores`` and select.
 
     Memory is O(k + batch), except for ``softrank``, which keeps one float per scored row to know
@@ -88,7 +89,9 @@ def select_streamed(spec: SelectionSpec, scored: Iterable[pa.Table], scores: Sco
         rows[origin].update(batch.column("shard").to_pylist())
         scores.write(batch)
         columns, values, failed = _values(spec, batch)
-        errors.extend((columns["key"][i], columns["shard"][i], str(columns["error"][i])) for i in np.flatnonzero(failed))
+        errors.extend(
+            (columns["key"][i], columns["shard"][i], str(columns["error"][i])) for i in np.flatnonzero(failed)
+        )
         good += int((~failed).sum())
         summary.add(values[~failed], columns["key"][~failed].tolist())
         if ranks is not None:
@@ -131,8 +134,13 @@ def _text_columns(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def _offer(top: TopK, spec: SelectionSpec, columns: Mapping[str, np.ndarray], values: np.ndarray,
-          ranks: np.ndarray | None = None) -> None:
+def _offer(
+    top: TopK,
+    spec: SelectionSpec,
+    columns: Mapping[str, np.ndarray],
+    values: np.ndarray,
+    ranks: np.ndarray | None = None,
+) -> None:
     """Offer a batch to the running top-k, building selection rows only for its candidates.
 
     Args:

@@ -95,11 +95,15 @@ def resolve_run_path(uri: str, storage_options: Mapping[str, Any] | None) -> tup
     if fs.exists(latest):
         run_path = join_path(path, fs.cat_file(latest).decode().strip())
         if not fs.exists(join_path(run_path, MANIFEST_NAME)):
-            raise UncommittedRunError(f"{display_uri(fs, latest)} names {display_uri(fs, run_path)}, which has no {MANIFEST_NAME}")
+            raise UncommittedRunError(
+                f"{display_uri(fs, latest)} names {display_uri(fs, run_path)}, which has no {MANIFEST_NAME}"
+            )
         return fs, run_path
     if fs.exists(path):
         raise UncommittedRunError(
             f"{uri} has no {MANIFEST_NAME}: the query run failed or is still running, so its files are "
             "not a result; rerun the query job with the same run id to replace it"
         )
-    raise FileNotFoundError(f"no query run at {uri}: expected {MANIFEST_NAME} (a run) or {LATEST_NAME} (an output root)")
+    raise FileNotFoundError(
+        f"no query run at {uri}: expected {MANIFEST_NAME} (a run) or {LATEST_NAME} (an output root)"
+    )

@@ -81,7 +81,9 @@ def selection_rows(batch: Mapping[str, Any], acquisition: np.ndarray) -> list[di
         source = _SOURCE_COLUMN.get(field.name, field.name)
         if source in batch:
             columns[field.name] = batch[source]
-    lists = {name: (v.to_pylist() if isinstance(v, (pa.Array, pa.ChunkedArray)) else list(v)) for name, v in columns.items()}
+    lists = {
+        name: (v.to_pylist() if isinstance(v, (pa.Array, pa.ChunkedArray)) else list(v)) for name, v in columns.items()
+    }
     return [dict(zip(lists, values)) for values in zip(*lists.values())]
 
 
@@ -128,7 +130,9 @@ def errors_table(errors: pa.Table | Iterable[tuple[str | None, str | None, str]]
     rows = list(errors)
     if any(reason is None for _, _, reason in rows):
         raise ValueError("every error row needs a reason")
-    return pa.table({name: [row[i] for row in rows] for i, name in enumerate(ERRORS_SCHEMA.names)}, schema=ERRORS_SCHEMA)
+    return pa.table(
+        {name: [row[i] for row in rows] for i, name in enumerate(ERRORS_SCHEMA.names)}, schema=ERRORS_SCHEMA
+    )
 
 
 def excluded_table(rows: pa.Table | Iterable[tuple[str, str | None]]) -> pa.Table:
@@ -224,8 +228,10 @@ class ScoresWriter:
         """
         if self._closed:
             raise ValueError("ScoresWriter is closed")
-        table = batch if isinstance(batch, pa.Table) else (
-            pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else pa.table(dict(batch))
+        table = (
+            batch
+            if isinstance(batch, pa.Table)
+            else (pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else pa.table(dict(batch)))
         )
         if self.schema is None:
             self.schema = table.schema
@@ -233,7 +239,9 @@ class ScoresWriter:
             try:
                 table = table.select(self.schema.names).cast(self.schema)
             except (KeyError, pa.ArrowInvalid, ValueError) as err:
-                raise ValueError(f"score batch schema {table.schema} does not match the first batch's {self.schema}: {err}") from err
+                raise ValueError(
+                    f"score batch schema {table.schema} does not match the first batch's {self.schema}: {err}"
+                ) from err
         self._buffer.append(table)
         self._buffered += table.num_rows
         self.rows += table.num_rows

@@ -1,10 +1,11 @@
 """The commit protocol of a query run (schema version 1; the layout is in _layout.py).
 
-An attempt writes only under its own directory ``{out}/{run_id}/attempts/{attempt}/``; :func:`commit_run` creates ``manifest.json`` with an exclusive create (``O_EXCL``
-semantics locally, ``If-None-Match: *`` on S3), so exactly one attempt becomes the run and a
-losing, crashed or concurrent attempt can never change it. The manifest records the sha256 of
-every file it names. A run without ``manifest.json`` is a failed or running job: readers refuse
-it. See docs/manifest.md for every field.
+An attempt writes only under its own directory ``{out}/{run_id}/attempts/{attempt}/``;
+:func:`commit_run` creates ``manifest.json`` with an exclusive create (``O_EXCL`` semantics
+locally, ``If-None-Match: *`` on S3), so exactly one attempt becomes the run and a losing,
+crashed or concurrent attempt can never change it. The manifest records the sha256 of every file
+it names. A run without ``manifest.json`` is a failed or running job: readers refuse it. See
+docs/manifest.md for every field.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 from fsspec import AbstractFileSystem
 
+from pipeline.manifest._inputs import QueryInputs
 from pipeline.manifest._layout import (
     ATTEMPTS_DIR,
     ERRORS_NAME,
@@ -37,6 +39,7 @@ from pipeline.manifest._layout import (
     RunConflictError,
     read_manifest_file,
 )
+from pipeline.manifest._summary import ScoreSummary
 from pipeline.manifest._tables import (
     SELECTION_SCHEMA,
     ScoresWriter,
@@ -45,8 +48,6 @@ from pipeline.manifest._tables import (
     selection_table,
     write_table,
 )
-from pipeline.manifest._inputs import QueryInputs
-from pipeline.manifest._summary import ScoreSummary
 from pipeline.storage import create_exclusive, display_uri, filesystem_for, join_path, write_bytes_atomic
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
 # before that step (the fault drill of tests/manifest/test_commit_protocol.py).
 COMMIT_STEPS = ("tables", "scores-check", "manifest", "latest")
 _FAULT_ENV = "LPLGRAD_FAULT_AT_COMMIT_STEP"
+
 
 def new_run_id(prefix: str = "query") -> str:
     """``{prefix}-YYYYmmddTHHMMSSZ`` in UTC: ids that sort in time order, as LATEST assumes."""
@@ -123,8 +125,11 @@ class RunState:
         """One line for the job to print."""
         if self.already_committed:
             return f"run {self.run_id} is already committed at {self.run_uri} with the same inputs: nothing to do"
-        earlier = (f" ({self.earlier_attempts} uncommitted earlier attempt(s) there are ignored)"
-                   if self.earlier_attempts else "")
+        earlier = (
+            f" ({self.earlier_attempts} uncommitted earlier attempt(s) there are ignored)"
+            if self.earlier_attempts
+            else ""
+        )
         return f"starting run {self.run_id} at {self.run_uri}, attempt {self.attempt_id}{earlier}"
 
     def scores_writer(self, rows_per_part: int = 262_144) -> ScoresWriter:
@@ -147,9 +152,7 @@ def new_attempt_id() -> str:
     return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
 
 
-def begin_run(
-    out: str, run_id: str, fingerprint: str, storage_options: Mapping[str, Any] | None = None
-) -> RunState:
+def begin_run(out: str, run_id: str, fingerprint: str, storage_options: Mapping[str, Any] | None = None) -> RunState:
     """Decide what a query job does with ``{out}/{run_id}``: no-op, refuse, or start an attempt.
 
     Nothing is deleted: an attempt writes only under ``attempts/{attempt_id}/``, so earlier
@@ -312,9 +315,12 @@ def commit_run(
         winner = read_manifest_file(fs, state.run_path)
         if winner.get("inputs_fingerprint") != state.fingerprint:
             raise RunConflictError(
-                f"another attempt committed run {state.run_id} at {state.run_uri} first, with other inputs (fingerprint "
-                f"{str(winner.get('inputs_fingerprint'))[:12]}..., these give {state.fingerprint[:12]}...); this attempt's "
-                f"files were discarded and the committed run is unchanged (choose a new run id, e.g. run_id={new_run_id()})"
+                f"another attempt committed run {state.run_id} at {state.run_uri} first, with other inputs "
+                "(fingerprint "
+                f"{str(winner.get('inputs_fingerprint'))[:12]}..., these give {state.fingerprint[:12]}...); this "
+                "attempt's "
+                "files were discarded and the committed run is unchanged (choose a new run id, e.g. "
+                f"run_id={new_run_id()})"
             ) from None
         return winner
     _fault_point("latest")
@@ -323,7 +329,7 @@ def commit_run(
 
 
 def _relative(state: RunState, path: str) -> str:
-    return path[len(state.run_path.rstrip("/")) + 1:]
+    return path[len(state.run_path.rstrip("/")) + 1 :]
 
 
 def _check_written(state: RunState) -> None:

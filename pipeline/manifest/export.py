@@ -182,13 +182,20 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"strategy    {summary['strategy']} {json.dumps(summary['strategy_params'], sort_keys=True)}  k={summary['k']}",
         f"pool        {pool['uri']}  ({pool['shards']} shards, {_number(pool['samples'])} samples)",
         f"checkpoint  {checkpoint.get('uri')}  sha256 {checkpoint.get('sha256')}",
-        *([f"proxy       features {summary['features'].get('store')}  "
-             f"backbone sha256 {summary['features'].get('backbone_sha256')}"]
-          if summary.get("features") else []),
+        *(
+            [
+                f"proxy       features {summary['features'].get('store')}  "
+                f"backbone sha256 {summary['features'].get('backbone_sha256')}"
+            ]
+            if summary.get("features")
+            else []
+        ),
         f"exclusions  {exclusions.get('num_keys', 0)} keys from {len(exclusions.get('runs') or [])} run(s)"
         + "".join(f"\n              {r}" for r in exclusions.get("runs") or []),
-        "counts      " + "  ".join(f"{name} {counts.get(name)}" for name in ("scored", "excluded", "errors", "selected")),
-        "scores      " + "  ".join(f"{name} {_number(stats.get(name))}" for name in ("min", "mean", "std", "max"))
+        "counts      "
+        + "  ".join(f"{name} {counts.get(name)}" for name in ("scored", "excluded", "errors", "selected")),
+        "scores      "
+        + "  ".join(f"{name} {_number(stats.get(name))}" for name in ("min", "mean", "std", "max"))
         + (f"  median {_number(quantiles.get('0.5'))}" if quantiles else ""),
         "software    " + "  ".join(f"{k} {v}" for k, v in (summary.get("software") or {}).items()),
     ]
@@ -196,8 +203,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if rows:
         columns = [c for c in _TOP_COLUMNS if c in rows[0]]
         # Shard names, not URIs: the pool's prefix is on the pool line already.
-        cells = [[_basename(str(row[c])) if c == "shard" and row.get(c) else _number(row.get(c)) for c in columns]
-                 for row in rows]
+        cells = [
+            [_basename(str(row[c])) if c == "shard" and row.get(c) else _number(row.get(c)) for c in columns]
+            for row in rows
+        ]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
         lines.append(f"top {len(rows)}:")
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
@@ -220,8 +229,9 @@ class _Search:
     shards_read: int = 0
 
 
-def _scan(pool: ResolvedPool, shard: ShardRef, keys: set[str], read_data: bool,
-          search: _Search) -> Generator[RawSample, None, set[str]]:
+def _scan(
+    pool: ResolvedPool, shard: ShardRef, keys: set[str], read_data: bool, search: _Search
+) -> Generator[RawSample, None, set[str]]:
     """Yield the samples of one shard whose keys are in ``keys``; return the keys not seen.
 
     Stops reading as soon as every key was seen. A shard that cannot be read reports its keys
@@ -289,7 +299,9 @@ def _find_samples(
 def _image_ext(sample: RawSample) -> str:
     found = [ext for ext in IMAGE_EXTENSIONS if ext in sample.files]
     if len(found) != 1:
-        raise ValueError(f"sample {sample.key!r} in {sample.shard} has {len(found)} image files ({', '.join(found) or 'none'})")
+        raise ValueError(
+            f"sample {sample.key!r} in {sample.shard} has {len(found)} image files ({', '.join(found) or 'none'})"
+        )
     return found[0]
 
 
@@ -353,7 +365,15 @@ def _export_bytes(rows: list[dict[str, Any]], columns: list[str], fmt: str, run_
         return "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows).encode()
     if fmt == "label-studio":
         tasks = [
-            {"data": {"image": row["image"], "key": row["key"], "score": row["score"], "rank": row["rank"], "run_id": run_id}}
+            {
+                "data": {
+                    "image": row["image"],
+                    "key": row["key"],
+                    "score": row["score"],
+                    "rank": row["rank"],
+                    "run_id": run_id,
+                }
+            }
             for row in rows
         ]
         return (json.dumps(tasks, indent=1, allow_nan=False) + "\n").encode()
@@ -397,8 +417,10 @@ def export_selection(
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if fmt == "label-studio" and not image_url_prefix:
-        raise ValueError("label-studio export needs --image-url-prefix: the base the image URLs start with, "
-                         "e.g. where `lplgrad manifest extract` put the images")
+        raise ValueError(
+            "label-studio export needs --image-url-prefix: the base the image URLs start with, "
+            "e.g. where `lplgrad manifest extract` put the images"
+        )
     selection = run.selection()
     rows = [{k: _plain(v) for k, v in row.items()} for row in selection.to_pylist()]
     columns = list(selection.column_names)
@@ -409,12 +431,16 @@ def export_selection(
             try:
                 extensions, missing = image_extensions(run, pool=pool)
             except PoolError as err:
-                raise ValueError(f"cannot look up the image extensions in the pool ({err}); pass --pool with "
-                                 "its current location, or --image-ext") from err
+                raise ValueError(
+                    f"cannot look up the image extensions in the pool ({err}); pass --pool with "
+                    "its current location, or --image-ext"
+                ) from err
         if missing:
             listed = "; ".join(f"{k}: {why}" for k, why in sorted(missing.items())[:10])
-            raise ValueError(f"no image found for {len(missing)} selected key(s) ({listed}); pass --pool with "
-                             "the pool's current location, or --image-ext")
+            raise ValueError(
+                f"no image found for {len(missing)} selected key(s) ({listed}); pass --pool with "
+                "the pool's current location, or --image-ext"
+            )
         for row in rows:
             row["image"] = _image_url(image_url_prefix, row["key"], extensions[row["key"]])
         columns.append("image")

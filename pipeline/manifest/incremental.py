@@ -111,7 +111,9 @@ def shard_identities(
         by_parent[fs._parent(path)].append(path)
     found: dict[str, dict[str, Any] | None] = {}
     for parent, members in by_parent.items():
-        listing = retry_call(functools.partial(fs.ls, parent, detail=True), what=display_uri(fs, parent), attempts=attempts)
+        listing = retry_call(
+            functools.partial(fs.ls, parent, detail=True), what=display_uri(fs, parent), attempts=attempts
+        )
         entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in listing}
         for path in members:
             entry = entries.get(path.rsplit("/", 1)[-1])
@@ -184,7 +186,8 @@ def plan_reuse(
     errors = load_errors(source, storage_options)
     broken = {s for k, s in zip(errors.column("key").to_pylist(), errors.column("shard").to_pylist()) if k is None}
     unchanged = {
-        s.uri for s in inputs.shards
+        s.uri
+        for s in inputs.shards
         if s.identity is not None and known.get(s.uri) == dict(s.identity) and s.uri not in broken
     }
     rescore: dict[str, set[str]] = {uri: set() for uri in unchanged}
@@ -197,9 +200,8 @@ def plan_reuse(
                 rescore[shard].add(key)
     reused = {uri: frozenset(keys) for uri, keys in rescore.items()}
     rescored = sum(len(keys) for keys in reused.values())
-    reason = (
-        f"reusing {len(reused)} of {len(inputs.shards)} shards from {previous['run_id']}"
-        + (f" ({rescored} keys it excluded are scored again)" if rescored else "")
+    reason = f"reusing {len(reused)} of {len(inputs.shards)} shards from {previous['run_id']}" + (
+        f" ({rescored} keys it excluded are scored again)" if rescored else ""
     )
     return ReusePlan(source, previous["run_id"], reused, tuple(still), reason)
 

@@ -60,7 +60,8 @@ def previous_run(out: str, before: str, storage_options: Mapping[str, Any] | Non
     except FileNotFoundError:
         return None
     runs = sorted(
-        name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        name
+        for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
         if RUN_ID_PATTERN.match(name) and name < before and fs.exists(join_path(join_path(path, name), MANIFEST_NAME))
     )
     return display_uri(fs, join_path(path, runs[-1])) if runs else None

@@ -6,8 +6,8 @@ fingerprint that does not recompute, a selection whose row count, ranks, keys or
 match, selected keys that are also errors, score part files that are missing, unlisted, or whose
 rows do not add up to ``scored + errors``, and any file whose sha256 or size differs from the
 ``checksums`` the commit recorded (every file is read once for that; ``--quick`` compares sizes).
-Parquet row counts come from file footers; only the ``key`` column of the scores table is streamed (to find every selected key in it), and only
-when ``scan_scores`` is set.
+Parquet row counts come from file footers; only the ``key`` column of the scores table is
+streamed (to find every selected key in it), and only when ``scan_scores`` is set.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.manifest._tables import file_checksum
 from pipeline.manifest._inputs import inputs_fingerprint
 from pipeline.manifest._layout import ATTEMPTS_DIR, MANIFEST_NAME, SCORES_DIR, ManifestError
-from pipeline.manifest._tables import ERRORS_SCHEMA, SELECTION_SCHEMA
+from pipeline.manifest._tables import ERRORS_SCHEMA, SELECTION_SCHEMA, file_checksum
 from pipeline.manifest.read import read_manifest, resolve_run
 from pipeline.storage import filesystem_for, join_path
 
@@ -101,7 +100,9 @@ def _check_fields(manifest: Mapping[str, Any], run_path: str) -> list[str]:
     if counts["selected"] > manifest["inputs"]["k"]:
         problems.append(f"{MANIFEST_NAME}: counts.selected {counts['selected']} exceeds k {manifest['inputs']['k']}")
     if counts["selected"] > counts["scored"]:
-        problems.append(f"{MANIFEST_NAME}: counts.selected {counts['selected']} exceeds counts.scored {counts['scored']}")
+        problems.append(
+            f"{MANIFEST_NAME}: counts.selected {counts['selected']} exceeds counts.scored {counts['scored']}"
+        )
     return problems
 
 
@@ -166,8 +167,9 @@ def _check_errors(table: pa.Table, name: str, errors: int, selected_keys: set[st
     return problems
 
 
-def _check_scores(fs: AbstractFileSystem, run_path: str, manifest: Mapping[str, Any], selected_keys: set[str],
-                  scan: bool) -> list[str]:
+def _check_scores(
+    fs: AbstractFileSystem, run_path: str, manifest: Mapping[str, Any], selected_keys: set[str], scan: bool
+) -> list[str]:
     problems: list[str] = []
     parts = list(manifest["files"]["scores"])
     attempt = manifest.get("attempt")
@@ -220,7 +222,9 @@ def _check_checksums(fs: AbstractFileSystem, run_path: str, manifest: Mapping[st
     if not isinstance(checksums, Mapping):
         return [f"{MANIFEST_NAME}: field checksums is not an object"]
     files = manifest["files"]
-    named = [files["selection"], files["errors"], *files["scores"]] + ([files["excluded"]] if files.get("excluded") else [])
+    named = [files["selection"], files["errors"], *files["scores"]] + (
+        [files["excluded"]] if files.get("excluded") else []
+    )
     problems = [f"{MANIFEST_NAME}: {name} has no checksum" for name in named if name not in checksums]
     for name, record in sorted(checksums.items()):
         if posixpath.isabs(name) or ".." in name.split("/"):

@@ -54,7 +54,4 @@ def validate_input(x: Tensor, in_channels: int) -> None:
         hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""
         raise ValueError(f"expected inputs of shape {want}, got {got}: inputs must be 4-D{hint}")
     if x.shape[1] != in_channels:
-        raise ValueError(
-            f"expected inputs of shape {want}, got {got}: "
-            f"the model takes {in_channels} input channels"
-        )
+        raise ValueError(f"expected inputs of shape {want}, got {got}: the model takes {in_channels} input channels")

@@ -8,9 +8,9 @@ named submodules and records their outputs, but only while a capture is active, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -98,9 +98,7 @@ class FeatureTap:
                     "output is ambiguous; tap a module that runs once (e.g. a whole stage)"
                 )
             if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"tapped module {name!r} returned {type(output).__name__}, not a Tensor"
-                )
+                raise TypeError(f"tapped module {name!r} returned {type(output).__name__}, not a Tensor")
             self._pending[name] = (output, _version(output))
 
         return hook

@@ -8,8 +8,9 @@ need no second source of truth.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from torch import nn
 
@@ -85,9 +86,7 @@ def _entry(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; available models: {', '.join(available_models())}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}") from None
 
 
 def input_spec(name: str) -> tuple[int, int, int]:

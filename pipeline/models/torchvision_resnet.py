@@ -7,10 +7,12 @@ module names match upstream exactly; only the stem convolution is swapped when
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
-from torchvision.models import ResNet, resnet18 as tv_resnet18, resnet50 as tv_resnet50
+from torchvision.models import ResNet
+from torchvision.models import resnet18 as tv_resnet18
+from torchvision.models import resnet50 as tv_resnet50
 
 from pipeline.models.registry import register_model
 

@@ -79,8 +79,15 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
-        width: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 4,
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        patch_size: int = 4,
+        width: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: int = 4,
     ) -> None:
         super().__init__()
         if image_size < patch_size:

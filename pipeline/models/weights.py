@@ -28,8 +28,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
-            f"weights file {str(file)!r} does not exist; weights must be a local file path "
-            "(nothing is downloaded)"
+            f"weights file {str(file)!r} does not exist; weights must be a local file path (nothing is downloaded)"
         )
     # weights_only: a checkpoint is data, it must not be able to run code on load.
     obj = torch.load(file, map_location="cpu", weights_only=True)
@@ -48,6 +47,4 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(
-            f"weights file {str(file)!r} does not match {type(model).__name__}: {err}"
-        ) from err
+        raise ValueError(f"weights file {str(file)!r} does not match {type(model).__name__}: {err}") from err

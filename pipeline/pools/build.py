@@ -19,9 +19,7 @@ __all__ = ["build_pool", "sample_files"]
 _SAME = {"jpg": {"jpg", "jpeg"}, "png": {"png"}, "webp": {"webp"}}
 
 
-def sample_files(
-    sample: SourceSample, encoding: str | None = None, *, with_label: bool = True
-) -> dict[str, bytes]:
+def sample_files(sample: SourceSample, encoding: str | None = None, *, with_label: bool = True) -> dict[str, bytes]:
     """Turn a source sample into the files of a pool sample.
 
     Encoded images in a pool format pass through untouched unless another ``encoding`` is
@@ -95,9 +93,7 @@ def build_pool(
     """
     classes = tuple(class_names) if class_names is not None else source.classes
     if class_names is not None and source.classes is not None and len(class_names) < len(source.classes):
-        raise ValueError(
-            f"{len(class_names)} class names given but the source has {len(source.classes)} classes"
-        )
+        raise ValueError(f"{len(class_names)} class names given but the source has {len(source.classes)} classes")
     provenance = {**source.provenance(), "encoding": encoding, "unlabeled": unlabeled}
     with PoolWriter(
         out_uri,
@@ -110,8 +106,7 @@ def build_pool(
         for sample in source:
             if sample.label is not None and classes is not None and not 0 <= sample.label < len(classes):
                 raise ValueError(
-                    f"sample {sample.key!r} has label {sample.label}, outside the class list "
-                    f"({len(classes)} classes)"
+                    f"sample {sample.key!r} has label {sample.label}, outside the class list ({len(classes)} classes)"
                 )
             writer.write(sample.key, sample_files(sample, encoding, with_label=not unlabeled))
         return writer.close()

@@ -92,5 +92,6 @@ class ShardReadError(PoolError, StorageReadError):
         # Not StorageReadError.__init__: the message names shards, and OSError's own __init__ is kept.
         OSError.__init__(self, f"{len(self.problems)} shard(s) could not be read:\n{lines}")
 
+
 class LabelError(PoolError, ValueError):
     """A labels table does not fit the pool (unknown keys, labels outside the class list)."""

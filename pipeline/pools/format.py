@@ -196,7 +196,7 @@ class PoolIndex:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PoolError(f"pool index {where} is not valid JSON: {err}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise PoolError(f"{where} is not a pool index (expected \"format\": \"{FORMAT_NAME}\")")
+            raise PoolError(f'{where} is not a pool index (expected "format": "{FORMAT_NAME}")')
         if doc.get("version") != FORMAT_VERSION:
             raise PoolError(
                 f"pool index {where} has version {doc.get('version')!r}; this code reads "
@@ -204,8 +204,7 @@ class PoolIndex:
             )
         try:
             shards = tuple(
-                ShardEntry(name=str(s["name"]), samples=int(s["samples"]), bytes=int(s["bytes"]))
-                for s in doc["shards"]
+                ShardEntry(name=str(s["name"]), samples=int(s["samples"]), bytes=int(s["bytes"])) for s in doc["shards"]
             )
             classes = doc.get("classes")
             index = cls(
@@ -220,8 +219,7 @@ class PoolIndex:
             raise PoolError(f"pool index {where} is malformed: {type(err).__name__}: {err}") from None
         if "num_samples" in doc and doc["num_samples"] != index.num_samples:
             raise PoolError(
-                f"pool index {where} says num_samples={doc['num_samples']} but its shards sum to "
-                f"{index.num_samples}"
+                f"pool index {where} says num_samples={doc['num_samples']} but its shards sum to {index.num_samples}"
             )
         names = [s.name for s in shards]
         if len(set(names)) != len(names):

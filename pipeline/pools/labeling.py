@@ -26,17 +26,15 @@ from pipeline.pools.errors import LabelError
 from pipeline.pools.format import LABEL_EXTENSION, PoolIndex
 from pipeline.pools.listing import ResolvedPool, resolve_pool
 from pipeline.pools.scan import iter_pool_samples
-from pipeline.storage import filesystem_for
 from pipeline.pools.writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, PoolWriter
+from pipeline.storage import filesystem_for
 
 __all__ = ["LabelReport", "label_pool", "read_labels", "read_labels_table", "resolve_label"]
 
 _SHOW = 10
 
 
-def read_labels_table(
-    uri: str, storage_options: Mapping[str, Any] | None = None
-) -> dict[str, str]:
+def read_labels_table(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Read a ``key,label`` table (CSV, or Parquet by extension ``.parquet``/``.pq``).
 
     Args:
@@ -56,9 +54,10 @@ def read_labels_table(
         else:
             # Everything as strings: "007" must stay a key, and labels may be names.
             table = pa_csv.read_csv(
-                f, convert_options=pa_csv.ConvertOptions(
+                f,
+                convert_options=pa_csv.ConvertOptions(
                     column_types={"key": pa.string(), "label": pa.string()}, strings_can_be_null=False
-                )
+                ),
             )
     missing = [c for c in ("key", "label") if c not in table.column_names]
     if missing:
@@ -74,9 +73,7 @@ def read_labels_table(
             raise LabelError(f"labels table {uri}, row {row}: empty key or label")
         key, value = str(key).strip(), str(value).strip()
         if labels.setdefault(key, value) != value:
-            raise LabelError(
-                f"labels table {uri}: key {key!r} has two labels, {labels[key]!r} and {value!r}"
-            )
+            raise LabelError(f"labels table {uri}: key {key!r} has two labels, {labels[key]!r} and {value!r}")
     return labels
 
 
@@ -130,9 +127,7 @@ def _class_list(pool: ResolvedPool, base: ResolvedPool | None, classes: Sequence
     if classes is not None:
         known.insert(0, ("--classes", tuple(classes)))
     if not known:
-        raise LabelError(
-            f"no class list: {pool.uri} has no index with classes; pass one (--classes a,b,c)"
-        )
+        raise LabelError(f"no class list: {pool.uri} has no index with classes; pass one (--classes a,b,c)")
     for where, other in known[1:]:
         if tuple(other) != tuple(known[0][1]):
             raise LabelError(f"class lists differ: {known[0][0]} has {list(known[0][1])}, {where} has {list(other)}")
@@ -179,16 +174,28 @@ def label_pool(
     if not raw:
         raise LabelError(f"labels table {labels if isinstance(labels, str) else '(mapping)'} is empty")
     wanted = {key: resolve_label(value, class_list, key) for key, value in raw.items()}
-    source = {"kind": "label", "pool": pool_uri, "labels": labels if isinstance(labels, str) else None,
-              "append_to": append_to}
-    with PoolWriter(out_uri, shard_samples=shard_samples, shard_bytes=shard_bytes,
-                    storage_options=storage_options, classes=class_list, source=source) as writer:
+    source = {
+        "kind": "label",
+        "pool": pool_uri,
+        "labels": labels if isinstance(labels, str) else None,
+        "append_to": append_to,
+    }
+    with PoolWriter(
+        out_uri,
+        shard_samples=shard_samples,
+        shard_bytes=shard_bytes,
+        storage_options=storage_options,
+        classes=class_list,
+        source=source,
+    ) as writer:
         carried, already = 0, 0
         if base is not None:
             for sample in iter_pool_samples(base):
                 cls = sample.files.get(LABEL_EXTENSION)
                 if cls is None:
-                    raise LabelError(f"{append_to} is not a labeled set: sample {sample.key!r} in {sample.shard} has no cls")
+                    raise LabelError(
+                        f"{append_to} is not a labeled set: sample {sample.key!r} in {sample.shard} has no cls"
+                    )
                 if sample.key in wanted:
                     if int(cls) != wanted[sample.key]:
                         raise LabelError(
@@ -208,14 +215,15 @@ def label_pool(
         if wanted:
             shown = ", ".join(repr(k) for k in sorted(wanted)[:_SHOW])
             raise LabelError(
-                f"{len(wanted)} labeled key(s) are not in {pool_uri}: {shown}"
-                + (" ..." if len(wanted) > _SHOW else "")
+                f"{len(wanted)} labeled key(s) are not in {pool_uri}: {shown}" + (" ..." if len(wanted) > _SHOW else "")
             )
         index = writer.close()
     return LabelReport(index=index, added=added, carried=carried, already_labeled=already)
 
 
-def read_labels(pool_uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+def read_labels(
+    pool_uri: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[str], np.ndarray, list[str]]:
     """(keys, labels [N], class names) of a labeled pool, read from its `cls` members.
 
     Raises:
@@ -225,7 +233,9 @@ def read_labels(pool_uri: str, storage_options: Mapping[str, Any] | None = None)
     keys, labels = [], []
     for sample in iter_pool_samples(pool):
         if "cls" not in sample.files:
-            raise LabelError(f"sample {sample.key} of {pool_uri} has no label (cls); label it with `lplgrad pool label`")
+            raise LabelError(
+                f"sample {sample.key} of {pool_uri} has no label (cls); label it with `lplgrad pool label`"
+            )
         keys.append(sample.key)
         labels.append(int(sample.files["cls"].decode().strip()))
     if not keys:

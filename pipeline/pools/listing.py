@@ -156,12 +156,8 @@ def resolve_pool(
         key=lambda entry: entry["name"],
     )
     if not tars:
-        raise EmptyPoolError(
-            f"empty pool at {uri}: no {INDEX_NAME} and no .tar shards directly under the prefix"
-        )
-    shards = tuple(
-        ShardRef(display_uri(fs, e["name"]), e["name"], None, _size(e)) for e in tars
-    )
+        raise EmptyPoolError(f"empty pool at {uri}: no {INDEX_NAME} and no .tar shards directly under the prefix")
+    shards = tuple(ShardRef(display_uri(fs, e["name"]), e["name"], None, _size(e)) for e in tars)
     return ResolvedPool(uri=uri, fs=fs, shards=shards, index=None, how="listing")
 
 

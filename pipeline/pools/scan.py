@@ -89,8 +89,10 @@ def iter_shard_samples(
         try:
             yield from _walk(raw, uri, read_data)
         except tarfile.ReadError as err:
-            reason = "truncated tar (data ends inside a member)" if "unexpected end" in str(err) else (
-                f"not a readable tar ({err})"
+            reason = (
+                "truncated tar (data ends inside a member)"
+                if "unexpected end" in str(err)
+                else (f"not a readable tar ({err})")
             )
             raise ShardFormatError(uri, reason) from None
 
@@ -113,8 +115,9 @@ def _walk(raw: RetryingReader, uri: str, read_data: bool) -> Iterator[RawSample]
                 seen.add(key)
             if member_key in seen:
                 raise ShardFormatError(
-                    uri, f"files of sample {member_key!r} are not adjacent ({member.name!r} "
-                    f"follows other samples); {_ADJACENCY_FIX}"
+                    uri,
+                    f"files of sample {member_key!r} are not adjacent ({member.name!r} "
+                    f"follows other samples); {_ADJACENCY_FIX}",
                 )
             key, files = member_key, {}
         if ext in files:
@@ -135,7 +138,9 @@ def _check_end_marker(raw: RetryingReader, offset: int, uri: str) -> None:
     raw.seek(offset)
     block = raw.read(_BLOCK)
     if len(block) < _BLOCK:
-        raise ShardFormatError(uri, f"truncated tar: no end-of-archive marker (file ends at byte {offset + len(block)})")
+        raise ShardFormatError(
+            uri, f"truncated tar: no end-of-archive marker (file ends at byte {offset + len(block)})"
+        )
     if block != bytes(_BLOCK):
         raise ShardFormatError(uri, f"corrupt tar: unreadable header at byte {offset}")
 
@@ -159,9 +164,7 @@ class PoolCheck:
     mode: str
 
 
-def check_pool(
-    pool: ResolvedPool, *, mode: CheckMode = "auto", attempts: int = DEFAULT_ATTEMPTS
-) -> PoolCheck:
+def check_pool(pool: ResolvedPool, *, mode: CheckMode = "auto", attempts: int = DEFAULT_ATTEMPTS) -> PoolCheck:
     """Check a pool's shards before streaming it, collecting per-shard problems.
 
     - ``fast``: each shard exists, its size matches the index (when there is one) and it
@@ -223,13 +226,15 @@ def _reason(err: BaseException) -> str:
 def _fast_check(fs: AbstractFileSystem, shard: ShardRef, attempts: int) -> None:
     size = int(retry_call(lambda: fs.info(shard.path), what=shard.uri, attempts=attempts, error=ShardReadError)["size"])
     if shard.bytes is not None and size != shard.bytes:
-        raise ShardFormatError(
-            shard.uri, f"size {size} bytes but the index says {shard.bytes}: truncated or rewritten"
-        )
+        raise ShardFormatError(shard.uri, f"size {size} bytes but the index says {shard.bytes}: truncated or rewritten")
     if size < 2 * _BLOCK or size % _BLOCK:
         raise ShardFormatError(shard.uri, f"truncated tar: {size} bytes is not a whole number of blocks")
     tail = retry_call(
-        lambda: fs.cat_file(shard.path, start=size - 2 * _BLOCK, end=size), what=shard.uri, attempts=attempts, error=ShardReadError)
+        lambda: fs.cat_file(shard.path, start=size - 2 * _BLOCK, end=size),
+        what=shard.uri,
+        attempts=attempts,
+        error=ShardReadError,
+    )
     if tail != bytes(2 * _BLOCK):
         raise ShardFormatError(shard.uri, "truncated tar: no end-of-archive marker")
 

@@ -95,9 +95,7 @@ class PoolWriter:
         source: Mapping[str, Any] | None = None,
     ) -> None:
         if shard_samples <= 0 or shard_bytes <= 0:
-            raise ValueError(
-                f"shard_samples and shard_bytes must be positive, got {shard_samples}, {shard_bytes}"
-            )
+            raise ValueError(f"shard_samples and shard_bytes must be positive, got {shard_samples}, {shard_bytes}")
         self.uri = uri
         self.fs, self.path = filesystem_for(uri, storage_options)
         self._refuse_existing()

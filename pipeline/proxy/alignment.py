@@ -41,7 +41,9 @@ class AlignmentPolicy:
         if self.every is not None and self.every <= 0:
             raise ValueError(f"align_every must be a positive number of cycles, got {self.every}")
         if self.growth is not None and self.growth <= 1.0:
-            raise ValueError(f"align_growth must be a factor above 1 (2.0: when the labeled set has doubled), got {self.growth}")
+            raise ValueError(
+                f"align_growth must be a factor above 1 (2.0: when the labeled set has doubled), got {self.growth}"
+            )
         if self.finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune {self.finetune!r} is unknown; choose one of {', '.join(FINETUNE_MODES)}")
 
@@ -103,14 +105,29 @@ class AlignmentState:
 
     def aligned(self, backbone: str, backbone_sha256: str, labeled: int, finetune: str) -> AlignmentState:
         """The state after fine-tuning: the new backbone is current as of this labeled-set size."""
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "labeled": labeled,
-                  "finetune": finetune, "from": self.backbone, "from_sha256": self.backbone_sha256,
-                  "to": backbone, "to_sha256": backbone_sha256}
+        record = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "labeled": labeled,
+            "finetune": finetune,
+            "from": self.backbone,
+            "from_sha256": self.backbone_sha256,
+            "to": backbone,
+            "to_sha256": backbone_sha256,
+        }
         return AlignmentState(backbone, backbone_sha256, labeled, (), (*self.history, record))
 
     def to_json(self) -> str:
-        return json.dumps({"format": 1, "backbone": self.backbone, "backbone_sha256": self.backbone_sha256,
-                           "aligned_at": self.aligned_at, "rounds": list(self.rounds), "history": list(self.history)}, indent=1)
+        return json.dumps(
+            {
+                "format": 1,
+                "backbone": self.backbone,
+                "backbone_sha256": self.backbone_sha256,
+                "aligned_at": self.aligned_at,
+                "rounds": list(self.rounds),
+                "history": list(self.history),
+            },
+            indent=1,
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "alignment state") -> AlignmentState:
@@ -123,8 +140,13 @@ class AlignmentState:
             values: Mapping[str, Any] = json.loads(text)
             if values.get("format") != 1:
                 raise ValueError(f"unknown format {values.get('format')!r}")
-            return cls(str(values["backbone"]), str(values["backbone_sha256"]), int(values["aligned_at"]),
-                       tuple(int(r) for r in values["rounds"]), tuple(dict(h) for h in values["history"]))
+            return cls(
+                str(values["backbone"]),
+                str(values["backbone_sha256"]),
+                int(values["aligned_at"]),
+                tuple(int(r) for r in values["rounds"]),
+                tuple(dict(h) for h in values["history"]),
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{where} is not an alignment state written by lplgrad align: {error}") from error
 
@@ -143,9 +165,15 @@ def load_probe_into(model: nn.Module, weight: Tensor, bias: Tensor) -> str:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to initialise from a probe")
     name, classifier = linears[-1]
-    if tuple(classifier.weight.shape) != tuple(weight.shape) or classifier.bias is None or classifier.bias.shape != bias.shape:
-        raise ValueError(f"the probe is {list(weight.shape)} but classifier {name!r} is {list(classifier.weight.shape)}: "
-                         "was the probe trained on this backbone's features?")
+    if (
+        tuple(classifier.weight.shape) != tuple(weight.shape)
+        or classifier.bias is None
+        or classifier.bias.shape != bias.shape
+    ):
+        raise ValueError(
+            f"the probe is {list(weight.shape)} but classifier {name!r} is {list(classifier.weight.shape)}: "
+            "was the probe trained on this backbone's features?"
+        )
     with torch.no_grad():
         classifier.weight.copy_(weight)
         classifier.bias.copy_(bias)

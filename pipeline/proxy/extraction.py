@@ -55,13 +55,23 @@ class FeatureExtractor:
             images = np.ascontiguousarray(np.asarray(batch["image"])[ok])
             # Ray hands out read-only views of its object store; torch needs a writable buffer.
             images = images if images.flags.writeable else images.copy()
-            values = penultimate_features(self.model, torch.from_numpy(images).to(self.device, torch.float32)).float().cpu().numpy()
+            values = (
+                penultimate_features(self.model, torch.from_numpy(images).to(self.device, torch.float32))
+                .float()
+                .cpu()
+                .numpy()
+            )
             finite = np.isfinite(values).all(axis=1)
             for index in np.flatnonzero(ok)[~finite]:
                 errors[index] = "non-finite features (check the input and the backbone weights)"
             features[ok] = np.where(finite[:, None], values, 0.0)
-        return features_table([k if isinstance(k, str) else None for k in batch["key"]], list(batch["shard"]),
-                              self.generation, features, errors)
+        return features_table(
+            [k if isinstance(k, str) else None for k in batch["key"]],
+            list(batch["shard"]),
+            self.generation,
+            features,
+            errors,
+        )
 
 
 def feature_batch(table: pa.Table) -> dict[str, np.ndarray]:

@@ -39,7 +39,9 @@ class ProxyHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int | None = None) -> None:
         super().__init__()
         if in_features <= 0 or num_classes <= 0 or (hidden is not None and hidden <= 0):
-            raise ValueError(f"in_features, num_classes and hidden must be positive, got {in_features}, {num_classes}, {hidden}")
+            raise ValueError(
+                f"in_features, num_classes and hidden must be positive, got {in_features}, {num_classes}, {hidden}"
+            )
         self.register_buffer("shift", torch.zeros(in_features))
         self.register_buffer("scale", torch.ones(in_features))
         self.features = nn.Identity() if hidden is None else nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU())
@@ -90,13 +92,27 @@ class ProxySpec:
             raise ValueError(f"proxy kind {self.kind!r} is unknown; choose one of {', '.join(PROXY_KINDS)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_features": self.in_features, "num_classes": self.num_classes, "hidden": self.hidden,
-                "lossnet_hidden": self.lossnet_hidden, "feature_store": self.feature_store, "backbone_sha256": self.backbone_sha256}
+        return {
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "num_classes": self.num_classes,
+            "hidden": self.hidden,
+            "lossnet_hidden": self.lossnet_hidden,
+            "feature_store": self.feature_store,
+            "backbone_sha256": self.backbone_sha256,
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ProxySpec:
-        return cls(values["kind"], int(values["in_features"]), int(values["num_classes"]), int(values.get("hidden", 256)),
-                   int(values.get("lossnet_hidden", 128)), str(values.get("feature_store", "")), str(values.get("backbone_sha256", "")))
+        return cls(
+            values["kind"],
+            int(values["in_features"]),
+            int(values["num_classes"]),
+            int(values.get("hidden", 256)),
+            int(values.get("lossnet_hidden", 128)),
+            str(values.get("feature_store", "")),
+            str(values.get("backbone_sha256", "")),
+        )
 
     def build(self) -> tuple[ProxyHead, LossNet, FeatureTap]:
         """Fresh (head, loss module, tap), the same triple a backbone checkpoint rebuilds."""

@@ -99,12 +99,19 @@ class StoreShard:
     errors: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "identity": dict(self.identity) if self.identity is not None else None,
-                "generation": self.generation, "rows": self.rows, "errors": self.errors}
+        return {
+            "uri": self.uri,
+            "identity": dict(self.identity) if self.identity is not None else None,
+            "generation": self.generation,
+            "rows": self.rows,
+            "errors": self.errors,
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> StoreShard:
-        return cls(values["uri"], values.get("identity"), values["generation"], int(values["rows"]), int(values["errors"]))
+        return cls(
+            values["uri"], values.get("identity"), values["generation"], int(values["rows"]), int(values["errors"])
+        )
 
 
 @dataclass(frozen=True)
@@ -120,9 +127,17 @@ class FeatureStore:
     sequence: int = 0  # the commit number (0: a store committed before commits were numbered)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "pool": self.pool_uri, "backbone": self.backbone.to_dict(),
-                "shards": [s.to_dict() for s in self.shards], "committed_at": self.committed_at,
-                "rows": self.num_rows, "errors": sum(s.errors for s in self.shards), "sequence": self.sequence}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "pool": self.pool_uri,
+            "backbone": self.backbone.to_dict(),
+            "shards": [s.to_dict() for s in self.shards],
+            "committed_at": self.committed_at,
+            "rows": self.num_rows,
+            "errors": sum(s.errors for s in self.shards),
+            "sequence": self.sequence,
+        }
 
     @property
     def num_rows(self) -> int:
@@ -158,7 +173,9 @@ class FeatureStore:
         failed: dict[str, str] = {}
         for table in self.iter_tables(("key", "features", "error")):
             hit = table.filter(pa.compute.is_in(table.column("key"), wanted))
-            for key, error, row in zip(hit.column("key").to_pylist(), hit.column("error").to_pylist(), features_matrix(hit)):
+            for key, error, row in zip(
+                hit.column("key").to_pylist(), hit.column("error").to_pylist(), features_matrix(hit)
+            ):
                 if error is None:
                     found[key] = row
                 else:
@@ -200,20 +217,31 @@ def keep_current(table: pa.Table, current: Mapping[str, str]) -> pa.Table:
     return table if all(keep) else table.filter(pa.array(keep, pa.bool_()))
 
 
-def features_table(keys: Sequence[str | None], shards: Sequence[str], generation: str, features: np.ndarray,
-                   errors: Sequence[str | None]) -> pa.Table:
+def features_table(
+    keys: Sequence[str | None],
+    shards: Sequence[str],
+    generation: str,
+    features: np.ndarray,
+    errors: Sequence[str | None],
+) -> pa.Table:
     """Build rows in the store's schema. `features` is [N, dim]; rows with an error get null features."""
     n, dim = features.shape
     values = pa.array(np.ascontiguousarray(features, np.float32).reshape(-1), pa.float32())
     valid = pa.array([e is None for e in errors], pa.bool_())
-    column = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.compute.invert(valid)) if n else pa.array([], pa.list_(pa.float32(), dim))
-    return pa.table({
-        "key": pa.array(list(keys), pa.string()),
-        "shard": pa.array(list(shards), pa.string()),
-        "generation": pa.array([generation] * n, pa.string()),
-        "features": column,
-        "error": pa.array(list(errors), pa.string()),
-    })
+    column = (
+        pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.compute.invert(valid))
+        if n
+        else pa.array([], pa.list_(pa.float32(), dim))
+    )
+    return pa.table(
+        {
+            "key": pa.array(list(keys), pa.string()),
+            "shard": pa.array(list(shards), pa.string()),
+            "generation": pa.array([generation] * n, pa.string()),
+            "features": column,
+            "error": pa.array(list(errors), pa.string()),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -225,8 +253,13 @@ class ExtractionPlan:
     reason: str
 
 
-def plan_extraction(previous: FeatureStore | None, backbone: Backbone, pool_uri: str,
-                    shards: Mapping[str, Mapping[str, Any] | None], incremental: bool = True) -> ExtractionPlan:
+def plan_extraction(
+    previous: FeatureStore | None,
+    backbone: Backbone,
+    pool_uri: str,
+    shards: Mapping[str, Mapping[str, Any] | None],
+    incremental: bool = True,
+) -> ExtractionPlan:
     """Reuse a shard's rows when the store has them from this backbone and the shard's identity
     is unchanged and known; extract every other shard.
 
@@ -243,12 +276,21 @@ def plan_extraction(previous: FeatureStore | None, backbone: Backbone, pool_uri:
     if previous is None:
         return ExtractionPlan({}, every, "no committed store: every shard is extracted")
     if previous.backbone.sha256 != backbone.sha256:
-        return ExtractionPlan({}, every, f"backbone changed ({previous.backbone.sha256[:12]} -> {backbone.sha256[:12]}): every shard is extracted")
+        return ExtractionPlan(
+            {},
+            every,
+            f"backbone changed ({previous.backbone.sha256[:12]} -> {backbone.sha256[:12]}): every shard is extracted",
+        )
     if previous.pool_uri != pool_uri:
-        return ExtractionPlan({}, every, f"the store was made from {previous.pool_uri}, not {pool_uri}: every shard is extracted")
+        return ExtractionPlan(
+            {}, every, f"the store was made from {previous.pool_uri}, not {pool_uri}: every shard is extracted"
+        )
     known = {s.uri: s for s in previous.shards}
-    reuse = {uri: known[uri] for uri, identity in shards.items()
-             if uri in known and identity is not None and known[uri].identity == dict(identity)}
+    reuse = {
+        uri: known[uri]
+        for uri, identity in shards.items()
+        if uri in known and identity is not None and known[uri].identity == dict(identity)
+    }
     extract = [uri for uri in every if uri not in reuse]
     return ExtractionPlan(reuse, extract, f"reusing {len(reuse)} unchanged shards, extracting {len(extract)}")
 
@@ -262,7 +304,9 @@ def generation_uri(store_uri: str, generation: str) -> str:
     return f"{store_uri.rstrip('/')}/generations/{generation}"
 
 
-def count_generation(store_uri: str, generation: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, int]]:
+def count_generation(
+    store_uri: str, generation: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, tuple[int, int]]:
     """shard URI -> (rows, error rows) written to one generation (read from its files)."""
     fs, root = filesystem_for(store_uri, storage_options)
     directory = f"{root.rstrip('/')}/generations/{generation}"
@@ -279,9 +323,16 @@ def count_generation(store_uri: str, generation: str, storage_options: Mapping[s
     return {shard: (rows, errors) for shard, (rows, errors) in counts.items()}
 
 
-def commit_store(uri: str, pool_uri: str, backbone: Backbone, shards: Sequence[StoreShard],
-                 storage_options: Mapping[str, Any] | None = None, *, based_on: int | None = None,
-                 generation: str | None = None) -> FeatureStore:
+def commit_store(
+    uri: str,
+    pool_uri: str,
+    backbone: Backbone,
+    shards: Sequence[StoreShard],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    based_on: int | None = None,
+    generation: str | None = None,
+) -> FeatureStore:
     """Claim the next commit number, write `store.json`, then delete generations no longer named.
 
     Args:
@@ -301,8 +352,15 @@ def commit_store(uri: str, pool_uri: str, backbone: Backbone, shards: Sequence[S
     if based_on is None:
         current = open_store(uri, storage_options, missing_ok=True)
         based_on = current.sequence if current is not None else 0
-    store = FeatureStore(uri, pool_uri, backbone, tuple(shards), datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         dict(storage_options or {}), based_on + 1)
+    store = FeatureStore(
+        uri,
+        pool_uri,
+        backbone,
+        tuple(shards),
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dict(storage_options or {}),
+        based_on + 1,
+    )
     text = json.dumps(store.to_dict(), indent=1, sort_keys=True)
     try:
         create_exclusive(fs, _commit_path(root, store.sequence), text.encode())  # the commit point
@@ -346,7 +404,9 @@ def _collect_garbage(fs: AbstractFileSystem, root: str, live: set[str], before: 
         fs.rm(path, recursive=True)
 
 
-def open_store(uri: str, storage_options: Mapping[str, Any] | None = None, missing_ok: bool = False) -> FeatureStore | None:
+def open_store(
+    uri: str, storage_options: Mapping[str, Any] | None = None, missing_ok: bool = False
+) -> FeatureStore | None:
     """Read a committed store.
 
     Raises:
@@ -364,13 +424,23 @@ def open_store(uri: str, storage_options: Mapping[str, Any] | None = None, missi
         if values is None:
             if missing_ok:
                 return None
-            raise FeatureStoreError(f"{uri} is not a feature store: it has no {STORE_FILE} (extract one with `lplgrad features`)")
+            raise FeatureStoreError(
+                f"{uri} is not a feature store: it has no {STORE_FILE} (extract one with `lplgrad features`)"
+            )
         if values.get("format") != FORMAT:
             raise FeatureStoreError(f"{display_uri(fs, path)} is not an lplgrad feature store index")
         if values.get("version") != VERSION:
-            raise FeatureStoreError(f"{display_uri(fs, path)} has store version {values.get('version')}; this code reads {VERSION}")
-        return FeatureStore(uri, values["pool"], Backbone.from_dict(values["backbone"]),
-                            tuple(StoreShard.from_dict(s) for s in values["shards"]), values["committed_at"],
-                            dict(storage_options or {}), sequence)
+            raise FeatureStoreError(
+                f"{display_uri(fs, path)} has store version {values.get('version')}; this code reads {VERSION}"
+            )
+        return FeatureStore(
+            uri,
+            values["pool"],
+            Backbone.from_dict(values["backbone"]),
+            tuple(StoreShard.from_dict(s) for s in values["shards"]),
+            values["committed_at"],
+            dict(storage_options or {}),
+            sequence,
+        )
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
         raise FeatureStoreError(f"cannot read {display_uri(fs, path)}: {error}") from error

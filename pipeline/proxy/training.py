@@ -39,15 +39,27 @@ class ProxyTraining:
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 2 or self.lr <= 0:
-            raise ValueError(f"epochs must be positive, batch_size at least 2 (the ranking loss needs pairs) and lr positive; got {self}")
+            raise ValueError(
+                "epochs must be positive, batch_size at least 2 (the ranking loss needs pairs) and lr positive; got "
+                f"{self}"
+            )
 
     def schedule(self) -> TrainSchedule:
-        return TrainSchedule(epochs=self.epochs, epoch_loss=round(0.6 * self.epochs), lr=self.lr, weight_decay=self.weight_decay,
-                             milestones=(max(1, round(0.8 * self.epochs)),))
+        return TrainSchedule(
+            epochs=self.epochs,
+            epoch_loss=round(0.6 * self.epochs),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            milestones=(max(1, round(0.8 * self.epochs)),),
+        )
 
 
-def train_proxy(features: np.ndarray | Tensor, labels: Sequence[int] | np.ndarray | Tensor, spec: ProxySpec,
-                training: ProxyTraining = ProxyTraining()) -> tuple[ProxyHead, LossNet, list[dict[str, float]]]:
+def train_proxy(
+    features: np.ndarray | Tensor,
+    labels: Sequence[int] | np.ndarray | Tensor,
+    spec: ProxySpec,
+    training: ProxyTraining = ProxyTraining(),
+) -> tuple[ProxyHead, LossNet, list[dict[str, float]]]:
     """Train a fresh head and LossNet on labeled feature rows.
 
     Args:
@@ -65,7 +77,9 @@ def train_proxy(features: np.ndarray | Tensor, labels: Sequence[int] | np.ndarra
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if x.dim() != 2 or x.shape[1] != spec.in_features or len(y) != len(x):
-        raise ValueError(f"expected features [N, {spec.in_features}] and labels [N], got {list(x.shape)} and {list(y.shape)}")
+        raise ValueError(
+            f"expected features [N, {spec.in_features}] and labels [N], got {list(x.shape)} and {list(y.shape)}"
+        )
     if len(x) < 2:
         raise ValueError(f"a proxy needs at least 2 labeled samples, got {len(x)}")
     if int(y.min()) < 0 or int(y.max()) >= spec.num_classes:
@@ -102,10 +116,25 @@ def proxy_accuracy(head: nn.Module, features: np.ndarray | Tensor, labels: Seque
     return float((predictions == y).float().mean()) if len(y) else float("nan")
 
 
-def save_proxy_checkpoint(directory: str | Path, head: ProxyHead, lossnet: LossNet, spec: ProxySpec, classes: Sequence[str],
-                          metrics: Sequence[dict[str, Any]] = (), config: dict[str, Any] | None = None) -> Path:
+def save_proxy_checkpoint(
+    directory: str | Path,
+    head: ProxyHead,
+    lossnet: LossNet,
+    spec: ProxySpec,
+    classes: Sequence[str],
+    metrics: Sequence[dict[str, Any]] = (),
+    config: dict[str, Any] | None = None,
+) -> Path:
     """Write a proxy checkpoint (its `ProxySpec` marks it as one) where `load_checkpoint` reads it."""
-    return save_checkpoint(directory, Checkpoint(
-        head.state_dict(), lossnet.state_dict(), spec, tuple(classes), epoch=len(metrics) - 1,
-        config=dict(config or {}), metrics=tuple(metrics),
-    ))
+    return save_checkpoint(
+        directory,
+        Checkpoint(
+            head.state_dict(),
+            lossnet.state_dict(),
+            spec,
+            tuple(classes),
+            epoch=len(metrics) - 1,
+            config=dict(config or {}),
+            metrics=tuple(metrics),
+        ),
+    )

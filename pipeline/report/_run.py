@@ -28,8 +28,8 @@ from pipeline.acquisition import acquisition_values
 from pipeline.manifest import iter_scores, load_errors
 from pipeline.manifest.export import CommittedRun, open_run, run_summary
 from pipeline.pools import IMAGE_EXTENSIONS, PoolError, ResolvedPool, iter_shard_samples, resolve_pool
-from pipeline.storage import filesystem_for, write_bytes_atomic
 from pipeline.report._html import data_uri, figure_data_uri, render
+from pipeline.storage import filesystem_for, write_bytes_atomic
 
 __all__ = ["ClassShare", "RunReport", "Thumbnail", "build_run_report", "render_run_report", "write_run_report"]
 
@@ -125,7 +125,9 @@ def _histogram_edges(summary: Mapping[str, Any], selected: np.ndarray) -> np.nda
     return np.linspace(low, high if high > low else low + 1.0, HISTOGRAM_BINS + 1)
 
 
-def _pool_counts(run: CommittedRun, strategy: str, seed: int, edges: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray, int]:
+def _pool_counts(
+    run: CommittedRun, strategy: str, seed: int, edges: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray, int]:
     """(histogram counts of acquisition values, predicted-class counts, finite rows) over scores/.
 
     Values are recomputed from the stored columns with the run's strategy and seed, exactly as the
@@ -136,7 +138,11 @@ def _pool_counts(run: CommittedRun, strategy: str, seed: int, edges: np.ndarray 
     rows = 0
     for batch in iter_scores(run.uri, run.storage_options):
         columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
-        failed = np.array([e is not None for e in columns["error"]], dtype=bool) if "error" in columns else np.zeros(batch.num_rows, bool)
+        failed = (
+            np.array([e is not None for e in columns["error"]], dtype=bool)
+            if "error" in columns
+            else np.zeros(batch.num_rows, bool)
+        )
         values = np.asarray(acquisition_values(strategy, columns, seed=seed), dtype=np.float64)
         ok = ~failed & np.isfinite(values)
         rows += int(ok.sum())
@@ -162,8 +168,15 @@ def _histogram_png(edges: np.ndarray, pool: np.ndarray, selected: np.ndarray, st
     widths = np.diff(edges)
     axes.bar(edges[:-1], pool, width=widths, align="edge", color="#bbbbbb", label=f"pool ({int(pool.sum()):,} rows)")
     chosen = np.histogram(np.clip(selected, edges[0], edges[-1]), bins=edges)[0]
-    axes.bar(edges[:-1], chosen, width=widths, align="edge", color="#e45756", alpha=0.85,
-             label=f"selected ({int(chosen.sum()):,} rows)")
+    axes.bar(
+        edges[:-1],
+        chosen,
+        width=widths,
+        align="edge",
+        color="#e45756",
+        alpha=0.85,
+        label=f"selected ({int(chosen.sum()):,} rows)",
+    )
     axes.set_yscale("log")  # the selection is a sliver of the pool
     axes.set_xlabel(f"acquisition value ({strategy}; higher = more worth labeling)")
     axes.set_ylabel("rows (log scale)")
@@ -178,9 +191,17 @@ def _class_mix(selected: Sequence[Any], pool: np.ndarray, names: Sequence[str] |
     width = max(len(chosen), len(pool))
     chosen, pool = np.pad(chosen, (0, width - len(chosen))), np.pad(pool, (0, width - len(pool)))
     total_chosen, total_pool = max(int(chosen.sum()), 1), max(int(pool.sum()), 1)
-    return [ClassShare(f"{c}: {names[c]}" if names and c < len(names) else str(c), int(chosen[c]), int(pool[c]),
-                       chosen[c] / total_chosen, pool[c] / total_pool)
-            for c in range(width) if chosen[c] or pool[c]]
+    return [
+        ClassShare(
+            f"{c}: {names[c]}" if names and c < len(names) else str(c),
+            int(chosen[c]),
+            int(pool[c]),
+            chosen[c] / total_chosen,
+            pool[c] / total_pool,
+        )
+        for c in range(width)
+        if chosen[c] or pool[c]
+    ]
 
 
 # -- the selection side: images from the pool's shards ---------------------------------------------
@@ -250,8 +271,9 @@ def _read_images(pool: ResolvedPool, wanted: Mapping[str, str | None]) -> tuple[
 # -- building, rendering, writing -----------------------------------------------------------------
 
 
-def build_run_report(run: CommittedRun, *, max_images: int = MAX_IMAGES, max_errors: int = MAX_ERRORS,
-                     pool: str | None = None) -> RunReport:
+def build_run_report(
+    run: CommittedRun, *, max_images: int = MAX_IMAGES, max_errors: int = MAX_ERRORS, pool: str | None = None
+) -> RunReport:
     """Gather what the page shows: one pass over `scores/`, the shards of the shown keys, errors.
 
     Args:
@@ -295,18 +317,36 @@ def build_run_report(run: CommittedRun, *, max_images: int = MAX_IMAGES, max_err
     else:
         images, missing = {}, {row["key"]: "the run records no pool; pass --pool" for row in shown}
     thumbnails = [
-        Thumbnail(int(row["rank"]), row["key"], _finite(row.get("score")), row.get("pred_class"),
-                  names[row["pred_class"]] if names and row.get("pred_class") is not None and 0 <= row["pred_class"] < len(names) else None,
-                  _finite(row.get("pred_prob")), images.get(row["key"]), missing.get(row["key"], ""))
+        Thumbnail(
+            int(row["rank"]),
+            row["key"],
+            _finite(row.get("score")),
+            row.get("pred_class"),
+            names[row["pred_class"]]
+            if names and row.get("pred_class") is not None and 0 <= row["pred_class"] < len(names)
+            else None,
+            _finite(row.get("pred_prob")),
+            images.get(row["key"]),
+            missing.get(row["key"], ""),
+        )
         for row in shown
     ]
     errors = load_errors(run.uri, run.storage_options)
     return RunReport(
-        summary=summary, thumbnails=thumbnails, selected=len(selection), max_images=max_images,
-        histogram=histogram, histogram_note=note,
-        class_mix=_class_mix(selection.column("pred_class").to_pylist() if "pred_class" in selection.column_names else [],
-                             pool_classes, names),
-        errors=errors.slice(0, max_errors).to_pylist(), errors_total=errors.num_rows, pool_rows=pool_rows,
+        summary=summary,
+        thumbnails=thumbnails,
+        selected=len(selection),
+        max_images=max_images,
+        histogram=histogram,
+        histogram_note=note,
+        class_mix=_class_mix(
+            selection.column("pred_class").to_pylist() if "pred_class" in selection.column_names else [],
+            pool_classes,
+            names,
+        ),
+        errors=errors.slice(0, max_errors).to_pylist(),
+        errors_total=errors.num_rows,
+        pool_rows=pool_rows,
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
 
@@ -381,8 +421,14 @@ def render_run_report(report: RunReport) -> str:
     return render(_TEMPLATE, r=report, s=report.summary)
 
 
-def write_run_report(uri: str, out: str, storage_options: Mapping[str, Any] | None = None, *,
-                     max_images: int = MAX_IMAGES, pool: str | None = None) -> RunReport:
+def write_run_report(
+    uri: str,
+    out: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    max_images: int = MAX_IMAGES,
+    pool: str | None = None,
+) -> RunReport:
     """Build and write the report of the committed run at `uri` to `out` (a path or fsspec URI).
 
     Args:

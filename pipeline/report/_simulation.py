@@ -99,10 +99,14 @@ def _mixes(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             shares[row["strategy"]][int(row["cycle"])].append({c: v / total for c, v in counts.items()})
     out = {}
     for strategy, by_cycle in sorted(shares.items()):
-        classes = sorted({c for runs in by_cycle.values() for run in runs for c in run},
-                         key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c))
-        cycles = [(cycle, {c: sum(run.get(c, 0.0) for run in runs) / len(runs) for c in classes})
-                  for cycle, runs in sorted(by_cycle.items())]
+        classes = sorted(
+            {c for runs in by_cycle.values() for run in runs for c in run},
+            key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c),
+        )
+        cycles = [
+            (cycle, {c: sum(run.get(c, 0.0) for run in runs) / len(runs) for c in classes})
+            for cycle, runs in sorted(by_cycle.items())
+        ]
         out[strategy] = {"classes": classes, "cycles": cycles}
     return out
 
@@ -148,20 +152,30 @@ def write_simulation_report(rows: list[dict], out_html: Path, title: str, png: P
         ValueError: A row lacks a required column, or a `class_mix` is not a mapping, list or JSON.
         FileNotFoundError: `png` names a file that does not exist.
     """
-    missing = sorted({c for row in rows for c in ("strategy", "seed", "cycle", "labeled", "test_accuracy") if c not in row})
+    missing = sorted(
+        {c for row in rows for c in ("strategy", "seed", "cycle", "labeled", "test_accuracy") if c not in row}
+    )
     if missing:
         raise ValueError(f"result rows lack {', '.join(missing)}")
     labeled = _label_modes(rows)
     summary = summarize(labeled)
     columns = [c for c in dict.fromkeys(name for row in rows for name in row) if c != "class_mix"]
     page = render(
-        _PAGE, title=title, runs=len({(r["strategy"], r.get("mode"), r["seed"]) for r in labeled}),
-        strategies=sorted({r["strategy"] for r in labeled}), seeds=sorted({r["seed"] for r in labeled}),
+        _PAGE,
+        title=title,
+        runs=len({(r["strategy"], r.get("mode"), r["seed"]) for r in labeled}),
+        strategies=sorted({r["strategy"] for r in labeled}),
+        seeds=sorted({r["seed"] for r in labeled}),
         sizes=sorted({e["labeled"] for e in summary}),
         cells={(e["strategy"], e["labeled"]): f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}" for e in summary},
         aulc=aulc_summary(labeled) if any(r["strategy"] == "random" for r in labeled) else [],
-        mixes=_mixes(labeled), curves=_curves_uri(labeled, title, png), rows=rows, columns=columns,
-        pct=_pct, fmt=_fmt, generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        mixes=_mixes(labeled),
+        curves=_curves_uri(labeled, title, png),
+        rows=rows,
+        columns=columns,
+        pct=_pct,
+        fmt=_fmt,
+        generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@
 """
 
 from pipeline.scoring.gradnorm import NORMS, BatchScores, GradNormScorer, Norm, combine_norms, gradnorm_scores
-from pipeline.scoring.rows import SCORE_COLUMNS, RowScorer
 from pipeline.scoring.reference import reference_gradnorm_scores, vmap_gradnorm_scores
+from pipeline.scoring.rows import SCORE_COLUMNS, RowScorer
 from pipeline.scoring.uncertainty import entropy, least_confidence, margin, top2
 
 __all__ = [

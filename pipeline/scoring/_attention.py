@@ -52,7 +52,9 @@ class AttentionRecorder(TorchFunctionMode):
         self.record = record
         self.handled = False
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward and not self.handled:
             out = _forward(self, *args, **kwargs)
@@ -66,7 +68,9 @@ class AttentionRecorder(TorchFunctionMode):
     def _names(self) -> dict[int, str]:
         return {id(p): n for n, p in self.module.named_parameters() if p.requires_grad}
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, to_batch_first: Callable[[Tensor], Tensor]) -> Tensor:
+    def linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, to_batch_first: Callable[[Tensor], Tensor]
+    ) -> Tensor:
         """F.linear(x, weight, bias), reported as a use of the parameters behind weight and bias."""
         out = F.linear(x, weight, bias)
         names = self._names()
@@ -138,14 +142,31 @@ def _seq_first(t: Tensor) -> Tensor:
 
 def _forward(
     rec: AttentionRecorder,
-    query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
-    in_proj_weight: Tensor | None, in_proj_bias: Tensor | None, bias_k: Tensor | None, bias_v: Tensor | None,
-    add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor, out_proj_bias: Tensor | None,
-    training: bool = True, key_padding_mask: Tensor | None = None, need_weights: bool = True,
-    attn_mask: Tensor | None = None, use_separate_proj_weight: bool = False,
-    q_proj_weight: Tensor | None = None, k_proj_weight: Tensor | None = None, v_proj_weight: Tensor | None = None,
-    static_k: Tensor | None = None, static_v: Tensor | None = None,
-    average_attn_weights: bool = True, is_causal: bool = False,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: Tensor | None,
+    in_proj_bias: Tensor | None,
+    bias_k: Tensor | None,
+    bias_v: Tensor | None,
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    training: bool = True,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Tensor | None = None,
+    k_proj_weight: Tensor | None = None,
+    v_proj_weight: Tensor | None = None,
+    static_k: Tensor | None = None,
+    static_v: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
 ) -> Any:
     """F.multi_head_attention_forward (torch 2.4-2.14) with recorded projections.
 
@@ -160,8 +181,11 @@ def _forward(
         return NotImplemented
     head_dim = embed_dim // num_heads
     key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=query.dtype,
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=query.dtype,
     )
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
@@ -169,14 +193,28 @@ def _forward(
         attn_mask = None
     else:
         attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-            target_type=query.dtype, check_other=False,
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
         )
         if key_padding_mask is not None:
             is_causal = False
 
-    q, k, v = _in_projection(rec, query, key, value, in_proj_weight, in_proj_bias,
-                             use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight)
+    q, k, v = _in_projection(
+        rec,
+        query,
+        key,
+        value,
+        in_proj_weight,
+        in_proj_bias,
+        use_separate_proj_weight,
+        q_proj_weight,
+        k_proj_weight,
+        v_proj_weight,
+    )
     if attn_mask is not None and attn_mask.dim() == 2:
         attn_mask = attn_mask.unsqueeze(0)
     if bias_k is not None and bias_v is not None:
@@ -199,7 +237,9 @@ def _forward(
             key_padding_mask = F.pad(key_padding_mask, (0, 1))
     src_len = k.size(1)
     if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
+        key_padding_mask = (
+            key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
+        )
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     if not training:
         dropout_p = 0.0
@@ -238,17 +278,27 @@ def _forward(
 
 
 def _in_projection(
-    rec: AttentionRecorder, query: Tensor, key: Tensor, value: Tensor,
-    in_proj_weight: Tensor | None, in_proj_bias: Tensor | None, separate: bool,
-    q_proj_weight: Tensor | None, k_proj_weight: Tensor | None, v_proj_weight: Tensor | None,
+    rec: AttentionRecorder,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    in_proj_weight: Tensor | None,
+    in_proj_bias: Tensor | None,
+    separate: bool,
+    q_proj_weight: Tensor | None,
+    k_proj_weight: Tensor | None,
+    v_proj_weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v projections as in F._in_projection_packed / F._in_projection, each recorded."""
     embed = query.size(-1)
     if separate:
         assert q_proj_weight is not None and k_proj_weight is not None and v_proj_weight is not None
         b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
-        return (rec.linear(query, q_proj_weight, b_q, _seq_first), rec.linear(key, k_proj_weight, b_k, _seq_first),
-                rec.linear(value, v_proj_weight, b_v, _seq_first))
+        return (
+            rec.linear(query, q_proj_weight, b_q, _seq_first),
+            rec.linear(key, k_proj_weight, b_k, _seq_first),
+            rec.linear(value, v_proj_weight, b_v, _seq_first),
+        )
     assert in_proj_weight is not None
     w, b = in_proj_weight, in_proj_bias
     if key is value and query is key:
@@ -265,5 +315,8 @@ def _in_projection(
         return q, kv[0], kv[1]
     w_q, w_k, w_v = w.chunk(3)
     b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
-    return (rec.linear(query, w_q, b_q, _seq_first), rec.linear(key, w_k, b_k, _seq_first),
-            rec.linear(value, w_v, b_v, _seq_first))
+    return (
+        rec.linear(query, w_q, b_q, _seq_first),
+        rec.linear(key, w_k, b_k, _seq_first),
+        rec.linear(value, w_v, b_v, _seq_first),
+    )

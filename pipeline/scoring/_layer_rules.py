@@ -58,9 +58,7 @@ def _sq(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
 
 
-def _weight_from_patches(
-    activations: Tensor, grads: Tensor, materialize: bool
-) -> Tensor:
+def _weight_from_patches(activations: Tensor, grads: Tensor, materialize: bool) -> Tensor:
     """Per-sample gradient (or its squared norm) of y[b,g,:,t] = W_g a[b,g,:,t].
 
     Args:
@@ -73,9 +71,11 @@ def _weight_from_patches(
     if materialize:
         return torch.matmul(grads, activations.transpose(-1, -2))
     if t == 1:
-        return (_sq(activations) * _sq(grads)) if groups == 1 else (
-            activations.pow(2).sum((2, 3)) * grads.pow(2).sum((2, 3))
-        ).sum(1)
+        return (
+            (_sq(activations) * _sq(grads))
+            if groups == 1
+            else (activations.pow(2).sum((2, 3)) * grads.pow(2).sum((2, 3))).sum(1)
+        )
     gram_cost = t * t * (k + o)
     materialize_cost = t * k * o
     out = activations.new_empty(batch)
@@ -113,13 +113,17 @@ def linear_grads(x: Tensor, g: Tensor, names: Collection[str], materialize: Coll
     return result
 
 
-def _linear(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def _linear(
+    module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]
+) -> dict[str, Tensor]:
     batch = x.shape[0]
     # Linear on [B, ..., in]: every extra dimension is a position t sharing the weight.
     return linear_grads(x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1]), names, materialize)
 
 
-def _conv(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def _conv(
+    module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]
+) -> dict[str, Tensor]:
     conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
     batch, spatial = x.shape[0], x.dim() - 2
     padding = conv.padding
@@ -199,7 +203,9 @@ def _conv_weight_gram(conv: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, paddi
     return out
 
 
-def _affine_norm(normalized: Tensor, g: Tensor, param_shape: torch.Size, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def _affine_norm(
+    normalized: Tensor, g: Tensor, param_shape: torch.Size, names: Sequence[str], materialize: Collection[str]
+) -> dict[str, Tensor]:
     """Per-sample gradients of y = xhat * weight + bias, weight and bias broadcast over positions.
 
     normalized and g are [B, P, *param_shape]: P collects every position sharing the affine params.
@@ -219,7 +225,9 @@ def _channels_last_positions(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
 
 
-def _batch_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def _batch_norm(
+    module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]
+) -> dict[str, Tensor]:
     bn: nn.modules.batchnorm._BatchNorm = module  # type: ignore[assignment]
     if bn.training or bn.running_mean is None or bn.running_var is None:
         # With batch statistics a sample's output depends on the rest of the batch, so a
@@ -244,7 +252,9 @@ def _batch_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], m
     return result
 
 
-def _layer_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def _layer_norm(
+    module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]
+) -> dict[str, Tensor]:
     ln: nn.LayerNorm = module  # type: ignore[assignment]
     # x-hat by the forward's own kernel without the affine part: the values the layer scaled,
     # and several times faster than var_mean on CPU.
@@ -254,13 +264,19 @@ def _layer_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], m
     return _affine_norm(normalized.reshape(shape), g.reshape(shape), ln.normalized_shape, names, materialize)
 
 
-def _group_norm(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def _group_norm(
+    module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]
+) -> dict[str, Tensor]:
     gn: nn.GroupNorm = module  # type: ignore[assignment]
     normalized = F.group_norm(x, gn.num_groups, None, None, gn.eps)  # the forward's kernel, no affine
-    return _affine_norm(_channels_last_positions(normalized), _channels_last_positions(g), gn.weight.shape, names, materialize)
+    return _affine_norm(
+        _channels_last_positions(normalized), _channels_last_positions(g), gn.weight.shape, names, materialize
+    )
 
 
-def _embedding(module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]) -> dict[str, Tensor]:
+def _embedding(
+    module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]
+) -> dict[str, Tensor]:
     """Per-sample gradient of a lookup table: sample b's rows v get sum_{t: idx_bt = v} g_bt.
 
     Rows are gathered per (sample, index) pair with one `unique`, so the cost is B*T*D whatever

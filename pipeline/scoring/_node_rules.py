@@ -31,9 +31,16 @@ Node = Any  # torch.autograd.graph.Node (not constructible from Python, so typed
 
 # Ops that only move, cast or copy elements: the per-sample gradient is reshaped back.
 _RESHAPES = {
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
-    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "CloneBackward0",
-    "AliasBackward0", "ToCopyBackward0",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "UnsqueezeBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "CloneBackward0",
+    "AliasBackward0",
+    "ToCopyBackward0",
 }
 # Broadcasting ops: terminal where they bring in the batch, otherwise a step on the way.
 _BROADCASTS = {"AddBackward0", "SubBackward0", "MulBackward0", "ExpandBackward0"}

@@ -136,7 +136,11 @@ class GradNormScorer:
     """
 
     def __init__(
-        self, model: nn.Module, norm: Norm = "per_tensor_sum", loss_module: nn.Module | None = None, tap: Any = None,
+        self,
+        model: nn.Module,
+        norm: Norm = "per_tensor_sum",
+        loss_module: nn.Module | None = None,
+        tap: Any = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         _check_norm(norm)
@@ -191,7 +195,9 @@ class GradNormScorer:
         recorder.__exit__(None, None, None)
         return recorder.handled
 
-    def _record_use(self, params: Mapping[str, nn.Parameter], inputs: tuple[Tensor, ...], output: Tensor, compute: Compute) -> None:
+    def _record_use(
+        self, params: Mapping[str, nn.Parameter], inputs: tuple[Tensor, ...], output: Tensor, compute: Compute
+    ) -> None:
         """One parameter use reported from inside a layer's forward (see `_attention`).
 
         A use with no recorded input (`bias_k` repeated over the batch) is a source: the
@@ -199,9 +205,17 @@ class GradNormScorer:
         """
         recorder = next(reversed(self._attention.values()))
         call = _Call(
-            module=recorder.module, rule=None, names=tuple(params), args=inputs, kwargs={},
-            input_versions=tuple(t._version for t in inputs), grads=[None], pending=1,
-            params=dict(params), compute=compute, group=recorder,
+            module=recorder.module,
+            rule=None,
+            names=tuple(params),
+            args=inputs,
+            kwargs={},
+            input_versions=tuple(t._version for t in inputs),
+            grads=[None],
+            pending=1,
+            params=dict(params),
+            compute=compute,
+            group=recorder,
         )
         self._calls.append(call)
         if inputs:
@@ -209,7 +223,9 @@ class GradNormScorer:
         else:
             call.source_outputs = ((0, output),)
 
-    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, rule: LayerRule | None) -> Any:
+    def _on_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, rule: LayerRule | None
+    ) -> Any:
         if self._end_attention(module) or not self._recording:
             return None  # an attention call whose projections were recorded one by one
         names = tuple(n for n, p in module._parameters.items() if p is not None and p.requires_grad)
@@ -226,9 +242,14 @@ class GradNormScorer:
             rule = None  # an unusual call signature: let the exact fallback reproduce it
         tensors_in = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         call = _Call(
-            module=module, rule=rule, names=names, args=args, kwargs=kwargs,
+            module=module,
+            rule=rule,
+            names=names,
+            args=args,
+            kwargs=kwargs,
             input_versions=tuple(t._version for t in tensors_in),
-            grads=[None] * len(outputs), pending=sum(tracked),
+            grads=[None] * len(outputs),
+            pending=sum(tracked),
         )
         self._calls.append(call)
         if not any(t.requires_grad for t in tensors_in):
@@ -375,8 +396,10 @@ class GradNormScorer:
         if not self._handles:
             raise RuntimeError("this GradNormScorer was removed; build a new one")
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 1:
-            raise ValueError(f"inputs must be a floating-point tensor [B, ...], got {type(inputs).__name__} "
-                             f"{getattr(inputs, 'dtype', '')} {tuple(getattr(inputs, 'shape', ()))}")
+            raise ValueError(
+                f"inputs must be a floating-point tensor [B, ...], got {type(inputs).__name__} "
+                f"{getattr(inputs, 'dtype', '')} {tuple(getattr(inputs, 'shape', ()))}"
+            )
         expected = getattr(self.model, "expected_input", None)
         if expected is not None and len(expected) == 3:  # image models; a proxy head checks [B, D] itself
             validate_input(inputs, expected[0])
@@ -444,7 +467,9 @@ class GradNormScorer:
         whole_model, graph_read = self._make_plan(objective.grad_fn)
         for param, uses in graph_read:
             for use in uses:
-                self._node_handles.append(use.terminal.register_prehook(functools.partial(self._on_node_grad, param, use)))
+                self._node_handles.append(
+                    use.terminal.register_prehook(functools.partial(self._on_node_grad, param, use))
+                )
         sources = [(call, index, o) for call in self._calls for index, o in call.source_outputs]
         # Graph-read parameters are inputs too, so that branches reaching only them (a class
         # token's expand) run and fire their prehooks; their summed gradients are dropped.
@@ -472,7 +497,9 @@ class GradNormScorer:
         return torch.stack(squared, dim=1)
 
 
-def _parameter_edges(root: Any) -> tuple[dict[int, tuple[nn.Parameter, list[tuple[Any, int]]]], dict[Any, list[tuple[Any, int]]]]:
+def _parameter_edges(
+    root: Any,
+) -> tuple[dict[int, tuple[nn.Parameter, list[tuple[Any, int]]]], dict[Any, list[tuple[Any, int]]]]:
     """Leaf tensors reachable from `root` in the autograd graph, each with the (node, input
     index) of every edge reaching it; and, per node, the nodes that consume its output."""
     found: dict[int, tuple[nn.Parameter, list[tuple[Any, int]]]] = {}

@@ -30,7 +30,12 @@ class RowScorer:
         norm: gradient-norm reduction, as in `gradnorm_scores`.
     """
 
-    def __init__(self, build: Callable[[], tuple[nn.Module, nn.Module | None, Any]], device: str = "auto", norm: Norm = "per_tensor_sum") -> None:
+    def __init__(
+        self,
+        build: Callable[[], tuple[nn.Module, nn.Module | None, Any]],
+        device: str = "auto",
+        norm: Norm = "per_tensor_sum",
+    ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -69,9 +74,13 @@ class RowScorer:
             array = array if array.flags.writeable else array.copy()
             result = self.scorer(torch.from_numpy(array).to(self.device, torch.float32))
             fields = {
-                "score": result.gradnorm, "entropy": result.entropy, "margin": result.margin,
-                "least_confidence": result.least_confidence, "pred_class": result.pred_class,
-                "pred_prob": result.pred_prob, "predicted_loss": result.predicted_loss,
+                "score": result.gradnorm,
+                "entropy": result.entropy,
+                "margin": result.margin,
+                "least_confidence": result.least_confidence,
+                "pred_class": result.pred_class,
+                "pred_prob": result.pred_prob,
+                "predicted_loss": result.predicted_loss,
             }
             for name, values in fields.items():
                 if values is not None:

@@ -47,7 +47,9 @@ class Protocol:
 class FirstCycles:
     """The first cycle's trained state per seed, shared by every chain of that seed."""
 
-    by_seed: dict[int, tuple[NetworkWeights, float, float]] = field(default_factory=dict)  # weights, train accuracy, seconds
+    by_seed: dict[int, tuple[NetworkWeights, float, float]] = field(
+        default_factory=dict
+    )  # weights, train accuracy, seconds
 
 
 def initial_keys(keys: Sequence[str], size: int, seed: int) -> list[str]:
@@ -64,17 +66,39 @@ def subset_rows(keys: Sequence[str], unlabeled: np.ndarray, subset: int | None, 
     return np.sort(unlabeled[order[:subset]])
 
 
-def _train(spec: ModelSpec, pool: ArrayPool, rows: np.ndarray, protocol: Protocol, decode: DecodeSpec, seed: int,
-           warm: NetworkWeights | None) -> TrainedModel:
+def _train(
+    spec: ModelSpec,
+    pool: ArrayPool,
+    rows: np.ndarray,
+    protocol: Protocol,
+    decode: DecodeSpec,
+    seed: int,
+    warm: NetworkWeights | None,
+) -> TrainedModel:
     return train_in_memory(
-        spec, pool.images[rows], pool.labels[rows], protocol.schedule, batch_size=protocol.batch_size, seed=seed,
-        augment=make_augment(protocol.augment, decode.mean, decode.std), warm_start=warm, device=protocol.device,
+        spec,
+        pool.images[rows],
+        pool.labels[rows],
+        protocol.schedule,
+        batch_size=protocol.batch_size,
+        seed=seed,
+        augment=make_augment(protocol.augment, decode.mean, decode.std),
+        warm_start=warm,
+        device=protocol.device,
     )
 
 
-def run_chain_in_memory(chain: Chain, seed: int, pool: ArrayPool, test: ArrayPool, spec: ModelSpec, decode: DecodeSpec,
-                        protocol: Protocol, first: FirstCycles,
-                        on_row: Callable[[dict[str, Any]], None] = lambda row: None) -> list[dict[str, Any]]:
+def run_chain_in_memory(
+    chain: Chain,
+    seed: int,
+    pool: ArrayPool,
+    test: ArrayPool,
+    spec: ModelSpec,
+    decode: DecodeSpec,
+    protocol: Protocol,
+    first: FirstCycles,
+    on_row: Callable[[dict[str, Any]], None] = lambda row: None,
+) -> list[dict[str, Any]]:
     """Run one chain; returns its result rows (one per cycle), each also passed to ``on_row``."""
     index = pool.index()
     labeled = np.array([index[k] for k in initial_keys(sorted(pool.keys), protocol.initial, seed)], dtype=np.int64)
@@ -86,21 +110,38 @@ def run_chain_in_memory(chain: Chain, seed: int, pool: ArrayPool, test: ArrayPoo
             weights, train_accuracy, seconds = first.by_seed[seed]
             trained = _restore(spec, weights, train_accuracy, seconds, protocol.device)
         else:
-            trained = _train(spec, pool, labeled, protocol, decode, seed * 1000 + cycle, warm if protocol.warm_start else None)
+            trained = _train(
+                spec, pool, labeled, protocol, decode, seed * 1000 + cycle, warm if protocol.warm_start else None
+            )
             if cycle == 0:
                 first.by_seed[seed] = (trained.state(), trained.train_accuracy, trained.seconds)
         warm = trained.state() if protocol.warm_start else None
         row: dict[str, Any] = {
-            "strategy": chain.name, "mode": "full", "seed": seed, "cycle": cycle, "labeled": int(len(labeled)),
-            "test_accuracy": evaluate(trained.model, test.images, test.labels), "train_accuracy": trained.train_accuracy,
-            "train_seconds": trained.seconds, "query_seconds": None, "class_mix": None, "mean_score": None,
+            "strategy": chain.name,
+            "mode": "full",
+            "seed": seed,
+            "cycle": cycle,
+            "labeled": int(len(labeled)),
+            "test_accuracy": evaluate(trained.model, test.images, test.labels),
+            "train_accuracy": trained.train_accuracy,
+            "train_seconds": trained.seconds,
+            "query_seconds": None,
+            "class_mix": None,
+            "mean_score": None,
         }
         if cycle < protocol.cycles - 1:
             started = time.perf_counter()
             query_seed = seed * 1000 + cycle
             candidates = subset_rows(pool.keys, np.flatnonzero(~is_labeled), protocol.subset, query_seed + 1)
             picked, mean_score = query_in_memory(
-                chain, trained, pool.images, pool.keys, candidates, labeled, protocol.per_cycle, query_seed,
+                chain,
+                trained,
+                pool.images,
+                pool.keys,
+                candidates,
+                labeled,
+                protocol.per_cycle,
+                query_seed,
                 protocol.badge_memory_mb,
             )
             picked = np.asarray(picked, dtype=np.int64)
@@ -115,7 +156,9 @@ def run_chain_in_memory(chain: Chain, seed: int, pool: ArrayPool, test: ArrayPoo
     return rows
 
 
-def _restore(spec: ModelSpec, weights: NetworkWeights, train_accuracy: float, seconds: float, device: str) -> TrainedModel:
+def _restore(
+    spec: ModelSpec, weights: NetworkWeights, train_accuracy: float, seconds: float, device: str
+) -> TrainedModel:
     model, lossnet, tap = spec.build()
     weights.load_into(model, lossnet)
     model.to(device).eval()

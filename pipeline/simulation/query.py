@@ -19,9 +19,9 @@ from pipeline.acquisition import (
     Chain,
     badge_embeddings,
     check_badge_memory,
+    get_strategy,
     kcenter_greedy,
     kmeanspp_seeding,
-    get_strategy,
     penultimate_features,
     select_by_values,
 )
@@ -40,8 +40,14 @@ def classifier_head(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def score_rows(trained: TrainedModel, images: np.ndarray, keys: Sequence[str], batch_size: int = 512,
-               badge: bool = False, gradnorm: bool = True) -> tuple[dict[str, np.ndarray], Tensor | None]:
+def score_rows(
+    trained: TrainedModel,
+    images: np.ndarray,
+    keys: Sequence[str],
+    batch_size: int = 512,
+    badge: bool = False,
+    gradnorm: bool = True,
+) -> tuple[dict[str, np.ndarray], Tensor | None]:
     """Score rows of the candidates and, with ``badge``, their gradient embeddings [N, C*D].
 
     ``gradnorm=False`` skips the backward pass for chains that read no gradient norm (entropy,
@@ -54,14 +60,21 @@ def score_rows(trained: TrainedModel, images: np.ndarray, keys: Sequence[str], b
         hook = classifier_head(trained.model).register_forward_hook(
             lambda _m, args, out: captured.append(badge_embeddings(out.detach(), args[0].detach().flatten(1)))
         )
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in ("score", "entropy", "margin", "least_confidence", "predicted_loss")}
+    columns: dict[str, list[np.ndarray]] = {
+        name: [] for name in ("score", "entropy", "margin", "least_confidence", "predicted_loss")
+    }
     device = next(trained.model.parameters()).device
     try:
         for start in range(0, len(keys), batch_size):
             batch = torch.from_numpy(images[start : start + batch_size]).to(device)
             result = scorer(batch) if scorer is not None else _forward_statistics(trained, batch)
-            for name, values in (("score", result.gradnorm), ("entropy", result.entropy), ("margin", result.margin),
-                                 ("least_confidence", result.least_confidence), ("predicted_loss", result.predicted_loss)):
+            for name, values in (
+                ("score", result.gradnorm),
+                ("entropy", result.entropy),
+                ("margin", result.margin),
+                ("least_confidence", result.least_confidence),
+                ("predicted_loss", result.predicted_loss),
+            ):
                 columns[name].append(values.numpy() if values is not None else np.full(len(batch), np.nan, np.float32))
     finally:
         if scorer is not None:
@@ -89,13 +102,26 @@ def _forward_statistics(trained: TrainedModel, batch: Tensor) -> _ForwardStatist
     with torch.no_grad():
         predicted = trained.lossnet(list(features)).float().reshape(-1)
     p1, p2, _ = top2(logits)
-    return _ForwardStatistics(torch.full_like(p1, float("nan")).cpu(), entropy(logits).cpu(), (p1 - p2).cpu(),
-                              (1.0 - p1).cpu(), predicted.cpu())
+    return _ForwardStatistics(
+        torch.full_like(p1, float("nan")).cpu(),
+        entropy(logits).cpu(),
+        (p1 - p2).cpu(),
+        (1.0 - p1).cpu(),
+        predicted.cpu(),
+    )
 
 
-def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, keys: Sequence[str],
-                    candidates: np.ndarray, labeled: np.ndarray, k: int, seed: int,
-                    badge_memory_mb: float = 2048.0) -> tuple[list[int], float]:
+def query_in_memory(
+    chain: Chain,
+    trained: TrainedModel,
+    images: np.ndarray,
+    keys: Sequence[str],
+    candidates: np.ndarray,
+    labeled: np.ndarray,
+    k: int,
+    seed: int,
+    badge_memory_mb: float = 2048.0,
+) -> tuple[list[int], float]:
     """Rows of ``images`` the chain picks among ``candidates``, and the pass's mean LPLgrad score.
 
     Args:
@@ -114,7 +140,9 @@ def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, key
     """
     candidate_keys = [keys[i] for i in candidates]
     if chain.strategy == "random":
-        return _rows_of(select_by_values(chain, {"key": candidate_keys}, k, seed), candidate_keys, candidates), float("nan")
+        return _rows_of(select_by_values(chain, {"key": candidate_keys}, k, seed), candidate_keys, candidates), float(
+            "nan"
+        )
     if chain.strategy == "coreset":
         features = _features(trained.model, images, candidates)
         centres = _features(trained.model, images, labeled)
@@ -123,8 +151,9 @@ def query_in_memory(chain: Chain, trained: TrainedModel, images: np.ndarray, key
         head = classifier_head(trained.model)
         check_badge_memory(len(candidates), head.out_features, head.in_features, badge_memory_mb)
     needs_gradnorm = chain.strategy != "badge" and "score" in get_strategy(chain.strategy).fields
-    rows, embeddings = score_rows(trained, images[candidates], candidate_keys, badge=chain.strategy == "badge",
-                                  gradnorm=needs_gradnorm)
+    rows, embeddings = score_rows(
+        trained, images[candidates], candidate_keys, badge=chain.strategy == "badge", gradnorm=needs_gradnorm
+    )
     finite = rows["score"][np.isfinite(rows["score"])]
     mean_score = float(finite.mean()) if len(finite) else float("nan")
     if embeddings is not None:
@@ -140,6 +169,8 @@ def _rows_of(picked: Sequence[str], keys: Sequence[str], rows: np.ndarray) -> li
 
 def _features(model: nn.Module, images: np.ndarray, rows: np.ndarray, batch_size: int = 1024) -> Tensor:
     device = next(model.parameters()).device
-    parts = [penultimate_features(model, torch.from_numpy(images[rows[s : s + batch_size]]).to(device)).cpu()
-             for s in range(0, len(rows), batch_size)]
+    parts = [
+        penultimate_features(model, torch.from_numpy(images[rows[s : s + batch_size]]).to(device)).cpu()
+        for s in range(0, len(rows), batch_size)
+    ]
     return torch.cat(parts) if parts else torch.empty(0, 0)

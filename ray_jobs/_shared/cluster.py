@@ -37,8 +37,9 @@ def connect(address: str | None) -> str:
         return f"joined Ray cluster at {address}"
     cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
     # address="local": a new cluster of our own, never another job's Ray found on this machine.
-    context = ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                       **{"log_to_driver": True, **ray_init_options()})
+    context = ray.init(
+        address="local", num_cpus=cpus, include_dashboard=False, **{"log_to_driver": True, **ray_init_options()}
+    )
     quiet_ray()
     # Helpers that Ray libraries start later call ray.init() themselves; with another Ray running
     # on the same machine they would otherwise refuse to guess which cluster is ours.

@@ -30,8 +30,15 @@ from typing import Any
 
 import ray
 
-__all__ = ["CLUSTER_LOST_EXIT", "ClusterPathError", "WorkerStorageError", "check_cluster_paths", "check_storage_on_workers",
-           "guard_driver", "watch_cluster"]
+__all__ = [
+    "CLUSTER_LOST_EXIT",
+    "ClusterPathError",
+    "WorkerStorageError",
+    "check_cluster_paths",
+    "check_storage_on_workers",
+    "guard_driver",
+    "watch_cluster",
+]
 
 CLUSTER_LOST_EXIT = 3
 _SHARED_FS_ENV = "LPLGRAD_SHARED_FS"
@@ -94,8 +101,9 @@ def _probe_storage(named: list[tuple[str, str]], storage_options: Mapping[str, A
     return None
 
 
-def check_storage_on_workers(named: Iterable[tuple[str, str | None]], storage_options: Mapping[str, Any] | None = None,
-                             timeout_s: float = 120.0) -> None:
+def check_storage_on_workers(
+    named: Iterable[tuple[str, str | None]], storage_options: Mapping[str, Any] | None = None, timeout_s: float = 120.0
+) -> None:
     """Repeat the storage check on every other alive node (one zero-CPU task each).
 
     Raises:
@@ -111,8 +119,12 @@ def check_storage_on_workers(named: Iterable[tuple[str, str | None]], storage_op
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_storage)
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(remote, storage_options)
-            for node in others]
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+            remote, storage_options
+        )
+        for node in others
+    ]
     failed = [(node, answer) for node, answer in zip(others, ray.get(refs, timeout=timeout_s)) if answer]
     if failed:
         node, answer = failed[0]
@@ -162,9 +174,13 @@ def watch_cluster(timeout_s: float | None = None, interval_s: float = 2.0) -> th
                 continue
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since >= timeout_s:
-                print(f"lplgrad: error: the Ray cluster at {address} has not answered for {timeout_s:.0f} s: it is gone "
-                      "(check the head node; nothing uncommitted was published, so run the job again once the cluster is "
-                      "back)", file=sys.stderr, flush=True)
+                print(
+                    f"lplgrad: error: the Ray cluster at {address} has not answered for {timeout_s:.0f} s: it is gone "
+                    "(check the head node; nothing uncommitted was published, so run the job again once the cluster is "
+                    "back)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(CLUSTER_LOST_EXIT)
 
     thread = threading.Thread(target=watch, name="lplgrad-cluster-watchdog", daemon=True)

@@ -37,9 +37,11 @@ def job_help(command: str, module_name: str) -> str:
     """The job's own argparse help, then every key of its config, then where to find a full file."""
     module = importlib.import_module(module_name)
     usage = module.JOB.parser().format_help()
-    return (f"{usage.rstrip()}\n  --verbose        Ray's own logs, Ray Data's progress and every worker's output "
-            f"(quiet by default; LPLGRAD_VERBOSE=1 for python -m)\n\n{config_help(config_class(module))}\n\n"
-            f"`lplgrad config show {command}` prints every key at its default as a YAML file to start from.")
+    return (
+        f"{usage.rstrip()}\n  --verbose        Ray's own logs, Ray Data's progress and every worker's output "
+        f"(quiet by default; LPLGRAD_VERBOSE=1 for python -m)\n\n{config_help(config_class(module))}\n\n"
+        f"`lplgrad config show {command}` prints every key at its default as a YAML file to start from."
+    )
 
 
 def _required_note(cls: type) -> str:
@@ -54,8 +56,10 @@ def _required_note(cls: type) -> str:
 def show_config(command: str, module_name: str) -> str:
     """The default config of a job as commented YAML (loads back with `load_config`)."""
     cls = config_class(importlib.import_module(module_name))
-    header = [f"lplgrad {command}: every key at its default ({cls.__name__}).",
-              f"Run with: lplgrad {command} --config THIS_FILE [key=value ...]"]
+    header = [
+        f"lplgrad {command}: every key at its default ({cls.__name__}).",
+        f"Run with: lplgrad {command} --config THIS_FILE [key=value ...]",
+    ]
     if note := _required_note(cls):
         header.append(note)
     return default_config_yaml(cls, header="\n".join(header))
@@ -68,8 +72,11 @@ def add_commands(subparsers: Any, jobs: Mapping[str, tuple[str, str]]) -> None:
         subparsers: What `ArgumentParser.add_subparsers()` returned.
         jobs: subcommand -> (module with its `JOB`, help), as `ray_jobs._shared.jobs.JOBS`.
     """
-    config = subparsers.add_parser("config", help="print a job's default config as YAML (config show JOB)",
-                                   description="Job configs, generated from each job's config dataclass.")
+    config = subparsers.add_parser(
+        "config",
+        help="print a job's default config as YAML (config show JOB)",
+        description="Job configs, generated from each job's config dataclass.",
+    )
     commands = config.add_subparsers(dest="config_command", required=True, metavar="{show}")
     show = commands.add_parser("show", help="print every key of a job's config at its default, as YAML")
     show.add_argument("job", choices=sorted(jobs), help="the job whose config to print")

@@ -53,7 +53,9 @@ class Job(Generic[C]):
 
     def parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog=f"lplgrad {self.command}", description=self.description)
-        parser.add_argument("--config", help=f"YAML config (`lplgrad config show {self.command}` prints one to start from)")
+        parser.add_argument(
+            "--config", help=f"YAML config (`lplgrad config show {self.command}` prints one to start from)"
+        )
         for flag, (help_text, _) in self.shortcuts.items():
             parser.add_argument(flag, action="store_true", help=help_text)
         parser.add_argument("overrides", nargs="*", help="key=value overrides; `lplgrad config show` lists every key")

@@ -9,10 +9,10 @@ says so (exit code 1).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
-import functools
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +26,25 @@ BUG_EXIT = 1
 # EmptyPoolError and the config checks; OSError's subclasses cover missing paths, refused access,
 # unreachable endpoints and run-id conflicts. PoolError, ManifestError and FeatureStoreError are
 # matched by name so that this module imports nothing heavy.
-_USER_TYPES: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
-                                                ConnectionError, IsADirectoryError, NotADirectoryError)
-_USER_TYPE_NAMES = {"PoolError", "ManifestError", "FeatureStoreError", "ShardReadError", "CheckpointError",
-                    "ClusterPathError", "ClusterLostError", "StorageError"}
+_USER_TYPES: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    ConnectionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+_USER_TYPE_NAMES = {
+    "PoolError",
+    "ManifestError",
+    "FeatureStoreError",
+    "ShardReadError",
+    "CheckpointError",
+    "ClusterPathError",
+    "ClusterLostError",
+    "StorageError",
+}
 # A fix for errors whose message does not already end with one, by type name (first match in the MRO).
 _FIXES = {
     "ConfigError": "`lplgrad {command} --help` lists every key with its type and default",
@@ -73,8 +88,11 @@ def user_error_line(command: str, error: BaseException) -> str:
     error = _cause(error)
     what = " ".join(str(error).split()) or type(error).__name__
     # torch's weights-only refusal advises retrying with the unsafe loader: never pass that on.
-    what = re.sub(r"Weights only load failed\..*?trusted source\.",
-                  "refused: the file holds Python objects beyond tensors, and files are only read as data", what)
+    what = re.sub(
+        r"Weights only load failed\..*?trusted source\.",
+        "refused: the file holds Python objects beyond tensors, and files are only read as data",
+        what,
+    )
     if isinstance(error, KeyError):
         what = f"missing {what}"
     if not what.endswith(")"):
@@ -100,8 +118,11 @@ def run_command(command: str, fn: Callable[[], int], debug: bool = False) -> int
             print(user_error_line(command, error), file=sys.stderr)
             return USER_ERROR_EXIT
         traceback.print_exc()
-        print(f"lplgrad {command}: internal error: {type(error).__name__} is a bug in lplgrad, not in your inputs; "
-              "please report it with the traceback above", file=sys.stderr)
+        print(
+            f"lplgrad {command}: internal error: {type(error).__name__} is a bug in lplgrad, not in your inputs; "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
         return BUG_EXIT
 
 

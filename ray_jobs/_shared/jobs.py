@@ -21,9 +21,18 @@ __all__ = ["JOBS", "config", "finetune_backbone", "job", "run"]
 JOBS = {
     "train": ("ray_jobs.train", "joint LPLgrad training on Ray Train; prints the final checkpoint URI"),
     "query": ("ray_jobs.query", "score a pool with a checkpoint and commit a selection manifest"),
-    "features": ("ray_jobs.features", "extract a pool's penultimate features under a frozen backbone into a feature store"),
-    "proxy": ("ray_jobs.proxy", "train a proxy head (linear or MLP, with LossNet) on cached features of the labeled set"),
-    "align": ("ray_jobs.align", "proxy mode: fine-tune the backbone (LP-FT or FT) when the alignment policy says so, and promote it"),
+    "features": (
+        "ray_jobs.features",
+        "extract a pool's penultimate features under a frozen backbone into a feature store",
+    ),
+    "proxy": (
+        "ray_jobs.proxy",
+        "train a proxy head (linear or MLP, with LossNet) on cached features of the labeled set",
+    ),
+    "align": (
+        "ray_jobs.align",
+        "proxy mode: fine-tune the backbone (LP-FT or FT) when the alignment policy says so, and promote it",
+    ),
     "simulate": ("ray_jobs.simulate", "simulated active-learning cycles on a pool whose labels are known"),
     "quickstart": ("ray_jobs.quickstart", "one whole cycle on a synthetic pool: build, train, query, label, retrain"),
 }
@@ -56,7 +65,15 @@ def finetune_backbone(train_config: Any, mode: str, stores: Sequence[str], probe
     """
     probe = None
     if mode == "lp-ft":
-        probe_config = config("proxy", labeled=train_config.labeled, features=tuple(stores), out=probe_out, kind="linear",
-                              epochs=probe_epochs, seed=train_config.seed, storage_options=train_config.storage_options)
+        probe_config = config(
+            "proxy",
+            labeled=train_config.labeled,
+            features=tuple(stores),
+            out=probe_out,
+            kind="linear",
+            epochs=probe_epochs,
+            seed=train_config.seed,
+            storage_options=train_config.storage_options,
+        )
         probe = run("proxy", probe_config)["checkpoint"]
     return run("train", dataclasses.replace(train_config, init_head=probe))

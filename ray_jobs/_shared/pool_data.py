@@ -139,14 +139,16 @@ def _decode_to_arrow(batch: dict[str, np.ndarray], spec: DecodeSpec, shard_prefi
     # An explicit schema: a batch without errors would otherwise type "error" as null, which
     # Ray hands back as float NaN, not None.
     cols = decode_batch(batch, spec, shard_prefix=shard_prefix)
-    return pa.table({
-        "key": pa.array(cols["key"], type=pa.string()),
-        "shard": pa.array(cols["shard"], type=pa.string()),
-        "image": ArrowTensorArray.from_numpy(cols["image"]),
-        "label": pa.array(cols["label"], type=pa.int64()),
-        "error": pa.array(cols["error"], type=pa.string()),
-        "meta": pa.array(cols["meta"], type=pa.string()),
-    })
+    return pa.table(
+        {
+            "key": pa.array(cols["key"], type=pa.string()),
+            "shard": pa.array(cols["shard"], type=pa.string()),
+            "image": ArrowTensorArray.from_numpy(cols["image"]),
+            "label": pa.array(cols["label"], type=pa.int64()),
+            "error": pa.array(cols["error"], type=pa.string()),
+            "meta": pa.array(cols["meta"], type=pa.string()),
+        }
+    )
 
 
 def decode(
@@ -195,8 +197,14 @@ def error_mask(errors: Sequence[Any]) -> np.ndarray:
 
 def _shard_error_rows(problems: Sequence[tuple[str, str]], spec: DecodeSpec) -> Dataset:
     rows = [
-        {"key": None, "shard": shard, "image": np.zeros(spec.shape, np.float32), "label": -1,
-         "error": f"shard unreadable: {reason}", "meta": None}
+        {
+            "key": None,
+            "shard": shard,
+            "image": np.zeros(spec.shape, np.float32),
+            "label": -1,
+            "error": f"shard unreadable: {reason}",
+            "meta": None,
+        }
         for shard, reason in problems
     ]
     return ray.data.from_items(rows)
@@ -247,8 +255,14 @@ def read_pool(
         :func:`read_pool_raw`.
     """
     raw = read_pool_raw(
-        uri, storage_options=storage_options, check=check, on_bad_shard=on_bad_shard,
-        shuffle_seed=shuffle_seed, read_num_cpus=read_num_cpus, attempts=attempts, shards=shards,
+        uri,
+        storage_options=storage_options,
+        check=check,
+        on_bad_shard=on_bad_shard,
+        shuffle_seed=shuffle_seed,
+        read_num_cpus=read_num_cpus,
+        attempts=attempts,
+        shards=shards,
     )
     if spec.num_classes is None and raw.classes is not None:
         spec = dataclasses.replace(spec, num_classes=len(raw.classes))
@@ -256,7 +270,9 @@ def read_pool(
     if raw.dataset is not None:
         dataset = raw.dataset
         if prefilter is not None:
-            dataset = dataset.map_batches(prefilter, batch_format="numpy", batch_size=batch_size, num_cpus=read_num_cpus)
+            dataset = dataset.map_batches(
+                prefilter, batch_format="numpy", batch_size=batch_size, num_cpus=read_num_cpus
+            )
         parts.append(
             decode(dataset, spec, shard_prefix=raw.shard_prefix, num_cpus=decode_num_cpus, batch_size=batch_size)
         )

@@ -84,8 +84,16 @@ class Progress:
         min_interval: Seconds between lines in line mode (the last step always prints).
     """
 
-    def __init__(self, phase: str, total: int | None, unit: str, *, stream: TextIO | None = None,
-                 tty: bool | None = None, min_interval: float = 0.0) -> None:
+    def __init__(
+        self,
+        phase: str,
+        total: int | None,
+        unit: str,
+        *,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        min_interval: float = 0.0,
+    ) -> None:
         self.phase, self.total, self.unit = phase, total, unit
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
@@ -104,7 +112,9 @@ class Progress:
         # Rate from the first step on: start-up (workers, actors, the first batch) is not a step's pace.
         since_first = now - self._first_at if self._first_at is not None else 0.0
         # After the first step only, the pace is unknown: no rate, no ETA.
-        rate = (self.done - self._first_done) / since_first if self.done > self._first_done and since_first > 0 else None
+        rate = (
+            (self.done - self._first_done) / since_first if self.done > self._first_done and since_first > 0 else None
+        )
         count = f"{self.done:,}/{self.total:,}" if self.total else f"{self.done:,}"
         parts = [f"{count} {self.unit}"]
         if rate is not None:
@@ -158,7 +168,9 @@ class EpochFeed:
     `Progress` step with its loss and accuracies, so every epoch is printed once.
     """
 
-    def __init__(self, phase: str, epochs: int, format_metrics: Callable[[Mapping[str, Any]], str] | None = None) -> None:
+    def __init__(
+        self, phase: str, epochs: int, format_metrics: Callable[[Mapping[str, Any]], str] | None = None
+    ) -> None:
         self.progress = Progress(phase, epochs, "epochs")
         self.format = format_metrics or _epoch_note
         self.queue: Any = None

@@ -56,15 +56,24 @@ ExcludedRows = ray.remote(num_cpus=0)(ExcludedRowSet)
 
 def _record(excluded_rows: Any, rows: list[tuple[str, str]]) -> None:
     if excluded_rows is None:
-        raise ValueError("excluded rows were dropped with nowhere to record them: pass excluded_rows (an ExcludedRows actor)")
+        raise ValueError(
+            "excluded rows were dropped with nowhere to record them: pass excluded_rows (an ExcludedRows actor)"
+        )
     # Waited for: once a task has returned its block, its rows are in the actor, so the driver
     # reading the actor after the last block has every row.
     ray.get(excluded_rows.add.remote(rows))
 
 
-def prefilter_raw(batch: dict[str, np.ndarray], excluded: frozenset[str], fraction: float | None, seed: int,
-                  only: Mapping[str, frozenset[str]] | None = None, *, excluded_rows: Any = None,
-                  shard_prefix: str = "") -> dict[str, np.ndarray]:
+def prefilter_raw(
+    batch: dict[str, np.ndarray],
+    excluded: frozenset[str],
+    fraction: float | None,
+    seed: int,
+    only: Mapping[str, frozenset[str]] | None = None,
+    *,
+    excluded_rows: Any = None,
+    shard_prefix: str = "",
+) -> dict[str, np.ndarray]:
     """Raw rows -> raw rows: drop rows outside the random subset or, in the shards `only` names
     (by path), rows not among its keys; drop excluded rows and record them in `excluded_rows`.
 
@@ -100,11 +109,19 @@ def drop_excluded(batch: pa.Table, excluded: frozenset[str]) -> tuple[pa.Table, 
     if not hit.true_count:
         return batch, []
     dropped = batch.filter(hit)
-    return batch.filter(pa.compute.invert(hit)), list(zip(dropped.column("key").to_pylist(), dropped.column("shard").to_pylist()))
+    return batch.filter(pa.compute.invert(hit)), list(
+        zip(dropped.column("key").to_pylist(), dropped.column("shard").to_pylist())
+    )
 
 
-def store_prefilter(batch: pa.Table, current: Mapping[str, str], excluded: frozenset[str], fraction: float | None,
-                    seed: int, excluded_rows: Any = None) -> pa.Table:
+def store_prefilter(
+    batch: pa.Table,
+    current: Mapping[str, str],
+    excluded: frozenset[str],
+    fraction: float | None,
+    seed: int,
+    excluded_rows: Any = None,
+) -> pa.Table:
     """Store rows -> current rows of the random subset, excluded ones dropped and recorded in
     `excluded_rows` (an :data:`ExcludedRows` actor, required when a row is excluded)."""
     batch = keep_current(batch, current)

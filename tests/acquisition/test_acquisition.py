@@ -61,7 +61,9 @@ def test_direction(strategy: str) -> None:
 def test_pyarrow_rows_match_numpy(strategy: str) -> None:
     table = pa.table({name: pa.array(column) for name, column in ROWS.items()})
     np.testing.assert_array_equal(acquisition_values(strategy, table), acquisition_values(strategy, ROWS))
-    np.testing.assert_array_equal(acquisition_values(strategy, dict(table.to_batches()[0].to_pydict())), acquisition_values(strategy, ROWS))
+    np.testing.assert_array_equal(
+        acquisition_values(strategy, dict(table.to_batches()[0].to_pydict())), acquisition_values(strategy, ROWS)
+    )
 
 
 @pytest.mark.parametrize("strategy", [s for s in available_strategies() if STRATEGIES[s].fields != ("key",)])

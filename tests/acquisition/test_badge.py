@@ -45,5 +45,7 @@ def test_identical_points_are_drawn_without_repeats() -> None:
 
 def test_memory_budget_refusal_names_sizes_and_the_fix() -> None:
     assert check_badge_memory(10_000, 10, 64, budget_mb=100) == 10_000 * 10 * 64 * 4
-    with pytest.raises(BadgeMemoryError, match=r"1000000 x 10 x 512 float32 embeddings = 19531 MiB, over the budget of 2048 MiB"):
+    with pytest.raises(
+        BadgeMemoryError, match=r"1000000 x 10 x 512 float32 embeddings = 19531 MiB, over the budget of 2048 MiB"
+    ):
         check_badge_memory(1_000_000, 10, 512, budget_mb=2048)

@@ -53,13 +53,16 @@ def test_spec_round_trips_and_drops_beta_without_a_draw() -> None:
         SelectionSpec.from_dict({"strategy": "lplgrad", "k": 5, "norm": "global"})
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("nope", 5), "strategy 'nope' is unknown"),
-    (("lplgrad", 0), "k must be positive"),
-    (("lplgrad", 5, "gumbel", 1.0), "unknown stochastic mode"),
-    (("lplgrad", 5, "softmax", 0.0), "beta must be"),
-    (("margin", 5, "power", 1.0), "power sampling needs values >= 0"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("nope", 5), "strategy 'nope' is unknown"),
+        (("lplgrad", 0), "k must be positive"),
+        (("lplgrad", 5, "gumbel", 1.0), "unknown stochastic mode"),
+        (("lplgrad", 5, "softmax", 0.0), "beta must be"),
+        (("margin", 5, "power", 1.0), "power sampling needs values >= 0"),
+    ],
+)
 def test_spec_refuses_what_cannot_select(args, message) -> None:
     with pytest.raises(ValueError, match=message):
         SelectionSpec(*args)
@@ -67,22 +70,46 @@ def test_spec_refuses_what_cannot_select(args, message) -> None:
 
 def test_manifest_records_the_spec_as_it_always_recorded_the_config() -> None:
     spec = SelectionSpec("lplgrad", 12, "softmax", 5.0, 7)
-    inputs = QueryInputs.for_selection(spec, {"norm": "global"}, pool_uri="p", shards=(PoolShard("p/a.tar"),),
-                                       checkpoint_uri="c", checkpoint_sha256="0" * 64)
+    inputs = QueryInputs.for_selection(
+        spec,
+        {"norm": "global"},
+        pool_uri="p",
+        shards=(PoolShard("p/a.tar"),),
+        checkpoint_uri="c",
+        checkpoint_sha256="0" * 64,
+    )
     recorded = inputs.to_dict()
     # The manifest JSON of schema 1: strategy name, k, and params seed/norm/stochastic/beta.
-    assert recorded["strategy"] == {"name": "lplgrad", "params": {"seed": 7, "norm": "global", "stochastic": "softmax", "beta": 5.0}}
+    assert recorded["strategy"] == {
+        "name": "lplgrad",
+        "params": {"seed": 7, "norm": "global", "stochastic": "softmax", "beta": 5.0},
+    }
     assert recorded["k"] == 12
     assert inputs.selection == spec
-    plain = QueryInputs.for_selection(SelectionSpec("entropy", 3, beta=9.0), {"norm": "global"}, pool_uri="p",
-                                      shards=(), checkpoint_uri="c", checkpoint_sha256="0" * 64)
+    plain = QueryInputs.for_selection(
+        SelectionSpec("entropy", 3, beta=9.0),
+        {"norm": "global"},
+        pool_uri="p",
+        shards=(),
+        checkpoint_uri="c",
+        checkpoint_sha256="0" * 64,
+    )
     assert plain.to_dict()["strategy"]["params"] == {"seed": 0, "norm": "global", "stochastic": None, "beta": None}
     # A manifest written before the spec existed (params without stochastic/beta) reads back too.
-    older = QueryInputs(pool_uri="p", shards=(), checkpoint_uri="c", checkpoint_sha256="0" * 64, strategy="lplgrad",
-                        k=4, strategy_params={"seed": 2})
+    older = QueryInputs(
+        pool_uri="p",
+        shards=(),
+        checkpoint_uri="c",
+        checkpoint_sha256="0" * 64,
+        strategy="lplgrad",
+        k=4,
+        strategy_params={"seed": 2},
+    )
     assert older.selection == SelectionSpec("lplgrad", 4, seed=2)
     with pytest.raises(ValueError, match="selection params"):
-        QueryInputs.for_selection(spec, {"seed": 1}, pool_uri="p", shards=(), checkpoint_uri="c", checkpoint_sha256="0" * 64)
+        QueryInputs.for_selection(
+            spec, {"seed": 1}, pool_uri="p", shards=(), checkpoint_uri="c", checkpoint_sha256="0" * 64
+        )
 
 
 # -- select_streamed ---------------------------------------------------------------------------
@@ -111,8 +138,15 @@ def scored_pool(n: int = 600, seed: int = 0) -> pa.Table:
     error = [None] * n
     for i in rng.choice(n, 15, replace=False):
         error[i], score[i], entropy[i] = "not a PNG", np.nan, np.nan
-    return pa.table({"key": keys, "shard": [f"s{i % 3}.tar" for i in range(n)], "score": score, "entropy": entropy,
-                     "error": pa.array(error, pa.string())})
+    return pa.table(
+        {
+            "key": keys,
+            "shard": [f"s{i % 3}.tar" for i in range(n)],
+            "score": score,
+            "entropy": entropy,
+            "error": pa.array(error, pa.string()),
+        }
+    )
 
 
 def batches(table: pa.Table, size: int) -> list[pa.Table]:
@@ -135,13 +169,16 @@ def brute_force(spec: SelectionSpec, table: pa.Table) -> list[str]:
     return select_topk(keys, values, spec.k)
 
 
-@pytest.mark.parametrize("spec", [
-    SelectionSpec("lplgrad", 25),
-    SelectionSpec("entropy", 40, seed=3),
-    SelectionSpec("lplgrad", 25, "softmax", 0.5, 11),
-    SelectionSpec("lplgrad", 25, "power", 2.0, 4),
-    SelectionSpec("entropy", 30, "softrank", 1.0, 5),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SelectionSpec("lplgrad", 25),
+        SelectionSpec("entropy", 40, seed=3),
+        SelectionSpec("lplgrad", 25, "softmax", 0.5, 11),
+        SelectionSpec("lplgrad", 25, "power", 2.0, 4),
+        SelectionSpec("entropy", 30, "softrank", 1.0, 5),
+    ],
+)
 def test_streamed_selection_equals_the_brute_force_whatever_the_batching(spec) -> None:
     pool = scored_pool()
     expected = brute_force(spec, pool)
@@ -152,7 +189,9 @@ def test_streamed_selection_equals_the_brute_force_whatever_the_batching(spec) -
         result = select_streamed(spec, batches(fresh, size), sink, reused=batches(reused, size))
         assert [key for key, _, _ in result.selected] == expected
         assert result.scored == 585 and result.summary.count == 585
-        assert sorted(key for key, _, _ in result.errors) == sorted(k for k, e in zip(pool["key"].to_pylist(), pool["error"].to_pylist()) if e)
+        assert sorted(key for key, _, _ in result.errors) == sorted(
+            k for k, e in zip(pool["key"].to_pylist(), pool["error"].to_pylist()) if e
+        )
         written = pa.concat_tables(sink.tables)  # every row once, copied ones first
         assert written.column("key").to_pylist() == pool.column("key").to_pylist()
         assert np.array_equal(written.column("score").to_numpy(), pool.column("score").to_numpy(), equal_nan=True)
@@ -164,12 +203,28 @@ def test_streamed_selection_equals_the_brute_force_whatever_the_batching(spec) -
 
 def test_streamed_selection_takes_rays_numpy_shaped_batches() -> None:
     # A batch of whole-shard error rows only: Ray's numpy batches turn its all-None key into NaN.
-    shard_errors = pa.table({"key": pa.array([float("nan")]), "shard": ["bad.tar"], "score": pa.array([np.nan], pa.float32()),
-                             "error": ["shard unreadable: truncated"]})
-    good = pa.table({"key": ["a", "b"], "shard": ["ok.tar"] * 2, "score": pa.array([1.0, 2.0], pa.float32()),
-                     "error": pa.array([None, None], pa.string())})
+    shard_errors = pa.table(
+        {
+            "key": pa.array([float("nan")]),
+            "shard": ["bad.tar"],
+            "score": pa.array([np.nan], pa.float32()),
+            "error": ["shard unreadable: truncated"],
+        }
+    )
+    good = pa.table(
+        {
+            "key": ["a", "b"],
+            "shard": ["ok.tar"] * 2,
+            "score": pa.array([1.0, 2.0], pa.float32()),
+            "error": pa.array([None, None], pa.string()),
+        }
+    )
     sink = MemoryScores()
-    result = select_streamed(SelectionSpec("lplgrad", 5), [shard_errors, pa.table({"key": [], "shard": [], "score": [], "error": []}), good], sink)
+    result = select_streamed(
+        SelectionSpec("lplgrad", 5),
+        [shard_errors, pa.table({"key": [], "shard": [], "score": [], "error": []}), good],
+        sink,
+    )
     assert result.errors == [(None, "bad.tar", "shard unreadable: truncated")]
     assert [key for key, _, _ in result.selected] == ["b", "a"] and result.scored == 2
     assert sink.tables[0].column("key").type == pa.string() and sink.tables[0].column("key").null_count == 1

@@ -27,8 +27,14 @@ from pipeline.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 DOCKERFILE = INFRA / "Dockerfile"
-EXPECTED_FILES = ("raycluster-query.yaml", "rayjob-query.yaml", "rayjob-train.yaml", "rayjob-align.yaml",
-                  "raycronjob-nightly.yaml", "cronjob-nightly.yaml")
+EXPECTED_FILES = (
+    "raycluster-query.yaml",
+    "rayjob-query.yaml",
+    "rayjob-train.yaml",
+    "rayjob-align.yaml",
+    "raycronjob-nightly.yaml",
+    "cronjob-nightly.yaml",
+)
 SECRET_NAME = "lplgrad-s3"
 RUN_ID = "2026-11-21"
 # What a shell or the CronJob's renderer puts in place of a run id at submission time.
@@ -94,7 +100,9 @@ def walk(node: Any) -> Iterator[Any]:
 
 def ray_cluster_specs() -> list[tuple[str, dict[str, Any]]]:
     specs = [(d.where, d.body["spec"]) for d in by_kind("RayCluster")]
-    specs += [(d.where, d.body["spec"]["rayClusterSpec"]) for d in by_kind("RayJob") if "rayClusterSpec" in d.body["spec"]]
+    specs += [
+        (d.where, d.body["spec"]["rayClusterSpec"]) for d in by_kind("RayJob") if "rayClusterSpec" in d.body["spec"]
+    ]
     specs += [(d.where, d.body["spec"]["jobTemplate"]["rayClusterSpec"]) for d in by_kind("RayCronJob")]
     return specs
 
@@ -142,7 +150,7 @@ def invocations() -> list[Invocation]:
         for i, token in enumerate(tokens[:-2]):
             if Path(token).name in ("python", "python3") and tokens[i + 1] == "-m":
                 rest = []
-                for t in tokens[i + 3:]:
+                for t in tokens[i + 3 :]:
                     if t in (";", "&&", "||", "|"):
                         break
                     rest.append(t)
@@ -166,7 +174,7 @@ def app_dir() -> str:
 def repo_path(config: str) -> Path:
     """A config path as the image sees it (absolute under the app dir, or relative) -> the repo file."""
     prefix = app_dir() + "/"
-    relative = config[len(prefix):] if config.startswith(prefix) else config
+    relative = config[len(prefix) :] if config.startswith(prefix) else config
     assert not Path(relative).is_absolute(), f"--config {config} is outside the image's project dir {prefix}"
     return REPO / relative
 
@@ -187,9 +195,13 @@ def test_manifests_exist_and_parse() -> None:
 
 def check_group(where: str, group: dict[str, Any], what: str) -> None:
     assert isinstance(group.get("rayStartParams"), dict), f"{where}: {what} needs rayStartParams (a mapping)"
-    assert all(isinstance(v, str) for v in group["rayStartParams"].values()), f"{where}: rayStartParams values must be strings"
+    assert all(isinstance(v, str) for v in group["rayStartParams"].values()), (
+        f"{where}: rayStartParams values must be strings"
+    )
     containers = group.get("template", {}).get("spec", {}).get("containers")
-    assert containers and all(c.get("image") and c.get("name") for c in containers), f"{where}: {what} needs a pod template"
+    assert containers and all(c.get("image") and c.get("name") for c in containers), (
+        f"{where}: {what} needs a pod template"
+    )
 
 
 def check_ray_cluster_spec(where: str, spec: dict[str, Any]) -> None:
@@ -200,10 +212,13 @@ def check_ray_cluster_spec(where: str, spec: dict[str, Any]) -> None:
         assert group.get("groupName"), f"{where}: a worker group has no groupName"
         check_group(where, group, f"worker group {group['groupName']}")
         assert 0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"], (
-            f"{where}: worker group {group['groupName']} needs minReplicas <= replicas <= maxReplicas")
+            f"{where}: worker group {group['groupName']} needs minReplicas <= replicas <= maxReplicas"
+        )
         for container in group["template"]["spec"]["containers"]:
             gpus = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-            assert gpus is not None and int(gpus) >= 1, f"{where}: worker group {group['groupName']} has no nvidia.com/gpu limit"
+            assert gpus is not None and int(gpus) >= 1, (
+                f"{where}: worker group {group['groupName']} has no nvidia.com/gpu limit"
+            )
     assert spec.get("rayVersion"), f"{where}: rayVersion is required (it must match the image)"
 
 
@@ -221,17 +236,23 @@ def check_rayjob_spec(where: str, spec: dict[str, Any]) -> None:
     assert has_cluster != has_selector, f"{where}: exactly one of rayClusterSpec and clusterSelector"
     if has_cluster:
         check_ray_cluster_spec(where, spec["rayClusterSpec"])
-        assert spec.get("shutdownAfterJobFinishes") is True, f"{where}: a RayJob's own cluster must be shut down after it"
+        assert spec.get("shutdownAfterJobFinishes") is True, (
+            f"{where}: a RayJob's own cluster must be shut down after it"
+        )
         assert spec.get("ttlSecondsAfterFinished", -1) >= 0, f"{where}: ttlSecondsAfterFinished is required"
     else:
         assert spec["clusterSelector"].get("ray.io/cluster"), f"{where}: clusterSelector needs ray.io/cluster"
         assert spec.get("shutdownAfterJobFinishes") is False, f"{where}: never shut down a selected (shared) cluster"
         assert "ttlSecondsAfterFinished" not in spec, f"{where}: KubeRay refuses a TTL without shutdownAfterJobFinishes"
         names = {d.body["metadata"]["name"] for d in by_kind("RayCluster")}
-        assert spec["clusterSelector"]["ray.io/cluster"] in names, f"{where}: selects a RayCluster infra/ does not define"
+        assert spec["clusterSelector"]["ray.io/cluster"] in names, (
+            f"{where}: selects a RayCluster infra/ does not define"
+        )
     runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
     downloads = sorted(set(runtime_env) & {"pip", "conda", "uv", "working_dir", "py_modules"})
-    assert not downloads, f"{where}: runtimeEnvYAML {downloads} would install or download at run time; bake it into the image"
+    assert not downloads, (
+        f"{where}: runtimeEnvYAML {downloads} would install or download at run time; bake it into the image"
+    )
 
 
 @pytest.mark.parametrize("doc", by_kind("RayJob"), ids=lambda d: d.where)
@@ -239,7 +260,8 @@ def test_rayjob_fields(doc: Doc) -> None:
     check_rayjob_spec(doc.where, doc.body["spec"])
     name = doc.body["metadata"]["name"]
     assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), (
-        f"{doc.where}: a RayJob name must be a DNS-1035 label of at most 47 characters, got {name!r}")
+        f"{doc.where}: a RayJob name must be a DNS-1035 label of at most 47 characters, got {name!r}"
+    )
 
 
 def period_seconds(schedule: str) -> int | None:
@@ -255,7 +277,8 @@ def check_no_overlap(where: str, schedule: str, rayjob_spec: dict[str, Any]) -> 
     deadline = rayjob_spec.get("activeDeadlineSeconds")
     assert period is not None and deadline is not None and 0 < deadline < period, (
         f"{where}: the RayJob's activeDeadlineSeconds ({deadline}) must be shorter than the schedule's "
-        f"period ({period} s), or one run can overlap the next")
+        f"period ({period} s), or one run can overlap the next"
+    )
 
 
 @pytest.mark.parametrize("doc", by_kind("RayCronJob"), ids=lambda d: d.where)
@@ -286,14 +309,16 @@ def test_cronjob_forbids_concurrency_and_submits_a_dated_rayjob(doc: Doc) -> Non
     assert RUN_ID in rayjob["metadata"]["name"] and f"run_id={RUN_ID}" in rayjob["spec"]["entrypoint"]
     mounted = {v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
     assert templates[0].where.split("#ConfigMap/")[1].split("/")[0] in mounted, (
-        f"{doc.where}: the pod does not mount the template ConfigMap")
+        f"{doc.where}: the pod does not mount the template ConfigMap"
+    )
     # Its service account may create RayJobs.
     account = pod.get("serviceAccountName")
     bindings = [b for b in by_kind("RoleBinding") if any(s.get("name") == account for s in b.body["subjects"])]
     roles = {b.body["roleRef"]["name"] for b in bindings}
     rules = [r for role in by_kind("Role") if role.body["metadata"]["name"] in roles for r in role.body["rules"]]
     assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and "create" in r["verbs"] for r in rules), (
-        f"{doc.where}: service account {account!r} is not bound to a Role that can create rayjobs")
+        f"{doc.where}: service account {account!r} is not bound to a Role that can create rayjobs"
+    )
 
 
 def test_every_kind_is_checked() -> None:
@@ -315,10 +340,14 @@ def test_nightly_runs_are_dated() -> None:
 
 def test_no_literal_secrets() -> None:
     for doc in DOCS:
-        assert doc.kind != "Secret", f"{doc.where}: do not commit Secrets; create them with kubectl (docs/operations.md)"
+        assert doc.kind != "Secret", (
+            f"{doc.where}: do not commit Secrets; create them with kubectl (docs/operations.md)"
+        )
         for node in walk(doc.body):
             if isinstance(node, dict) and isinstance(node.get("name"), str) and SECRET_ENV.search(node["name"]):
-                assert "value" not in node, f"{doc.where}: {node['name']} has a literal value; use the Secret {SECRET_NAME}"
+                assert "value" not in node, (
+                    f"{doc.where}: {node['name']} has a literal value; use the Secret {SECRET_NAME}"
+                )
     for path in [*yaml_files(), DOCKERFILE]:
         text = path.read_text()
         assert not re.search(r"AWS_SECRET_ACCESS_KEY\s*[=:]\s*\S", text), f"{path}: a literal secret"
@@ -330,10 +359,14 @@ def test_ray_pods_read_object_storage_credentials_from_the_secret() -> None:
     assert containers
     for where, container in containers:
         from_secret = {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
-        keyed = {e["name"] for e in container.get("env", [])
-                 if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME}
-        assert SECRET_NAME in from_secret or {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= keyed, (
-            f"{where}: container {container['name']} does not take its credentials from the Secret {SECRET_NAME}")
+        keyed = {
+            e["name"]
+            for e in container.get("env", [])
+            if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME
+        }
+        assert (
+            SECRET_NAME in from_secret or {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= keyed
+        ), f"{where}: container {container['name']} does not take its credentials from the Secret {SECRET_NAME}"
 
 
 # -- entrypoints and configs -------------------------------------------------------------------
@@ -343,8 +376,12 @@ def test_entrypoint_modules_exist() -> None:
     modules = sorted({i.module for i in invocations()})
     assert {"ray_jobs.query", "ray_jobs.train"} <= set(modules)
     # Concurrently: each imports torch and Ray.
-    runs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for m in modules}
+    runs = {
+        m: subprocess.Popen(
+            [sys.executable, "-m", m, "--help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for m in modules
+    }
     for module, process in runs.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, f"python -m {module} --help failed:\n{err}"
@@ -353,7 +390,9 @@ def test_entrypoint_modules_exist() -> None:
 
 @pytest.mark.parametrize("invocation", invocations(), ids=lambda i: f"{i.where}:{i.module}")
 def test_entrypoint_config_exists_and_loads(invocation: Invocation) -> None:
-    assert invocation.module in CONFIG_CLASSES, f"{invocation.where}: add {invocation.module}'s config class to this test"
+    assert invocation.module in CONFIG_CLASSES, (
+        f"{invocation.where}: add {invocation.module}'s config class to this test"
+    )
     assert invocation.config, f"{invocation.where}: name a config file (--config configs/...)"
     path = repo_path(invocation.config)
     assert path.is_file(), f"{invocation.where}: --config {invocation.config} is not in the repository ({path})"
@@ -370,7 +409,9 @@ def test_query_configs_load_as_they_are(name: str) -> None:
     config = load_config(QueryConfig, REPO / "configs" / "query" / f"{name}.yaml")
     assert config.storage_options == {}, "credentials come from the environment, never from a config"
     if name == "nightly":
-        assert config.out.startswith("s3://") and config.pool.startswith("s3://") and config.checkpoint.startswith("s3://")
+        assert (
+            config.out.startswith("s3://") and config.pool.startswith("s3://") and config.checkpoint.startswith("s3://")
+        )
         assert config.gpus_per_actor == 1 and config.out in config.exclude_manifests
     else:
         assert not any("://" in p for p in (config.pool, config.checkpoint, config.out))
@@ -388,7 +429,9 @@ def test_dockerfile_builds_from_ray_and_installs_the_project() -> None:
     match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-(gpu|cu\d+)", base)
     assert match, f"infra/Dockerfile must build FROM an official Ray GPU image, got {base}"
     for where, spec in ray_cluster_specs():
-        assert spec["rayVersion"] == match.group(1), f"{where}: rayVersion {spec['rayVersion']} != image Ray {match.group(1)}"
+        assert spec["rayVersion"] == match.group(1), (
+            f"{where}: rayVersion {spec['rayVersion']} != image Ray {match.group(1)}"
+        )
     assert re.search(r"pip install [^\n]*\s\.(\s|$)", text), "the image must `pip install .` the project"
     assert re.search(r"torch==", text) and re.search(r"torchvision==", text), "pin torch and torchvision"
     for directory in ("pipeline", "ray_jobs", "configs"):

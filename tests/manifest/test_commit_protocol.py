@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 import pytest
 
+from pipeline.acquisition.selection import TopK
 from pipeline.manifest import (
     COMMIT_STEPS,
     PoolShard,
@@ -34,16 +35,21 @@ from pipeline.manifest import (
     selection_rows,
 )
 from pipeline.manifest.verify import verify_run
-from pipeline.acquisition.selection import TopK
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFLICT_EXIT = 3
 
 
 def _inputs(k: int) -> QueryInputs:
-    return QueryInputs(pool_uri="s3://pools/p", shards=(PoolShard("s3://pools/p/pool-000000.tar", 8, 4096),),
-                       checkpoint_uri="s3://ckpt/c", checkpoint_sha256="cd" * 32, strategy="lplgrad", k=k,
-                       strategy_params={"seed": 0, "norm": "per_tensor_sum"})
+    return QueryInputs(
+        pool_uri="s3://pools/p",
+        shards=(PoolShard("s3://pools/p/pool-000000.tar", 8, 4096),),
+        checkpoint_uri="s3://ckpt/c",
+        checkpoint_sha256="cd" * 32,
+        strategy="lplgrad",
+        k=k,
+        strategy_params={"seed": 0, "norm": "per_tensor_sum"},
+    )
 
 
 def attempt(spec: dict[str, Any]) -> int:
@@ -77,19 +83,33 @@ def attempt(spec: dict[str, Any]) -> int:
 
 
 def _spec(tmp_path: Path, out: str, options: dict[str, Any], name: str, k: int, seed: int) -> dict[str, Any]:
-    return {"out": out, "options": options, "run_id": "night-01", "k": k, "seed": seed, "name": name,
-            "barrier": str(tmp_path / "barrier")}
+    return {
+        "out": out,
+        "options": options,
+        "run_id": "night-01",
+        "k": k,
+        "seed": seed,
+        "name": name,
+        "barrier": str(tmp_path / "barrier"),
+    }
 
 
-def _start(tmp_path: Path, out: str, options: dict[str, Any], name: str, k: int, seed: int,
-           fault: str | None = None) -> subprocess.Popen:
+def _start(
+    tmp_path: Path, out: str, options: dict[str, Any], name: str, k: int, seed: int, fault: str | None = None
+) -> subprocess.Popen:
     spec = _spec(tmp_path, out, options, name, k, seed)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("LPLGRAD_FAULT_AT_COMMIT_STEP", None)
     if fault:
         env["LPLGRAD_FAULT_AT_COMMIT_STEP"] = fault
-    return subprocess.Popen([sys.executable, __file__, json.dumps(spec)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, __file__, json.dumps(spec)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_ready(tmp_path: Path, names: list[str], processes: list[subprocess.Popen]) -> None:
@@ -111,7 +131,7 @@ def _snapshot(out: str, options: dict[str, Any]) -> dict[str, str]:
     """sha256 of every file under the run directory (and LATEST)."""
     fs, path = fsspec.core.url_to_fs(out, **options)
     fs.invalidate_cache()
-    return {name[len(path):]: hashlib.sha256(fs.cat_file(name)).hexdigest() for name in fs.find(path)}
+    return {name[len(path) :]: hashlib.sha256(fs.cat_file(name)).hexdigest() for name in fs.find(path)}
 
 
 def _open_store(request: pytest.FixtureRequest, tmp_path: Path, where: str) -> tuple[str, dict[str, Any]]:
@@ -134,9 +154,14 @@ def test_a_losing_attempt_leaves_the_committed_run_byte_identical(store, tmp_pat
     loser = _start(tmp_path, out, options, "loser", k=2, seed=2)  # other inputs (as norm= would)
     _wait_ready(tmp_path, ["winner", "loser"], [winner, loser])
     (tmp_path / "barrier" / "go-winner").touch()
-    assert _finish(winner) == (0, {"status": "committed", "attempt": read_manifest(f"{out}/night-01", options)["attempt"]})
+    assert _finish(winner) == (
+        0,
+        {"status": "committed", "attempt": read_manifest(f"{out}/night-01", options)["attempt"]},
+    )
     mine = f"/attempts/{read_manifest(f'{out}/night-01', options)['attempt']}/"
-    before = {name: digest for name, digest in _snapshot(out, options).items() if "/attempts/" not in name or mine in name}
+    before = {
+        name: digest for name, digest in _snapshot(out, options).items() if "/attempts/" not in name or mine in name
+    }
     assert len(before) == 6  # LATEST, manifest.json, selection, errors, 2 score parts
     committed = load(f"{out}/night-01", options).to_pylist()
     (tmp_path / "barrier" / "go-loser").touch()

@@ -13,7 +13,6 @@ import pyarrow as pa
 import pytest
 import s3fs
 
-from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reuse, shard_identities, shard_identity, shard_records
 from pipeline.manifest import (
     ManifestError,
     PoolShard,
@@ -23,6 +22,14 @@ from pipeline.manifest import (
     commit_run,
     iter_scores,
     load_excluded,
+)
+from pipeline.manifest.incremental import (
+    ReusePlan,
+    iter_reused_rows,
+    plan_reuse,
+    shard_identities,
+    shard_identity,
+    shard_records,
 )
 from pipeline.manifest.verify import verify_run
 from pipeline.storage import filesystem_for
@@ -34,32 +41,60 @@ IDS = {uri: {"size": 100 + i, "etag": f"tag{i}"} for i, uri in enumerate(SHARDS)
 def _inputs(identities: dict[str, Any] | None = None, **changes: Any) -> QueryInputs:
     identities = IDS if identities is None else identities
     values: dict[str, Any] = dict(
-        pool_uri="pool", shards=tuple(PoolShard(uri, 4, 100, identities.get(uri)) for uri in SHARDS),
-        checkpoint_uri="ckpt", checkpoint_sha256="ab" * 32, strategy="lplgrad", k=2,
+        pool_uri="pool",
+        shards=tuple(PoolShard(uri, 4, 100, identities.get(uri)) for uri in SHARDS),
+        checkpoint_uri="ckpt",
+        checkpoint_sha256="ab" * 32,
+        strategy="lplgrad",
+        k=2,
         strategy_params={"seed": 0, "norm": "per_tensor_sum"},
     )
     values.update(changes)
     return QueryInputs(**values)
 
 
-def _commit(out: str, run_id: str, inputs: QueryInputs, *, excluded: Sequence[tuple[str, str]] = (),
-            shard_errors: tuple[str, ...] = (), incremental: bool = True) -> dict[str, Any]:
+def _commit(
+    out: str,
+    run_id: str,
+    inputs: QueryInputs,
+    *,
+    excluded: Sequence[tuple[str, str]] = (),
+    shard_errors: tuple[str, ...] = (),
+    incremental: bool = True,
+) -> dict[str, Any]:
     """A run whose scores hold keys `{shard}/k{0..3}` minus the excluded ones, score = index."""
     state = begin_run(out, run_id, inputs.fingerprint())
     skipped = {key for key, _ in excluded}
     with state.scores_writer() as writer:
         for s, shard in enumerate(SHARDS):
             keys = [f"{shard}/k{i}" for i in range(4) if f"{shard}/k{i}" not in skipped]
-            writer.write({"key": keys, "shard": [shard] * len(keys), "score": np.arange(len(keys)) + 10.0 * s,
-                          "error": pa.array([None] * len(keys), pa.string())})
+            writer.write(
+                {
+                    "key": keys,
+                    "shard": [shard] * len(keys),
+                    "score": np.arange(len(keys)) + 10.0 * s,
+                    "error": pa.array([None] * len(keys), pa.string()),
+                }
+            )
     errors = [(None, shard, "shard unreadable: boom") for shard in shard_errors]
     extra = dict(excluded_rows=excluded, shards=shard_records(inputs, ReusePlan(), {}, {}), reuse=ReusePlan().to_dict())
-    return commit_run(state, inputs, [], errors, scored=12 - len(skipped), excluded=len(skipped), summary=ScoreSummary(),
-                      **(extra if incremental else {}))
+    return commit_run(
+        state,
+        inputs,
+        [],
+        errors,
+        scored=12 - len(skipped),
+        excluded=len(skipped),
+        summary=ScoreSummary(),
+        **(extra if incremental else {}),
+    )
 
 
 def test_identity_prefers_etag_then_modification_time() -> None:
-    assert shard_identity({"size": 5, "ETag": '"abc"', "LastModified": dt.datetime(2026, 1, 1)}) == {"size": 5, "etag": "abc"}
+    assert shard_identity({"size": 5, "ETag": '"abc"', "LastModified": dt.datetime(2026, 1, 1)}) == {
+        "size": 5,
+        "etag": "abc",
+    }
     assert shard_identity({"size": 5, "etag": "xyz", "updated": "2026"}) == {"size": 5, "etag": "xyz"}  # GCS
     assert shard_identity({"size": 5, "mtime": 12.5, "created": 1.0}) == {"size": 5, "mtime": 12.5}  # local disk
     stamp = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -104,22 +139,29 @@ def test_unchanged_shards_are_reused_and_excluded_keys_tracked(tmp_path) -> None
     assert verify_run(f"{out}/n1").ok
     changed = {**IDS, SHARDS[2]: {"size": 102, "etag": "rewritten"}}
     # Tonight only s-0/k0 is still excluded: s-1/k1 has no row to copy and must be scored again.
-    plan = plan_reuse(f"{out}/n1", _inputs(changed, strategy="entropy", strategy_params={"seed": 9, "norm": "per_tensor_sum"}),
-                      {f"{SHARDS[0]}/k0"})
+    plan = plan_reuse(
+        f"{out}/n1",
+        _inputs(changed, strategy="entropy", strategy_params={"seed": 9, "norm": "per_tensor_sum"}),
+        {f"{SHARDS[0]}/k0"},
+    )
     assert plan.source_id == "n1" and set(plan.reused) == {SHARDS[0], SHARDS[1]}
     assert plan.reused[SHARDS[0]] == frozenset() and plan.reused[SHARDS[1]] == {f"{SHARDS[1]}/k1"}
     assert plan.still_excluded == ((f"{SHARDS[0]}/k0", SHARDS[0]),)
     assert plan.to_score(list(SHARDS)) == [SHARDS[1], SHARDS[2]]
     rows = [row for table in iter_reused_rows(plan) for row in table.to_pylist()]
     assert sorted(r["key"] for r in rows) == sorted(
-        [f"{SHARDS[0]}/k{i}" for i in (1, 2, 3)] + [f"{SHARDS[1]}/k{i}" for i in (0, 2, 3)])
+        [f"{SHARDS[0]}/k{i}" for i in (1, 2, 3)] + [f"{SHARDS[1]}/k{i}" for i in (0, 2, 3)]
+    )
 
 
-@pytest.mark.parametrize("change, reason", [
-    (dict(checkpoint_sha256="cd" * 32), "checkpoint changed"),
-    (dict(strategy_params={"seed": 0, "norm": "global"}), "norm changed"),
-    (dict(subset_size=5), "random subset"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(checkpoint_sha256="cd" * 32), "checkpoint changed"),
+        (dict(strategy_params={"seed": 0, "norm": "global"}), "norm changed"),
+        (dict(subset_size=5), "random subset"),
+    ],
+)
 def test_nothing_is_reused_when_the_scores_would_differ(tmp_path, change, reason) -> None:
     out = str(tmp_path / "q")
     _commit(out, "n1", _inputs())

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.acquisition import acquisition_values
+from pipeline.acquisition.selection import TopK
 from pipeline.manifest import (
     SCHEMA_VERSION,
     ManifestError,
@@ -33,7 +34,7 @@ from pipeline.manifest import (
     resolve_run,
     selection_rows,
 )
-from pipeline.acquisition.selection import TopK
+
 
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
@@ -47,7 +48,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str,
 def _inputs(k: int = 3, **changes: Any) -> QueryInputs:
     values: dict[str, Any] = dict(
         pool_uri="s3://pools/cifar10",
-        shards=(PoolShard("s3://pools/cifar10/pool-000000.tar", 6, 4096), PoolShard("s3://pools/cifar10/pool-000001.tar", 2, 2048)),
+        shards=(
+            PoolShard("s3://pools/cifar10/pool-000000.tar", 6, 4096),
+            PoolShard("s3://pools/cifar10/pool-000001.tar", 2, 2048),
+        ),
         checkpoint_uri="s3://ckpt/epoch-10",
         checkpoint_sha256="ab" * 32,
         strategy="lplgrad",
@@ -92,7 +96,9 @@ def _run(out: str, options: dict[str, Any], run_id: str, inputs: QueryInputs, of
             top.add(list(batch["key"]), values, selection_rows(batch, values))
             summary.add(values, batch["key"])
             scored += int(np.isfinite(values).sum())
-            errors += [(k, s, "non-finite logits") for k, s, v in zip(batch["key"], batch["shard"], values) if np.isnan(v)]
+            errors += [
+                (k, s, "non-finite logits") for k, s, v in zip(batch["key"], batch["shard"], values) if np.isnan(v)
+            ]
     return commit_run(state, inputs, top.result(), errors, scored=scored, excluded=0, summary=summary)
 
 
@@ -161,7 +167,11 @@ def test_crashed_attempt_is_never_part_of_the_run(store: tuple[str, dict[str, An
     manifest = _run(out, options, "run-001", inputs)
     prefix = f"attempts/{manifest['attempt']}/"
     assert manifest["files"]["scores"] == [f"{prefix}scores/part-0000{i}.parquet" for i in range(3)]
-    assert set(manifest["checksums"]) == {*manifest["files"]["scores"], f"{prefix}selection.parquet", f"{prefix}errors.parquet"}
+    assert set(manifest["checksums"]) == {
+        *manifest["files"]["scores"],
+        f"{prefix}selection.parquet",
+        f"{prefix}errors.parquet",
+    }
     keys = [k for b in iter_scores(f"{out}/run-001", options, columns=["key"]) for k in b.column("key").to_pylist()]
     assert not any(k.startswith("k-50") for k in keys) and len(keys) == 8
     fs.invalidate_cache()
@@ -181,7 +191,12 @@ def test_latest_moves_forward_and_is_followed(store: tuple[str, dict[str, Any]])
     assert load(out, options).column("key").to_pylist()[0] == "k-30-1"
     assert resolve_run(out, options).endswith("/run-003")
     assert previously_selected_keys([f"{out}/run-001", out], options) == {
-        "k-10-1", "k-11-1", "k-11-0", "k-30-1", "k-31-1", "k-31-0"
+        "k-10-1",
+        "k-11-1",
+        "k-11-0",
+        "k-30-1",
+        "k-31-1",
+        "k-31-0",
     }
 
 
@@ -194,7 +209,11 @@ def test_files_stand_alone_with_plain_pyarrow_and_json(store: tuple[str, dict[st
         manifest = json.load(handle)
     assert manifest["schema_version"] == 1
     assert manifest["inputs"]["strategy"] == {"name": "lplgrad", "params": {"seed": 0}}
-    assert manifest["inputs"]["pool"]["shards"][0] == {"uri": "s3://pools/cifar10/pool-000000.tar", "samples": 6, "bytes": 4096}
+    assert manifest["inputs"]["pool"]["shards"][0] == {
+        "uri": "s3://pools/cifar10/pool-000000.tar",
+        "samples": 6,
+        "bytes": 4096,
+    }
     assert manifest["checkpoint"] == {"uri": "s3://ckpt/epoch-10", "sha256": "ab" * 32}
     canonical = json.dumps(manifest["inputs"], sort_keys=True, separators=(",", ":"))
     assert hashlib.sha256(canonical.encode()).hexdigest() == manifest["inputs_fingerprint"]
@@ -249,8 +268,14 @@ def test_fingerprint_covers_what_defines_the_result() -> None:
     base = _inputs()
     assert base.fingerprint() == _inputs().fingerprint()
     assert base.fingerprint() == _inputs(checkpoint_uri="/tmp/copy").fingerprint()  # same weights elsewhere
-    for change in ({"k": 4}, {"checkpoint_sha256": "cd" * 32}, {"strategy_params": {"seed": 1}}, {"subset_size": 5},
-                   {"excluded_keys_sha256": keys_digest(["a"])}, {"shards": base.shards[:1]}):
+    for change in (
+        {"k": 4},
+        {"checkpoint_sha256": "cd" * 32},
+        {"strategy_params": {"seed": 1}},
+        {"subset_size": 5},
+        {"excluded_keys_sha256": keys_digest(["a"])},
+        {"shards": base.shards[:1]},
+    ):
         assert _inputs(**change).fingerprint() != base.fingerprint(), change
     assert keys_digest(["b", "a", "a"]) == keys_digest(["a", "b"])
     with pytest.raises(ValueError, match="canonical JSON"):
@@ -289,7 +314,9 @@ def test_previous_run_names_the_newest_committed_run_before_an_id(store: tuple[s
     assert previous_run(out, "2026-11-21", options) is None  # first night: nothing yet
     _run(out, options, "2026-11-19", _inputs(), offset=10)
     _run(out, options, "2026-11-20", _inputs(), offset=20)
-    begin_run(out, "2026-11-20b", _inputs().fingerprint(), options).scores_writer().write(_score_batches()[0])  # uncommitted
+    begin_run(out, "2026-11-20b", _inputs().fingerprint(), options).scores_writer().write(
+        _score_batches()[0]
+    )  # uncommitted
     assert previous_run(out, "2026-11-21", options).endswith("/2026-11-20b") is False
     assert previous_run(out, "2026-11-21", options).endswith("/2026-11-20")
     # Re-running a committed night names the night before it, not itself (LATEST would).

@@ -18,8 +18,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_build_then_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pool = str(tmp_path / "pool")
-    assert pool_cli.main(["build", "--synthetic", "12", "--out", pool, "--shard-samples", "5",
-                          "--unlabeled", "--num-classes", "3", "--encoding", "webp", "--seed", "7"]) == 0
+    assert (
+        pool_cli.main(
+            [
+                "build",
+                "--synthetic",
+                "12",
+                "--out",
+                pool,
+                "--shard-samples",
+                "5",
+                "--unlabeled",
+                "--num-classes",
+                "3",
+                "--encoding",
+                "webp",
+                "--seed",
+                "7",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 12 and summary["shards"] == 3 and summary["labeled"] is False
     assert summary["brace_pattern"] == "pool-{000000..000002}.tar"
@@ -27,12 +46,18 @@ def test_build_then_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert index.image_encoding == "webp" and index.source["seed"] == 7 and len(index.classes) == 3
 
     (tmp_path / "labels.csv").write_text("key,label\nsynthetic_train_000004,2\nsynthetic_train_000009,0\n")
-    assert pool_cli.main(["label", "--pool", pool, "--labels", str(tmp_path / "labels.csv"),
-                          "--out", str(tmp_path / "labeled")]) == 0
+    assert (
+        pool_cli.main(
+            ["label", "--pool", pool, "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "labeled")]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["added"] == 2
     samples = list(iter_pool_samples(resolve_pool(str(tmp_path / "labeled"))))
-    assert [(s.key, s.files["cls"]) for s in samples] == [("synthetic_train_000004", b"2"),
-                                                          ("synthetic_train_000009", b"0")]
+    assert [(s.key, s.files["cls"]) for s in samples] == [
+        ("synthetic_train_000004", b"2"),
+        ("synthetic_train_000009", b"0"),
+    ]
 
 
 def test_input_errors_print_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,8 +68,10 @@ def test_input_errors_print_one_line_and_exit_2(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert err.startswith("lplgrad pool build: error: ") and "already holds a pool" in err and err.count("\n") == 1
     (tmp_path / "bad.csv").write_text("key,label\nnope,1\n")
-    assert pool_cli.main(["label", "--pool", pool, "--labels", str(tmp_path / "bad.csv"),
-                          "--out", str(tmp_path / "out")]) == 2
+    assert (
+        pool_cli.main(["label", "--pool", pool, "--labels", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "out")])
+        == 2
+    )
     assert "'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: exactly one source
         pool_cli.main(["build", "--synthetic", "3", "--idx", "x", "--out", pool])
@@ -61,8 +88,12 @@ def test_add_commands_nests_under_pool(tmp_path: Path) -> None:
 
 def test_build_to_s3_with_storage_options(s3_server, capsys: pytest.CaptureFixture[str]) -> None:
     uri = s3_server.uri("cli-pool")
-    options = [f"endpoint_url={s3_server.endpoint}", "key=testing", "secret=testing",
-               "client_kwargs.region_name=us-east-1"]
+    options = [
+        f"endpoint_url={s3_server.endpoint}",
+        "key=testing",
+        "secret=testing",
+        "client_kwargs.region_name=us-east-1",
+    ]
     argv = ["build", "--synthetic", "6", "--channels", "1", "--image-size", "28", "--out", uri]
     for option in options:
         argv += ["--storage-option", option]
@@ -74,7 +105,10 @@ def test_build_to_s3_with_storage_options(s3_server, capsys: pytest.CaptureFixtu
 def test_runs_as_python_module(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "ray_jobs.pool_cli", "build", "--synthetic", "3", "--out", str(tmp_path / "p")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["samples"] == 3

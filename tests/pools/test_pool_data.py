@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from _pool_iteration import ErrorTally, iter_labeled_batches, split_for_workers
 
 from pipeline.pools import (
     DecodeSpec,
@@ -16,12 +17,10 @@ from pipeline.pools import (
     build_pool,
     decode_image,
     encode_image,
-    iter_pool_samples,
     resolve_pool,
     sample_files,
     synthetic,
 )
-from _pool_iteration import ErrorTally, iter_labeled_batches, split_for_workers
 from ray_jobs._shared.pool_data import labeled_training_data, read_pool, read_pool_raw
 
 pytestmark = pytest.mark.ray
@@ -151,8 +150,9 @@ def test_labeled_training_data_for_ray_train(local_store, ray_local) -> None:
             writer.write(f"k{i}", {"png": png, "cls": str(i % 2).encode()})
         writer.write("corrupt", {"png": b"nope", "cls": b"1"})
         writer.close()
-    build_pool(synthetic(4, num_classes=2, channels=1, image_size=28), local_store.uri("holdout"),
-               class_names=["a", "b"])
+    build_pool(
+        synthetic(4, num_classes=2, channels=1, image_size=28), local_store.uri("holdout"), class_names=["a", "b"]
+    )
     datasets, classes = labeled_training_data(local_store.uri("train"), local_store.uri("holdout"), "small_cnn")
     assert classes == ["a", "b"] and set(datasets) == {"train", "holdout"}
     rows = datasets["train"].take_all()

@@ -67,11 +67,14 @@ def test_sixteen_bit_and_alpha_images() -> None:
     assert np.allclose(decode_image(_encode(transparent, "PNG"), DecodeSpec(3, 4, 4, **UNIT)), 0.0)
 
 
-@pytest.mark.parametrize(("payload", "reason"), [
-    (b"definitely not an image", "not a JPEG, PNG or WebP image"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a"),
-    (None, "not a JPEG, PNG or WebP image"),  # a GIF in a .png slot: decoders are restricted
-])
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"definitely not an image", "not a JPEG, PNG or WebP image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a"),
+        (None, "not a JPEG, PNG or WebP image"),  # a GIF in a .png slot: decoders are restricted
+    ],
+)
 def test_payloads_that_are_not_images(payload: bytes | None, reason: str) -> None:
     if payload is None:
         payload = _encode(Image.new("L", (4, 4)), "GIF")
@@ -106,13 +109,16 @@ def test_pickle_and_torch_members_are_never_loaded(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("files", "reason"), [
-    ({"cls": b"abc"}, "cls is not a non-negative ASCII integer"),
-    ({"cls": b"-1"}, "cls is not a non-negative ASCII integer"),
-    ({"cls": b"12"}, "outside the class list"),
-    ({"json": b"{broken"}, "not valid JSON"),
-    ({"jpg": b"x"}, "several image files"),
-])
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        ({"cls": b"abc"}, "cls is not a non-negative ASCII integer"),
+        ({"cls": b"-1"}, "cls is not a non-negative ASCII integer"),
+        ({"cls": b"12"}, "outside the class list"),
+        ({"json": b"{broken"}, "not valid JSON"),
+        ({"jpg": b"x"}, "several image files"),
+    ],
+)
 def test_sample_level_errors(files: dict, reason: str) -> None:
     png = _encode(Image.new("L", (4, 4)), "PNG")
     with pytest.raises(DecodeError, match=reason):

@@ -89,12 +89,15 @@ def test_brace_pattern_names_exactly_the_shards() -> None:
     assert shard_name(12) == "pool-000012.tar"
 
 
-@pytest.mark.parametrize("error", [
-    DuplicateKeyError("k", "s3://b/a.tar", "s3://b/b.tar"),
-    ShardFormatError("s3://b/a.tar", "truncated tar"),
-    ShardReadError([("s3://b/a.tar", "timeout"), ("s3://b/b.tar", "reset")]),
-    LabelError("label 'x' outside the class list"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        DuplicateKeyError("k", "s3://b/a.tar", "s3://b/b.tar"),
+        ShardFormatError("s3://b/a.tar", "truncated tar"),
+        ShardReadError([("s3://b/a.tar", "timeout"), ("s3://b/b.tar", "reset")]),
+        LabelError("label 'x' outside the class list"),
+    ],
+)
 def test_errors_survive_pickling(error: Exception) -> None:
     # Errors raised inside Ray tasks reach the driver pickled; their fields must survive.
     copy = pickle.loads(pickle.dumps(error))

@@ -22,8 +22,14 @@ CLASSES = ("cat", "dog", "bird")
 
 def _unlabeled_pool(store, name: str = "pool", n: int = 8) -> str:
     uri = store.uri(name)
-    build_pool(synthetic(n, num_classes=3), uri, shard_samples=3, storage_options=store.storage_options,
-               class_names=CLASSES, unlabeled=True)
+    build_pool(
+        synthetic(n, num_classes=3),
+        uri,
+        shard_samples=3,
+        storage_options=store.storage_options,
+        class_names=CLASSES,
+        unlabeled=True,
+    )
     return uri
 
 
@@ -55,8 +61,13 @@ def test_parquet_table_and_appending_to_a_labeled_set(store, tmp_path) -> None:
     label_pool(pool, {_key(0): "cat", _key(3): "bird"}, store.uri("round0"), storage_options=store.storage_options)
     pq.write_table(pa.table({"key": [_key(3), _key(7)], "label": ["bird", "dog"]}), tmp_path / "round1.parquet")
     store.write("round1.parquet", (tmp_path / "round1.parquet").read_bytes())
-    report = label_pool(pool, store.uri("round1.parquet"), store.uri("round1"), append_to=store.uri("round0"),
-                        storage_options=store.storage_options)
+    report = label_pool(
+        pool,
+        store.uri("round1.parquet"),
+        store.uri("round1"),
+        append_to=store.uri("round0"),
+        storage_options=store.storage_options,
+    )
     assert (report.carried, report.added, report.already_labeled) == (2, 1, 1)
     samples = list(iter_pool_samples(resolve_pool(store.uri("round1"), store.storage_options)))
     assert [s.key for s in samples] == [_key(0), _key(3), _key(7)]  # previous set first
@@ -108,11 +119,14 @@ def test_output_must_be_a_new_prefix(local_store) -> None:
         label_pool(pool, {_key(1): 0}, pool)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    (b"name,label\nx,1\n", "lacks column"),
-    (b"key,label\nx,1\nx,2\n", "two labels"),
-    (b"key,label\nx,\n", "empty key or label"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"name,label\nx,1\n", "lacks column"),
+        (b"key,label\nx,1\nx,2\n", "two labels"),
+        (b"key,label\nx,\n", "empty key or label"),
+    ],
+)
 def test_bad_tables(local_store, text: bytes, message: str) -> None:
     with pytest.raises(LabelError, match=message):
         read_labels_table(local_store.write("t.csv", text))

@@ -37,8 +37,11 @@ def test_index_listing_pattern_glob_and_single_shard_agree(store) -> None:
     listed = resolve_pool(store.uri("p"), store.storage_options)
     assert listed.how == "listing" and listed.index is None
     assert [s.uri for s in listed.shards] == [s.uri for s in indexed.shards]
-    for uri, how in ((store.uri("p"), "listing"), (store.uri("p/pool-{000000..000002}.tar"), "pattern"),
-                     (store.uri("p/pool-*.tar"), "glob")):
+    for uri, how in (
+        (store.uri("p"), "listing"),
+        (store.uri("p/pool-{000000..000002}.tar"), "pattern"),
+        (store.uri("p/pool-*.tar"), "glob"),
+    ):
         pool = resolve_pool(uri, store.storage_options)
         assert pool.how == how
         assert _keys(uri, store) == expected

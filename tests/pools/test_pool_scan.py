@@ -39,7 +39,7 @@ def test_files_of_a_sample_not_adjacent(make_tar, store) -> None:
     pool = resolve_pool(store.uri("p"), store.storage_options)
     check = check_pool(pool)
     assert [s.uri for s in check.good] == [store.uri("p/good.tar")]
-    (shard, reason), = check.problems
+    ((shard, reason),) = check.problems
     assert shard == store.uri("p/split.tar") and "'a' are not adjacent" in reason and "--sort=name" in reason
     with pytest.raises(ShardFormatError, match="not adjacent"):
         list(iter_pool_samples(pool))
@@ -61,7 +61,7 @@ def test_truncated_tar_without_index(make_tar, store, cut: str) -> None:
     with pytest.raises(ShardFormatError, match="truncated") as info:
         list(iter_pool_samples(pool))
     assert info.value.shard == store.uri("p/t.tar")
-    (shard, reason), = check_pool(pool, mode="full").problems
+    ((shard, reason),) = check_pool(pool, mode="full").problems
     assert "truncated" in reason
     assert check_pool(pool, mode="fast").problems  # no end-of-archive marker either
 
@@ -72,25 +72,25 @@ def test_truncated_shard_of_an_indexed_pool(store) -> None:
     store.write(f"p/{shard.name}", store.read(f"p/{shard.name}")[:-20_000])
     check = check_pool(resolve_pool(store.uri("p"), store.storage_options))
     assert check.mode == "fast" and [s.uri for s in check.good] == [store.uri("p/pool-000000.tar")]
-    (uri, reason), = check.problems
+    ((uri, reason),) = check.problems
     assert uri == store.uri("p/pool-000001.tar") and f"index says {shard.bytes}" in reason
 
 
 def test_missing_shard_of_an_indexed_pool(store) -> None:
     build_pool(synthetic(6), store.uri("p"), shard_samples=3, storage_options=store.storage_options)
     store.fs.rm(store.path("p/pool-000000.tar"))
-    (uri, reason), = check_pool(resolve_pool(store.uri("p"), store.storage_options)).problems
+    ((uri, reason),) = check_pool(resolve_pool(store.uri("p"), store.storage_options)).problems
     assert uri == store.uri("p/pool-000000.tar") and reason == "shard does not exist"
 
 
 def test_file_that_is_not_a_tar(local_store) -> None:
     local_store.write("p/junk.tar", b"this is not a tar archive at all" * 40)
-    (uri, reason), = check_pool(resolve_pool(local_store.uri("p"))).problems
+    ((uri, reason),) = check_pool(resolve_pool(local_store.uri("p"))).problems
     assert uri.endswith("junk.tar") and "not a readable tar" in reason
 
 
 def test_garbage_after_the_last_member(make_tar, local_store) -> None:
     data = make_tar(_sample("a"))
     local_store.write("p/g.tar", data[: 512 * 4] + b"\x01" * 512 + data[512 * 4 :])
-    (_, reason), = check_pool(resolve_pool(local_store.uri("p")), mode="full").problems
+    ((_, reason),) = check_pool(resolve_pool(local_store.uri("p")), mode="full").problems
     assert "corrupt tar" in reason

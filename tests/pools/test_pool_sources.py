@@ -139,8 +139,12 @@ def _cifar10(folder: Path, per_batch: int = 3) -> np.ndarray:
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         all_data.append(data)
-        batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
-                 b"data": data, b"filenames": [f"{name}_{j}.png".encode() for j in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+            b"data": data,
+            b"filenames": [f"{name}_{j}.png".encode() for j in range(per_batch)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     return np.concatenate(all_data[:5])
@@ -166,8 +170,15 @@ def test_cifar100_layout(tmp_path: Path) -> None:
     with open(folder / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [b"apple", b"bee"], b"coarse_label_names": [b"food", b"insect"]}, f)
     with open(folder / "test", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [1, 0], b"coarse_labels": [1, 0],
-                     b"filenames": [b"a.png", b"b.png"]}, f)
+        pickle.dump(
+            {
+                b"data": np.zeros((2, 3072), np.uint8),
+                b"fine_labels": [1, 0],
+                b"coarse_labels": [1, 0],
+                b"filenames": [b"a.png", b"b.png"],
+            },
+            f,
+        )
     samples = list(CifarSource(folder, split="test"))
     assert [s.label for s in samples] == [1, 0] and samples[0].meta == {"filename": "a.png", "coarse_label": 1}
 
@@ -203,12 +214,15 @@ def test_synthetic_is_deterministic_and_prefix_stable() -> None:
     assert set(labels) == set(range(10))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"n": 0}, "n must be positive"),
-    ({"n": 5, "num_classes": 1}, "num_classes"),
-    ({"n": 5, "channels": 2}, "channels"),
-    ({"n": 5, "split": "val"}, "split"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n": 0}, "n must be positive"),
+        ({"n": 5, "num_classes": 1}, "num_classes"),
+        ({"n": 5, "channels": 2}, "channels"),
+        ({"n": 5, "split": "val"}, "split"),
+    ],
+)
 def test_synthetic_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         synthetic(**kwargs)

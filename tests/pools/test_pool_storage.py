@@ -175,7 +175,7 @@ def test_shard_failing_every_attempt_is_reported_by_name(flaky_pool: str) -> Non
     _FlakyFS.failures = {shard: 10**6}
     pool = resolve_pool(flaky_pool)
     for mode in ("fast", "full"):
-        (uri, reason), = check_pool(pool, mode=mode, attempts=2).problems
+        ((uri, reason),) = check_pool(pool, mode=mode, attempts=2).problems
         assert uri == f"flakytest://{shard}" and "ConnectionResetError" in reason and "after 2 attempts" in reason
     with pytest.raises(ShardReadError, match="pool-000001.tar"):
         list(iter_pool_samples(pool, attempts=2))

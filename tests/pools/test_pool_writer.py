@@ -35,8 +35,9 @@ def test_same_input_builds_byte_identical_shards(store) -> None:
 
 
 def test_index_records_real_sizes_counts_and_classes(store) -> None:
-    index = build_pool(synthetic(25, seed=0, num_classes=4), store.uri("p"), shard_samples=10,
-                       storage_options=store.storage_options)
+    index = build_pool(
+        synthetic(25, seed=0, num_classes=4), store.uri("p"), shard_samples=10, storage_options=store.storage_options
+    )
     doc = json.loads(store.read("p/index.json"))
     assert doc["num_samples"] == 25 and [s["samples"] for s in doc["shards"]] == [10, 10, 5]
     for shard in doc["shards"]:
@@ -112,12 +113,15 @@ def test_empty_source_is_an_error_and_writes_no_index(local_store) -> None:
     assert not local_store.exists("p/index.json")
 
 
-@pytest.mark.parametrize(("key", "files", "message"), [
-    ("a.b", {"png": b"x"}, "invalid sample key"),
-    ("a", {}, "no files"),
-    ("a", {"png": "text"}, "not bytes"),
-    ("a", {"_x": b"x"}, "invalid extension"),
-])
+@pytest.mark.parametrize(
+    ("key", "files", "message"),
+    [
+        ("a.b", {"png": b"x"}, "invalid sample key"),
+        ("a", {}, "no files"),
+        ("a", {"png": "text"}, "not bytes"),
+        ("a", {"_x": b"x"}, "invalid extension"),
+    ],
+)
 def test_writer_rejects_bad_samples(local_store, key: str, files: dict, message: str) -> None:
     writer = PoolWriter(local_store.uri("p"))
     with pytest.raises(ValueError, match=message):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState, load_probe_into
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from pipeline.models import create_model
+from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState, load_probe_into
 from pipeline.proxy.head import ProxyHead, ProxySpec
 from pipeline.proxy.training import ProxyTraining, proxy_accuracy, save_proxy_checkpoint, train_proxy
 from pipeline.scoring import GradNormScorer

@@ -21,7 +21,9 @@ def _checkpoint(root: Path, name: str) -> tuple[Path, str]:
 
 
 def _config(root: Path) -> align.AlignConfig:
-    return align.AlignConfig(labeled=str(root / "labeled"), state=str(root / "state.json"), promote=str(root / "backbone"))
+    return align.AlignConfig(
+        labeled=str(root / "labeled"), state=str(root / "state.json"), promote=str(root / "backbone")
+    )
 
 
 def test_of_two_rounds_from_one_state_only_one_promotes(tmp_path: Path) -> None:
@@ -51,6 +53,7 @@ def test_a_round_killed_after_its_claim_is_finished_by_the_next_run(tmp_path: Pa
 
     def killed(*args, **kwargs):
         raise SystemExit("killed between the claim and the promotion")
+
     monkeypatch.setattr(align, "promote", killed)
     with pytest.raises(SystemExit):
         align.commit_round(config, base, start.aligned(str(b), b_sha, 96, "ft"), b)

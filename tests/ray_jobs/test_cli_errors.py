@@ -31,7 +31,9 @@ def inputs(tmp_path_factory) -> dict[str, str]:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     (root / "empty-pool").mkdir()
-    checkpoint = save_untrained_checkpoint(root / "ckpt", ModelSpec("small_cnn", 4, in_channels=1), [str(c) for c in range(4)])
+    checkpoint = save_untrained_checkpoint(
+        root / "ckpt", ModelSpec("small_cnn", 4, in_channels=1), [str(c) for c in range(4)]
+    )
     (root / "not-a-checkpoint").mkdir()
     (root / "pickled").mkdir()
     (root / "pickled" / "state.pt").write_bytes(b"\x80\x04\x95 not a zip, a pickle stream")
@@ -39,19 +41,33 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     blocker = root / "a-file"
     blocker.write_text("")
     # A committed run under another fingerprint, for the run-id conflict.
-    other = QueryInputs(pool_uri="elsewhere", shards=(PoolShard("elsewhere/x.tar"),), checkpoint_uri="c",
-                        checkpoint_sha256="0" * 64, strategy="lplgrad", k=1, strategy_params={})
+    other = QueryInputs(
+        pool_uri="elsewhere",
+        shards=(PoolShard("elsewhere/x.tar"),),
+        checkpoint_uri="c",
+        checkpoint_sha256="0" * 64,
+        strategy="lplgrad",
+        k=1,
+        strategy_params={},
+    )
     state = begin_run(str(root / "out"), "taken", other.fingerprint())
     commit_run(state, other, [], [], scored=0, excluded=0, summary=ScoreSummary())
-    return {"root": str(root), "pool": str(root / "pool"), "checkpoint": checkpoint, "out": str(root / "out"),
-            "blocker": str(blocker)}
+    return {
+        "root": str(root),
+        "pool": str(root / "pool"),
+        "checkpoint": checkpoint,
+        "out": str(root / "out"),
+        "blocker": str(blocker),
+    }
 
 
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if the job gets as far as starting Ray."""
+
     def refuse(address):
         raise AssertionError("Ray was started before the inputs were checked")
+
     monkeypatch.setattr(query, "connect", refuse)
 
 
@@ -67,15 +83,28 @@ CASES = {
     "empty pool": (["pool={root}/empty-pool"], "empty-pool"),
     "run-id conflict": (["run_id=taken"], "choose a new run id"),
     "output not writable": (["out={blocker}/out"], "is not writable"),
-    "S3 endpoint unreachable": (["out=s3://bucket/q", "storage_options.endpoint_url=http://127.0.0.1:9",
-                                 "storage_options.key=a", "storage_options.secret=b"], "http://127.0.0.1:9"),
+    "S3 endpoint unreachable": (
+        [
+            "out=s3://bucket/q",
+            "storage_options.endpoint_url=http://127.0.0.1:9",
+            "storage_options.key=a",
+            "storage_options.secret=b",
+        ],
+        "http://127.0.0.1:9",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_a_query_input_error_is_one_line_before_ray(case, inputs, no_ray, capsys) -> None:
     extra, expected = CASES[case]
-    argv = ["query", f"pool={inputs['pool']}", f"checkpoint={inputs['checkpoint']}", f"out={inputs['out']}", "run_id=r1"]
+    argv = [
+        "query",
+        f"pool={inputs['pool']}",
+        f"checkpoint={inputs['checkpoint']}",
+        f"out={inputs['out']}",
+        "run_id=r1",
+    ]
     argv += [a.format(**inputs) for a in extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -86,10 +115,13 @@ def test_a_query_input_error_is_one_line_before_ray(case, inputs, no_ray, capsys
 
 def test_torch_advice_to_load_unsafely_is_never_passed_on() -> None:
     from ray_jobs._shared.errors import user_error_line
-    torch_text = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
-                  "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will "
-                  "likely succeed, but it can result in arbitrary code execution. Do it only if you got the file from a "
-                  "trusted source.\n\nTrying to load unsupported GLOBAL posix.system")
+
+    torch_text = (
+        "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
+        "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will "
+        "likely succeed, but it can result in arbitrary code execution. Do it only if you got the file from a "
+        "trusted source.\n\nTrying to load unsupported GLOBAL posix.system"
+    )
     line = user_error_line("train", RuntimeError(torch_text))
     assert "`False`" not in line and "likely succeed" not in line and "posix.system" in line
 
@@ -97,12 +129,15 @@ def test_torch_advice_to_load_unsafely_is_never_passed_on() -> None:
 def test_debug_shows_the_traceback(inputs, no_ray, capsys) -> None:
     assert cli.main(["query", "--debug", f"pool={inputs['pool']}", f"checkpoint={inputs['checkpoint']}", "k=0"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("lplgrad query: error: config: k must be positive")
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith(
+        "lplgrad query: error: config: k must be positive"
+    )
 
 
 def test_a_bug_keeps_its_traceback_and_says_so(inputs, monkeypatch, capsys) -> None:
     def broken(config):
         return {}["pool"]  # a KeyError from our own code, not from the inputs
+
     monkeypatch.setattr(query, "check_before_ray", broken)
     assert cli.main(["query", f"pool={inputs['pool']}", f"checkpoint={inputs['checkpoint']}"]) == 1
     err = capsys.readouterr().err
@@ -110,7 +145,14 @@ def test_a_bug_keeps_its_traceback_and_says_so(inputs, monkeypatch, capsys) -> N
 
 
 def test_python_m_query_prints_the_same_line(inputs) -> None:
-    done = subprocess.run([sys.executable, "-m", "ray_jobs.query", f"pool={inputs['pool']}",
-                           f"checkpoint={inputs['checkpoint']}", "k=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.query", f"pool={inputs['pool']}", f"checkpoint={inputs['checkpoint']}", "k=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith("lplgrad query: error: config: k must")
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(
+        "lplgrad query: error: config: k must"
+    )

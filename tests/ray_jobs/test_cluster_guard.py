@@ -49,16 +49,30 @@ DRIVER = textwrap.dedent("""
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the cluster's nodes have no credentials
-    return {**env, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "LPLGRAD_CLUSTER_TIMEOUT_S": "8",
-            "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-            "AWS_EC2_METADATA_DISABLED": "true", **extra}
+    return {
+        **env,
+        "PYTHONPATH": str(ROOT),
+        "RAY_ADDRESS": "",
+        "LPLGRAD_CLUSTER_TIMEOUT_S": "8",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
 def cluster():
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    process = subprocess.Popen([sys.executable, "-c", CLUSTER, temp], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=_env())
+    process = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER, temp],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
     line = process.stdout.readline()
     if not line:
         process.kill()
@@ -71,8 +85,14 @@ def cluster():
 
 
 def _driver(address: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", DRIVER, address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT, env=_env())
+    process = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
     deadline = time.monotonic() + 240
     while process.stdout.readline().strip() != "joined":
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -91,10 +111,10 @@ def test_local_paths_are_refused_only_on_a_multi_node_cluster(tmp_path) -> None:
 
 
 def test_query_on_a_two_node_cluster_refuses_a_local_pool(cluster, tmp_path) -> None:
-    from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint
     import io
     import tarfile
 
+    from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint
     from pipeline.pools import encode_image, synthetic
 
     (tmp_path / "pool").mkdir()
@@ -105,12 +125,28 @@ def test_query_on_a_two_node_cluster_refuses_a_local_pool(cluster, tmp_path) -> 
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     checkpoint = save_untrained_checkpoint(tmp_path / "ckpt", ModelSpec("small_cnn", 4, in_channels=1), list("0123"))
-    done = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "query", f"pool={tmp_path / 'pool'}",
-                           f"checkpoint={checkpoint}", f"out={tmp_path / 'out'}", f"address={cluster['address']}"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.cli",
+            "query",
+            f"pool={tmp_path / 'pool'}",
+            f"checkpoint={checkpoint}",
+            f"out={tmp_path / 'out'}",
+            f"address={cluster['address']}",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("lplgrad query: error: this Ray cluster has 2 alive nodes") and "object storage" in last, done.stderr[-2000:]
+    assert last.startswith("lplgrad query: error: this Ray cluster has 2 alive nodes") and "object storage" in last, (
+        done.stderr[-2000:]
+    )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -126,8 +162,14 @@ WORKER_CREDENTIALS = textwrap.dedent("""
 def test_workers_without_credentials_are_found_before_any_work(cluster, s3_server) -> None:
     out = s3_server.uri("queries")
     driver_env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")  # only the driver has them
-    done = subprocess.run([sys.executable, "-c", WORKER_CREDENTIALS, cluster["address"], out, s3_server.endpoint],
-                          cwd=ROOT, env=driver_env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_CREDENTIALS, cluster["address"], out, s3_server.endpoint],
+        cwd=ROOT,
+        env=driver_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "WorkerStorageError" in last and "1 of 1 other node(s) do not" in last, done.stderr[-2000:]

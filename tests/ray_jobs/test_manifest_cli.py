@@ -24,13 +24,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _committed_run import K
+from _committed_run import commit_fake_run as make_run
 
 from pipeline.manifest import load
 from pipeline.manifest.export import export_selection, extract_images, open_run
 from pipeline.manifest.verify import verify_run
 from pipeline.pools import build_pool, iter_pool_samples, resolve_pool, synthetic
-from _committed_run import K
-from _committed_run import commit_fake_run as make_run
 from ray_jobs import cli, manifest_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,8 +38,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def make_pool(uri: str, options: dict[str, Any] | None = None) -> dict[str, bytes]:
     """A 40-sample PNG pool in 3 shards; returns key -> PNG bytes as stored."""
-    build_pool(synthetic(40, seed=1, num_classes=3, image_size=12), uri, encoding="png", shard_samples=15,
-               storage_options=options)
+    build_pool(
+        synthetic(40, seed=1, num_classes=3, image_size=12),
+        uri,
+        encoding="png",
+        shard_samples=15,
+        storage_options=options,
+    )
     return {s.key: s.files["png"] for s in iter_pool_samples(resolve_pool(uri, options))}
 
 
@@ -48,8 +53,14 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("manifest-cli")
     images = make_pool(str(root / "pool"))
     manifest = make_run(str(root / "pool"), str(root / "queries"), "2026-11-21")
-    return {"root": root, "images": images, "manifest": manifest, "out": str(root / "queries"),
-            "run": str(root / "queries" / "2026-11-21"), "pool": str(root / "pool")}
+    return {
+        "root": root,
+        "images": images,
+        "manifest": manifest,
+        "out": str(root / "queries"),
+        "run": str(root / "queries" / "2026-11-21"),
+        "pool": str(root / "pool"),
+    }
 
 
 def copy_run(local_run: dict[str, Any], tmp_path: Path) -> Path:
@@ -62,7 +73,9 @@ def copy_run(local_run: dict[str, Any], tmp_path: Path) -> Path:
 # -- show --------------------------------------------------------------------------------------
 
 
-def test_show_prints_identity_counts_and_top_rows(local_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_show_prints_identity_counts_and_top_rows(
+    local_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert manifest_cli.main(["show", local_run["out"], "--top", "3"]) == 0  # the output root: follows LATEST
     text = capsys.readouterr().out
     selection = load(local_run["run"])
@@ -83,8 +96,13 @@ def test_show_prints_identity_counts_and_top_rows(local_run: dict[str, Any], cap
 def test_lplgrad_entry_point_and_python_m(local_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["manifest", "verify", local_run["run"]]) == 0
     assert capsys.readouterr().out.startswith("ok: ")
-    done = subprocess.run([sys.executable, "-m", "ray_jobs.manifest_cli", "show", local_run["run"], "--top", "1"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.manifest_cli", "show", local_run["run"], "--top", "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "selected 6" in done.stdout
 
@@ -133,7 +151,10 @@ def _drop_last_selected(run: Path) -> str:
 def _swap_ranks(run: Path) -> str:
     table = pq.read_table(_attempt(run) / "selection.parquet")
     order = [1, 0, *range(2, table.num_rows)]
-    _rewrite(_attempt(run) / "selection.parquet", table.take(order).set_column(0, table.schema.field("rank"), table.column("rank")))
+    _rewrite(
+        _attempt(run) / "selection.parquet",
+        table.take(order).set_column(0, table.schema.field("rank"), table.column("rank")),
+    )
     return "not ordered by selection_value"
 
 
@@ -149,7 +170,10 @@ def _selected_key_in_errors(run: Path) -> str:
     selected = pq.read_table(_attempt(run) / "selection.parquet").column("key")[0].as_py()
     errors = pq.read_table(_attempt(run) / "errors.parquet").to_pylist()
     errors[0]["key"] = selected
-    _rewrite(_attempt(run) / "errors.parquet", pa.Table.from_pylist(errors, schema=pq.read_schema(_attempt(run) / "errors.parquet")))
+    _rewrite(
+        _attempt(run) / "errors.parquet",
+        pa.Table.from_pylist(errors, schema=pq.read_schema(_attempt(run) / "errors.parquet")),
+    )
     return "selected key(s) are also errors"
 
 
@@ -197,10 +221,26 @@ def _uncommitted(run: Path) -> str:
     return "has no manifest.json"
 
 
-@pytest.mark.parametrize("tamper", [_drop_last_selected, _swap_ranks, _repeat_key, _selected_key_in_errors, _edit_inputs,
-                                    _lose_score_part, _extra_score_part, _shrink_score_part, _flip_a_byte, _unknown_schema_version,
-                                    _uncommitted], ids=lambda f: f.__name__.strip("_"))
-def test_verify_catches_tampering(local_run: dict[str, Any], tmp_path: Path, tamper, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _drop_last_selected,
+        _swap_ranks,
+        _repeat_key,
+        _selected_key_in_errors,
+        _edit_inputs,
+        _lose_score_part,
+        _extra_score_part,
+        _shrink_score_part,
+        _flip_a_byte,
+        _unknown_schema_version,
+        _uncommitted,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_verify_catches_tampering(
+    local_run: dict[str, Any], tmp_path: Path, tamper, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = copy_run(local_run, tmp_path)
     assert verify_run(str(run)).ok
     expected = tamper(run)
@@ -237,19 +277,47 @@ def test_export_csv_and_jsonl(local_run: dict[str, Any], tmp_path: Path) -> None
     assert [float(r["score"]) for r in rows] == pytest.approx(selection.column("score").to_pylist())
     assert rows[0]["predicted_loss"] == "" and "image" not in rows[0]
 
-    assert manifest_cli.main(["export", local_run["out"], "--format", "jsonl", "--out", str(tmp_path / "s.jsonl"),
-                              "--image-url-prefix", "https://cdn.example.com/batch 1"]) == 0
+    assert (
+        manifest_cli.main(
+            [
+                "export",
+                local_run["out"],
+                "--format",
+                "jsonl",
+                "--out",
+                str(tmp_path / "s.jsonl"),
+                "--image-url-prefix",
+                "https://cdn.example.com/batch 1",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [line["key"] for line in lines] == selection.column("key").to_pylist()
     assert lines[0]["predicted_loss"] is None and lines[0]["shard"].endswith(".tar")
     assert lines[0]["image"] == f"https://cdn.example.com/batch 1/{lines[0]['key']}.png"
 
 
-def test_export_label_studio_tasks(local_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_label_studio_tasks(
+    local_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     selection = load(local_run["run"]).to_pylist()
     out = tmp_path / "tasks.json"
-    assert manifest_cli.main(["export", local_run["run"], "--format", "label-studio", "--out", str(out),
-                              "--image-url-prefix", "s3://labels/2026-11-21/"]) == 0
+    assert (
+        manifest_cli.main(
+            [
+                "export",
+                local_run["run"],
+                "--format",
+                "label-studio",
+                "--out",
+                str(out),
+                "--image-url-prefix",
+                "s3://labels/2026-11-21/",
+            ]
+        )
+        == 0
+    )
     tasks = json.loads(out.read_text())
     assert len(tasks) == K and all(set(task) == {"data"} for task in tasks)
     for task, row in zip(tasks, selection):
@@ -259,8 +327,23 @@ def test_export_label_studio_tasks(local_run: dict[str, Any], tmp_path: Path, ca
 
     assert manifest_cli.main(["export", local_run["run"], "--format", "label-studio", "--out", "-"]) == 2
     assert "needs --image-url-prefix" in capsys.readouterr().err
-    assert manifest_cli.main(["export", local_run["run"], "--format", "label-studio", "--out", "-",
-                              "--image-url-prefix", "/data/local-files/?d=batch", "--image-ext", "jpg"]) == 0
+    assert (
+        manifest_cli.main(
+            [
+                "export",
+                local_run["run"],
+                "--format",
+                "label-studio",
+                "--out",
+                "-",
+                "--image-url-prefix",
+                "/data/local-files/?d=batch",
+                "--image-ext",
+                "jpg",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)[0]["data"]["image"].endswith(".jpg")
 
 
@@ -277,7 +360,9 @@ def test_export_looks_extensions_up_in_shards_without_an_index(local_run: dict[s
 # -- extract -----------------------------------------------------------------------------------
 
 
-def test_extract_to_a_local_folder(local_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_extract_to_a_local_folder(
+    local_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "to-label"
     assert manifest_cli.main(["extract", local_run["run"], "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -289,8 +374,9 @@ def test_extract_to_a_local_folder(local_run: dict[str, Any], tmp_path: Path, ca
         assert (out / f"{key}.png").read_bytes() == local_run["images"][key]  # copied as stored, not re-encoded
 
 
-def test_extract_from_a_moved_pool_reports_missing_keys(local_run: dict[str, Any], tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_extract_from_a_moved_pool_reports_missing_keys(
+    local_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(local_run["pool"], str(tmp_path / "queries"), "with-ghost", ghost="ghost_000001")
     moved = tmp_path / "moved-pool"
     shutil.copytree(local_run["pool"], moved)
@@ -318,8 +404,22 @@ def test_extract_and_export_on_s3(s3_server, local_run: dict[str, Any], tmp_path
     assert written == sorted(f"{k}.png" for k in keys)
     assert fs.cat_file(f"{dest}/{keys[0]}.png") == images[keys[0]]
     # The task file can go to the bucket too, its URLs pointing at the extracted images.
-    assert manifest_cli.main(["export", out, "--format", "label-studio", "--out", f"{dest}/tasks.json",
-                              "--image-url-prefix", dest, *flags]) == 0
+    assert (
+        manifest_cli.main(
+            [
+                "export",
+                out,
+                "--format",
+                "label-studio",
+                "--out",
+                f"{dest}/tasks.json",
+                "--image-url-prefix",
+                dest,
+                *flags,
+            ]
+        )
+        == 0
+    )
     tasks = json.loads(fs.cat_file(f"{dest}/tasks.json"))
     assert [t["data"]["image"] for t in tasks] == [f"{dest}/{k}.png" for k in keys]
 
@@ -356,8 +456,13 @@ def test_plain_pyarrow_and_pandas_read_the_run(local_run: dict[str, Any]) -> Non
         print(selection["key"].iloc[0])
         """
     )
-    done = subprocess.run([sys.executable, "-c", script, local_run["out"]], capture_output=True, text=True,
-                          timeout=120, cwd=local_run["root"])
+    done = subprocess.run(
+        [sys.executable, "-c", script, local_run["out"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=local_run["root"],
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == load(local_run["run"]).column("key")[0].as_py()
 

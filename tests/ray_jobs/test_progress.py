@@ -52,9 +52,25 @@ def test_train_job_prints_each_epoch_once_and_no_ray_info(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", VERBOSE_ENV)} | {"RAY_TMPDIR": ray_tmp}
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "ray_jobs.cli", "train", f"labeled={tmp_path / 'labeled'}", "epochs=3", "batch_size=16",
-             "num_workers=1", "cpus_per_worker=1", f"storage_path={tmp_path / 'train'}", "name=quiet", "checkpoint_every=3"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+            [
+                sys.executable,
+                "-m",
+                "ray_jobs.cli",
+                "train",
+                f"labeled={tmp_path / 'labeled'}",
+                "epochs=3",
+                "batch_size=16",
+                "num_workers=1",
+                "cpus_per_worker=1",
+                f"storage_path={tmp_path / 'train'}",
+                "name=quiet",
+                "checkpoint_every=3",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -17,12 +17,27 @@ import s3fs
 import torch
 
 from pipeline import manifest
-from pipeline.checkpoint import CheckpointError, ModelSpec, checkpoint_digest, build_from_checkpoint, load_checkpoint, save_untrained_checkpoint
 from pipeline.acquisition.coreset import penultimate_features
-from pipeline.proxy.store import FeatureStoreError, features_matrix, open_store
-from pipeline.pools import decode_sample, encode_image, iter_pool_samples, label_pool, resolve_pool, spec_for_model, synthetic
-from pipeline.scoring import gradnorm_scores
 from pipeline.acquisition.selection import select_topk
+from pipeline.checkpoint import (
+    CheckpointError,
+    ModelSpec,
+    build_from_checkpoint,
+    checkpoint_digest,
+    load_checkpoint,
+    save_untrained_checkpoint,
+)
+from pipeline.pools import (
+    decode_sample,
+    encode_image,
+    iter_pool_samples,
+    label_pool,
+    resolve_pool,
+    spec_for_model,
+    synthetic,
+)
+from pipeline.proxy.store import FeatureStoreError, features_matrix, open_store
+from pipeline.scoring import gradnorm_scores
 from ray_jobs import align, cli, features, proxy, query, train
 
 CLASSES = [str(c) for c in range(4)]
@@ -39,8 +54,10 @@ def write_shard(path: Path, samples: list[tuple[str, bytes]]) -> None:
 
 def shard_samples(start: int, seed: int) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
     source = list(synthetic(PER_SHARD, seed=seed, num_classes=4, image_size=28, channels=1))
-    return ([(f"s{start + i:04d}", encode_image(s.image, "png")) for i, s in enumerate(source)],
-            {f"s{start + i:04d}": s.label for i, s in enumerate(source)})
+    return (
+        [(f"s{start + i:04d}", encode_image(s.image, "png")) for i, s in enumerate(source)],
+        {f"s{start + i:04d}": s.label for i, s in enumerate(source)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +76,16 @@ def env(ray_local, tmp_path_factory) -> dict[str, Any]:
     labeled = {k: truth[k] for k in sorted(truth)[:48]}
     label_pool(str(root / "pool"), labeled, str(root / "labeled"), classes=CLASSES)
     spec = ModelSpec("small_cnn", num_classes=len(CLASSES))
-    return {"root": root, "pool": str(root / "pool"), "store": str(root / "store"), "labeled": str(root / "labeled"),
-            "labeled_keys": set(labeled), "payloads": payloads,
-            "a": save_untrained_checkpoint(root / "ckpt-a", spec, CLASSES, 0),
-            "b": save_untrained_checkpoint(root / "ckpt-b", spec, CLASSES, 1)}
+    return {
+        "root": root,
+        "pool": str(root / "pool"),
+        "store": str(root / "store"),
+        "labeled": str(root / "labeled"),
+        "labeled_keys": set(labeled),
+        "payloads": payloads,
+        "a": save_untrained_checkpoint(root / "ckpt-a", spec, CLASSES, 0),
+        "b": save_untrained_checkpoint(root / "ckpt-b", spec, CLASSES, 1),
+    }
 
 
 def extract(env: dict[str, Any], checkpoint: str, **overrides: Any):
@@ -79,7 +102,12 @@ def test_extraction_stores_every_sample_with_the_backbones_features(env) -> None
     store = extract(env, env["a"])
     assert store.num_rows == 3 * PER_SHARD and sum(s.errors for s in store.shards) == 1
     assert store.backbone.dim == 64 and store.backbone.model == "small_cnn"
-    errors = {k: e for t in store.iter_tables(("key", "error")) for k, e in zip(t.column("key").to_pylist(), t.column("error").to_pylist()) if e}
+    errors = {
+        k: e
+        for t in store.iter_tables(("key", "error"))
+        for k, e in zip(t.column("key").to_pylist(), t.column("error").to_pylist())
+        if e
+    }
     assert list(errors) == ["corrupt-0001"]
     # The stored rows are the backbone's penultimate features, computed here without Ray.
     keys = ["s0003", "s0047", "s0119"]
@@ -116,7 +144,9 @@ def brute_force(store_uri: str, checkpoint: str, excluded: set[str], k: int) -> 
     head, _, _ = build_from_checkpoint(load_checkpoint(checkpoint))
     keys, rows = [], []
     for table in store.iter_tables(("key", "features", "error")):
-        for key, error, row in zip(table.column("key").to_pylist(), table.column("error").to_pylist(), features_matrix(table)):
+        for key, error, row in zip(
+            table.column("key").to_pylist(), table.column("error").to_pylist(), features_matrix(table)
+        ):
             if error is None and key not in excluded:
                 keys.append(key)
                 rows.append(row)
@@ -125,11 +155,28 @@ def brute_force(store_uri: str, checkpoint: str, excluded: set[str], k: int) -> 
 
 
 def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -> None:
-    trained = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "proxy"),
-                                          kind="mlp", hidden=16, epochs=5))
-    written = query.run(query.QueryConfig(checkpoint=trained["checkpoint"], features=env["store"], k=10,
-                                          exclude_labeled=env["labeled"], out=str(env["root"] / "queries"), run_id="p1",
-                                          batch_size=32, cpus_per_actor=0.5))
+    trained = proxy.run(
+        proxy.ProxyConfig(
+            labeled=env["labeled"],
+            features=(env["store"],),
+            out=str(env["root"] / "proxy"),
+            kind="mlp",
+            hidden=16,
+            epochs=5,
+        )
+    )
+    written = query.run(
+        query.QueryConfig(
+            checkpoint=trained["checkpoint"],
+            features=env["store"],
+            k=10,
+            exclude_labeled=env["labeled"],
+            out=str(env["root"] / "queries"),
+            run_id="p1",
+            batch_size=32,
+            cpus_per_actor=0.5,
+        )
+    )
     selection = manifest.load(str(env["root"] / "queries" / "p1")).column("key").to_pylist()
     assert selection == brute_force(env["store"], trained["checkpoint"], env["labeled_keys"], 10)
     assert not set(selection) & env["labeled_keys"]
@@ -170,40 +217,87 @@ def test_refusals_before_any_scoring(env) -> None:
 def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
     fs = s3fs.S3FileSystem(**s3_server.storage_options)
     root = s3_server.uri()  # unique per call: every URI below lives under it
-    fs.put(env["pool"] + "/", root[len("s3://"):] + "/pool/", recursive=True)
+    fs.put(env["pool"] + "/", root[len("s3://") :] + "/pool/", recursive=True)
     options = s3_server.storage_options
-    store = features.run(features.FeaturesConfig(pool=f"{root}/pool", out=f"{root}/store", checkpoint=env["a"],
-                                                 batch_size=32, cpus_per_actor=0.5, storage_options=options))
+    store = features.run(
+        features.FeaturesConfig(
+            pool=f"{root}/pool",
+            out=f"{root}/store",
+            checkpoint=env["a"],
+            batch_size=32,
+            cpus_per_actor=0.5,
+            storage_options=options,
+        )
+    )
     assert store.num_rows == 3 * PER_SHARD
-    assert fs.exists(f"{root[len('s3://'):]}/store/store.json")
+    assert fs.exists(f"{root[len('s3://') :]}/store/store.json")
     local = open_store(env["store"])
     np.testing.assert_allclose(store.lookup(["s0001", "s0046"]), local.lookup(["s0001", "s0046"]), rtol=1e-5, atol=1e-6)
-    trained = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(f"{root}/store",), out=f"{root}/proxy",
-                                          kind="linear", epochs=3, storage_options=options))
-    written = query.run(query.QueryConfig(checkpoint=trained["checkpoint"], features=f"{root}/store", k=7,
-                                          out=f"{root}/queries", run_id="s3", batch_size=32, cpus_per_actor=0.5,
-                                          storage_options=options))
+    trained = proxy.run(
+        proxy.ProxyConfig(
+            labeled=env["labeled"],
+            features=(f"{root}/store",),
+            out=f"{root}/proxy",
+            kind="linear",
+            epochs=3,
+            storage_options=options,
+        )
+    )
+    written = query.run(
+        query.QueryConfig(
+            checkpoint=trained["checkpoint"],
+            features=f"{root}/store",
+            k=7,
+            out=f"{root}/queries",
+            run_id="s3",
+            batch_size=32,
+            cpus_per_actor=0.5,
+            storage_options=options,
+        )
+    )
     assert written["counts"]["selected"] == 7
     assert len(manifest.load(f"{root}/queries/s3", options)) == 7
 
 
 def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
-    probe = proxy.run(proxy.ProxyConfig(labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "probe"),
-                                        kind="linear", epochs=5))["checkpoint"]
+    probe = proxy.run(
+        proxy.ProxyConfig(
+            labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "probe"), kind="linear", epochs=5
+        )
+    )["checkpoint"]
     weight, bias = build_from_checkpoint(load_checkpoint(probe))[0].raw_linear()
     monkeypatch.chdir(env["root"])  # a relative probe path must reach workers that run in Ray's own directory
-    config = train.TrainConfig(labeled=env["labeled"], model="small_cnn", epochs=1, batch_size=16, num_workers=1,
-                               cpus_per_worker=0.5, storage_path=str(env["root"] / "lpft"), name="lpft",
-                               warm_start=env["a"], init_head="probe",
-                               schedule=train.TrainSchedule(epochs=1, epoch_loss=1, lr=1e-12, milestones=(1,)))
+    config = train.TrainConfig(
+        labeled=env["labeled"],
+        model="small_cnn",
+        epochs=1,
+        batch_size=16,
+        num_workers=1,
+        cpus_per_worker=0.5,
+        storage_path=str(env["root"] / "lpft"),
+        name="lpft",
+        warm_start=env["a"],
+        init_head="probe",
+        schedule=train.TrainSchedule(epochs=1, epoch_loss=1, lr=1e-12, milestones=(1,)),
+    )
     tuned = build_from_checkpoint(load_checkpoint(train.run(config, *train.labeled_training_data(config))))[0]
     torch.testing.assert_close(tuned.fc.weight, weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tuned.fc.bias, bias, rtol=1e-5, atol=1e-6)
     mlp = str(env["root"] / "proxy")
     with pytest.raises(CheckpointError, match="must be a linear proxy checkpoint"):
-        train.run(train.TrainConfig(labeled=env["labeled"], model="small_cnn", epochs=1, batch_size=16, num_workers=1,
-                                    storage_path=str(env["root"] / "lpft"), name="bad", init_head=mlp),
-                  *train.labeled_training_data(config))
+        train.run(
+            train.TrainConfig(
+                labeled=env["labeled"],
+                model="small_cnn",
+                epochs=1,
+                batch_size=16,
+                num_workers=1,
+                storage_path=str(env["root"] / "lpft"),
+                name="bad",
+                init_head=mlp,
+            ),
+            *train.labeled_training_data(config),
+        )
 
 
 def test_align_fine_tunes_and_promotes_only_when_the_policy_says_so(env) -> None:
@@ -212,9 +306,23 @@ def test_align_fine_tunes_and_promotes_only_when_the_policy_says_so(env) -> None
     extract(env, env["a"], out=store)
     keys = sorted(s.key for s in iter_pool_samples(resolve_pool(env["pool"])) if not s.key.startswith("corrupt"))
     for size in (40, 96):
-        label_pool(env["pool"], {k: i % len(CLASSES) for i, k in enumerate(keys[:size])}, str(root / f"labeled-{size}"), classes=CLASSES)
-    common = dict(state=str(root / "state.json"), growth=2.0, epochs=1, batch_size=16, num_workers=1, cpus_per_worker=0.5,
-                  probe_epochs=2, storage_path=str(root / "runs"), promote=str(root / "backbone"))
+        label_pool(
+            env["pool"],
+            {k: i % len(CLASSES) for i, k in enumerate(keys[:size])},
+            str(root / f"labeled-{size}"),
+            classes=CLASSES,
+        )
+    common = dict(
+        state=str(root / "state.json"),
+        growth=2.0,
+        epochs=1,
+        batch_size=16,
+        num_workers=1,
+        cpus_per_worker=0.5,
+        probe_epochs=2,
+        storage_path=str(root / "runs"),
+        promote=str(root / "backbone"),
+    )
 
     def run_align(size: int, **overrides: Any) -> dict[str, Any]:
         return align.run(align.AlignConfig(labeled=str(root / f"labeled-{size}"), **{**common, **overrides}))
@@ -224,9 +332,13 @@ def test_align_fine_tunes_and_promotes_only_when_the_policy_says_so(env) -> None
     first = run_align(40, backbone=env["a"])
     assert not first["aligned"] and first["backbone"] == env["a"] and first["aligned_at"] == 40
     assert not (root / "runs").exists() and not (root / "backbone").exists()  # nothing trained, nothing promoted
-    assert cli.main(["align", f"labeled={root / 'labeled-40'}", f"state={root / 'state.json'}"]) == 0  # a retry: not a new round
+    assert (
+        cli.main(["align", f"labeled={root / 'labeled-40'}", f"state={root / 'state.json'}"]) == 0
+    )  # a retry: not a new round
     assert json.loads((root / "state.json").read_text())["rounds"] == []
-    with pytest.raises(ValueError, match="set features="):  # due (96 >= 2 * 40) and LP-FT: a probe needs the cached features
+    with pytest.raises(
+        ValueError, match="set features="
+    ):  # due (96 >= 2 * 40) and LP-FT: a probe needs the cached features
         run_align(96)
     aligned = run_align(96, features=[store])
     assert aligned["aligned"] and aligned["finetune"] == "lp-ft" and aligned["aligned_at"] == 96
@@ -237,7 +349,9 @@ def test_align_fine_tunes_and_promotes_only_when_the_policy_says_so(env) -> None
     state = json.loads((root / "state.json").read_text())
     assert state["backbone"] == aligned["backbone"] and state["history"][0]["from"] == env["a"]
     assert not run_align(96)["aligned"]  # the same round again does not fine-tune twice
-    with pytest.raises(FeatureStoreError, match="run lplgrad features with it first"):  # the store still holds backbone a
+    with pytest.raises(
+        FeatureStoreError, match="run lplgrad features with it first"
+    ):  # the store still holds backbone a
         run_align(96, features=[store], force=True)
     with pytest.raises(ValueError, match="already names backbone"):
         run_align(96, backbone=env["b"])
@@ -252,7 +366,7 @@ def test_align_keeps_its_state_and_promotes_on_s3(env, s3_server) -> None:
     assert align.read_state(f"{root}/align/state.json", options).backbone == env["a"]
     assert not align.run(align.AlignConfig(**config))["aligned"]  # read back from S3: no backbone= needed
     align.promote(Path(env["a"]), f"{root}/backbone", options)
-    assert fs.cat(f"{root[len('s3://'):]}/backbone/state.pt") == (Path(env["a"]) / "state.pt").read_bytes()
-    fs.pipe(f"{root[len('s3://'):]}/align/state.json", b"{not json")
+    assert fs.cat(f"{root[len('s3://') :]}/backbone/state.pt") == (Path(env["a"]) / "state.pt").read_bytes()
+    fs.pipe(f"{root[len('s3://') :]}/align/state.json", b"{not json")
     with pytest.raises(ValueError, match=r"state.json is not an alignment state written by lplgrad align"):
         align.run(align.AlignConfig(**config))

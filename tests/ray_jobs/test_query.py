@@ -18,12 +18,12 @@ import s3fs
 import torch
 
 from pipeline import manifest
-from pipeline.manifest.verify import verify_run
+from pipeline.acquisition.selection import select_topk
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from pipeline.config import ConfigError
+from pipeline.manifest.verify import verify_run
 from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
 from pipeline.scoring import gradnorm_scores
-from pipeline.acquisition.selection import select_topk
 from ray_jobs import query, train
 
 CLASSES = [str(c) for c in range(4)]
@@ -50,11 +50,25 @@ def cycle(ray_local, tmp_path_factory):
     truth = {s.key: s.label for s in source}
     labeled = {s.key: s.label for s in source[:96]}
     label_pool(str(root / "pool"), labeled, str(root / "labeled"), classes=CLASSES)
-    config = train.TrainConfig(labeled=str(root / "labeled"), model="small_cnn", epochs=2, batch_size=32,
-                               num_workers=2, storage_path=str(root / "train"), name="cycle")
+    config = train.TrainConfig(
+        labeled=str(root / "labeled"),
+        model="small_cnn",
+        epochs=2,
+        batch_size=32,
+        num_workers=2,
+        storage_path=str(root / "train"),
+        name="cycle",
+    )
     checkpoint = train.run(config, *train.labeled_training_data(config))
-    return {"root": root, "pool": str(root / "pool"), "labeled": str(root / "labeled"), "checkpoint": checkpoint,
-            "samples": dict(samples), "truth": truth, "labeled_keys": set(labeled)}
+    return {
+        "root": root,
+        "pool": str(root / "pool"),
+        "labeled": str(root / "labeled"),
+        "checkpoint": checkpoint,
+        "samples": dict(samples),
+        "truth": truth,
+        "labeled_keys": set(labeled),
+    }
 
 
 def library_scores(cycle, keys: list[str]) -> np.ndarray:
@@ -66,8 +80,15 @@ def library_scores(cycle, keys: list[str]) -> np.ndarray:
 
 
 def query_config(cycle, **overrides) -> query.QueryConfig:
-    values = dict(pool=cycle["pool"], checkpoint=cycle["checkpoint"], k=12, out=str(cycle["root"] / "queries"),
-                  batch_size=32, actors=2, cpus_per_actor=0.5)
+    values = dict(
+        pool=cycle["pool"],
+        checkpoint=cycle["checkpoint"],
+        k=12,
+        out=str(cycle["root"] / "queries"),
+        batch_size=32,
+        actors=2,
+        cpus_per_actor=0.5,
+    )
     values.update(overrides)
     return query.QueryConfig(**values)
 
@@ -101,8 +122,14 @@ def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, capsys) -> None:
     first = manifest.read_manifest(str(cycle["root"] / "queries" / "r1"))
     assert query.run(query_config(cycle, run_id="r1")) == first
     assert "nothing to do" in capsys.readouterr().out
-    query.run(query_config(cycle, run_id="r2", exclude_labeled=cycle["labeled"],
-                           exclude_manifests=(str(cycle["root"] / "queries" / "r1"),)))
+    query.run(
+        query_config(
+            cycle,
+            run_id="r2",
+            exclude_labeled=cycle["labeled"],
+            exclude_manifests=(str(cycle["root"] / "queries" / "r1"),),
+        )
+    )
     second = manifest.load(str(cycle["root"] / "queries" / "r2")).column("key").to_pylist()
     first_keys = set(manifest.load(str(cycle["root"] / "queries" / "r1")).column("key").to_pylist())
     assert len(second) == 12 and not (set(second) & (first_keys | cycle["labeled_keys"]))
@@ -155,8 +182,10 @@ def test_k_larger_than_the_pool_selects_everything_scoreable(cycle, capsys) -> N
 def test_random_subset_and_stochastic_acquisition_are_reproducible(cycle) -> None:
     out = cycle["root"] / "stochastic"
     first = query.run(query_config(cycle, run_id="a", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7))
-    again = query.run(query_config(cycle, run_id="b", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7, actors=1))
-    other = query.run(query_config(cycle, run_id="c", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=8))
+    again = query.run(
+        query_config(cycle, run_id="b", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7, actors=1)
+    )
+    query.run(query_config(cycle, run_id="c", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=8))
     assert 60 < first["counts"]["scored"] + first["counts"]["errors"] < 140  # about `subset` of 231 rows
     keys = {run: manifest.load(str(out / run)).column("key").to_pylist() for run in "abc"}
     assert keys["a"] == keys["b"] and keys["a"] != keys["c"]
@@ -193,7 +222,9 @@ def test_a_label_outside_the_class_range_in_a_pool_without_index_is_scored(cycle
                 info = tarfile.TarInfo(key + suffix)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    written = query.run(query_config(cycle, pool=str(pool), out=str(tmp_path / "q"), run_id="stray", k=3, incremental=False))
+    written = query.run(
+        query_config(cycle, pool=str(pool), out=str(tmp_path / "q"), run_id="stray", k=3, incremental=False)
+    )
     assert written["counts"]["errors"] == 0 and written["counts"]["scored"] == 6  # cls 9 of 4 classes: still scored
 
 
@@ -205,11 +236,28 @@ def test_a_query_killed_during_its_commit_is_no_result_and_a_rerun_commits(cycle
     import ray
 
     out = tmp_path / "drill"
-    argv = [sys.executable, "-m", "ray_jobs.query", f"pool={cycle['pool']}", f"checkpoint={cycle['checkpoint']}", f"out={out}",
-            "run_id=n1", "k=12", "batch_size=32", "actors=1", "cpus_per_actor=0.5", "incremental=false"]
-    env = {**os.environ, "LPLGRAD_FAULT_AT_COMMIT_STEP": "manifest",  # killed just before manifest.json
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the job joins this session's Ray
-    killed = subprocess.run(argv, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    argv = [
+        sys.executable,
+        "-m",
+        "ray_jobs.query",
+        f"pool={cycle['pool']}",
+        f"checkpoint={cycle['checkpoint']}",
+        f"out={out}",
+        "run_id=n1",
+        "k=12",
+        "batch_size=32",
+        "actors=1",
+        "cpus_per_actor=0.5",
+        "incremental=false",
+    ]
+    env = {
+        **os.environ,
+        "LPLGRAD_FAULT_AT_COMMIT_STEP": "manifest",  # killed just before manifest.json
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    }  # the job joins this session's Ray
+    killed = subprocess.run(
+        argv, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == 137, killed.stderr[-3000:]
     assert "no manifest.json" in verify_run(str(out / "n1")).problems[0]
     with pytest.raises(manifest.UncommittedRunError):

@@ -14,8 +14,11 @@ from ray_jobs._shared.row_filters import ExcludedRows, ExcludedRowSet, drop_excl
 def raw_batch() -> dict[str, np.ndarray]:
     """Raw rows as `read_webdataset` gives them: keys, protocol-stripped shard paths, payload bytes."""
     keys = ["a", "b", "c", "d", "e"]
-    return {"__key__": np.array(keys, dtype=object), "__url__": np.array(["bucket/p/s0.tar"] * 3 + ["bucket/p/s1.tar"] * 2, dtype=object),
-            "png": np.array([k.encode() for k in keys], dtype=object)}
+    return {
+        "__key__": np.array(keys, dtype=object),
+        "__url__": np.array(["bucket/p/s0.tar"] * 3 + ["bucket/p/s1.tar"] * 2, dtype=object),
+        "png": np.array([k.encode() for k in keys], dtype=object),
+    }
 
 
 def test_a_row_set_keeps_one_row_per_key() -> None:
@@ -49,8 +52,14 @@ def test_excluded_raw_rows_are_dropped_before_decoding_and_recorded_once_per_key
 
 
 def test_excluded_store_rows_are_dropped_and_recorded_once_per_key(ray_local) -> None:
-    store_rows = pa.table({"key": ["a", "b", None], "shard": ["s0", "s1", "s1"], "generation": ["g", "g", "g"],
-                           "error": pa.array([None, None, "shard unreadable"], pa.string())})
+    store_rows = pa.table(
+        {
+            "key": ["a", "b", None],
+            "shard": ["s0", "s1", "s1"],
+            "generation": ["g", "g", "g"],
+            "error": pa.array([None, None, "shard unreadable"], pa.string()),
+        }
+    )
     recorded = ExcludedRows.remote()
     for _ in range(2):
         kept = store_prefilter(store_rows, {"s0": "g", "s1": "g"}, frozenset({"b"}), None, 0, excluded_rows=recorded)

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import manifest
+from pipeline.acquisition.selection import select_topk
 from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint
 from pipeline.manifest.verify import verify_run
 from pipeline.pools import encode_image, synthetic
-from pipeline.acquisition.selection import select_topk
 from ray_jobs import query
 
 CLASSES = [str(c) for c in range(4)]
@@ -56,13 +56,25 @@ def nights(ray_local, tmp_path_factory) -> dict[str, Any]:
         if s == 1:
             samples[7] = ("corrupt-0001", b"this is not a png")
         write_shard(root / "pool" / f"shard-{s:04d}.tar", samples)
-    return {"root": root, "out": root / "nightly", "a": make_checkpoint(root / "ckpt-a", 0),
-            "b": make_checkpoint(root / "ckpt-b", 1)}
+    return {
+        "root": root,
+        "out": root / "nightly",
+        "a": make_checkpoint(root / "ckpt-a", 0),
+        "b": make_checkpoint(root / "ckpt-b", 1),
+    }
 
 
 def night(env: dict[str, Any], run_id: str, **overrides: Any) -> dict[str, Any]:
-    values = dict(pool=str(env["root"] / "pool"), checkpoint=env["a"], k=12, out=str(env["out"]), run_id=run_id,
-                  batch_size=32, actors=1, cpus_per_actor=0.5)
+    values = dict(
+        pool=str(env["root"] / "pool"),
+        checkpoint=env["a"],
+        k=12,
+        out=str(env["out"]),
+        run_id=run_id,
+        batch_size=32,
+        actors=1,
+        cpus_per_actor=0.5,
+    )
     values.update(overrides)
     return query.run(query.QueryConfig(**values))
 
@@ -107,8 +119,10 @@ def test_an_added_shard_is_the_only_one_scored(nights) -> None:
     # The same pool scored from scratch selects the same rows with the same scores.
     full = night(nights, "full-03", out=str(nights["root"] / "full"), incremental=False)
     assert sum(e["rows_scored"] for e in full["shards"]) == 5 * PER_SHARD
-    assert (manifest.load(str(out / "night-03")).column("key").to_pylist()
-            == manifest.load(str(nights["root"] / "full" / "full-03")).column("key").to_pylist())
+    assert (
+        manifest.load(str(out / "night-03")).column("key").to_pylist()
+        == manifest.load(str(nights["root"] / "full" / "full-03")).column("key").to_pylist()
+    )
     reused, fresh = scores(out / "night-03"), scores(nights["root"] / "full" / "full-03")
     assert list(reused["key"]) == list(fresh["key"])
     assert np.allclose(reused["score"], fresh["score"], rtol=1e-5, equal_nan=True)
@@ -124,7 +138,9 @@ def test_a_removed_shard_drops_its_keys(nights) -> None:
     kept = before[~before["shard"].str.endswith("shard-0001.tar")].reset_index(drop=True)
     assert after.equals(kept)
     assert fourth["counts"]["errors"] == 0  # the corrupt sample left with its shard
-    assert not any(s.endswith("shard-0001.tar") for s in manifest.load(str(out / "night-04")).column("shard").to_pylist())
+    assert not any(
+        s.endswith("shard-0001.tar") for s in manifest.load(str(out / "night-04")).column("shard").to_pylist()
+    )
 
 
 def test_a_new_checkpoint_reuses_nothing(nights) -> None:

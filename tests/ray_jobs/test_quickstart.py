@@ -14,8 +14,16 @@ from ray_jobs import quickstart
 
 
 def test_quickstart_runs_one_whole_cycle(ray_local, tmp_path, capsys) -> None:
-    config = quickstart.QuickstartConfig(samples=120, test_samples=40, num_classes=3, initial=16, per_cycle=12,
-                                         epochs=1, batch_size=16, out=str(tmp_path))
+    config = quickstart.QuickstartConfig(
+        samples=120,
+        test_samples=40,
+        num_classes=3,
+        initial=16,
+        per_cycle=12,
+        epochs=1,
+        batch_size=16,
+        out=str(tmp_path),
+    )
     summary = quickstart.run(config)
     root = Path(summary["root"])
     assert summary["labeled"] == [16, 28] and len(summary["accuracy"]) == 2

@@ -15,14 +15,29 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
     build_pool(synthetic(96, seed=5, num_classes=3, image_size=28, channels=1), str(tmp_path / "pool"))
     build_pool(synthetic(48, seed=6, num_classes=3, image_size=28, channels=1, split="test"), str(tmp_path / "test"))
     config = simulate.SimulateConfig(
-        pool=str(tmp_path / "pool"), test_pool=str(tmp_path / "test"), strategies=("lplgrad+power", "coreset"),
-        seeds=(0,), initial=16, per_cycle=12, cycles=2, epochs=1, batch_size=16, num_workers=1,
-        cpus_per_worker=0.5, cpus_per_actor=0.5, out=str(tmp_path / "sim"), engine="ray",
+        pool=str(tmp_path / "pool"),
+        test_pool=str(tmp_path / "test"),
+        strategies=("lplgrad+power", "coreset"),
+        seeds=(0,),
+        initial=16,
+        per_cycle=12,
+        cycles=2,
+        epochs=1,
+        batch_size=16,
+        num_workers=1,
+        cpus_per_worker=0.5,
+        cpus_per_actor=0.5,
+        out=str(tmp_path / "sim"),
+        engine="ray",
     )
     simulate.run(config)
     rows = read_results(tmp_path / "sim" / "results.parquet")
     assert [(r["strategy"], r["cycle"], r["labeled"]) for r in rows] == [
-        ("lplgrad+power", 0, 16), ("lplgrad+power", 1, 28), ("coreset", 0, 16), ("coreset", 1, 28)]
+        ("lplgrad+power", 0, 16),
+        ("lplgrad+power", 1, 28),
+        ("coreset", 0, 16),
+        ("coreset", 1, 28),
+    ]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert (tmp_path / "sim" / "results.csv").exists()
     assert (tmp_path / "sim" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -48,20 +63,43 @@ def test_initial_set_is_seeded_and_strategies_are_checked() -> None:
 def test_proxy_aligned_simulation_refreshes_features_from_the_fine_tuned_backbone(ray_local, tmp_path) -> None:
     build_pool(synthetic(80, seed=5, num_classes=3, image_size=28, channels=1), str(tmp_path / "pool"))
     build_pool(synthetic(30, seed=6, num_classes=3, image_size=28, channels=1, split="test"), str(tmp_path / "test"))
-    config = simulate.JOB.parse_args([
-        "--proxy", f"pool={tmp_path / 'pool'}", f"test_pool={tmp_path / 'test'}", "strategies=[lplgrad]", "modes=[proxy-aligned]",
-        "seeds=[0]", "initial=16", "per_cycle=8", "cycles=3", "epochs=1", "batch_size=16", "cpus_per_worker=0.5",
-        "cpus_per_actor=0.5", "proxy_epochs=3", "align_every=1", "align_growth=null", f"out={tmp_path / 'sim'}",
-    ])
+    config = simulate.JOB.parse_args(
+        [
+            "--proxy",
+            f"pool={tmp_path / 'pool'}",
+            f"test_pool={tmp_path / 'test'}",
+            "strategies=[lplgrad]",
+            "modes=[proxy-aligned]",
+            "seeds=[0]",
+            "initial=16",
+            "per_cycle=8",
+            "cycles=3",
+            "epochs=1",
+            "batch_size=16",
+            "cpus_per_worker=0.5",
+            "cpus_per_actor=0.5",
+            "proxy_epochs=3",
+            "align_every=1",
+            "align_growth=null",
+            f"out={tmp_path / 'sim'}",
+        ]
+    )
     assert config.modes == ("proxy-aligned",)  # an explicit modes= wins over --proxy's three
     simulate.run(config)
     rows = read_results(tmp_path / "sim" / "results.parquet")
     assert [(r["mode"], r["cycle"], r["labeled"], r["aligned"]) for r in rows] == [
-        ("proxy-aligned", 0, 16, None), ("proxy-aligned", 1, 24, "lp-ft"), ("proxy-aligned", 2, 32, None)]
+        ("proxy-aligned", 0, 16, None),
+        ("proxy-aligned", 1, 24, "lp-ft"),
+        ("proxy-aligned", 2, 32, None),
+    ]
     assert all(0.0 <= r["proxy_accuracy"] <= 1.0 for r in rows)
     # Cycle 1's query read the store of the fine-tuned backbone, not the first cycle's.
-    stores = [manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad-proxy-aligned-s0" / "queries" / f"c{c}"))["inputs"]["features"]
-              for c in (0, 1)]
+    stores = [
+        manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad-proxy-aligned-s0" / "queries" / f"c{c}"))[
+            "inputs"
+        ]["features"]
+        for c in (0, 1)
+    ]
     assert stores[0]["backbone_sha256"] != stores[1]["backbone_sha256"]
     assert "| lplgrad [proxy-aligned] |" in (tmp_path / "sim" / "results.md").read_text()
     assert "selection total s" in (tmp_path / "sim" / "results.md").read_text()

@@ -34,8 +34,16 @@ def task(ray_local) -> dict[str, ray.data.Dataset]:
 
 
 def config(tmp_path, **overrides) -> train.TrainConfig:
-    values = dict(labeled="in-memory", model="small_cnn", epochs=3, batch_size=32, num_workers=2,
-                  checkpoint_every=1, storage_path=str(tmp_path / "train"), name="run")
+    values = dict(
+        labeled="in-memory",
+        model="small_cnn",
+        epochs=3,
+        batch_size=32,
+        num_workers=2,
+        checkpoint_every=1,
+        storage_path=str(tmp_path / "train"),
+        name="run",
+    )
     values.update(overrides)
     return train.TrainConfig(**values)
 
@@ -61,20 +69,28 @@ def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) 
 
 def test_resume_continues_a_named_run_and_refuses_to_resume_by_accident(task, tmp_path) -> None:
     # With augmentation on: the worker's per-epoch generator runs through the real training loop.
-    first = load_checkpoint(train.run(config(tmp_path, epochs=2, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES))
+    first = load_checkpoint(
+        train.run(config(tmp_path, epochs=2, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES)
+    )
     assert first.config["augment"] == "gray28"
     with pytest.raises(ValueError, match="already has checkpoints"):
         train.run(config(tmp_path, epochs=3, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES)
-    resumed = load_checkpoint(train.run(config(tmp_path, epochs=3, num_workers=1, resume=True, augment="gray28"),
-                                        {"train": task["train"]}, CLASSES))
+    resumed = load_checkpoint(
+        train.run(
+            config(tmp_path, epochs=3, num_workers=1, resume=True, augment="gray28"), {"train": task["train"]}, CLASSES
+        )
+    )
     assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2]
     assert resumed.metrics[:2] == first.metrics
 
 
 def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
     storage = f"s3://{s3_server.bucket}/train-runs"
-    uri = train.run(config(tmp_path, epochs=1, num_workers=2, storage_path=storage, storage_options=s3_server.storage_options),
-                    {"train": task["train"]}, CLASSES)
+    uri = train.run(
+        config(tmp_path, epochs=1, num_workers=2, storage_path=storage, storage_options=s3_server.storage_options),
+        {"train": task["train"]},
+        CLASSES,
+    )
     assert uri.startswith(storage + "/run/checkpoint_")
     state = load_checkpoint(fetch_checkpoint(uri, s3_server.storage_options))
     assert state.epoch == 0
@@ -82,7 +98,15 @@ def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
 
 def test_bad_input_is_refused_before_training(task, tmp_path) -> None:
     with pytest.raises(ValueError, match="train set is empty"):
-        train.run(config(tmp_path), {"train": ray.data.from_items([{"image": np.zeros((1, 28, 28), np.float32), "label": 0}]).filter(lambda r: False)}, CLASSES)
+        train.run(
+            config(tmp_path),
+            {
+                "train": ray.data.from_items([{"image": np.zeros((1, 28, 28), np.float32), "label": 0}]).filter(
+                    lambda r: False
+                )
+            },
+            CLASSES,
+        )
     with pytest.raises(ValueError, match=r"labels in \[0, 3\] but the model has 2 classes"):
         train.run(config(tmp_path, name="two"), {"train": task["train"]}, ["a", "b"])
     blocker = tmp_path / "file"

@@ -15,20 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _committed_run import FAILED, K, commit_fake_run
+
 from pipeline.manifest.export import open_run
 from pipeline.pools import build_pool, synthetic
 from pipeline.report import build_run_report, render_run_report, write_run_report
 from ray_jobs import cli
 
 
-
-def make_run(pool_uri: str, out: str, options: dict[str, Any] | None = None, ghost: str | None = None,
-             k: int = K) -> str:
+def make_run(
+    pool_uri: str, out: str, options: dict[str, Any] | None = None, ghost: str | None = None, k: int = K
+) -> str:
     """Build a pool and commit a run over it as the query job would; returns the run URI."""
-    build_pool(synthetic(40, seed=1, num_classes=3, image_size=12), pool_uri, encoding="png", shard_samples=15,
-               storage_options=options)
+    build_pool(
+        synthetic(40, seed=1, num_classes=3, image_size=12),
+        pool_uri,
+        encoding="png",
+        shard_samples=15,
+        storage_options=options,
+    )
     commit_fake_run(pool_uri, out, "2026-11-21", options, ghost, k)
     return f"{out.rstrip('/')}/2026-11-21"
 
@@ -95,10 +100,15 @@ def test_s3_run(s3_server) -> None:
 
 
 def _chromium() -> str | None:
-    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+    return next(
+        (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None
+    )
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (Debian: apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="headless Chromium not installed (Debian: apt-get install chromium; .ci/run installs it)",
+)
 def test_report_renders_in_a_real_browser(local_run: str, tmp_path: Path) -> None:
     """Chromium loads the page from disk with networking off, decodes every thumbnail, and a
     screenshot of it is saved next to the test's files."""
@@ -106,19 +116,39 @@ def test_report_renders_in_a_real_browser(local_run: str, tmp_path: Path) -> Non
     write_run_report(local_run, str(page))
     # A probe appended to a copy: counts thumbnails the browser decoded (naturalWidth > 0) into the DOM.
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load', () => {"
-                     "const ok = [...document.querySelectorAll('img.thumb')].filter(i => i.complete && i.naturalWidth > 0);"
-                     "document.body.setAttribute('data-decoded', ok.length);"
-                     "document.body.setAttribute('data-imgs', document.querySelectorAll('img.thumb').length);});"
-                     "</script></body>"))
-    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => {"
+            "const ok = [...document.querySelectorAll('img.thumb')].filter(i => i.complete && i.naturalWidth > 0);"
+            "document.body.setAttribute('data-decoded', ok.length);"
+            "document.body.setAttribute('data-imgs', document.querySelectorAll('img.thumb').length);});"
+            "</script></body>",
+        )
+    )
+    flags = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert f'data-imgs="{K}"' in dom.stdout and f'data-decoded="{K}"' in dom.stdout, dom.stdout[:500]
     shot = tmp_path / "report.png"
-    subprocess.run([*flags, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, text=True, timeout=120, check=True)
+    subprocess.run(
+        [*flags, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"screenshot: {shot}")

@@ -17,8 +17,13 @@ def rows(with_mix: bool = True) -> list[dict]:
     for strategy, gain in (("lplgrad", 0.05), ("random", 0.0)):
         for seed in (0, 1):
             for cycle in range(3):
-                row = {"strategy": strategy, "seed": seed, "cycle": cycle, "labeled": 100 * (cycle + 1),
-                       "test_accuracy": 0.5 + 0.1 * cycle + gain + 0.01 * seed}
+                row = {
+                    "strategy": strategy,
+                    "seed": seed,
+                    "cycle": cycle,
+                    "labeled": 100 * (cycle + 1),
+                    "test_accuracy": 0.5 + 0.1 * cycle + gain + 0.01 * seed,
+                }
                 if with_mix and cycle > 0:
                     # counts per class of what this cycle's query selected; one seed as JSON text
                     mix = {"0": 80, "1": 20} if strategy == "lplgrad" else [50, 50]

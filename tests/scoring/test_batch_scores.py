@@ -79,7 +79,9 @@ def test_integer_inputs_and_unknown_norm_are_refused(small_model: nn.Module) -> 
 
 
 def test_batchnorm_without_running_stats_is_refused() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.LazyLinear(3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.LazyLinear(3)
+    )
     model(torch.randn(2, 1, 8, 8))
     with pytest.raises(ValueError, match="batch statistics"):
         gradnorm_scores(model, torch.randn(3, 1, 8, 8))

@@ -25,7 +25,10 @@ def randomize_norm_stats(model: nn.Module) -> nn.Module:
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=gen) - 0.5)
             module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+        if (
+            isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))
+            and module.weight is not None
+        ):
             with torch.no_grad():
                 module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
                 module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
@@ -73,7 +76,9 @@ class ConvZoo(nn.Module):
 class BatchNorm1dMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32, 4))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32, 4)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -129,8 +134,6 @@ class FrozenPart(nn.Module):
         return self.fc(h)
 
 
-
-
 CASES = {
     "torchvision_resnet18_inplace": (lambda: torchvision.models.resnet18(num_classes=10), (3, 40, 40)),
     "torchvision_resnet50_bottleneck": (lambda: torchvision.models.resnet50(num_classes=6), (3, 32, 32)),
@@ -164,7 +167,9 @@ def test_vmap_scorer_matches_reference(case: str) -> None:
     build, shape = CASES[case]
     model = randomize_norm_stats(build())
     inputs = torch.randn(4, *shape)
-    assert max_relative_error(vmap_gradnorm_scores(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    assert (
+        max_relative_error(vmap_gradnorm_scores(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    )
 
 
 def test_scores_do_not_depend_on_batch_company() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -29,7 +28,9 @@ def score_without_fallback(model: nn.Module, inputs: torch.Tensor, norm: str = "
 class Attend(nn.Module):
     """Tokens -> nn.MultiheadAttention (any configuration) -> head, batch first outside."""
 
-    def __init__(self, batch_first: bool, cross: bool = False, need_weights: bool = False, masks: bool = False, **kw) -> None:
+    def __init__(
+        self, batch_first: bool, cross: bool = False, need_weights: bool = False, masks: bool = False, **kw
+    ) -> None:
         super().__init__()
         self.batch_first, self.cross, self.need_weights, self.masks = batch_first, cross, need_weights, masks
         self.embed = nn.Linear(6, 16)
@@ -106,7 +107,9 @@ def test_torchvision_vision_transformer_is_exact_without_fallback() -> None:
     torch.manual_seed(0)
     model = _torchvision_vit().double()
     inputs = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    assert max_relative_error(score_without_fallback(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    assert (
+        max_relative_error(score_without_fallback(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
@@ -114,7 +117,9 @@ def test_registry_vit_scores_at_both_sizes_without_fallback(shape: tuple[int, in
     torch.manual_seed(0)
     model = create_model("vit_tiny", 10, in_channels=shape[0]).double()
     inputs = torch.randn(3, *shape, dtype=torch.float64)
-    assert max_relative_error(score_without_fallback(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    assert (
+        max_relative_error(score_without_fallback(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    )
 
 
 class Tokens(nn.Module):
@@ -164,7 +169,9 @@ def test_embedding_rule_is_exact(kw: dict) -> None:
     torch.manual_seed(0)
     model = Lookup(**kw).double()
     inputs = torch.randn(6, 9, 2, dtype=torch.float64)
-    assert max_relative_error(score_without_fallback(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    assert (
+        max_relative_error(score_without_fallback(model, inputs), reference_gradnorm_scores(model, inputs)) <= TOLERANCE
+    )
 
 
 class SequenceFirst(nn.Module):
@@ -193,9 +200,9 @@ def test_layer_that_is_not_batch_first_takes_the_exact_fallback() -> None:
 def _autocast_reference(model: nn.Module, inputs: torch.Tensor, device: str) -> torch.Tensor:
     """The one-sample loop under the same autocast: the quantity the autocast scorer computes."""
     with torch.autocast(device, dtype=torch.bfloat16):
-        return torch.stack([
-            reference_gradnorm_scores(_Float32Logits(model), inputs[i : i + 1])[0] for i in range(len(inputs))
-        ])
+        return torch.stack(
+            [reference_gradnorm_scores(_Float32Logits(model), inputs[i : i + 1])[0] for i in range(len(inputs))]
+        )
 
 
 class _Float32Logits(nn.Module):

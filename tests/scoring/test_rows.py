@@ -11,8 +11,12 @@ def test_rows_pass_keys_through_and_keep_upstream_errors_unscored() -> None:
     scorer = RowScorer(lambda: (model, None, None), device="cpu")
     images = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)
     images[3, 0, 0, 0] = np.inf
-    batch = {"image": images, "key": np.array(["a", "b", "c", "d"]), "shard": np.array(["s0"] * 4),
-             "error": np.array([None, "not an image", None, None], dtype=object)}
+    batch = {
+        "image": images,
+        "key": np.array(["a", "b", "c", "d"]),
+        "shard": np.array(["s0"] * 4),
+        "error": np.array([None, "not an image", None, None], dtype=object),
+    }
     rows = scorer(batch)
     assert "image" not in rows and list(rows["key"]) == ["a", "b", "c", "d"] and list(rows["shard"]) == ["s0"] * 4
     assert list(rows["error"]) == [None, "not an image", None, "non-finite logits"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pyarrow.parquet as pq
 import pytest
 
@@ -25,14 +24,27 @@ def pools(tmp_path_factory):
 
 
 def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, tmp_path) -> None:
-    config = simulate.JOB.parse_args([
-        f"pool={pools / 'pool'}", f"test_pool={pools / 'test'}", "strategies=[lplgrad+power,badge,random]",
-        "seeds=[0,1]", "initial=12", "per_cycle=10", "cycles=2", "epochs=1", "batch_size=12", "subset=40",
-        "augment=gray28", f"out={tmp_path / 'sim'}",
-    ])
+    config = simulate.JOB.parse_args(
+        [
+            f"pool={pools / 'pool'}",
+            f"test_pool={pools / 'test'}",
+            "strategies=[lplgrad+power,badge,random]",
+            "seeds=[0,1]",
+            "initial=12",
+            "per_cycle=10",
+            "cycles=2",
+            "epochs=1",
+            "batch_size=12",
+            "subset=40",
+            "augment=gray28",
+            f"out={tmp_path / 'sim'}",
+        ]
+    )
     assert config.engine == "memory"
     rows = simulate.run(config)
-    assert sorted({(r["strategy"], r["seed"]) for r in rows}) == [(s, seed) for s in ("badge", "lplgrad+power", "random") for seed in (0, 1)]
+    assert sorted({(r["strategy"], r["seed"]) for r in rows}) == [
+        (s, seed) for s in ("badge", "lplgrad+power", "random") for seed in (0, 1)
+    ]
     for row in read_results(tmp_path / "sim" / "results.parquet"):
         assert 0.0 <= row["test_accuracy"] <= 1.0
         if row["cycle"] == 0:
@@ -56,8 +68,16 @@ def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, 
 
 
 def test_badge_over_budget_is_refused_before_any_training(pools, tmp_path) -> None:
-    config = simulate.JOB.parse_args([f"pool={pools / 'pool'}", f"test_pool={pools / 'test'}", "strategies=[badge]",
-                                  "badge_memory_mb=0.001", f"out={tmp_path / 'sim'}", "seeds=[0]"])
+    config = simulate.JOB.parse_args(
+        [
+            f"pool={pools / 'pool'}",
+            f"test_pool={pools / 'test'}",
+            "strategies=[badge]",
+            "badge_memory_mb=0.001",
+            f"out={tmp_path / 'sim'}",
+            "seeds=[0]",
+        ]
+    )
     with pytest.raises(BadgeMemoryError, match="over the budget"):
         simulate.run(config)
     assert not (tmp_path / "sim" / "results.parquet").exists()

@@ -90,9 +90,7 @@ class IdxSource:
         ValueError: On malformed files, or image and label counts that differ.
     """
 
-    def __init__(
-        self, folder: str, split: str = "train", storage_options: Mapping[str, Any] | None = None
-    ) -> None:
+    def __init__(self, folder: str, split: str = "train", storage_options: Mapping[str, Any] | None = None) -> None:
         if split not in _SPLIT_PREFIX:
             raise ValueError(f"IDX split must be 'train' or 'test', got {split!r}")
         self.folder = folder
@@ -108,9 +106,7 @@ class IdxSource:
                 f"got {self.images.dtype} {list(self.images.shape)}"
             )
         if self.labels.ndim != 1 or len(self.labels) != len(self.images):
-            raise ValueError(
-                f"{labels_path}: {self.labels.shape[0]} labels for {len(self.images)} images"
-            )
+            raise ValueError(f"{labels_path}: {self.labels.shape[0]} labels for {len(self.images)} images")
         if len(self.labels) and self.labels.min() < 0:
             raise ValueError(f"{labels_path}: negative labels")
         num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0

@@ -43,9 +43,7 @@ class ImageFolderSource:
         ValueError: If it holds no images, or two files map to the same key.
     """
 
-    def __init__(
-        self, folder: str, split: str | None = None, storage_options: Mapping[str, Any] | None = None
-    ) -> None:
+    def __init__(self, folder: str, split: str | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
         self.folder = folder
         self.split = split
         self.fs, root = filesystem_for(folder, storage_options)
@@ -56,10 +54,7 @@ class ImageFolderSource:
                 raise FileNotFoundError(f"image folder {folder} has no {split!r} subfolder for --split")
             root = f"{root}/{split}"
         self.root = root
-        files = sorted(
-            p for p in self.fs.find(root)
-            if p.rsplit(".", 1)[-1].lower() in READABLE_EXTENSIONS
-        )
+        files = sorted(p for p in self.fs.find(root) if p.rsplit(".", 1)[-1].lower() in READABLE_EXTENSIONS)
         if not files:
             raise ValueError(f"no images ({', '.join(READABLE_EXTENSIONS)}) under {folder}")
         relative = [p[len(root) + 1 :] for p in files]
@@ -71,9 +66,7 @@ class ImageFolderSource:
             key = _UNSAFE_KEY_CHARS.sub("_", rel.rsplit(".", 1)[0])
             validate_key(key)
             if key in owners:
-                raise ValueError(
-                    f"{owners[key]} and {display_uri(self.fs, path)} both map to key {key!r}; rename one"
-                )
+                raise ValueError(f"{owners[key]} and {display_uri(self.fs, path)} both map to key {key!r}; rename one")
             owners[key] = display_uri(self.fs, path)
             label = self._classes.index(rel.split("/", 1)[0]) if self._classes else None
             self._items.append((path, key, label))

@@ -26,8 +26,14 @@ SHAPES = ("disc", "square", "triangle", "bar", "plus")
 _STYLES = ("filled", "outline")
 # Distinct hues (RGB); on one channel each maps to a brightness level.
 _HUES = (
-    (230, 60, 60), (60, 200, 70), (70, 110, 240), (240, 210, 50),
-    (200, 70, 220), (60, 210, 220), (245, 140, 40), (235, 235, 235),
+    (230, 60, 60),
+    (60, 200, 70),
+    (70, 110, 240),
+    (240, 210, 50),
+    (200, 70, 220),
+    (60, 210, 220),
+    (245, 140, 40),
+    (235, 235, 235),
 )
 # One channel: a brightness level per hue index (brightness of the hue itself would collide).
 _GRAYS = (210, 150, 250, 120, 180, 100, 235, 135)
@@ -125,8 +131,13 @@ class SyntheticSource:
     def provenance(self) -> dict[str, Any]:
         """Every generator parameter: enough to rebuild the same pool."""
         return {
-            "kind": "synthetic", "n": self.n, "seed": self.seed, "num_classes": self.num_classes,
-            "image_size": self.image_size, "channels": self.channels, "split": self.split,
+            "kind": "synthetic",
+            "n": self.n,
+            "seed": self.seed,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "split": self.split,
         }
 
     def __len__(self) -> int:
