@@ -196,6 +196,33 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
     return [keys[candidates[i]] for i in picks]
 
 
+def cycle_train_config(
+    config: SimulateConfig, labeled_uri: str, storage: Path, cycle: int, seed: int, warm_start: str | None
+) -> Any:
+    """The `lplgrad train` config of one cycle: the simulation's model and schedule, one
+    checkpoint at the end, evaluated on the test pool."""
+    return jobs.config(
+        "train",
+        labeled=labeled_uri,
+        holdout=config.test_pool,
+        model=config.model,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        use_gpu=config.gpus,
+        cpus_per_worker=config.cpus_per_worker,
+        storage_path=str(storage),
+        name=f"c{cycle}",
+        checkpoint_every=config.epochs,
+        eval_every=config.epochs,
+        keep_checkpoints=1,
+        augment=config.augment,
+        seed=seed,
+        warm_start=warm_start,
+        storage_options=config.storage_options,
+    )
+
+
 def train_cycle(
     config: SimulateConfig,
     labeled_uri: str,
@@ -210,26 +237,8 @@ def train_cycle(
     The first cycle's model depends only on the seed, so chains of one seed share it."""
     if cycle == 0 and seed in shared:
         return shared[seed]
-    train_config = jobs.config(
-        "train",
-        labeled=labeled_uri,
-        holdout=config.test_pool,
-        model=config.model,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        use_gpu=config.gpus,
-        cpus_per_worker=config.cpus_per_worker,
-        storage_path=str(work / "train"),
-        name=f"c{cycle}",
-        checkpoint_every=config.epochs,
-        eval_every=config.epochs,
-        keep_checkpoints=1,
-        augment=config.augment,
-        seed=seed * 1000 + cycle,
-        warm_start=previous if config.warm_start else None,
-        storage_options=config.storage_options,
-    )
+    warm_start = previous if config.warm_start else None
+    train_config = cycle_train_config(config, labeled_uri, work / "train", cycle, seed * 1000 + cycle, warm_start)
     started = time.perf_counter()
     checkpoint = jobs.run("train", train_config)
     metrics = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options)).metrics[-1]
@@ -355,26 +364,7 @@ def align_backbone(
     """Fine-tune the backbone on the labeled set as the policy says, through the same code as
     `lplgrad align`: (new backbone checkpoint, LP-FT or FT)."""
     finetune = config.alignment().finetune_mode(len(read_labels(labeled_uri, config.storage_options)[0]))
-    train_config = jobs.config(
-        "train",
-        labeled=labeled_uri,
-        holdout=config.test_pool,
-        model=config.model,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        use_gpu=config.gpus,
-        cpus_per_worker=config.cpus_per_worker,
-        storage_path=str(work / "align"),
-        name=f"c{cycle}",
-        checkpoint_every=config.epochs,
-        eval_every=config.epochs,
-        keep_checkpoints=1,
-        augment=config.augment,
-        seed=seed * 1000 + cycle + 500,
-        warm_start=backbone,
-        storage_options=config.storage_options,
-    )
+    train_config = cycle_train_config(config, labeled_uri, work / "align", cycle, seed * 1000 + cycle + 500, backbone)
     return jobs.finetune_backbone(
         train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs
     ), finetune
