@@ -288,6 +288,31 @@ def query_cycle(
     return load_selection(str(work / "queries" / f"c{cycle}")).column("key").to_pylist()
 
 
+def cycle_row(
+    strategy: str,
+    mode: str,
+    seed: int,
+    cycle: int,
+    labeled: int,
+    metrics: dict[str, Any],
+    train_seconds: float,
+    checkpoint: str,
+) -> dict[str, Any]:
+    """One results row: a chain's model after a cycle's training (its query time is added later)."""
+    return {
+        "strategy": strategy,
+        "mode": mode,
+        "seed": seed,
+        "cycle": cycle,
+        "labeled": labeled,
+        "test_accuracy": metrics["holdout_accuracy"],
+        "train_accuracy": metrics["train_accuracy"],
+        "train_seconds": train_seconds,
+        "query_seconds": None,
+        "checkpoint": checkpoint,
+    }
+
+
 def run_chain(
     config: SimulateConfig,
     strategy: str,
@@ -312,18 +337,7 @@ def run_chain(
             storage_options=config.storage_options,
         )
         checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared, checkpoint)
-        row = {
-            "strategy": strategy,
-            "mode": "full",
-            "seed": seed,
-            "cycle": cycle,
-            "labeled": len(labeled),
-            "test_accuracy": metrics["holdout_accuracy"],
-            "train_accuracy": metrics["train_accuracy"],
-            "train_seconds": train_seconds,
-            "query_seconds": None,
-            "checkpoint": checkpoint,
-        }
+        row = cycle_row(strategy, "full", seed, cycle, len(labeled), metrics, train_seconds, checkpoint)
         if cycle < config.cycles - 1:
             started = time.perf_counter()
             picked = query_cycle(config, strategy, checkpoint, labeled, labeled_uri, work, cycle, seed)
@@ -396,16 +410,7 @@ def run_proxy_chain(
         )
         checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared)
         row = {
-            "strategy": strategy,
-            "mode": mode,
-            "seed": seed,
-            "cycle": cycle,
-            "labeled": len(labeled),
-            "test_accuracy": metrics["holdout_accuracy"],
-            "train_accuracy": metrics["train_accuracy"],
-            "train_seconds": train_seconds,
-            "query_seconds": None,
-            "checkpoint": checkpoint,
+            **cycle_row(strategy, mode, seed, cycle, len(labeled), metrics, train_seconds, checkpoint),
             "aligned": None,
             "align_seconds": 0.0,
         }
