@@ -533,18 +533,22 @@ def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, 
         checked: What :func:`check_before_ray` returned for this config (run again when ``None``).
     """
     config = with_run_id(config)
+    # Records what the read tasks drop. Started first: its worker process (seconds on a small
+    # machine) then starts while the labeled pool's keys are read, not while read tasks wait on it.
+    in_tasks = ExcludedRows.remote() if config.exclude_labeled or config.exclude_manifests else None
     prepared = prepare(config, checked)
     state = begin_run(config.out, config.run_id, prepared.inputs.fingerprint(), config.storage_options)
     print(state.message)
     if state.already_committed:
         return state.committed
+    if not prepared.excluded:
+        in_tasks = None  # nothing to drop: the actor ends with its last handle
     plan = reuse_plan(config, prepared)
     print(plan.reason)
     start = time.perf_counter()
     expected = prepared.pool.num_samples if prepared.store is None and config.subset is None else None
     excluded = ExcludedRowSet()  # every pool row an exclusion dropped, once
     excluded.add(plan.still_excluded)  # reused shards' keys the source excluded too: never read
-    in_tasks = ExcludedRows.remote() if prepared.excluded else None  # what the read tasks drop
     with Progress("score", expected, "rows", min_interval=10.0) as progress:  # a bar, or a line per 10 s
         result = select(
             config,
