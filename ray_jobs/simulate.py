@@ -288,6 +288,16 @@ def query_cycle(
     return load_selection(str(work / "queries" / f"c{cycle}")).column("key").to_pylist()
 
 
+def label_cycle(
+    config: SimulateConfig, truth: dict[str, int], labeled: list[str], uri: str, classes: list[str]
+) -> None:
+    """Write the cycle's labeled set to `uri`: the pool's `labeled` samples with their true labels,
+    as `lplgrad pool label` would from annotators' answers."""
+    label_pool(
+        config.pool, {k: truth[k] for k in labeled}, uri, classes=classes, storage_options=config.storage_options
+    )
+
+
 def cycle_row(
     strategy: str,
     mode: str,
@@ -329,13 +339,7 @@ def run_chain(
     rows = []
     for cycle in range(config.cycles):
         labeled_uri = str(work / f"labeled-c{cycle}")
-        label_pool(
-            config.pool,
-            {k: truth[k] for k in labeled},
-            labeled_uri,
-            classes=classes,
-            storage_options=config.storage_options,
-        )
+        label_cycle(config, truth, labeled, labeled_uri, classes)
         checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared, checkpoint)
         row = cycle_row(strategy, "full", seed, cycle, len(labeled), metrics, train_seconds, checkpoint)
         if cycle < config.cycles - 1:
@@ -401,13 +405,7 @@ def run_proxy_chain(
     rows = []
     for cycle in range(config.cycles):
         labeled_uri = str(work / f"labeled-c{cycle}")
-        label_pool(
-            config.pool,
-            {k: truth[k] for k in labeled},
-            labeled_uri,
-            classes=classes,
-            storage_options=config.storage_options,
-        )
+        label_cycle(config, truth, labeled, labeled_uri, classes)
         checkpoint, metrics, train_seconds = train_cycle(config, labeled_uri, work, cycle, seed, shared)
         row = {
             **cycle_row(strategy, mode, seed, cycle, len(labeled), metrics, train_seconds, checkpoint),

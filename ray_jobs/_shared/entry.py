@@ -14,6 +14,7 @@ bug (errors.py). `lplgrad JOB ...` (cli.py) and `python -m ray_jobs.JOB ...` tak
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -77,8 +78,6 @@ def run_job(job: Job[Any], argv: Sequence[str] | None = None) -> int:
 
     `--debug` anywhere on the command line (or LPLGRAD_DEBUG=1) keeps the traceback of a user error.
     """
-    import sys
-
     argv, debug = strip_debug(list(sys.argv[1:] if argv is None else argv))
 
     def body() -> int:
