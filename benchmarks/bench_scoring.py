@@ -314,7 +314,7 @@ def bench_row(key: str, args: argparse.Namespace, device: torch.device) -> dict[
     result: dict[str, object] = {"row": key, "label": row.label, "batch": row.batch, "image_size": row.side}
     status: dict[str, str] = {}
     errors: dict[str, float] = {}
-    for name in METHODS:
+    for name in args.methods:
         try:
             calls[name] = build_method(name, model, x, labels, args.loop_samples)
             _, out = _timed(calls[name][0], device)  # warm-up, and the values to check
@@ -382,6 +382,7 @@ def _cell(result: dict[str, object], name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--check", type=int, default=4, help="samples checked against the float64 reference")
     parser.add_argument("--loop-samples", type=int, default=8)
@@ -392,6 +393,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     keys = [k for k in args.rows.split(",") if k]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if set(args.methods) - set(METHODS):
+        parser.error(f"unknown methods {sorted(set(args.methods) - set(METHODS))}; choose from {', '.join(METHODS)}")
     unknown = [k for k in keys if k not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
@@ -404,17 +408,17 @@ def main() -> None:
                 f"\n{r['label']}: scorer {r['scorer_samples_per_s']:.1f} samples/s, fallback share "
                 f"{r['fallback_share']:.1%}, max rel err (scorer) {r['max_relative_error']['scorer']:.1e}"
             )
-            for name in METHODS:
+            for name in args.methods:
                 err = r["max_relative_error"].get(name)
                 print(f"  {name:18s} {_cell(r, name):40s} {'' if err is None else f'err {err:.1e}'}")
     summary = {"device": str(device), "threads": torch.get_num_threads(), "rounds": args.rounds, "rows": results}
     if args.json:
         print(json.dumps(summary))
         return
-    print("\n| model (eval mode) | " + " | ".join(METHODS) + " | max rel err | fallback share |")
-    print("|---" * (len(METHODS) + 3) + "|")
+    print("\n| model (eval mode) | " + " | ".join(args.methods) + " | max rel err | fallback share |")
+    print("|---" * (len(args.methods) + 3) + "|")
     for r in results:
-        cells = [_cell(r, m) for m in METHODS]
+        cells = [_cell(r, m) for m in args.methods]
         print(
             f"| {r['label']} | "
             + " | ".join(cells)

@@ -2,7 +2,7 @@
 
 Two levels, both exact:
 - one layer call: re-run that module alone under vmap(vjp) with the recorded inputs and output
-  gradients (custom layers, Conv3d, embeddings, attention blocks);
+  gradients (custom layers, transposed convolutions, attention calls the recorder does not reproduce);
 - the whole model: vmap(grad) of the per-sample entropy for parameters used outside any module's
   forward (a bare nn.Parameter added to activations, weights read through `module.weight`
   by a parent). Slow, but never wrong.

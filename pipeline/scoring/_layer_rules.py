@@ -15,24 +15,62 @@ convolution's own weight-gradient kernel with the batch folded into groups, whic
 the summed weight gradient a training step computes.
 
 Rules never approximate. Layers without a rule are handled by the exact fallbacks in
-``_fallback.py``.
+``_fallback.py``. `register_layer_rule` adds a rule for another layer type; `LayerRule` is the
+contract every rule, built in or registered, follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerRule", "rule_for", "linear_grads", "as_float32", "MEMORY_BUDGET_ELEMENTS"]
+__all__ = [
+    "LayerRule",
+    "register_layer_rule",
+    "layer_rules",
+    "rule_for",
+    "linear_grads",
+    "as_float32",
+    "MEMORY_BUDGET_ELEMENTS",
+]
 
 # Largest intermediate (in elements) a rule builds at once; batches are split to stay under it so
 # that scoring memory is bounded by the batch, not by the widest layer times the batch.
 MEMORY_BUDGET_ELEMENTS = 1 << 25
 
-LayerRule = Callable[[nn.Module, Tensor, Tensor, Sequence[str], Collection[str]], dict[str, Tensor]]
+
+class LayerRule(Protocol):
+    """Per-sample gradients of one layer call's own parameters, from what the batched pass saw.
+
+    The scorer calls a rule once per call of a layer of its type, during the backward pass, as
+    soon as the layer's output gradient is known. Only layers called with one positional tensor
+    and no keyword arguments, returning tensors batch-first, reach a rule; any other call of the
+    layer takes the exact module fallback.
+
+    Args:
+        module: the layer, in eval mode; read its configuration and parameters, never modify it.
+        x: [B, ...] the input the layer was called with (float32 under autocast, rounded to the
+            dtype the op computed in).
+        g: [B, ...] the gradient of sum_b H(x_b) w.r.t. the layer's output, same shape as the
+            output. Samples are independent in eval mode, so row b is sample b's own gradient.
+        names: the direct parameter names (`module._parameters`) to compute; others are skipped.
+        materialize: the subset of `names` to return as per-sample gradients.
+
+    Returns:
+        name -> [B] squared L2 norm of sample b's gradient of that parameter for every name in
+        `names` not in `materialize`, and [B, *param.shape] per-sample gradients for those in
+        `materialize` (the scorer adds several uses of one parameter before taking the norm).
+        Exact: a rule never approximates; memory should stay bounded by the batch (split it by
+        `MEMORY_BUDGET_ELEMENTS`).
+    """
+
+    def __call__(
+        self, module: nn.Module, x: Tensor, g: Tensor, names: Sequence[str], materialize: Collection[str]
+    ) -> dict[str, Tensor]: ...
 
 
 def _chunks(batch: int, per_sample_elements: int, cap: int | None = None) -> list[slice]:
@@ -304,15 +342,49 @@ def _embedding(
     return {"weight": flat.new_zeros(batch).index_add_(0, owner, summed.pow(2).sum(-1))}
 
 
-_RULES: list[tuple[type[nn.Module], LayerRule]] = [
-    (nn.Linear, _linear),
-    (nn.Conv1d, _conv),
-    (nn.Conv2d, _conv),
-    (nn.modules.batchnorm._BatchNorm, _batch_norm),
-    (nn.LayerNorm, _layer_norm),
-    (nn.GroupNorm, _group_norm),
-    (nn.Embedding, _embedding),
-]
+_RULES: dict[type[nn.Module], LayerRule] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.modules.batchnorm._BatchNorm: _batch_norm,
+    nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+    nn.Embedding: _embedding,
+}
+
+
+def register_layer_rule(layer_type: type[nn.Module], rule: LayerRule) -> LayerRule:
+    """Give every layer of `layer_type` (and its subclasses that keep its forward) a fast rule.
+
+    Scorers built afterwards use it; without one such layers take the exact, slower module
+    fallback. Check a new rule against `reference_gradnorm_scores` on a model using the layer
+    (see tests/scoring/test_layer_rules.py), with `GradNormScorer.last_module_fallbacks` empty.
+
+    Args:
+        layer_type: an nn.Module subclass owning parameters.
+        rule: follows the `LayerRule` contract.
+
+    Returns:
+        rule, so that this can also be used as a decorator body.
+
+    Raises:
+        ValueError: `layer_type` is not an nn.Module subclass, or already has a rule.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise ValueError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+    if layer_type in _RULES:
+        raise ValueError(
+            f"{layer_type.__name__} already has a layer rule ({getattr(_RULES[layer_type], '__name__', '?')}); "
+            "register a subclass of it instead"
+        )
+    _RULES[layer_type] = rule
+    return rule
+
+
+def layer_rules() -> dict[type[nn.Module], LayerRule]:
+    """The registered layer types and their rules (a copy), built-in ones first."""
+    return dict(_RULES)
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
@@ -323,8 +395,10 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     """
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return None  # its forward renormalises the table in place: let the fallback reproduce it
-    for layer_type, rule in _RULES:
-        if isinstance(module, layer_type) and _forward_owner(type(module)) is _forward_owner(layer_type):
+    owner = _forward_owner(type(module))
+    for layer_type in type(module).__mro__:  # the most specific registered type wins
+        rule = _RULES.get(layer_type)
+        if rule is not None and owner is _forward_owner(layer_type):
             return rule
     return None
 

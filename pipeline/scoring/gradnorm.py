@@ -21,10 +21,11 @@ entropy, which is the set the authors' `p.grad is not None` loop sums over.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,10 +39,19 @@ from pipeline.scoring._layer_rules import LayerRule, as_float32, rule_for
 from pipeline.scoring._node_rules import NodeUse, per_sample_grad, trace_uses
 from pipeline.scoring.uncertainty import entropy, top2
 
-__all__ = ["Norm", "NORMS", "BatchScores", "GradNormScorer", "gradnorm_scores", "combine_norms"]
+__all__ = ["Norm", "NORMS", "Plan", "BatchScores", "GradNormScorer", "gradnorm_scores", "combine_norms"]
 
 Norm = Literal["per_tensor_sum", "global"]
 NORMS: tuple[str, ...] = ("per_tensor_sum", "global")
+
+
+class Plan(enum.Enum):
+    """How one parameter's per-sample norm is obtained for a batch (decided by `_make_plan`)."""
+
+    NORM = "norm"  # one use inside a hooked layer: its rule (or the module fallback) gives [B] squared norms
+    SUMMED = "summed"  # several uses: per-sample gradients [B, *shape] are materialised, added, then normed
+    GRAPH = "graph"  # a bare parameter met by the batch at a broadcasting op: read off the autograd graph
+    WHOLE_MODEL = "whole_model"  # read where no rule sees it: vmap(grad) of the per-sample entropy
 
 
 @dataclass
@@ -154,14 +164,18 @@ class GradNormScorer:
         self._recording = False
         self._batch = 0
         self._calls: list[_Call] = []
-        self._plan: dict[int, str] = {}
+        self._plan: dict[int, Plan] = {}
         self._squared: dict[int, Tensor] = {}
         self._summed: dict[int, Tensor] = {}
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self._node_handles: list[Any] = []
-        # Seconds and calls spent in the exact torch.func fallbacks during the last batch.
+        # Seconds and calls spent in the exact torch.func fallbacks during the last batch, which
+        # modules went through the module fallback, and each parameter's plan, by name.
         self.last_fallback_seconds = 0.0
         self.last_fallback_calls = 0
+        self.last_module_fallbacks: list[str] = []
+        self.last_plan: dict[str, Plan] = {}
+        self._module_names = {m: n or type(m).__name__ for n, m in model.named_modules()}
         self._handles = [
             module.register_forward_hook(functools.partial(self._on_forward, rule=rule_for(module)), with_kwargs=True)
             for module in model.modules()
@@ -282,11 +296,11 @@ class GradNormScorer:
                 "its per-sample gradient cannot be recovered. Make that operation out-of-place"
             )
         params = call.params
-        wanted = [n for n in call.names if self._plan.get(id(params[n])) in ("norm", "grad")]
+        wanted = [n for n in call.names if self._plan.get(id(params[n])) in (Plan.NORM, Plan.SUMMED)]
         if not wanted or all(g is None for g in call.grads):
             call.args, call.kwargs = (), {}
             return
-        materialize = {n for n in wanted if self._plan[id(params[n])] == "grad"}
+        materialize = {n for n in wanted if self._plan[id(params[n])] is Plan.SUMMED}
         if call.compute is not None:
             result = call.compute(call.grads[0], wanted, materialize)  # type: ignore[arg-type]
         elif call.rule is not None:
@@ -294,7 +308,9 @@ class GradNormScorer:
             if self.autocast_dtype is not None:
                 x, g = as_float32(x, g)
             result = call.rule(module, x, g, wanted, materialize)
+            _check_rule_result(call.rule, module, result, wanted, materialize, x.shape[0])
         else:
+            self.last_module_fallbacks.append(self._module_names.get(module, type(module).__name__))
             with self._timed_fallback():
                 grads = _fallback.module_per_sample_grads(module, call.args, call.kwargs, call.grads, wanted)
             result = {n: g if n in materialize else g.reshape(g.shape[0], -1).pow(2).sum(1) for n, g in grads.items()}
@@ -342,21 +358,23 @@ class GradNormScorer:
         for key, (param, consumers) in edges.items():
             n_rule, n_fallback = len(rule_uses[key]), len(fallback_uses[key])
             if n_rule and not n_fallback and len(consumers) <= n_rule:
-                self._plan[key] = "grad" if n_rule > 1 else "norm"
+                self._plan[key] = Plan.SUMMED if n_rule > 1 else Plan.NORM
                 continue
             # Read outside any rule-handled layer (a class token, a position embedding, also a
             # fallback layer's bare parameter): trace it to the batch through the graph.
             node_uses = None if n_rule else trace_uses(tuple(param.shape), consumers, parents, self._batch)
             if node_uses is not None:
-                self._plan[key] = "node"
+                self._plan[key] = Plan.GRAPH
                 graph_read.append((param, node_uses))
             elif n_rule + n_fallback == 0 or (n_fallback == 0 and len(consumers) > n_rule):
                 # More autograd edges than recorded layer uses means the parameter is also read
                 # outside its layer's forward: only the whole-model fallback sees every use.
-                self._plan[key] = "model"
+                self._plan[key] = Plan.WHOLE_MODEL
                 whole_model.append(param)
             else:
-                self._plan[key] = "grad" if n_rule + n_fallback > 1 else "norm"
+                self._plan[key] = Plan.SUMMED if n_rule + n_fallback > 1 else Plan.NORM
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.last_plan = {names[key]: plan for key, plan in self._plan.items() if key in names}
         return whole_model, graph_read
 
     def _on_node_grad(self, param: nn.Parameter, use: NodeUse, grad_outputs: Sequence[Tensor | None]) -> None:
@@ -408,6 +426,7 @@ class GradNormScorer:
         if self.loss_module is not None:
             self.loss_module.eval()
         self.last_fallback_seconds, self.last_fallback_calls = 0.0, 0
+        self.last_module_fallbacks, self.last_plan = [], {}
         try:
             if self.autocast_dtype is None:
                 return self._score(inputs.detach())
@@ -495,6 +514,27 @@ class GradNormScorer:
         if self.autocast_dtype is not None:
             squared = [t.float() for t in squared]
         return torch.stack(squared, dim=1)
+
+
+def _check_rule_result(
+    rule: LayerRule,
+    module: nn.Module,
+    result: Mapping[str, Tensor],
+    wanted: Sequence[str],
+    materialize: Collection[str],
+    batch: int,
+) -> None:
+    """A layer rule's answer follows the `LayerRule` contract, or the scorer says which rule broke it."""
+    for name in wanted:
+        value = result.get(name)
+        param = module._parameters[name]
+        expected = (batch, *param.shape) if name in materialize else (batch,)  # type: ignore[union-attr]
+        if value is None or tuple(value.shape) != expected:
+            got = "nothing" if value is None else f"shape {tuple(value.shape)}"
+            raise RuntimeError(
+                f"layer rule {getattr(rule, '__name__', rule)!r} for {type(module).__name__} returned {got} for "
+                f"{name!r}, expected {expected}: see LayerRule in pipeline.scoring for what a rule returns"
+            )
 
 
 def _parameter_edges(

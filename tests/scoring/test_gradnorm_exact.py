@@ -91,7 +91,7 @@ class SharedAndCustom(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, padding=1)
         self.block = nn.Conv2d(6, 6, 3, padding=1)  # called twice
-        self.scale = Scale(6)  # no fast rule: module fallback
+        self.scale = Scale(6)  # no layer rule; its gamma meets the batch in a mul: read off the graph
         self.offset = nn.Parameter(torch.randn(6, 1, 1) * 0.1)  # outside any layer: model fallback
         self.proj = nn.Linear(6, 6)
         self.head = nn.Linear(6, 6)
