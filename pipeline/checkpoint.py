@@ -212,13 +212,32 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         CheckpointError: no state.pt, unreadable, or not a checkpoint of this project.
     """
     path = Path(directory) / CHECKPOINT_FILE
+    if not Path(directory).exists():
+        raise CheckpointError(
+            f"checkpoint {directory} does not exist (pass the checkpoint directory `lplgrad train` printed; "
+            "a relative path is read from the directory the job runs in)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it has no {CHECKPOINT_FILE}")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable: corrupt, or not a torch checkpoint at all (neither a zip archive nor a "
+            "pickle stream; copy it again from where `lplgrad train` wrote it, or train again)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(unreadable_checkpoint_message(path, error)) from None
     return Checkpoint.from_state(state, path)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    # torch.save writes a zip archive (PK\x03\x04); its legacy format and plain pickles start with
+    # the pickle protocol opcode 0x80. Anything else is damaged or another kind of file: saying
+    # "holds Python objects" about random bytes would send the person looking for the wrong problem.
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def unreadable_checkpoint_message(path: str | Path, error: BaseException) -> str:
@@ -290,7 +309,10 @@ def fetch_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None)
     local = Path(tempfile.mkdtemp(prefix="lplgrad-checkpoint-"))
     try:
         fs.get(f"{path}/{CHECKPOINT_FILE}", str(local / CHECKPOINT_FILE))
-    except (FileNotFoundError, OSError) as error:
+    except FileNotFoundError as error:
+        where = "does not exist" if not fs.exists(path) else f"has no {CHECKPOINT_FILE}"
+        raise CheckpointError(f"checkpoint {uri} {where} (pass the checkpoint URI `lplgrad train` printed)") from error
+    except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {uri}: {error}") from error
     return local
 

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from ray_jobs._shared import config_cli as _config_cli
 from ray_jobs._shared import errors as _errors
 from ray_jobs._shared.entry import run_job
 from ray_jobs._shared.jobs import JOBS
-from ray_jobs._shared.progress import VERBOSE_ENV
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,14 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str], debug: bool) -> int:
     parser = build_parser()
-    if argv and argv[0] in JOBS and {"-h", "--help"} & set(argv[1:]):
-        print(_config_cli.job_help(argv[0], JOBS[argv[0]][0]))  # generated from the job's config class
-        return 0
-    if argv and argv[0] in JOBS and "--verbose" in argv[1:]:
-        os.environ[VERBOSE_ENV] = "1"  # Ray's own logs and worker output (ray_jobs/_shared/progress.py)
-        argv = [a for a in argv if a != "--verbose"]
     if argv and argv[0] in JOBS:
-        # Jobs parse their own flags (config file plus key=value overrides): the same path as python -m.
+        # Jobs parse their own flags (--help, --verbose, a config file plus key=value overrides): the
+        # same path as python -m.
         job = importlib.import_module(JOBS[argv[0]][0]).JOB
         return run_job(job, argv[1:] + (["--debug"] if debug else []))
     args = parser.parse_args(argv)

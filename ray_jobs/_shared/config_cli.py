@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import config_help, default_config_yaml
 
-__all__ = ["add_commands", "config_class", "job_help", "show_config"]
+__all__ = ["add_commands", "config_class", "help_for", "job_help", "show_config"]
 
 
 def config_class(module: ModuleType) -> type:
@@ -35,12 +35,19 @@ def config_class(module: ModuleType) -> type:
 
 def job_help(command: str, module_name: str) -> str:
     """The job's own argparse help, then every key of its config, then where to find a full file."""
-    module = importlib.import_module(module_name)
-    usage = module.JOB.parser().format_help()
+    return help_for(importlib.import_module(module_name).JOB)
+
+
+def help_for(job: Any) -> str:
+    """The full help of a `Job` (entry.py): `lplgrad JOB --help` and `python -m ray_jobs.JOB --help`
+    print this same text."""
+    usage = job.parser().format_help()
     return (
         f"{usage.rstrip()}\n  --verbose        Ray's own logs, Ray Data's progress and every worker's output "
-        f"(quiet by default; LPLGRAD_VERBOSE=1 for python -m)\n\n{config_help(config_class(module))}\n\n"
-        f"`lplgrad config show {command}` prints every key at its default as a YAML file to start from."
+        "(quiet by default; or LPLGRAD_VERBOSE=1)\n"
+        "  --debug          keep the traceback of a user error (or LPLGRAD_DEBUG=1)\n\n"
+        f"{config_help(job.config)}\n\n"
+        f"`lplgrad config show {job.command}` prints every key at its default as a YAML file to start from."
     )
 
 

@@ -5,15 +5,21 @@
     if __name__ == "__main__":
         raise SystemExit(run_job(JOB))
 
-`run_job` reads `--config FILE key=value ...` into the job's frozen config dataclass, prints the
-resolved config (so a log shows exactly what ran), calls the job's `start`, and turns what it
-raises into one line and exit code 2 for a person's mistake, or a traceback and exit code 1 for a
-bug (errors.py). `lplgrad JOB ...` (cli.py) and `python -m ray_jobs.JOB ...` take this same path.
+`run_job` reads `--config FILE key=value ...` into the job's frozen config dataclass, calls the
+job's `start`, and turns what it raises into one line and exit code 2 for a person's mistake, or a
+traceback and exit code 1 for a bug (errors.py). `lplgrad JOB ...` (cli.py) and `python -m
+ray_jobs.JOB ...` take this same path, `--help` included (the full help: flags and every key).
+
+The resolved config is printed (so a log shows exactly what ran) once the job's checks have
+passed: a job checks its inputs before it joins Ray, so `connect` (cluster.py) prints it just
+before joining; a job that never joins Ray has it printed when it ends. A bad input therefore
+ends with its one error line, not after a screen of YAML.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +27,9 @@ from typing import Any, Generic, TypeVar
 
 from pipeline.config import config_to_yaml, load_config
 from ray_jobs._shared.errors import run_command, strip_debug
+from ray_jobs._shared.progress import VERBOSE_ENV
 
-__all__ = ["Job", "run_job"]
+__all__ = ["Job", "echo_config", "run_job"]
 
 C = TypeVar("C")
 
@@ -73,18 +80,43 @@ class Job(Generic[C]):
         return load_config(self.config, args.config, overrides)
 
 
-def run_job(job: Job[Any], argv: Sequence[str] | None = None) -> int:
-    """Parse, echo and start `job`; the process's exit code (0, 1 for a bug, 2 for a user error).
+# The resolved config waiting to be printed (see the module docstring): one per process, since a
+# process runs one job from its command line.
+_pending_echo: list[str] = []
 
-    `--debug` anywhere on the command line (or LPLGRAD_DEBUG=1) keeps the traceback of a user error.
+
+def echo_config() -> None:
+    """Print the resolved config of the job this process runs, if not printed yet."""
+    while _pending_echo:
+        print(_pending_echo.pop(), end="", flush=True)
+
+
+def run_job(job: Job[Any], argv: Sequence[str] | None = None) -> int:
+    """Parse, check and start `job`; the process's exit code (0, 1 for a bug, 2 for a user error).
+
+    `--help` prints the full help; `--verbose` turns Ray's own output on (progress.py); `--debug`
+    anywhere on the command line (or LPLGRAD_DEBUG=1) keeps the traceback of a user error.
     """
+    from ray_jobs._shared.cluster import refuse_working_dir_paths
+    from ray_jobs._shared.config_cli import help_for
+
     argv, debug = strip_debug(list(sys.argv[1:] if argv is None else argv))
+    if {"-h", "--help"} & set(argv):
+        print(help_for(job))
+        return 0
+    if "--verbose" in argv:
+        os.environ[VERBOSE_ENV] = "1"
+        argv = [a for a in argv if a != "--verbose"]
 
     def body() -> int:
         config = job.parse_args(argv)
-        if job.echo_config:
-            print(config_to_yaml(config), end="")
+        refuse_working_dir_paths(config)  # under `ray job submit`: relative paths name the uploaded copy
+        _pending_echo[:] = [config_to_yaml(config)] if job.echo_config else []
         job.start(config)
+        echo_config()
         return 0
 
-    return run_command(job.command, body, debug)
+    try:
+        return run_command(job.command, body, debug)
+    finally:
+        _pending_echo.clear()

@@ -35,6 +35,9 @@ def inputs(tmp_path_factory) -> dict[str, str]:
         root / "ckpt", ModelSpec("small_cnn", 4, in_channels=1), [str(c) for c in range(4)]
     )
     (root / "not-a-checkpoint").mkdir()
+    (root / "random-bytes").mkdir()
+    # Fixed bytes, not os.urandom: 1 in 256 random files starts like a pickle stream.
+    (root / "random-bytes" / "state.pt").write_bytes(bytes((i * 37 + 11) % 251 for i in range(4096)))
     (root / "pickled").mkdir()
     (root / "pickled" / "state.pt").write_bytes(b"\x80\x04\x95 not a zip, a pickle stream")
     (root / "ten.yaml").write_text("k: ten\n")
@@ -78,6 +81,8 @@ CASES = {
     "unknown key": (["kk=3"], "unknown config key"),
     "k: ten in YAML": (["--config", "{root}/ten.yaml"], "k"),
     "no checkpoint file": (["checkpoint={root}/not-a-checkpoint"], "has no state.pt"),
+    "no checkpoint directory": (["checkpoint={root}/nowhere-ckpt"], "nowhere-ckpt does not exist"),
+    "random bytes as state.pt": (["checkpoint={root}/random-bytes"], "is unreadable: corrupt"),
     "a pickle, not weights": (["checkpoint={root}/pickled"], "is refused"),
     "missing pool": (["pool={root}/nowhere"], "nowhere"),
     "empty pool": (["pool={root}/empty-pool"], "empty-pool"),
@@ -156,3 +161,30 @@ def test_python_m_query_prints_the_same_line(inputs) -> None:
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(
         "lplgrad query: error: config: k must"
     )
+
+
+def test_python_m_help_is_the_full_help_and_lists_debug() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    via_cli = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.cli", "train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout == via_cli.stdout
+    assert "--debug" in done.stdout and "--verbose" in done.stdout and "cpus_per_worker" in done.stdout
+
+
+def test_the_config_is_echoed_only_once_the_checks_pass(inputs, no_ray, capsys) -> None:
+    assert cli.main(["query", f"pool={inputs['pool']}", f"checkpoint={inputs['root']}/nowhere-ckpt"]) == 2
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and "strategy:" not in captured.out
+
+
+def test_a_submitted_job_refuses_relative_paths(inputs, no_ray, monkeypatch, capsys) -> None:
+    # What the job driver of `ray job submit --working-dir .` finds in its environment.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}')
+    assert cli.main(["query", "pool=runs/pools/p", f"checkpoint={inputs['checkpoint']}", "out=s3://b/q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lplgrad query: error: pool=runs/pools/p is a relative path") and err.count("\n") == 1
+    assert "absolute path" in err and "s3://" in err and "checkpoint=" not in err
