@@ -79,10 +79,10 @@ def timed_run(config: query.QueryConfig) -> dict[str, Any]:
     start = time.perf_counter()
     written = query.run(config)
     job = time.perf_counter() - start
-    shards = written["shards"]
+    shards = written.shards or ()
     return {
         "job_s": job,
-        "stream_s": written["extra"]["seconds"],
+        "stream_s": written.extra["seconds"],
         "shards": len(shards),
         "shards_reused": sum(s["reused_from"] is not None for s in shards),
         "rows_scored": sum(s["rows_scored"] for s in shards),

@@ -206,8 +206,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     selection = manifest.load(str(work / "proxyq" / "proxy")).column("key").to_pylist()
     results.update(
         {
-            "full_query_samples_per_s": full["extra"]["samples_per_s"],
-            "proxy_query_samples_per_s": proxied["extra"]["samples_per_s"],
+            "full_query_samples_per_s": full.extra["samples_per_s"],
+            "proxy_query_samples_per_s": proxied.extra["samples_per_s"],
             "extract_rows_per_s": store.num_rows / results["extract_wall_s"],
             "proxy_exact": selection
             == brute_force_proxy_topk(str(work / "store"), trained["checkpoint"], set(labeled), args.k),

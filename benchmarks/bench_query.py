@@ -180,10 +180,10 @@ def timed_query(config: query.QueryConfig) -> dict[str, Any]:
     manifest = query.run(config)
     wall = time.perf_counter() - begin
     return {
-        "job_sps": manifest["extra"]["samples_per_s"],
-        "stream_s": manifest["extra"]["seconds"],
+        "job_sps": manifest.extra["samples_per_s"],
+        "stream_s": manifest.extra["seconds"],
         "wall_s": wall,
-        "counts": manifest["counts"],
+        "counts": manifest.counts.to_dict(),
     }
 
 
@@ -311,8 +311,8 @@ def child_main(spec: dict[str, Any]) -> None:
                 "peak_mb": peak / 1024,
                 "peak_source": peak_source,
                 "wall_s": wall,
-                "job_sps": manifest["extra"]["samples_per_s"],
-                "counts": manifest["counts"],
+                "job_sps": manifest.extra["samples_per_s"],
+                "counts": manifest.counts.to_dict(),
             }
         )
     )

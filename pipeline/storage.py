@@ -31,7 +31,10 @@ from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 __all__ = [
+    "CHECK_THEN_PUT",
+    "CREATE_MODES",
     "DEFAULT_ATTEMPTS",
+    "EXCLUSIVE",
     "NotWritableError",
     "StorageConfigError",
     "StorageError",
@@ -325,7 +328,12 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> str:
+EXCLUSIVE = "exclusive"
+CHECK_THEN_PUT = "check-then-put"
+CREATE_MODES = ("auto", EXCLUSIVE, CHECK_THEN_PUT)
+
+
+def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes, *, how: str = "auto") -> str:
     """Create ``path`` holding ``data`` only if nothing is there yet: the commit point of a run.
 
     Local disks: the bytes go to a temporary sibling that is hard-linked to ``path``; ``link``
@@ -333,48 +341,78 @@ def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> str:
     (filesystems without hard links fall back to ``O_CREAT | O_EXCL``, where a reader may see the
     file before its bytes are all written). Object stores: one PUT with ``If-None-Match: *``
     (S3 since 2024, and compatible stores that implement it). A store that answers that it does
-    not implement conditional writes gets a check-then-PUT, with a window of one round trip
-    between the check and the PUT (docs/manifest.md).
+    not implement conditional writes, and an fsspec backend whose ``mode="create"`` is fsspec's
+    generic exists-then-write, get a check-then-PUT, with a window of one round trip between the
+    check and the PUT (docs/manifest.md).
+
+    Args:
+        fs, path: Where to create.
+        data: Full contents.
+        how: ``"auto"`` (exclusive where the store can, else check-then-put), ``"exclusive"``
+            (never fall back: a store without conditional writes is an error) or
+            ``"check-then-put"`` (skip the conditional write: a claim already known to fall back).
 
     Returns:
-        ``"exclusive"``, or ``"check-then-put"`` for the fallback.
+        The path the create took: ``"exclusive"``, or ``"check-then-put"`` for the fallback.
 
     Raises:
         FileExistsError: If ``path`` exists.
+        StorageError: With ``how="exclusive"``, on a store without conditional writes.
     """
+    if how not in CREATE_MODES:
+        raise ValueError(f"how={how!r} is not one of {', '.join(CREATE_MODES)}")
     if is_local(fs):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _create_local(path, data)
+        return EXCLUSIVE
+    if how != CHECK_THEN_PUT and _native_conditional_put(fs):
         try:
-            os.link(tmp, path)
+            fs.pipe_file(path, data, mode="create")
+            return EXCLUSIVE
         except FileExistsError:
             raise
-        except OSError:  # no hard links here (some network and FUSE mounts)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-        finally:
-            os.unlink(tmp)
-        return "exclusive"
-    try:
-        fs.pipe_file(path, data, mode="create")
-        return "exclusive"
-    except FileExistsError:
-        raise
-    except (TypeError, NotImplementedError):  # an fsspec backend without mode="create"
-        pass
-    except OSError as error:
-        if not any(s in str(error) for s in ("NotImplemented", "not implemented", "501")):
-            raise
+        except (TypeError, NotImplementedError):  # an fsspec backend without mode="create"
+            pass
+        except OSError as error:
+            if not any(s in str(error) for s in ("NotImplemented", "not implemented", "501")):
+                raise
+    if how == EXCLUSIVE:
+        raise StorageError(
+            f"{display_uri(fs, path)}: the store does not implement conditional writes (If-None-Match), so this "
+            "create cannot be exclusive (use a store that does: AWS S3, or a recent MinIO or Ceph)"
+        )
     fs.invalidate_cache(path)
     if fs.exists(path):
         raise FileExistsError(display_uri(fs, path))
     fs.pipe_file(path, data)
-    return "check-then-put"
+    return CHECK_THEN_PUT
+
+
+def _create_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network and FUSE mounts)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    finally:
+        os.unlink(tmp)
+
+
+def _native_conditional_put(fs: AbstractFileSystem) -> bool:
+    # fsspec's own pipe_file(mode="create") checks, then writes: exclusive only in name. A backend
+    # that implements the write itself (s3fs: If-None-Match) is trusted to make it conditional.
+    for klass in type(fs).__mro__:
+        if "pipe_file" in vars(klass) or "_pipe_file" in vars(klass):
+            return not klass.__module__.startswith("fsspec.")
+    return False
 
 
 class RetryingReader(io.RawIOBase):

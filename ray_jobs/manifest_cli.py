@@ -163,7 +163,7 @@ def run_export(args: argparse.Namespace) -> int:
     if to_stdout:
         sys.stdout.write(data.decode())
     else:
-        print(f"exported {run.manifest['counts']['selected']} rows of {run.uri} as {args.format} to {args.out}")
+        print(f"exported {run.manifest.counts.selected} rows of {run.uri} as {args.format} to {args.out}")
     return 0
 
 

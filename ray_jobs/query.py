@@ -50,6 +50,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import config_to_dict
 from pipeline.manifest import (
+    Manifest,
     PoolShard,
     QueryInputs,
     begin_run,
@@ -525,7 +526,7 @@ def with_run_id(config: QueryConfig) -> QueryConfig:
     return config if config.run_id else dataclasses.replace(config, run_id=new_run_id())
 
 
-def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, Any]:
+def run(config: QueryConfig, checked: CheckedInputs | None = None) -> Manifest:
     """Run the query; returns the committed manifest (or the existing one for a no-op re-run).
 
     Args:
@@ -593,9 +594,9 @@ def run(config: QueryConfig, checked: CheckedInputs | None = None) -> dict[str, 
         shards=shard_records(prepared.inputs, plan, streamed.reused_rows, streamed.scored_rows),
         reuse=plan.to_dict(),
     )
-    if manifest.get("attempt") != state.attempt_id:
+    if manifest.attempt != state.attempt_id:
         print(
-            f"run {state.run_id} was committed meanwhile by attempt {manifest.get('attempt')} with the same inputs: "
+            f"run {state.run_id} was committed meanwhile by attempt {manifest.attempt} with the same inputs: "
             "this attempt's files were discarded"
         )
         return manifest

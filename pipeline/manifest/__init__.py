@@ -17,6 +17,7 @@ from pipeline.manifest._layout import (
     SchemaVersionError,
     UncommittedRunError,
 )
+from pipeline.manifest._record import Manifest, RunCounts, RunFiles
 from pipeline.manifest._summary import ScoreSummary
 from pipeline.manifest._tables import (
     ERRORS_SCHEMA,
@@ -86,11 +87,14 @@ __all__ = [
     "SELECTION_SCHEMA",
     "CommittedRun",
     "ExtractReport",
+    "Manifest",
     "ManifestError",
     "PoolShard",
     "QueryInputs",
     "ReusePlan",
     "RunConflictError",
+    "RunCounts",
+    "RunFiles",
     "RunState",
     "SchemaVersionError",
     "ScoreSummary",

@@ -38,7 +38,7 @@ __all__ = [
     "RunConflictError",
     "SchemaVersionError",
     "UncommittedRunError",
-    "read_manifest_file",
+    "read_manifest_json",
     "resolve_run_path",
 ]
 
@@ -69,8 +69,9 @@ class SchemaVersionError(ManifestError, ValueError):
     """manifest.json has a schema version this code does not read."""
 
 
-def read_manifest_file(fs: AbstractFileSystem, run_path: str) -> dict[str, Any]:
-    """The parsed manifest.json of the run at `run_path`, refusing other schema versions."""
+def read_manifest_json(fs: AbstractFileSystem, run_path: str) -> dict[str, Any]:
+    """The JSON of manifest.json of the run at `run_path`, as written, refusing other schema versions
+    (`lplgrad manifest verify` checks its fields; everything else reads a `Manifest`)."""
     where = display_uri(fs, join_path(run_path, MANIFEST_NAME))
     try:
         manifest = json.loads(fs.cat_file(join_path(run_path, MANIFEST_NAME)))

@@ -1,11 +1,12 @@
 """The commit protocol of a query run (schema version 1; the layout is in _layout.py).
 
 An attempt writes only under its own directory ``{out}/{run_id}/attempts/{attempt}/``;
-:func:`commit_run` creates ``manifest.json`` with an exclusive create (``O_EXCL`` semantics
-locally, ``If-None-Match: *`` on S3), so exactly one attempt becomes the run and a losing,
-crashed or concurrent attempt can never change it. The manifest records the sha256 of every file
-it names. A run without ``manifest.json`` is a failed or running job: readers refuse it. See
-docs/manifest.md for every field.
+:func:`commit_run` claims ``manifest.json`` and then publishes ``LATEST`` through the library's one
+commit primitive (:func:`pipeline.claims.claim_then_publish`: an exclusive create, ``O_EXCL``
+semantics locally, ``If-None-Match: *`` on S3), so exactly one attempt becomes the run and a
+losing, crashed or concurrent attempt can never change it. The manifest records the sha256 of
+every file it names, and how its own create was made (``claim``). A run without ``manifest.json``
+is a failed or running job: readers refuse it. See docs/manifest.md for every field.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import os
 import platform
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 from fsspec import AbstractFileSystem
 
+from pipeline.claims import claim_then_publish
 from pipeline.manifest._inputs import QueryInputs
 from pipeline.manifest._layout import (
     ATTEMPTS_DIR,
@@ -37,8 +39,8 @@ from pipeline.manifest._layout import (
     SELECTION_NAME,
     ManifestError,
     RunConflictError,
-    read_manifest_file,
 )
+from pipeline.manifest._record import Manifest, RunCounts, RunFiles, read_manifest_file
 from pipeline.manifest._summary import ScoreSummary
 from pipeline.manifest._tables import (
     SELECTION_SCHEMA,
@@ -48,7 +50,7 @@ from pipeline.manifest._tables import (
     selection_table,
     write_table,
 )
-from pipeline.storage import create_exclusive, display_uri, filesystem_for, join_path, write_bytes_atomic
+from pipeline.storage import display_uri, filesystem_for, join_path, write_bytes_atomic
 
 __all__ = [
     "COMMIT_STEPS",
@@ -98,7 +100,7 @@ class RunState:
     run_uri: str
     fingerprint: str
     started_at: str
-    committed: dict[str, Any] | None
+    committed: Manifest | None
     earlier_attempts: int
     fs: AbstractFileSystem
     out_path: str
@@ -184,7 +186,7 @@ def begin_run(out: str, run_id: str, fingerprint: str, storage_options: Mapping[
     committed, earlier = None, 0
     if fs.exists(join_path(run_path, MANIFEST_NAME)):
         committed = read_manifest_file(fs, run_path)
-        if committed.get("inputs_fingerprint") != fingerprint:
+        if committed.inputs_fingerprint != fingerprint:
             raise RunConflictError(_conflict_message(run_id, run_uri, committed, fingerprint))
         _advance_latest(fs, out_path, run_id)  # a job killed after its commit left LATEST behind
     else:
@@ -193,10 +195,10 @@ def begin_run(out: str, run_id: str, fingerprint: str, storage_options: Mapping[
     return RunState(run_id, run_uri, fingerprint, _utc_now(), committed, earlier, fs, out_path, new_attempt_id())
 
 
-def _conflict_message(run_id: str, run_uri: str, committed: Mapping[str, Any], fingerprint: str) -> str:
+def _conflict_message(run_id: str, run_uri: str, committed: Manifest, fingerprint: str) -> str:
     return (
         f"run {run_id} at {run_uri} is committed with inputs fingerprint "
-        f"{str(committed.get('inputs_fingerprint'))[:12]}..., but these inputs give {fingerprint[:12]}...; a committed "
+        f"{committed.inputs_fingerprint[:12]}..., but these inputs give {fingerprint[:12]}...; a committed "
         f"run is never overwritten: choose a new run id (e.g. run_id={new_run_id()})"
     )
 
@@ -225,8 +227,8 @@ def commit_run(
     excluded_rows: pa.Table | Iterable[tuple[str, str | None]] | None = None,
     shards: Sequence[Mapping[str, Any]] | None = None,
     reuse: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write this attempt's tables, then create manifest.json exclusively (the commit), then
+) -> Manifest:
+    """Write this attempt's tables, then claim manifest.json exclusively (the commit), then
     advance LATEST.
 
     Every file goes under the attempt's own directory; ``manifest.json`` names them with their
@@ -251,7 +253,8 @@ def commit_run(
 
     Returns:
         The committed manifest: this attempt's, or, when a concurrent attempt with the same inputs
-        committed first, that one (its ``attempt`` then differs from ``state.attempt_id``).
+        committed first, that one (its ``attempt`` then differs from ``state.attempt_id``). Its
+        ``claim`` says whether the create was exclusive or the store's check-then-put fallback.
 
     Raises:
         ManifestError: If the state is a no-op, the fingerprint differs from ``state``'s, the
@@ -276,56 +279,56 @@ def commit_run(
     tables = {"selection": (SELECTION_NAME, table), "errors": (ERRORS_NAME, error_rows)}
     if excluded_keys is not None:
         tables["excluded"] = (EXCLUDED_NAME, excluded_keys)
-    files: dict[str, Any] = {}
+    written: dict[str, str] = {}
     for name, (file_name, rows) in tables.items():
         path = join_path(attempt, file_name)
         state.written[path] = write_table(fs, path, rows)
-        files[name] = _relative(state, path)
+        written[name] = _relative(state, path)
     scores = sorted(p for p in state.written if p.startswith(join_path(attempt, SCORES_DIR) + "/"))
-    files["scores"] = [_relative(state, p) for p in scores]
+    files = RunFiles(
+        written["selection"], written["errors"], tuple(_relative(state, p) for p in scores), written.get("excluded")
+    )
     _fault_point("scores-check")
     _check_written(state)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": state.run_id,
-        "attempt": state.attempt_id,
-        "started_at": state.started_at,
-        "finished_at": _utc_now(),
-        "inputs_fingerprint": state.fingerprint,
-        "inputs": inputs.to_dict(),
-        "checkpoint": {"uri": inputs.checkpoint_uri, "sha256": inputs.checkpoint_sha256},
-        "counts": {"scored": scored, "excluded": excluded, "errors": error_rows.num_rows, "selected": table.num_rows},
-        "score_summary": summary.to_dict(),
-        "files": files,
-        "checksums": {_relative(state, p): dict(record) for p, record in sorted(state.written.items())},
-        "software": software_versions(),
-        "extra": dict(extra or {}),
-    }
-    if shards is not None:
-        manifest["shards"] = [dict(entry) for entry in shards]
-    if reuse is not None:
-        manifest["reuse"] = dict(reuse)
-    data = json.dumps(manifest, indent=2, allow_nan=False).encode()
+    manifest = Manifest(
+        run_id=state.run_id,
+        attempt=state.attempt_id,
+        started_at=state.started_at,
+        finished_at=_utc_now(),
+        inputs_fingerprint=state.fingerprint,
+        inputs=inputs.to_dict(),
+        checkpoint={"uri": inputs.checkpoint_uri, "sha256": inputs.checkpoint_sha256},
+        counts=RunCounts(scored, excluded, error_rows.num_rows, table.num_rows),
+        score_summary=summary.to_dict(),
+        files=files,
+        checksums={_relative(state, p): dict(record) for p, record in sorted(state.written.items())},
+        software=software_versions(),
+        extra=dict(extra or {}),
+        shards=tuple(dict(entry) for entry in shards) if shards is not None else None,
+        reuse=dict(reuse) if reuse is not None else None,
+        schema_version=SCHEMA_VERSION,
+    )
     _fault_point("manifest")
     try:
-        create_exclusive(fs, join_path(state.run_path, MANIFEST_NAME), data)  # the commit point
+        claim = claim_then_publish(
+            fs,
+            join_path(state.run_path, MANIFEST_NAME),
+            lambda kind: json.dumps(replace(manifest, claim=kind).to_dict(), indent=2, allow_nan=False).encode(),
+            lambda _: _publish_latest(fs, state.out_path, state.run_id),
+        )
     except FileExistsError:
         state.discard()
         fs.invalidate_cache()
         winner = read_manifest_file(fs, state.run_path)
-        if winner.get("inputs_fingerprint") != state.fingerprint:
+        if winner.inputs_fingerprint != state.fingerprint:
             raise RunConflictError(
                 f"another attempt committed run {state.run_id} at {state.run_uri} first, with other inputs "
-                "(fingerprint "
-                f"{str(winner.get('inputs_fingerprint'))[:12]}..., these give {state.fingerprint[:12]}...); this "
-                "attempt's "
-                "files were discarded and the committed run is unchanged (choose a new run id, e.g. "
+                f"(fingerprint {winner.inputs_fingerprint[:12]}..., these give {state.fingerprint[:12]}...); this "
+                "attempt's files were discarded and the committed run is unchanged (choose a new run id, e.g. "
                 f"run_id={new_run_id()})"
             ) from None
         return winner
-    _fault_point("latest")
-    _advance_latest(fs, state.out_path, state.run_id)
-    return manifest
+    return replace(manifest, claim=claim.kind)
 
 
 def _relative(state: RunState, path: str) -> str:
@@ -350,6 +353,11 @@ def _fault_point(step: str) -> None:
     # The commit fault drill: a process told to die at this step ends like a killed job would.
     if os.environ.get(_FAULT_ENV) == step:
         os._exit(137)
+
+
+def _publish_latest(fs: AbstractFileSystem, out_path: str, run_id: str) -> None:
+    _fault_point("latest")
+    _advance_latest(fs, out_path, run_id)
 
 
 def _advance_latest(fs: AbstractFileSystem, out_path: str, run_id: str) -> None:

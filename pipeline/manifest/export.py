@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
+from pipeline.manifest._record import Manifest
 from pipeline.manifest.read import load, read_manifest, resolve_run
 from pipeline.pools import (
     IMAGE_EXTENSIONS,
@@ -64,18 +65,18 @@ class CommittedRun:
 
     Attributes:
         uri: The run directory as a user would type it.
-        manifest: Its manifest.json.
+        manifest: Its manifest.
         storage_options: fsspec options used to reach it (and its pool).
     """
 
     uri: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
         """The run id recorded in the manifest."""
-        return str(self.manifest.get("run_id"))
+        return self.manifest.run_id
 
     def selection(self) -> pa.Table:
         """selection.parquet, rank 1 first."""
@@ -124,17 +125,17 @@ def run_summary(run: CommittedRun, top: int = 10) -> dict[str, Any]:
         A dict of plain values (NaN statistics as ``None``).
     """
     manifest = run.manifest
-    inputs = manifest.get("inputs", {})
+    inputs = manifest.inputs
     pool = inputs.get("pool", {})
     shards = pool.get("shards", [])
     sizes = [s.get("samples") for s in shards]
     rows = run.selection().slice(0, max(top, 0)).to_pylist()
     return {
-        "run_id": manifest.get("run_id"),
+        "run_id": manifest.run_id,
         "run_uri": run.uri,
-        "started_at": manifest.get("started_at"),
-        "finished_at": manifest.get("finished_at"),
-        "seconds": _seconds_between(manifest.get("started_at"), manifest.get("finished_at")),
+        "started_at": manifest.started_at,
+        "finished_at": manifest.finished_at,
+        "seconds": _seconds_between(manifest.started_at, manifest.finished_at),
         "strategy": inputs.get("strategy", {}).get("name"),
         "strategy_params": inputs.get("strategy", {}).get("params", {}),
         "k": inputs.get("k"),
@@ -146,11 +147,12 @@ def run_summary(run: CommittedRun, top: int = 10) -> dict[str, Any]:
         "subset": inputs.get("subset"),
         "exclusions": inputs.get("exclusions"),
         "features": inputs.get("features"),
-        "checkpoint": manifest.get("checkpoint"),
-        "inputs_fingerprint": manifest.get("inputs_fingerprint"),
-        "counts": manifest.get("counts"),
-        "score_summary": {k: _plain(v) for k, v in (manifest.get("score_summary") or {}).items()},
-        "software": manifest.get("software"),
+        "checkpoint": dict(manifest.checkpoint),
+        "inputs_fingerprint": manifest.inputs_fingerprint,
+        "counts": manifest.counts.to_dict(),
+        "score_summary": {k: _plain(v) for k, v in manifest.score_summary.items()},
+        "software": dict(manifest.software),
+        "claim": manifest.claim,
         "top": [{k: _plain(v) for k, v in row.items()} for row in rows],
     }
 
@@ -179,6 +181,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"run         {summary['run_id']}  {summary['run_uri']}",
         f"time        {summary['started_at']} -> {summary['finished_at']}{took}",
+        f"commit      manifest.json created {summary.get('claim') or '(how: not recorded)'}",
         f"strategy    {summary['strategy']} {json.dumps(summary['strategy_params'], sort_keys=True)}  k={summary['k']}",
         f"pool        {pool['uri']}  ({pool['shards']} shards, {_number(pool['samples'])} samples)",
         f"checkpoint  {checkpoint.get('uri')}  sha256 {checkpoint.get('sha256')}",
@@ -310,7 +313,7 @@ def _wanted(selection: pa.Table) -> dict[str, str | None]:
 
 
 def _pool_of(run: CommittedRun, pool: str | None) -> ResolvedPool:
-    uri = pool or run.manifest.get("inputs", {}).get("pool", {}).get("uri")
+    uri = pool or run.manifest.inputs.get("pool", {}).get("uri")
     if not uri:
         raise ValueError(f"run {run.uri} records no pool URI; pass the pool explicitly")
     return resolve_pool(uri, run.storage_options)

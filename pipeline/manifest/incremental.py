@@ -37,6 +37,7 @@ import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from pipeline.manifest._inputs import QueryInputs
+from pipeline.manifest._record import Manifest
 from pipeline.manifest.commit import software_versions
 from pipeline.manifest.read import iter_scores, load_errors, load_excluded, read_manifest
 from pipeline.storage import DEFAULT_ATTEMPTS, display_uri, retry_call
@@ -181,8 +182,8 @@ def plan_reuse(
     before = load_excluded(source, storage_options) if why_not is None else None
     if before is None:
         why_not = why_not or "it has no excluded.parquet (committed before incremental runs)"
-        return ReusePlan(reason=f"nothing reused from {previous['run_id']}: {why_not}")
-    known = {s["uri"]: s.get("identity") for s in previous["inputs"]["pool"]["shards"]}
+        return ReusePlan(reason=f"nothing reused from {previous.run_id}: {why_not}")
+    known = {s["uri"]: s.get("identity") for s in previous.inputs["pool"]["shards"]}
     errors = load_errors(source, storage_options)
     broken = {s for k, s in zip(errors.column("key").to_pylist(), errors.column("shard").to_pylist()) if k is None}
     unchanged = {
@@ -200,15 +201,15 @@ def plan_reuse(
                 rescore[shard].add(key)
     reused = {uri: frozenset(keys) for uri, keys in rescore.items()}
     rescored = sum(len(keys) for keys in reused.values())
-    reason = f"reusing {len(reused)} of {len(inputs.shards)} shards from {previous['run_id']}" + (
+    reason = f"reusing {len(reused)} of {len(inputs.shards)} shards from {previous.run_id}" + (
         f" ({rescored} keys it excluded are scored again)" if rescored else ""
     )
-    return ReusePlan(source, previous["run_id"], reused, tuple(still), reason)
+    return ReusePlan(source, previous.run_id, reused, tuple(still), reason)
 
 
-def _incompatible(previous: Mapping[str, Any], inputs: QueryInputs) -> str | None:
+def _incompatible(previous: Manifest, inputs: QueryInputs) -> str | None:
     """Why the previous run's rows cannot stand for this run's, or ``None``."""
-    before = previous["inputs"]
+    before = previous.inputs
     if before["checkpoint_sha256"] != inputs.checkpoint_sha256:
         was, now = before["checkpoint_sha256"][:12], inputs.checkpoint_sha256[:12]
         return f"the checkpoint changed (sha256 {was}... -> {now}...)"
@@ -218,12 +219,12 @@ def _incompatible(previous: Mapping[str, Any], inputs: QueryInputs) -> str | Non
             return f"{name} changed ({params.get(name)!r} -> {inputs.strategy_params.get(name)!r})"
     if before.get("subset", {}).get("size") is not None:
         return "it scored a random subset"
-    if "shards" not in previous:
+    if previous.shards is None:
         return "it has no shards record (committed before incremental runs)"
     now = software_versions()
     for package in _SCORING_PACKAGES:
-        if previous.get("software", {}).get(package) != now[package]:
-            return f"it was scored with {package} {previous.get('software', {}).get(package)}, this is {now[package]}"
+        if previous.software.get(package) != now[package]:
+            return f"it was scored with {package} {previous.software.get(package)}, this is {now[package]}"
     return None
 
 

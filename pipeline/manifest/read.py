@@ -14,9 +14,9 @@ from pipeline.manifest._layout import (
     MANIFEST_NAME,
     RUN_ID_PATTERN,
     ManifestError,
-    read_manifest_file,
     resolve_run_path,
 )
+from pipeline.manifest._record import Manifest, read_manifest_file
 from pipeline.manifest._tables import iter_parquet_batches
 from pipeline.storage import display_uri, filesystem_for, join_path
 
@@ -67,12 +67,13 @@ def previous_run(out: str, before: str, storage_options: Mapping[str, Any] | Non
     return display_uri(fs, join_path(path, runs[-1])) if runs else None
 
 
-def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """manifest.json of a committed run (``uri`` = run directory, or output root: follows LATEST).
+def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """The manifest of a committed run (``uri`` = run directory, or output root: follows LATEST).
 
     Raises:
         UncommittedRunError: If the run has no manifest.json.
         SchemaVersionError: If its schema version is not :data:`SCHEMA_VERSION`.
+        ManifestError: If a field a reader relies on is missing or mistyped.
         FileNotFoundError: If nothing is there.
     """
     fs, run_path = resolve_run_path(uri, storage_options)
@@ -104,7 +105,7 @@ def load(
     """
     fs, run_path = resolve_run_path(uri, storage_options)
     manifest = read_manifest_file(fs, run_path)
-    with fs.open(join_path(run_path, manifest["files"]["selection"]), "rb") as handle:
+    with fs.open(join_path(run_path, manifest.files.selection), "rb") as handle:
         # ParquetFile.read, not pq.read_table: on a Python file object read_table leaves pool threads
         # releasing Python objects after it returns, which can abort a short-lived process at exit
         # ("terminate called without an active exception"; pyarrow 26, Python 3.11).
@@ -132,7 +133,7 @@ def iter_scores(
         UncommittedRunError, SchemaVersionError, FileNotFoundError: As :func:`load`.
     """
     fs, run_path = resolve_run_path(uri, storage_options)
-    parts = [join_path(run_path, name) for name in read_manifest_file(fs, run_path)["files"]["scores"]]
+    parts = [join_path(run_path, name) for name in read_manifest_file(fs, run_path).files.scores]
     batches = iter_parquet_batches(fs, parts, columns, batch_size)
     if shards is None:
         return batches
@@ -149,7 +150,7 @@ def _rows_of_shards(batches: Iterator[pa.RecordBatch], wanted: pa.Array) -> Iter
 
 def _run_table(uri: str, name: str, storage_options: Mapping[str, Any] | None) -> pa.Table | None:
     fs, run_path = resolve_run_path(uri, storage_options)
-    relative = read_manifest_file(fs, run_path)["files"].get(name)
+    relative = getattr(read_manifest_file(fs, run_path).files, name)
     if relative is None:
         return None
     with fs.open(join_path(run_path, relative), "rb") as handle:

@@ -21,10 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipeline.claims import CLAIM_KINDS
 from pipeline.manifest._inputs import inputs_fingerprint
-from pipeline.manifest._layout import ATTEMPTS_DIR, MANIFEST_NAME, SCORES_DIR, ManifestError
+from pipeline.manifest._layout import ATTEMPTS_DIR, MANIFEST_NAME, SCORES_DIR, ManifestError, read_manifest_json
+from pipeline.manifest._record import Manifest
 from pipeline.manifest._tables import ERRORS_SCHEMA, SELECTION_SCHEMA, file_checksum
-from pipeline.manifest.read import read_manifest, resolve_run
+from pipeline.manifest.read import resolve_run
 from pipeline.storage import filesystem_for, join_path
 
 __all__ = ["Verification", "verify_run"]
@@ -93,6 +95,8 @@ def _check_fields(manifest: Mapping[str, Any], run_path: str) -> list[str]:
         problems.append(f"{MANIFEST_NAME}: inputs_fingerprint does not recompute from inputs (edited after commit?)")
     if manifest["checkpoint"]["sha256"] != manifest["inputs"]["checkpoint_sha256"]:
         problems.append(f"{MANIFEST_NAME}: checkpoint.sha256 differs from inputs.checkpoint_sha256")
+    if manifest.get("claim", CLAIM_KINDS[0]) not in CLAIM_KINDS:
+        problems.append(f"{MANIFEST_NAME}: claim {manifest['claim']!r} is not one of {', '.join(CLAIM_KINDS)}")
     counts = manifest["counts"]
     negative = [name for name, value in counts.items() if isinstance(value, int) and value < 0]
     if negative:
@@ -168,11 +172,11 @@ def _check_errors(table: pa.Table, name: str, errors: int, selected_keys: set[st
 
 
 def _check_scores(
-    fs: AbstractFileSystem, run_path: str, manifest: Mapping[str, Any], selected_keys: set[str], scan: bool
+    fs: AbstractFileSystem, run_path: str, manifest: Manifest, selected_keys: set[str], scan: bool
 ) -> list[str]:
     problems: list[str] = []
-    parts = list(manifest["files"]["scores"])
-    attempt = manifest.get("attempt")
+    parts = list(manifest.files.scores)
+    attempt = manifest.attempt
     directory = join_path(run_path, f"{ATTEMPTS_DIR}/{attempt}/{SCORES_DIR}" if attempt else SCORES_DIR)
     on_disk = {p.rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False)} if fs.exists(directory) else set()
     unlisted = sorted(on_disk - {p.rsplit("/", 1)[-1] for p in parts})
@@ -197,7 +201,7 @@ def _check_scores(
             problems.append(f"score part {part} has a different schema from {parts[0]}")
         rows += part_rows
         readable.append(path)
-    expected = manifest["counts"]["scored"] + manifest["counts"]["errors"]
+    expected = manifest.counts.scored + manifest.counts.errors
     if len(readable) == len(parts) and rows != expected:
         problems.append(f"score parts hold {rows} rows but counts.scored + counts.errors is {expected}")
     if schema is not None and "key" not in schema.names:
@@ -214,18 +218,14 @@ def _check_scores(
     return problems
 
 
-def _check_checksums(fs: AbstractFileSystem, run_path: str, manifest: Mapping[str, Any], full: bool) -> list[str]:
+def _check_checksums(fs: AbstractFileSystem, run_path: str, manifest: Manifest, full: bool) -> list[str]:
     """Every file the manifest names has a checksum, and its bytes still match it."""
-    checksums = manifest.get("checksums")
+    checksums = manifest.checksums
     if checksums is None:
         return []  # committed before checksums were recorded: nothing to compare against
     if not isinstance(checksums, Mapping):
         return [f"{MANIFEST_NAME}: field checksums is not an object"]
-    files = manifest["files"]
-    named = [files["selection"], files["errors"], *files["scores"]] + (
-        [files["excluded"]] if files.get("excluded") else []
-    )
-    problems = [f"{MANIFEST_NAME}: {name} has no checksum" for name in named if name not in checksums]
+    problems = [f"{MANIFEST_NAME}: {name} has no checksum" for name in manifest.files.named() if name not in checksums]
     for name, record in sorted(checksums.items()):
         if posixpath.isabs(name) or ".." in name.split("/"):
             problems.append(f"{MANIFEST_NAME}: checksum path {name!r} leaves the run directory")
@@ -257,23 +257,24 @@ def verify_run(uri: str, storage_options: Mapping[str, Any] | None = None, *, sc
     """
     try:
         run_uri = resolve_run(uri, storage_options)
-        manifest = read_manifest(run_uri, storage_options)
+        fs, run_path = filesystem_for(run_uri, storage_options)
+        recorded = read_manifest_json(fs, run_path)
     except (ManifestError, FileNotFoundError) as err:
         return Verification(uri, (str(err),))
-    fs, run_path = filesystem_for(run_uri, storage_options)
-    problems = _check_fields(manifest, run_path)
+    problems = _check_fields(recorded, run_path)
     if any("is missing or not a" in p for p in problems):
         return Verification(run_uri, tuple(problems))
-    files, counts = manifest["files"], manifest["counts"]
-    selection = _read_table(fs, join_path(run_path, files["selection"]), files["selection"], problems)
+    manifest = Manifest.from_dict(recorded, run_uri)
+    files, counts = manifest.files, manifest.counts
+    selection = _read_table(fs, join_path(run_path, files.selection), files.selection, problems)
     selected_keys: set[str] = set()
     if selection is not None:
-        problems += _check_selection(selection, files["selection"], counts["selected"])
+        problems += _check_selection(selection, files.selection, counts.selected)
         if "key" in selection.column_names:
             selected_keys = {k for k in selection.column("key").to_pylist() if k is not None}
-    errors = _read_table(fs, join_path(run_path, files["errors"]), files["errors"], problems)
+    errors = _read_table(fs, join_path(run_path, files.errors), files.errors, problems)
     if errors is not None:
-        problems += _check_errors(errors, files["errors"], counts["errors"], selected_keys)
+        problems += _check_errors(errors, files.errors, counts.errors, selected_keys)
     problems += _check_scores(fs, run_path, manifest, selected_keys, scan_scores)
     problems += [p for p in _check_checksums(fs, run_path, manifest, scan_scores) if not any(p in q for q in problems)]
     return Verification(run_uri, tuple(problems))

@@ -77,8 +77,9 @@ def attempt(spec: dict[str, Any]) -> int:
     except RunConflictError as error:
         print(json.dumps({"status": "conflict", "attempt": state.attempt_id, "message": str(error)}))
         return CONFLICT_EXIT
-    won = manifest["attempt"] == state.attempt_id
-    print(json.dumps({"status": "committed" if won else "same-inputs", "attempt": state.attempt_id}))
+    won = manifest.attempt == state.attempt_id
+    status = "committed" if won else "same-inputs"
+    print(json.dumps({"status": status, "attempt": state.attempt_id, "claim": manifest.claim}))
     return 0
 
 
@@ -156,9 +157,9 @@ def test_a_losing_attempt_leaves_the_committed_run_byte_identical(store, tmp_pat
     (tmp_path / "barrier" / "go-winner").touch()
     assert _finish(winner) == (
         0,
-        {"status": "committed", "attempt": read_manifest(f"{out}/night-01", options)["attempt"]},
+        {"status": "committed", "attempt": read_manifest(f"{out}/night-01", options).attempt, "claim": "exclusive"},
     )
-    mine = f"/attempts/{read_manifest(f'{out}/night-01', options)['attempt']}/"
+    mine = f"/attempts/{read_manifest(f'{out}/night-01', options).attempt}/"
     before = {
         name: digest for name, digest in _snapshot(out, options).items() if "/attempts/" not in name or mine in name
     }
@@ -183,8 +184,10 @@ def test_concurrent_attempts_commit_exactly_one(store, tmp_path: Path) -> None:
     winners = [r for code, r in results if r.get("status") == "committed"]
     assert len(winners) == 1, results
     manifest = read_manifest(f"{out}/night-01", options)
-    assert manifest["attempt"] == winners[0]["attempt"]
-    same = manifest["inputs"]["k"]
+    assert manifest.attempt == winners[0]["attempt"]
+    # The race was decided by a conditional create, not by the racy check-then-put fallback.
+    assert manifest.claim == winners[0]["claim"] == "exclusive"
+    same = manifest.inputs["k"]
     for (code, result), i in zip(results, range(len(names))):
         if result is winners[0]:
             continue
@@ -192,7 +195,7 @@ def test_concurrent_attempts_commit_exactly_one(store, tmp_path: Path) -> None:
         assert (result["status"], code) == expected, result
     assert verify_run(f"{out}/night-01", options).ok
     attempts = {name.split("/attempts/")[1].split("/")[0] for name in _snapshot(out, options) if "/attempts/" in name}
-    assert attempts == {manifest["attempt"]}  # every loser removed its own files
+    assert attempts == {manifest.attempt}  # every loser removed its own files
 
 
 # Every step on local files; on S3 the steps around its conditional PUT (each process costs seconds).
@@ -219,7 +222,7 @@ def test_a_query_killed_at_each_commit_step_recovers(request, tmp_path: Path, wh
     status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and status["status"] == ("no-op" if step == "latest" else "committed"), status
     assert verify_run(out, options).ok  # follows LATEST, which the re-run advanced
-    assert read_manifest(out, options)["run_id"] == "night-01"
+    assert read_manifest(out, options).run_id == "night-01"
 
 
 if __name__ == "__main__":

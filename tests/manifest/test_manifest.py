@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Any
 
 import fsspec
@@ -20,6 +21,7 @@ from pipeline.manifest import (
     PoolShard,
     QueryInputs,
     RunConflictError,
+    RunCounts,
     SchemaVersionError,
     ScoreSummary,
     UncommittedRunError,
@@ -34,6 +36,7 @@ from pipeline.manifest import (
     resolve_run,
     selection_rows,
 )
+from pipeline.manifest.verify import verify_run
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -113,9 +116,22 @@ def test_commit_then_load_returns_the_selection(store: tuple[str, dict[str, Any]
     assert table.column("shard").to_pylist() == ["pool-000000.tar", "pool-000001.tar", "pool-000001.tar"]
     frame = load(out, options, as_pandas=True)
     assert list(frame["key"]) == ["k-0-1", "k-1-1", "k-1-0"]
-    assert manifest["counts"] == {"scored": 6, "excluded": 0, "errors": 2, "selected": 3}
+    assert manifest.counts == RunCounts(scored=6, excluded=0, errors=2, selected=3)
     assert read_manifest(out, options) == manifest
+    assert manifest.claim == "exclusive"  # local disks and the loopback S3 server both take conditional creates
     assert sum(b.num_rows for b in iter_scores(out, options, columns=["key"])) == 8
+
+
+def test_a_store_without_conditional_writes_commits_through_check_then_put_and_says_so() -> None:
+    # fsspec's memory filesystem has no conditional create of its own (fsspec's generic
+    # pipe_file(mode="create") looks, then writes): the fallback, recorded in the manifest.
+    out = f"memory://queries-{uuid.uuid4().hex[:12]}"
+    manifest = _run(out, {}, "run-001", _inputs())
+    assert manifest.claim == "check-then-put"
+    assert read_manifest(out) == manifest
+    with fsspec.open(f"{out}/run-001/manifest.json", "rt") as handle:
+        assert json.load(handle)["claim"] == "check-then-put"
+    assert verify_run(out).ok
 
 
 def test_uncommitted_run_is_refused(store: tuple[str, dict[str, Any]]) -> None:
@@ -165,10 +181,10 @@ def test_crashed_attempt_is_never_part_of_the_run(store: tuple[str, dict[str, An
     assert state.earlier_attempts == 1 and "1 uncommitted earlier attempt" in state.message
     assert state.attempt_id != crashed.attempt_id
     manifest = _run(out, options, "run-001", inputs)
-    prefix = f"attempts/{manifest['attempt']}/"
-    assert manifest["files"]["scores"] == [f"{prefix}scores/part-0000{i}.parquet" for i in range(3)]
-    assert set(manifest["checksums"]) == {
-        *manifest["files"]["scores"],
+    prefix = f"attempts/{manifest.attempt}/"
+    assert manifest.files.scores == tuple(f"{prefix}scores/part-0000{i}.parquet" for i in range(3))
+    assert set(manifest.checksums) == {
+        *manifest.files.scores,
         f"{prefix}selection.parquet",
         f"{prefix}errors.parquet",
     }
@@ -219,6 +235,7 @@ def test_files_stand_alone_with_plain_pyarrow_and_json(store: tuple[str, dict[st
     assert hashlib.sha256(canonical.encode()).hexdigest() == manifest["inputs_fingerprint"]
     assert manifest["started_at"].endswith("Z") and manifest["finished_at"] >= manifest["started_at"]
     assert set(manifest["software"]) >= {"python", "torch", "ray", "pyarrow", "lplgrad"}
+    assert manifest["claim"] == "exclusive"
     summary = manifest["score_summary"]
     assert (summary["count"], summary["min"], summary["max"], summary["quantiles"]["0.5"]) == (6, 0.5, 5.0, 1.5)
     with fsspec.open(f"{run}/{manifest['files']['selection']}", "rb", **options) as handle:

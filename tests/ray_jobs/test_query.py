@@ -115,7 +115,7 @@ def test_selection_is_the_exact_topk_of_library_scores(cycle) -> None:
     assert errors["key"] == ["corrupt-0001"] and errors["reason"][0]
     counts = json.loads((run_dir / "manifest.json").read_text())["counts"]
     assert counts == {"scored": 230, "excluded": 0, "errors": 1, "selected": 12}
-    assert written["checkpoint"]["sha256"] and (cycle["root"] / "queries" / "LATEST").read_text().strip() == "r1"
+    assert written.checkpoint["sha256"] and (cycle["root"] / "queries" / "LATEST").read_text().strip() == "r1"
 
 
 def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, capsys) -> None:
@@ -133,8 +133,8 @@ def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, capsys) -> None:
     second = manifest.load(str(cycle["root"] / "queries" / "r2")).column("key").to_pylist()
     first_keys = set(manifest.load(str(cycle["root"] / "queries" / "r1")).column("key").to_pylist())
     assert len(second) == 12 and not (set(second) & (first_keys | cycle["labeled_keys"]))
-    counts = manifest.read_manifest(str(cycle["root"] / "queries" / "r2"))["counts"]
-    assert counts["excluded"] == len(first_keys | cycle["labeled_keys"])
+    counts = manifest.read_manifest(str(cycle["root"] / "queries" / "r2")).counts
+    assert counts.excluded == len(first_keys | cycle["labeled_keys"])
 
 
 def test_a_scoring_actor_killed_mid_run_still_gives_a_complete_manifest(cycle) -> None:
@@ -153,7 +153,7 @@ def test_pool_and_manifest_on_s3_read_back_with_plain_pyarrow(cycle, s3_server) 
     out = s3_server.uri("queries")
     query.run(query_config(cycle, pool=pool, out=out, run_id="s3run", storage_options=s3_server.storage_options))
     via_library = manifest.load(out, storage_options=s3_server.storage_options)  # follows LATEST
-    selection = manifest.read_manifest(out, storage_options=s3_server.storage_options)["files"]["selection"]
+    selection = manifest.read_manifest(out, storage_options=s3_server.storage_options).files.selection
     with fs.open(out.removeprefix("s3://") + f"/s3run/{selection}", "rb") as handle:
         plain = pq.read_table(handle)
     assert via_library.column("key").to_pylist() == plain.column("key").to_pylist()
@@ -202,7 +202,7 @@ def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(cycle
     (pool / "shard-0001.tar").write_bytes(good[: len(good) // 3 + 100])  # truncated mid-member
     out = tmp_path / "queries"
     written = query.run(query_config(cycle, pool=str(pool), out=str(out), run_id="bad", incremental=False))
-    assert written["counts"]["selected"] == 0 and written["counts"]["scored"] == 0
+    assert written.counts.selected == 0 and written.counts.scored == 0
     errors = manifest.load_errors(str(out / "bad")).to_pylist()
     by_shard = {e["shard"]: e["reason"] for e in errors if e["key"] is None}
     assert set(by_shard) == {str(pool / "shard-0000.tar"), str(pool / "shard-0001.tar")}, errors

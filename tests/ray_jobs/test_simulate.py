@@ -43,7 +43,7 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
     assert (tmp_path / "sim" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| lplgrad+power |" in (tmp_path / "sim" / "results.md").read_text()
     # The stochastic chain went through the query job as a power draw.
-    inputs = manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad+power-s0" / "queries" / "c0"))["inputs"]
+    inputs = manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad+power-s0" / "queries" / "c0")).inputs
     assert inputs["strategy"]["name"] == "lplgrad" and inputs["strategy"]["params"]["stochastic"] == "power"
     # Both strategies started from the same seeded initial set.
     initial = {r["strategy"]: r for r in rows if r["cycle"] == 0}
@@ -95,9 +95,9 @@ def test_proxy_aligned_simulation_refreshes_features_from_the_fine_tuned_backbon
     assert all(0.0 <= r["proxy_accuracy"] <= 1.0 for r in rows)
     # Cycle 1's query read the store of the fine-tuned backbone, not the first cycle's.
     stores = [
-        manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad-proxy-aligned-s0" / "queries" / f"c{c}"))[
-            "inputs"
-        ]["features"]
+        manifest.read_manifest(
+            str(tmp_path / "sim" / "work" / "lplgrad-proxy-aligned-s0" / "queries" / f"c{c}")
+        ).inputs["features"]
         for c in (0, 1)
     ]
     assert stores[0]["backbone_sha256"] != stores[1]["backbone_sha256"]
