@@ -5,11 +5,16 @@
         --storage-option endpoint_url=http://minio:9000
     lplgrad pool build --cifar ~/data/cifar-10-batches-py --split test --encoding png --out /data/pools/cifar-test
     lplgrad pool build --image-folder ~/photos --out gs://bucket/pools/photos --encoding jpg
+    lplgrad pool build --image-folder s3://bucket/raw/photos --out s3://bucket/pools/photos --address auto
+    lplgrad pool build --idx /usr/share/datasets/fashion-mnist --out /data/pools/fmnist --serial
     lplgrad pool label --pool /data/pools/synth --labels answers.csv --out /data/pools/labeled-1 \
         --append-to /data/pools/labeled-0
 
 The same commands run without the ``lplgrad`` entry point as ``python -m ray_jobs.pool_cli build ...``.
-Neither command starts Ray: building and labeling are single-process streaming writes.
+``pool build`` writes its partitions (``--shard-samples`` consecutive samples each) as Ray tasks on the
+cluster at ``--address`` (default: ``RAY_ADDRESS``, else a local Ray); ``--serial`` writes them in this
+process without Ray. Either way the index is written last, and running the same command again on an
+unfinished build resumes it (docs/pools.md, "Building on a cluster"). ``pool label`` is one process.
 """
 
 from __future__ import annotations
@@ -24,14 +29,18 @@ from pipeline.pools import (
     DEFAULT_SHARD_BYTES,
     DEFAULT_SHARD_SAMPLES,
     ENCODINGS,
+    BuildReport,
     CifarSource,
     IdxSource,
     ImageFolderSource,
     ImageSource,
+    PartitionedSource,
     PoolIndex,
     brace_pattern,
-    build_pool,
+    build_partitioned,
+    build_settings,
     label_pool,
+    shard_name,
     synthetic,
 )
 from pipeline.storage import parse_storage_options
@@ -93,6 +102,17 @@ def _add_build(subparsers: Any) -> None:
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="channels of --synthetic")
     parser.add_argument("--class-names", help="comma-separated class names replacing the source's")
     parser.add_argument("--unlabeled", action="store_true", help="drop labels (a pool for annotators)")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to build on (auto, HOST:PORT, ray://HOST:10001; default RAY_ADDRESS, else a local Ray)",
+    )
+    parser.add_argument(
+        "--task-cpus",
+        type=float,
+        default=0.5,
+        help="CPUs each partition's Ray task reserves (default 0.5: reads, encoding and uploads interleave)",
+    )
+    parser.add_argument("--serial", action="store_true", help="write every partition in this process, without Ray")
     _common_output(parser)
     parser.set_defaults(func=run_build)
 
@@ -146,6 +166,9 @@ def _source(args: argparse.Namespace, storage_options: dict[str, Any]) -> ImageS
 
 
 def _summary(uri: str, index: PoolIndex, **extra: Any) -> str:
+    names = [s.name for s in index.shards]
+    # A partition that overflowed --shard-bytes adds pool-NNNNNN_0001.tar: no brace pattern covers those.
+    contiguous = names == [shard_name(i) for i in range(len(names))]
     return json.dumps(
         {
             "pool": uri,
@@ -154,7 +177,7 @@ def _summary(uri: str, index: PoolIndex, **extra: Any) -> str:
             "bytes": index.total_bytes,
             "labeled": index.labeled,
             "classes": len(index.classes) if index.classes else None,
-            "brace_pattern": brace_pattern(len(index.shards)),
+            "brace_pattern": brace_pattern(len(index.shards)) if contiguous else None,
             **extra,
         }
     )
@@ -165,17 +188,27 @@ def run_build(args: argparse.Namespace) -> int:
     """Run ``pool build``; prints a one-line JSON summary."""
     storage_options = parse_storage_options(args.storage_option)
     class_names = [c.strip() for c in args.class_names.split(",")] if args.class_names else None
-    index = build_pool(
-        _source(args, storage_options),
-        args.out,
+    source = _source(args, storage_options)
+    assert isinstance(source, PartitionedSource)  # every source the command offers hands out ranges
+    settings = build_settings(
+        source,
         encoding=args.encoding,
         shard_samples=args.shard_samples,
         shard_bytes=args.shard_bytes,
-        storage_options=storage_options,
         class_names=class_names,
         unlabeled=args.unlabeled,
     )
-    print(_summary(args.out, index))
+    if args.serial:
+        report: BuildReport = build_partitioned(source, args.out, settings, storage_options)
+        executor = "process" if report.written else "none"
+    else:
+        from ray_jobs._shared.pool_build import RayPartitionWriter  # Ray only when it is asked for
+
+        writer = RayPartitionWriter(args.address, task_cpus=args.task_cpus)
+        report = build_partitioned(source, args.out, settings, storage_options, write=writer)
+        executor = writer.executor
+    extra = {"partitions": report.partitions, "written": report.written, "kept": report.kept, "executor": executor}
+    print(_summary(args.out, report.index, **extra))
     return 0
 
 

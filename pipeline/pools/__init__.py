@@ -6,7 +6,24 @@ package. See ``docs/pools.md`` for the format and the commands.
 
 from __future__ import annotations
 
-from pipeline.pools.build import build_pool, sample_files
+from pipeline.pools._build_state import (
+    BuildReport,
+    BuildSettings,
+    PartialBuildError,
+    Partition,
+    PartitionRecord,
+    PoolBuild,
+)
+from pipeline.pools.build import (
+    PartitionWriter,
+    build_partitioned,
+    build_pool,
+    build_settings,
+    plan_partitions,
+    sample_files,
+    write_partition,
+    write_partitions_serially,
+)
 from pipeline.pools.decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,13 +46,16 @@ from pipeline.pools.errors import (
     PoolNotFoundError,
     ShardFormatError,
     ShardReadError,
+    UnfinishedPoolError,
 )
 from pipeline.pools.format import (
+    BUILD_DIR,
     IMAGE_EXTENSIONS,
     INDEX_NAME,
     PoolIndex,
     ShardEntry,
     brace_pattern,
+    partition_shard_name,
     shard_name,
     validate_key,
 )
@@ -54,6 +74,7 @@ from pipeline.pools.sources import (
     IdxSource,
     ImageFolderSource,
     ImageSource,
+    PartitionedSource,
     SourceSample,
     SyntheticSource,
     synthetic,
@@ -61,6 +82,22 @@ from pipeline.pools.sources import (
 from pipeline.pools.writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, PoolWriter
 
 __all__ = [
+    "BUILD_DIR",
+    "BuildReport",
+    "BuildSettings",
+    "PartialBuildError",
+    "Partition",
+    "PartitionRecord",
+    "PartitionWriter",
+    "PartitionedSource",
+    "PoolBuild",
+    "UnfinishedPoolError",
+    "build_partitioned",
+    "build_settings",
+    "partition_shard_name",
+    "plan_partitions",
+    "write_partition",
+    "write_partitions_serially",
     "DEFAULT_SHARD_BYTES",
     "DEFAULT_SHARD_SAMPLES",
     "ENCODINGS",

@@ -19,6 +19,7 @@ __all__ = [
     "PoolNotFoundError",
     "ShardFormatError",
     "ShardReadError",
+    "UnfinishedPoolError",
 ]
 
 
@@ -36,6 +37,10 @@ class EmptyPoolError(PoolError, ValueError):
 
 class PoolExistsError(PoolError, FileExistsError):
     """A build or label command would write over an existing pool."""
+
+
+class UnfinishedPoolError(PoolError):
+    """The prefix holds a pool build that has not finished (shards, but no index yet)."""
 
 
 class DuplicateKeyError(PoolError, ValueError):

@@ -37,6 +37,7 @@ from typing import Any
 from pipeline.pools.errors import PoolError
 
 __all__ = [
+    "BUILD_DIR",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "IMAGE_EXTENSIONS",
@@ -46,6 +47,7 @@ __all__ = [
     "PoolIndex",
     "ShardEntry",
     "brace_pattern",
+    "partition_shard_name",
     "shard_name",
     "split_member_name",
     "utc_now",
@@ -55,6 +57,9 @@ __all__ = [
 FORMAT_NAME = "lplgrad-pool"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
+# An unfinished build keeps its plan and one record per finished partition here; the folder is
+# removed once index.json is written (docs/pools.md, "Resuming").
+BUILD_DIR = "_build"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTENSION = "cls"
 META_EXTENSION = "json"
@@ -70,6 +75,18 @@ _MEMBER_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 def shard_name(index: int) -> str:
     """Return the name of shard ``index``: ``pool-000000.tar`` for 0."""
     return f"pool-{index:0{_SHARD_DIGITS}d}.tar"
+
+
+def partition_shard_name(partition: int, part: int) -> str:
+    """Return the name of shard ``part`` of build partition ``partition``.
+
+    A partition's first shard is ``shard_name(partition)``, so a build whose partitions each fit
+    in one shard has the same names as the single-stream writer. A partition that overflows
+    ``shard_bytes`` continues in ``pool-000003_0001.tar``, ...: ``_`` sorts after ``.``, so
+    the names still sort in sample order.
+    """
+    base = shard_name(partition)
+    return base if part == 0 else f"{base[: -len('.tar')]}_{part:04d}.tar"
 
 
 def brace_pattern(num_shards: int) -> str:

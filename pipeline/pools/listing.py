@@ -15,8 +15,8 @@ from typing import Any, Literal
 from braceexpand import braceexpand
 from fsspec import AbstractFileSystem
 
-from pipeline.pools.errors import EmptyPoolError, PoolNotFoundError, ShardReadError
-from pipeline.pools.format import INDEX_NAME, PoolIndex
+from pipeline.pools.errors import EmptyPoolError, PoolNotFoundError, ShardReadError, UnfinishedPoolError
+from pipeline.pools.format import BUILD_DIR, INDEX_NAME, PoolIndex
 from pipeline.storage import (
     DEFAULT_ATTEMPTS,
     display_uri,
@@ -145,6 +145,11 @@ def resolve_pool(
     index_path = join_path(path, INDEX_NAME)
     if exists(index_path):
         return _from_index(uri, fs, index_path, attempts)
+    if exists(join_path(path, f"{BUILD_DIR}/plan.json")):
+        raise UnfinishedPoolError(
+            f"{uri} is an unfinished pool build (shards but no {INDEX_NAME} yet): run the same "
+            "`lplgrad pool build` command again to finish it, or delete the prefix"
+        )
     if not exists(path):
         raise PoolNotFoundError(
             f"no pool at {uri}: the prefix does not exist (check the URI, the bucket, and "

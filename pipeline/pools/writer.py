@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, BinaryIO
 
+from fsspec import AbstractFileSystem
+
 from pipeline.pools.errors import DuplicateKeyError, EmptyPoolError, PoolError, PoolExistsError
 from pipeline.pools.format import (
+    BUILD_DIR,
     IMAGE_EXTENSIONS,
     INDEX_NAME,
     LABEL_EXTENSION,
@@ -36,7 +39,7 @@ from pipeline.storage import (
     write_bytes_atomic,
 )
 
-__all__ = ["DEFAULT_SHARD_BYTES", "DEFAULT_SHARD_SAMPLES", "PoolWriter"]
+__all__ = ["DEFAULT_SHARD_BYTES", "DEFAULT_SHARD_SAMPLES", "PoolWriter", "ShardSeriesWriter", "image_encoding_of"]
 
 DEFAULT_SHARD_SAMPLES = 10_000
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 100 MB - 1 GB shards keep object-store reads efficient
@@ -63,6 +66,152 @@ class _CountingFile:
 
     def flush(self) -> None:
         self.raw.flush()
+
+
+class ShardSeriesWriter:
+    """Write samples into a series of rotating shards named by ``name_for(0)``, ``name_for(1)``, ...
+
+    The shard mechanics shared by :class:`PoolWriter` (one series per pool) and the partition
+    writer of a parallel build (one series per partition): validation, rotation at fixed
+    thresholds, deterministic members, duplicate keys. It writes no index and refuses nothing
+    that is already there; its owner decides both.
+
+    Args:
+        fs: Filesystem of the pool.
+        path: Stripped path of the pool prefix.
+        name_for: Shard number within the series -> file name under ``path``.
+        shard_samples: Maximum samples per shard.
+        shard_bytes: Target maximum shard size; exceeded only by a single oversized sample.
+
+    Raises:
+        ValueError: If a shard limit is not positive.
+    """
+
+    def __init__(
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        name_for: Callable[[int], str],
+        *,
+        shard_samples: int = DEFAULT_SHARD_SAMPLES,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> None:
+        if shard_samples <= 0 or shard_bytes <= 0:
+            raise ValueError(f"shard_samples and shard_bytes must be positive, got {shard_samples}, {shard_bytes}")
+        self.fs, self.path, self.name_for = fs, path, name_for
+        self.shard_samples = shard_samples
+        self.shard_bytes = shard_bytes
+        self.entries: list[ShardEntry] = []
+        self.image_exts: set[str] = set()
+        self.labeled = True
+        self._key_shard: dict[str, int] = {}
+        self._file: BinaryIO | None = None
+        self._counter: _CountingFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._estimate = 0
+        self._closed = False
+
+    @property
+    def num_samples(self) -> int:
+        """Samples written so far."""
+        return len(self._key_shard)
+
+    def _shard_uri(self, i: int) -> str:
+        return display_uri(self.fs, join_path(self.path, self.name_for(i)))
+
+    def write(self, key: str, files: Mapping[str, bytes]) -> None:
+        """Append one sample.
+
+        Args:
+            key: The sample's ``__key__`` (see :func:`~pipeline.pools.format.validate_key`).
+            files: Extension -> payload, e.g. ``{"png": b"...", "cls": b"3"}``.
+
+        Raises:
+            ValueError: On an invalid key, no files, or non-bytes payloads.
+            DuplicateKeyError: If ``key`` was already written to this series.
+        """
+        if self._closed:
+            raise PoolError(f"writer for {display_uri(self.fs, self.path)} is closed")
+        validate_key(key)
+        if not files:
+            raise ValueError(f"sample {key!r} has no files")
+        for ext, payload in files.items():
+            if not ext or "/" in ext or ext.startswith("_"):
+                raise ValueError(f"sample {key!r}: invalid extension {ext!r}")
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise ValueError(f"sample {key!r}: {ext} is {type(payload).__name__}, not bytes")
+        size = sum(_member_bytes(len(p)) for p in files.values())
+        full = self._count >= self.shard_samples or self._estimate + size > self.shard_bytes
+        if self._tar is None or (self._count > 0 and full):
+            self._next_shard()
+        shard = len(self.entries)
+        if key in self._key_shard:
+            raise DuplicateKeyError(key, self._shard_uri(self._key_shard[key]), self._shard_uri(shard))
+        self._key_shard[key] = shard
+        assert self._tar is not None
+        for ext in sorted(files):
+            payload = bytes(files[ext])
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(payload))
+        self._count += 1
+        self._estimate += size
+        self.image_exts.update(e for e in files if e in IMAGE_EXTENSIONS)
+        self.labeled &= LABEL_EXTENSION in files
+
+    def _next_shard(self) -> None:
+        self._finish_shard()
+        path = join_path(self.path, self.name_for(len(self.entries)))
+        if is_local(self.fs):
+            self.fs.makedirs(self.path, exist_ok=True)  # object stores have no directories to make
+        self._file = self.fs.open(path, mode="wb")
+        self._counter = _CountingFile(self._file)
+        # Stream mode ("w|"): no seeks, as object-store uploads require. PAX format: names
+        # over 100 bytes get an extended header instead of an error.
+        self._tar = tarfile.open(fileobj=self._counter, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+        self._count = 0
+        self._estimate = 2 * _BLOCK  # the end-of-archive marker
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        assert self._file is not None and self._counter is not None
+        self._tar.close()
+        self._file.close()  # for object stores this completes the upload
+        name = self.name_for(len(self.entries))
+        self.entries.append(ShardEntry(name=name, samples=self._count, bytes=self._counter.count))
+        self._tar = self._file = self._counter = None
+
+    def finish(self) -> list[ShardEntry]:
+        """Close the last shard; every shard is complete on storage when this returns.
+
+        Returns:
+            The shards written, in order (empty when no sample was written).
+        """
+        if self._closed:
+            raise PoolError(f"writer for {display_uri(self.fs, self.path)} is already closed")
+        self._finish_shard()
+        self._closed = True
+        return list(self.entries)
+
+    def abort(self) -> None:
+        """Stop writing and delete the shards written so far."""
+        if self._tar is not None and self._file is not None:
+            try:
+                self._tar.close()
+                self._file.close()
+            except Exception:  # noqa: BLE001  (cleanup after a failure: deletion follows anyway)
+                pass
+            self.entries.append(ShardEntry(self.name_for(len(self.entries)), self._count, 0))
+        self._tar = self._file = self._counter = None
+        self._closed = True
+        for entry in self.entries:
+            path = join_path(self.path, entry.name)
+            if self.fs.exists(path):
+                self.fs.rm(path)
 
 
 class PoolWriter:
@@ -99,19 +248,11 @@ class PoolWriter:
         self.uri = uri
         self.fs, self.path = filesystem_for(uri, storage_options)
         self._refuse_existing()
-        self.shard_samples = shard_samples
-        self.shard_bytes = shard_bytes
         self.classes = tuple(classes) if classes is not None else None
         self.source = dict(source or {})
-        self._entries: list[ShardEntry] = []
-        self._key_shard: dict[str, int] = {}
-        self._image_exts: set[str] = set()
-        self._labeled = True
-        self._file: BinaryIO | None = None
-        self._counter: _CountingFile | None = None
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
-        self._estimate = 0
+        self._series = ShardSeriesWriter(
+            self.fs, self.path, shard_name, shard_samples=shard_samples, shard_bytes=shard_bytes
+        )
         self._closed = False
 
     def _refuse_existing(self) -> None:
@@ -119,7 +260,7 @@ class PoolWriter:
         if not self.fs.exists(self.path):
             return
         names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
-        taken = [n for n in names if n == INDEX_NAME or n.endswith(".tar")]
+        taken = [n for n in names if n in (INDEX_NAME, BUILD_DIR) or n.endswith(".tar")]
         if taken:
             raise PoolExistsError(
                 f"{self.uri} already holds a pool ({', '.join(sorted(taken)[:3])}, ...); "
@@ -129,17 +270,10 @@ class PoolWriter:
     @property
     def num_samples(self) -> int:
         """Samples written so far."""
-        return len(self._key_shard)
-
-    def _shard_uri(self, i: int) -> str:
-        return display_uri(self.fs, join_path(self.path, shard_name(i)))
+        return self._series.num_samples
 
     def write(self, key: str, files: Mapping[str, bytes]) -> None:
-        """Append one sample.
-
-        Args:
-            key: The sample's ``__key__`` (see :func:`~pipeline.pools.format.validate_key`).
-            files: Extension -> payload, e.g. ``{"png": b"...", "cls": b"3"}``.
+        """Append one sample (see :meth:`ShardSeriesWriter.write`).
 
         Raises:
             ValueError: On an invalid key, no files, or non-bytes payloads.
@@ -147,57 +281,7 @@ class PoolWriter:
         """
         if self._closed:
             raise PoolError(f"writer for {self.uri} is closed")
-        validate_key(key)
-        if not files:
-            raise ValueError(f"sample {key!r} has no files")
-        for ext, payload in files.items():
-            if not ext or "/" in ext or ext.startswith("_"):
-                raise ValueError(f"sample {key!r}: invalid extension {ext!r}")
-            if not isinstance(payload, (bytes, bytearray, memoryview)):
-                raise ValueError(f"sample {key!r}: {ext} is {type(payload).__name__}, not bytes")
-        size = sum(_member_bytes(len(p)) for p in files.values())
-        full = self._count >= self.shard_samples or self._estimate + size > self.shard_bytes
-        if self._tar is None or (self._count > 0 and full):
-            self._next_shard()
-        shard = len(self._entries)
-        if key in self._key_shard:
-            raise DuplicateKeyError(key, self._shard_uri(self._key_shard[key]), self._shard_uri(shard))
-        self._key_shard[key] = shard
-        assert self._tar is not None
-        for ext in sorted(files):
-            payload = bytes(files[ext])
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(payload), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(payload))
-        self._count += 1
-        self._estimate += size
-        self._image_exts.update(e for e in files if e in IMAGE_EXTENSIONS)
-        self._labeled &= LABEL_EXTENSION in files
-
-    def _next_shard(self) -> None:
-        self._finish_shard()
-        path = join_path(self.path, shard_name(len(self._entries)))
-        if is_local(self.fs):
-            self.fs.makedirs(self.path, exist_ok=True)  # object stores have no directories to make
-        self._file = self.fs.open(path, mode="wb")
-        self._counter = _CountingFile(self._file)
-        # Stream mode ("w|"): no seeks, as object-store uploads require. PAX format: names
-        # over 100 bytes get an extended header instead of an error.
-        self._tar = tarfile.open(fileobj=self._counter, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
-        self._count = 0
-        self._estimate = 2 * _BLOCK  # the end-of-archive marker
-
-    def _finish_shard(self) -> None:
-        if self._tar is None:
-            return
-        assert self._file is not None and self._counter is not None
-        self._tar.close()
-        self._file.close()  # for object stores this completes the upload
-        name = shard_name(len(self._entries))
-        self._entries.append(ShardEntry(name=name, samples=self._count, bytes=self._counter.count))
-        self._tar = self._file = self._counter = None
+        self._series.write(key, files)
 
     def close(self) -> PoolIndex:
         """Finish the last shard and write ``index.json`` (atomically, after every shard).
@@ -210,16 +294,15 @@ class PoolWriter:
         """
         if self._closed:
             raise PoolError(f"writer for {self.uri} is already closed")
-        self._finish_shard()
         self._closed = True
-        if not self._entries:
+        entries = self._series.finish()
+        if not entries:
             raise EmptyPoolError(f"no samples were written to {self.uri}; the pool would be empty")
-        exts = sorted(self._image_exts)
         index = PoolIndex(
-            shards=tuple(self._entries),
+            shards=tuple(entries),
             classes=self.classes,
-            labeled=self._labeled,
-            image_encoding=exts[0] if len(exts) == 1 else ("mixed" if exts else None),
+            labeled=self._series.labeled,
+            image_encoding=image_encoding_of(self._series.image_exts),
             source=self.source,
         )
         write_bytes_atomic(self.fs, join_path(self.path, INDEX_NAME), index.to_json().encode())
@@ -227,19 +310,8 @@ class PoolWriter:
 
     def abort(self) -> None:
         """Stop writing and delete the shards written so far; no index is written."""
-        if self._tar is not None and self._file is not None:
-            try:
-                self._tar.close()
-                self._file.close()
-            except Exception:  # noqa: BLE001  (cleanup after a failure: deletion follows anyway)
-                pass
-            self._entries.append(ShardEntry(shard_name(len(self._entries)), self._count, 0))
-        self._tar = self._file = self._counter = None
         self._closed = True
-        for entry in self._entries:
-            path = join_path(self.path, entry.name)
-            if self.fs.exists(path):
-                self.fs.rm(path)
+        self._series.abort()
 
     def __enter__(self) -> PoolWriter:
         return self
@@ -254,3 +326,9 @@ class PoolWriter:
             self.abort()
         elif not self._closed:
             self.close()
+
+
+def image_encoding_of(exts: set[str] | frozenset[str] | tuple[str, ...]) -> str | None:
+    """The index's ``image_encoding`` for a set of image extensions: the one, ``mixed``, or ``None``."""
+    ordered = sorted(set(exts))
+    return ordered[0] if len(ordered) == 1 else ("mixed" if ordered else None)

@@ -35,12 +35,14 @@ def test_build_then_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                 "webp",
                 "--seed",
                 "7",
+                "--serial",
             ]
         )
         == 0
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 12 and summary["shards"] == 3 and summary["labeled"] is False
+    assert (summary["partitions"], summary["written"], summary["executor"]) == (3, 3, "process")
     assert summary["brace_pattern"] == "pool-{000000..000002}.tar"
     index = resolve_pool(pool).index
     assert index.image_encoding == "webp" and index.source["seed"] == 7 and len(index.classes) == 3
@@ -112,3 +114,18 @@ def test_runs_as_python_module(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["samples"] == 3
+
+
+def test_build_runs_partitions_as_ray_tasks_and_resumes(ray_local, tmp_path: Path, capsys) -> None:
+    pool = str(tmp_path / "pool")
+    argv = ["build", "--synthetic", "9", "--shard-samples", "4", "--out", pool, "--task-cpus", "0.25"]
+    assert pool_cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["partitions"], summary["written"], summary["kept"]) == (3, 3, 0)
+    assert summary["executor"] == "ray" and summary["brace_pattern"] == "pool-{000000..000002}.tar"
+    serial = str(tmp_path / "serial")
+    assert pool_cli.main([*argv[:-4], "--out", serial, "--serial"]) == 0
+    capsys.readouterr()
+    assert resolve_pool(pool).index.shards == resolve_pool(serial).index.shards
+    assert pool_cli.main(argv) == 2  # complete: refused, named
+    assert "already holds a pool (index.json: its build is complete)" in capsys.readouterr().err

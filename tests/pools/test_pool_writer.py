@@ -13,6 +13,7 @@ from pipeline.pools import (
     PoolExistsError,
     PoolWriter,
     SourceSample,
+    UnfinishedPoolError,
     build_pool,
     iter_pool_samples,
     resolve_pool,
@@ -89,11 +90,19 @@ class _Source:
         return iter(self.samples())
 
 
-def test_failed_build_leaves_no_shards_and_no_index(store) -> None:
+def test_failed_build_keeps_finished_partitions_and_resumes(store) -> None:
+    # A stream fails after 5 samples: partitions [0, 1] and [2, 3] are finished; [4] never is.
     with pytest.raises(RuntimeError, match="source broke"):
         build_pool(_Source(_failing_source), store.uri("p"), shard_samples=2, storage_options=store.storage_options)
-    assert not store.exists("p/index.json")
-    assert not store.exists("p/pool-000000.tar") and not store.exists("p/pool-000002.tar")
+    assert not store.exists("p/index.json") and not store.exists("p/pool-000002.tar")
+    assert store.exists("p/pool-000001.tar")
+    with pytest.raises(UnfinishedPoolError, match="unfinished pool build"):
+        resolve_pool(store.uri("p"), store.storage_options)
+    index = build_pool(
+        _Source(lambda: iter(synthetic(5))), store.uri("p"), shard_samples=2, storage_options=store.storage_options
+    )
+    assert index.num_samples == 5 and [s.name for s in index.shards][-1] == "pool-000002.tar"
+    assert not store.exists("p/_build/plan.json")
 
 
 def test_duplicate_key_names_both_shards(local_store) -> None:

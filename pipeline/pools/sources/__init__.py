@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.pools.sources.base import ImageSource, SourceSample
+from pipeline.pools.sources.base import ArraySamples, ImageSource, PartitionedSource, SourceSample
 from pipeline.pools.sources.cifar import CifarSource, RestrictedUnpickler, load_cifar_pickle
 from pipeline.pools.sources.idx import IdxSource, parse_idx, write_idx
 from pipeline.pools.sources.image_folder import ImageFolderSource
@@ -10,6 +10,8 @@ from pipeline.pools.sources.synthetic import MAX_SYNTHETIC_CLASSES, SyntheticSou
 
 __all__ = [
     "MAX_SYNTHETIC_CLASSES",
+    "ArraySamples",
+    "PartitionedSource",
     "CifarSource",
     "IdxSource",
     "ImageFolderSource",

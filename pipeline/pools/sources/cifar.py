@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.pools.sources.base import SourceSample
+from pipeline.pools.sources.base import ArraySamples, SourceSample
 
 __all__ = ["CifarSource", "RestrictedUnpickler", "load_cifar_pickle"]
 
@@ -124,6 +124,7 @@ class CifarSource:
         if missing:
             raise FileNotFoundError(f"{folder}: missing CIFAR batch file(s) {', '.join(missing)}")
         self._paths = [root / f for f in files]
+        self._loaded: ArraySamples | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -134,13 +135,12 @@ class CifarSource:
         """Source kind, variant, folder and split."""
         return {"kind": "cifar", "variant": self.variant, "folder": self.folder, "split": self.split}
 
-    def __iter__(self) -> Iterator[SourceSample]:
-        index = 0
+    def _batches(self) -> Iterator[tuple[np.ndarray, list[int], list[dict[str, Any]]]]:
         label_field = "labels" if self.variant == "cifar10" else "fine_labels"
         for path in self._paths:
             batch = load_cifar_pickle(path)
             data = np.asarray(batch["data"], dtype=np.uint8)
-            labels = list(batch[label_field])
+            labels = [int(v) for v in batch[label_field]]
             if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
                 raise ValueError(
                     f"{path}: expected data [N, 3072] and N labels, got {list(data.shape)} and {len(labels)}"
@@ -149,14 +149,52 @@ class CifarSource:
             images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             filenames = _names(batch.get("filenames", [])) or ("",) * len(data)
             coarse = batch.get("coarse_labels")
-            for j, image in enumerate(images):
+            metas: list[dict[str, Any]] = []
+            for j in range(len(data)):
                 meta: dict[str, Any] = {"filename": filenames[j]}
                 if coarse is not None and self._coarse is not None:
                     meta["coarse_label"] = int(coarse[j])
+                metas.append(meta)
+            yield images, labels, metas
+
+    def _all(self) -> ArraySamples:
+        # A parallel build cuts the split into ranges; the batches (150 MB for CIFAR's train
+        # split) are read once on the driver and each range ships with its pixels.
+        if self._loaded is None:
+            parts = list(self._batches())
+            images = np.concatenate([p[0] for p in parts])
+            labels = np.asarray([v for p in parts for v in p[1]], dtype=np.int64)
+            metas = [m for p in parts for m in p[2]]
+            keys = [f"{self.split}_{i:06d}" for i in range(len(labels))]
+            self._loaded = ArraySamples(keys=keys, images=images, labels=labels, metas=metas)
+        return self._loaded
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def partition(self, start: int, stop: int) -> ArraySamples:
+        """Samples ``start .. stop-1`` with their pixels and metadata."""
+        whole = self._all()
+        assert whole.labels is not None and whole.metas is not None
+        return ArraySamples(
+            keys=list(whole.keys[start:stop]),
+            images=np.ascontiguousarray(whole.images[start:stop]),
+            labels=whole.labels[start:stop],
+            metas=list(whole.metas[start:stop]),
+        )
+
+    def fingerprint(self, start: int, stop: int) -> str:
+        """Digest of the keys, pixels, labels and metadata of samples ``start .. stop-1``."""
+        return self.partition(start, stop).digest()
+
+    def __iter__(self) -> Iterator[SourceSample]:
+        index = 0
+        for images, labels, metas in self._batches():
+            for j, image in enumerate(images):
                 yield SourceSample(
                     key=f"{self.split}_{index:06d}",
                     image=np.ascontiguousarray(image),
-                    label=int(labels[j]),
-                    meta=meta,
+                    label=labels[j],
+                    meta=metas[j],
                 )
                 index += 1

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from pipeline.pools.sources.base import SourceSample
+from pipeline.pools.sources.base import ArraySamples, SourceSample
 from pipeline.storage import filesystem_for
 
 __all__ = ["IdxSource", "parse_idx", "write_idx"]
@@ -128,6 +128,18 @@ class IdxSource:
     def __iter__(self) -> Iterator[SourceSample]:
         for i, (image, label) in enumerate(zip(self.images, self.labels)):
             yield SourceSample(key=f"{self.split}_{i:06d}", image=image, label=int(label))
+
+    def partition(self, start: int, stop: int) -> ArraySamples:
+        """Samples ``start .. stop-1`` with their pixels (tasks need not reach the IDX files)."""
+        return ArraySamples(
+            keys=[f"{self.split}_{i:06d}" for i in range(start, stop)],
+            images=np.ascontiguousarray(self.images[start:stop]),
+            labels=np.ascontiguousarray(self.labels[start:stop]),
+        )
+
+    def fingerprint(self, start: int, stop: int) -> str:
+        """Digest of the keys, pixels and labels of samples ``start .. stop-1``."""
+        return self.partition(start, stop).digest()
 
 
 def _find(fs: AbstractFileSystem, root: str, prefix: str, kind: str, idx: str, folder: str) -> str:

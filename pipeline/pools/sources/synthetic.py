@@ -12,7 +12,10 @@ Each sample draws from its own generator seeded by ``(seed, split, index)``, so 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.pools.sources.base import SourceSample
 
-__all__ = ["MAX_SYNTHETIC_CLASSES", "SHAPES", "SyntheticSource", "synthetic"]
+__all__ = ["MAX_SYNTHETIC_CLASSES", "SHAPES", "SyntheticRange", "SyntheticSource", "synthetic"]
 
 SHAPES = ("disc", "square", "triangle", "bar", "plus")
 _STYLES = ("filled", "outline")
@@ -153,6 +156,37 @@ class SyntheticSource:
     def __iter__(self) -> Iterator[SourceSample]:
         for i in range(self.n):
             yield self.sample(i)
+
+    def partition(self, start: int, stop: int) -> SyntheticRange:
+        """Samples ``start .. stop-1``: drawn where they are written, from their own seeds."""
+        return SyntheticRange(self, start, stop)
+
+    def fingerprint(self, start: int, stop: int) -> str:
+        """Digest of the generator parameters and the range (sample ``i`` depends on nothing else)."""
+        params = {k: v for k, v in self.provenance().items() if k != "n"}
+        return hashlib.sha256(json.dumps([params, start, stop], sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SyntheticRange:
+    """Samples ``start .. stop-1`` of a :class:`SyntheticSource`; a few bytes to pickle."""
+
+    source: SyntheticSource
+    start: int
+    stop: int
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The whole source's class names."""
+        return self.source.classes
+
+    def provenance(self) -> dict[str, Any]:
+        """The whole source's provenance."""
+        return self.source.provenance()
+
+    def __iter__(self) -> Iterator[SourceSample]:
+        for i in range(self.start, self.stop):
+            yield self.source.sample(i)
 
 
 def synthetic(
