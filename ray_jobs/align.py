@@ -5,7 +5,7 @@ that the next `lplgrad features` refreshes the store from it (docs/proxy.md, "Al
     lplgrad align labeled=runs/pools/labeled state=runs/align/state.json features=[runs/features/pool] \
         backbone=runs/train/RUN/checkpoint_... promote=runs/checkpoints/backbone growth=2.0
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python -m ray_jobs.align --config configs/align/nightly.yaml
+        python -m ray_jobs.align --config configs/align/labeling_round.yaml
 
 Run once per labeling round, after `lplgrad pool label`. The state file remembers the current
 backbone and the labeled-set sizes seen since it was aligned; a round that is not due only
@@ -21,18 +21,24 @@ round killed after its claim is finished (promotion, state) by the next run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import CHECKPOINT_FILE, checkpoint_digest, fetch_checkpoint, load_checkpoint
+from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint
 from pipeline.pools import resolve_pool
-from pipeline.proxy.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState
+from pipeline.proxy.alignment import (
+    FINETUNE_MODES,
+    AlignmentPolicy,
+    AlignmentState,
+    commit_round,
+    finish_round,
+    load_state,
+)
 from pipeline.proxy.store import FeatureStoreError, open_store
-from pipeline.storage import check_writable, create_exclusive, filesystem_for, write_bytes_atomic
+from pipeline.storage import check_writable
 from ray_jobs._shared import jobs
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
@@ -77,84 +83,16 @@ class AlignConfig:
         return AlignmentPolicy(self.every, self.growth, self.finetune, self.lp_ft_below)  # type: ignore[arg-type]
 
 
-# -- state -----------------------------------------------------------------------------------
-
-
-def read_state(uri: str, storage_options: Mapping[str, Any]) -> AlignmentState | None:
-    """The newest committed state at `uri` (rolled forward through committed rounds), or None."""
-    raw, _ = _read_raw_state(uri, storage_options)
-    return None if raw is None else AlignmentState.from_json(raw, where=uri)
-
-
-def _read_raw_state(uri: str, storage_options: Mapping[str, Any]) -> tuple[bytes | None, bool]:
-    """(the state's bytes, whether a committed round was found past `uri` itself)."""
-    fs, path = filesystem_for(uri, storage_options)
-    fs.invalidate_cache()
-    raw = fs.cat_file(path) if fs.exists(path) else None
-    rolled = False
-    seen = {raw}
-    while fs.exists(claim := _round_path(path, raw)):  # a round committed, then killed before writing `uri`
-        raw = fs.cat_file(claim)
-        if raw in seen:  # a round that changed nothing points back at its own state
-            break
-        seen.add(raw)
-        rolled = True
-    return raw, rolled
-
-
-def _round_path(path: str, base: bytes | None) -> str:
-    # A round is claimed under the digest of the state it started from: of two rounds that
-    # started from the same state, only one can create this file.
-    key = hashlib.sha256(base).hexdigest()[:24] if base is not None else "initial"
-    return f"{path}.rounds/{key}.json"
-
-
-def write_state(uri: str, state: AlignmentState, storage_options: Mapping[str, Any]) -> None:
-    fs, path = filesystem_for(uri, storage_options)
-    write_bytes_atomic(fs, path, state.to_json().encode())
-
-
-def commit_round(config: AlignConfig, base: bytes | None, state: AlignmentState, aligned: Path | None) -> None:
-    """Claim the round (exclusive create, keyed by the state it started from), promote the
-    fine-tuned checkpoint, then write the state. A round that lost the claim promotes nothing.
-
-    Raises:
-        FileExistsError: another `lplgrad align` committed a round from the same state meanwhile.
-    """
-    fs, path = filesystem_for(config.state, config.storage_options)
-    if aligned is None and base is not None and state.to_json().encode() == base:
-        return  # nothing changed: nothing to claim
-    try:
-        create_exclusive(fs, _round_path(path, base), state.to_json().encode())
-    except FileExistsError:
-        raise FileExistsError(
-            f"another `lplgrad align` committed a round from the same state of {config.state} while this one ran; "
-            "this round promoted nothing and did not change the state (run lplgrad align again)"
-        ) from None
-    if aligned is not None and config.promote:
-        promote(aligned, config.promote, config.storage_options)
-    write_state(config.state, state, config.storage_options)
-
-
-def finish_rolled_round(config: AlignConfig, state: AlignmentState) -> None:
-    """A round committed but killed before its promotion and state write: do both now (idempotent)."""
-    if config.promote:
-        fs, path = filesystem_for(config.promote, config.storage_options)
-        target = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
-        current = hashlib.sha256(fs.cat_file(target)).hexdigest() if fs.exists(target) else None
-        if current != state.backbone_sha256:
-            promote(fetch_checkpoint(state.backbone, config.storage_options), config.promote, config.storage_options)
-    write_state(config.state, state, config.storage_options)
+# -- state (committed round by round: pipeline.proxy.alignment) ------------------------------
 
 
 def current_state(config: AlignConfig, labeled: int) -> tuple[AlignmentState, bytes | None]:
     """The stored state (or on the first round a new one at `backbone` or `promote`), and the
     stored bytes the next round is claimed against."""
-    raw, rolled = _read_raw_state(config.state, config.storage_options)
-    state = None if raw is None else AlignmentState.from_json(raw, where=config.state)
-    if state is not None and rolled:
-        finish_rolled_round(config, state)
-    return _first_or(config, state, labeled), raw
+    stored = load_state(config.state, config.storage_options)
+    if stored.state is not None and stored.rolled:
+        finish_round(config.state, stored.state, config.storage_options, config.promote)
+    return _first_or(config, stored.state, labeled), stored.base
 
 
 def _first_or(config: AlignConfig, state: AlignmentState | None, labeled: int) -> AlignmentState:
@@ -190,13 +128,6 @@ def check_probe_stores(stores: Sequence[str], backbone_sha256: str, storage_opti
                 f"{uri} holds features of backbone {store.backbone.sha256[:12]}, but the current backbone "
                 f"is {backbone_sha256[:12]}: run lplgrad features with it first"
             )
-
-
-def promote(local_checkpoint: Path, to: str, storage_options: Mapping[str, Any]) -> None:
-    """Copy a (fetched) checkpoint's one file to `to`, whole or not at all (readers never see half a file)."""
-    data = (local_checkpoint / CHECKPOINT_FILE).read_bytes()
-    fs, path = filesystem_for(to, storage_options)
-    write_bytes_atomic(fs, f"{path.rstrip('/')}/{CHECKPOINT_FILE}", data)
 
 
 def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -> tuple[AlignmentState, Path]:
@@ -270,7 +201,7 @@ def run(config: AlignConfig) -> dict[str, Any]:
         state, aligned = align(config, state, labeled, mode)
     else:
         state = state.observe(labeled)
-    commit_round(config, base, state, aligned)
+    commit_round(config.state, base, state, config.storage_options, aligned=aligned, promote_to=config.promote)
     result = {
         "aligned": mode is not None,
         "finetune": mode,

@@ -75,3 +75,22 @@ def test_follow_claims_rolls_a_pointer_forward(tmp_path: Path) -> None:
         create_exclusive(fs, next_claim(json.dumps({"n": n - 1}).encode() if n > 1 else None), f'{{"n": {n}}}'.encode())
     assert follow_claims(fs, None, next_claim) == (b'{"n": 3}', 3)
     assert follow_claims(fs, b'{"n": 2}', next_claim) == (b'{"n": 3}', 1)
+
+
+def test_every_commit_goes_through_the_one_primitive() -> None:
+    # A second copy of claim-then-publish drifts (STYLE.md, "One protocol, one primitive"):
+    # only pipeline/claims.py creates exclusively; stores call claim_then_publish.
+    root = Path(__file__).resolve().parents[1]
+    callers = sorted(
+        str(path.relative_to(root))
+        for package in ("pipeline", "ray_jobs")
+        for path in (root / package).rglob("*.py")
+        if "create_exclusive(" in path.read_text() and path.name not in ("storage.py", "claims.py")
+    )
+    assert callers == []
+    users = {
+        str(path.relative_to(root))
+        for path in (root / "pipeline").rglob("*.py")
+        if "claim_then_publish(" in path.read_text() and path.name != "claims.py"
+    }
+    assert users == {"pipeline/manifest/commit.py", "pipeline/proxy/store.py", "pipeline/proxy/alignment.py"}

@@ -8,20 +8,44 @@ would pick. Alignment fine-tunes the backbone on the labeled set and re-extracts
 The paper recommends linear probing then fine-tuning (LP-FT: the classifier starts from a probe
 trained on the cached features) while labels are few, and plain fine-tuning (FT) once they are
 many.
+
+A deployment keeps an :class:`AlignmentState` in one file and moves it one labeling round at a time
+through the library's commit primitive (:func:`pipeline.claims.claim_then_publish`): a round claims
+``{state}.rounds/{digest of the state it started from}.json`` exclusively, then promotes its
+backbone and rewrites the state file. Of two rounds started from the same state only one commits;
+a round killed after its claim is finished by the next reader (:func:`load_state`,
+:func:`finish_round`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AlignmentPolicy", "AlignmentState", "FINETUNE_MODES", "load_probe_into"]
+from pipeline.checkpoint import CHECKPOINT_FILE, fetch_checkpoint
+from pipeline.claims import Claim, claim_then_publish, follow_claims
+from pipeline.storage import filesystem_for, write_bytes_atomic
+
+__all__ = [
+    "FINETUNE_MODES",
+    "AlignmentPolicy",
+    "AlignmentState",
+    "StoredState",
+    "commit_round",
+    "finish_round",
+    "load_probe_into",
+    "load_state",
+    "promote_checkpoint",
+    "read_state",
+]
 
 FINETUNE_MODES = ("auto", "lp-ft", "ft")
 
@@ -178,3 +202,120 @@ def load_probe_into(model: nn.Module, weight: Tensor, bias: Tensor) -> str:
         classifier.weight.copy_(weight)
         classifier.bias.copy_(bias)
     return name
+
+
+# -- the stored state: one claim per round ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What a state file holds once committed rounds past it are counted.
+
+    Attributes:
+        state: The newest committed state (``None``: no state yet).
+        base: Its bytes: what the next round is claimed against.
+        rolled: A round was committed past the state file (its promotion and state write may be
+            unfinished: :func:`finish_round`).
+    """
+
+    state: AlignmentState | None
+    base: bytes | None
+    rolled: bool
+
+
+def _round_path(path: str) -> Callable[[bytes | None], str]:
+    # A round is claimed under the digest of the state it started from: of two rounds that
+    # started from the same state, only one can create this file.
+    def claim(base: bytes | None) -> str:
+        key = hashlib.sha256(base).hexdigest()[:24] if base is not None else "initial"
+        return f"{path}.rounds/{key}.json"
+
+    return claim
+
+
+def load_state(uri: str, storage_options: Mapping[str, Any] | None = None) -> StoredState:
+    """The state at ``uri``, rolled forward through rounds committed after it was written.
+
+    Raises:
+        ValueError: The file is not a state written by lplgrad align.
+    """
+    fs, path = filesystem_for(uri, storage_options)
+    fs.invalidate_cache()
+    written = fs.cat_file(path) if fs.exists(path) else None
+    base, rolled = follow_claims(fs, written, _round_path(path))
+    return StoredState(None if base is None else AlignmentState.from_json(base, where=uri), base, rolled > 0)
+
+
+def read_state(uri: str, storage_options: Mapping[str, Any] | None = None) -> AlignmentState | None:
+    """The newest committed state at ``uri`` (rolled forward through committed rounds), or None."""
+    return load_state(uri, storage_options).state
+
+
+def commit_round(
+    uri: str,
+    base: bytes | None,
+    state: AlignmentState,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    aligned: Path | None = None,
+    promote_to: str | None = None,
+) -> Claim | None:
+    """Claim the round (keyed by the state it started from), promote the fine-tuned checkpoint, then
+    write the state. A round that lost the claim promotes nothing.
+
+    Args:
+        uri: The state file.
+        base: The stored bytes the round started from (:attr:`StoredState.base`).
+        state: The state to commit.
+        aligned: The fetched fine-tuned checkpoint directory (``None``: the round only counted itself).
+        promote_to: Where ``aligned`` is copied (the checkpoint the features config names).
+
+    Returns:
+        The claim, or ``None`` when nothing changed (nothing is claimed then).
+
+    Raises:
+        FileExistsError: Another round from the same state committed first.
+    """
+    record = state.to_json().encode()
+    if aligned is None and base is not None and record == base:
+        return None
+
+    def publish(_: Claim) -> None:
+        if aligned is not None and promote_to:
+            promote_checkpoint(aligned, promote_to, storage_options)
+        write_state(uri, state, storage_options)
+
+    fs, path = filesystem_for(uri, storage_options)
+    try:
+        return claim_then_publish(fs, _round_path(path)(base), lambda kind: record, publish)
+    except FileExistsError:
+        raise FileExistsError(
+            f"another `lplgrad align` committed a round from the same state of {uri} while this one ran; "
+            "this round promoted nothing and did not change the state (run lplgrad align again)"
+        ) from None
+
+
+def finish_round(
+    uri: str, state: AlignmentState, storage_options: Mapping[str, Any] | None = None, promote_to: str | None = None
+) -> None:
+    """A round committed but killed before its promotion and state write: do both now (idempotent)."""
+    if promote_to:
+        fs, path = filesystem_for(promote_to, storage_options)
+        target = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
+        current = hashlib.sha256(fs.cat_file(target)).hexdigest() if fs.exists(target) else None
+        if current != state.backbone_sha256:
+            promote_checkpoint(fetch_checkpoint(state.backbone, storage_options), promote_to, storage_options)
+    write_state(uri, state, storage_options)
+
+
+def write_state(uri: str, state: AlignmentState, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Replace the state file whole (readers never see half of it)."""
+    fs, path = filesystem_for(uri, storage_options)
+    write_bytes_atomic(fs, path, state.to_json().encode())
+
+
+def promote_checkpoint(local_checkpoint: Path, to: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Copy a (fetched) checkpoint's one file to ``to``, whole or not at all."""
+    data = (local_checkpoint / CHECKPOINT_FILE).read_bytes()
+    fs, path = filesystem_for(to, storage_options)
+    write_bytes_atomic(fs, f"{path.rstrip('/')}/{CHECKPOINT_FILE}", data)

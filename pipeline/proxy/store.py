@@ -15,8 +15,9 @@ commit deletes it. One store holds one backbone: a different backbone hash makes
 stale.
 
 Commits are numbered. An extraction that started from version n claims version n+1 by creating
-`commits/{n+1:08d}.json` (the whole index) exclusively (`O_EXCL` locally, `If-None-Match` on S3,
-as query runs do: `pipeline.storage.create_exclusive`), then rewrites `store.json`. Of two
+`commits/{n+1:08d}.json` (the whole index) exclusively, then rewrites `store.json`: the commit
+primitive query runs and alignment rounds use too (`pipeline.claims.claim_then_publish`; `O_EXCL`
+locally, `If-None-Match` on S3), and the index records which path the claim took (`claim`). Of two
 extractions that started from the same version only one commits; the other deletes its own
 generation and fails with a message to run it again. A reader rolls `store.json` forward through
 any newer commit file, so a job killed between the claim and `store.json` loses nothing. Garbage
@@ -31,8 +32,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,7 +43,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.storage import create_exclusive, display_uri, filesystem_for
+from pipeline.claims import Claim, claim_then_publish, follow_claims
+from pipeline.storage import display_uri, filesystem_for, write_bytes_atomic
 
 __all__ = [
     "FEATURE_COLUMNS",
@@ -125,6 +127,7 @@ class FeatureStore:
     committed_at: str
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     sequence: int = 0  # the commit number (0: a store committed before commits were numbered)
+    claim: str | None = None  # how its commit file was created: exclusive | check-then-put (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,6 +140,7 @@ class FeatureStore:
             "rows": self.num_rows,
             "errors": sum(s.errors for s in self.shards),
             "sequence": self.sequence,
+            **({"claim": self.claim} if self.claim is not None else {}),
         }
 
     @property
@@ -361,9 +365,16 @@ def commit_store(
         dict(storage_options or {}),
         based_on + 1,
     )
-    text = json.dumps(store.to_dict(), indent=1, sort_keys=True)
+
+    def index(kind: str) -> bytes:
+        return json.dumps(replace(store, claim=kind).to_dict(), indent=1, sort_keys=True).encode()
+
+    def publish(claim: Claim) -> None:
+        write_bytes_atomic(fs, f"{root.rstrip('/')}/{STORE_FILE}", index(claim.kind))
+        _collect_garbage(fs, root, set(store.current.values()), before=generation)
+
     try:
-        create_exclusive(fs, _commit_path(root, store.sequence), text.encode())  # the commit point
+        claim = claim_then_publish(fs, _commit_path(root, store.sequence), index, publish)
     except FileExistsError:
         if generation is not None:
             directory = f"{root.rstrip('/')}/generations/{generation}"
@@ -373,22 +384,18 @@ def commit_store(
             f"another `lplgrad features` committed version {store.sequence} of {uri} while this one ran; nothing of "
             "this run was committed (run it again: shards the other one extracted are reused)"
         ) from None
-    _write_atomically(fs, f"{root.rstrip('/')}/{STORE_FILE}", text)
-    _collect_garbage(fs, root, set(store.current.values()), before=generation)
-    return store
+    return replace(store, claim=claim.kind)
 
 
 def _commit_path(root: str, sequence: int) -> str:
     return f"{root.rstrip('/')}/commits/{sequence:08d}.json"
 
 
-def _write_atomically(fs: AbstractFileSystem, path: str, text: str) -> None:
-    # Object stores replace a key in one PUT; a local file goes through a rename so that a
-    # reader never sees half an index.
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(temporary, "w") as handle:
-        handle.write(text)
-    fs.mv(temporary, path)
+def _next_commit(root: str) -> Callable[[bytes | None], str]:
+    def path(index: bytes | None) -> str:
+        return _commit_path(root, (int(json.loads(index).get("sequence", 0)) if index is not None else 0) + 1)
+
+    return path
 
 
 def _collect_garbage(fs: AbstractFileSystem, root: str, live: set[str], before: str | None = None) -> None:
@@ -416,11 +423,9 @@ def open_store(
     fs.invalidate_cache()  # another process may have committed since this one last listed
     path = f"{root.rstrip('/')}/{STORE_FILE}"
     try:
-        values: dict[str, Any] | None = json.loads(fs.cat_file(path)) if fs.exists(path) else None
-        sequence = int(values.get("sequence", 0)) if values is not None else 0
-        while fs.exists(_commit_path(root, sequence + 1)):  # committed, but store.json not yet rewritten
-            sequence += 1
-            values = json.loads(fs.cat_file(_commit_path(root, sequence)))
+        # Commits claimed after store.json was last rewritten (a job killed between the two) count.
+        index, _ = follow_claims(fs, fs.cat_file(path) if fs.exists(path) else None, _next_commit(root))
+        values: dict[str, Any] | None = json.loads(index) if index is not None else None
         if values is None:
             if missing_ok:
                 return None
@@ -440,7 +445,8 @@ def open_store(
             tuple(StoreShard.from_dict(s) for s in values["shards"]),
             values["committed_at"],
             dict(storage_options or {}),
-            sequence,
+            int(values.get("sequence", 0)),
+            values.get("claim"),
         )
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
         raise FeatureStoreError(f"cannot read {display_uri(fs, path)}: {error}") from error

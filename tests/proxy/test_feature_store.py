@@ -128,7 +128,8 @@ def test_of_two_extractions_from_the_same_version_only_one_commits(tmp_path):
         based_on=0,
         generation="20260101T000000-aaaa",
     )
-    assert first.sequence == 1
+    assert first.sequence == 1 and first.claim == "exclusive"  # recorded in the index, and read back
+    assert json.loads((tmp_path / "store" / "store.json").read_text())["claim"] == "exclusive"
     # Two extractions both started from version 1; each wrote its own generation.
     write_generation(store, "20260102T000000-bbbb", "p/0.tar", ["a"], 10.0)
     write_generation(store, "20260102T000001-cccc", "p/0.tar", ["a"], 20.0)
@@ -171,3 +172,11 @@ def test_a_commit_killed_before_store_json_is_rolled_forward(tmp_path):
     assert reopened.sequence == 2 and reopened.current == {"p/0.tar": "g2"}
     (tmp_path / "store" / "store.json").unlink()  # killed before the very first store.json
     assert open_store(store).sequence == 2
+
+
+def test_a_store_on_s3_is_committed_exclusively_and_says_so(s3_server):
+    store, options = s3_server.uri("store"), s3_server.storage_options
+    committed = commit_store(store, "p", BACKBONE, [], options, based_on=0)
+    assert committed.claim == "exclusive" and open_store(store, options).claim == "exclusive"
+    with pytest.raises(FeatureStoreError, match="committed version 1"):
+        commit_store(store, "p", BACKBONE, [], options, based_on=0)

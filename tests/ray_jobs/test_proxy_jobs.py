@@ -36,6 +36,7 @@ from pipeline.pools import (
     spec_for_model,
     synthetic,
 )
+from pipeline.proxy import alignment
 from pipeline.proxy.store import FeatureStoreError, features_matrix, open_store
 from pipeline.scoring import gradnorm_scores
 from ray_jobs import align, cli, features, proxy, query, train
@@ -363,9 +364,9 @@ def test_align_keeps_its_state_and_promotes_on_s3(env, s3_server) -> None:
     config = dict(labeled=env["labeled"], state=f"{root}/align/state.json", growth=2.0, storage_options=options)
     first = align.run(align.AlignConfig(backbone=env["a"], **config))
     assert not first["aligned"] and first["aligned_at"] == len(env["labeled_keys"])
-    assert align.read_state(f"{root}/align/state.json", options).backbone == env["a"]
+    assert alignment.read_state(f"{root}/align/state.json", options).backbone == env["a"]
     assert not align.run(align.AlignConfig(**config))["aligned"]  # read back from S3: no backbone= needed
-    align.promote(Path(env["a"]), f"{root}/backbone", options)
+    alignment.promote_checkpoint(Path(env["a"]), f"{root}/backbone", options)
     assert fs.cat(f"{root[len('s3://') :]}/backbone/state.pt") == (Path(env["a"]) / "state.pt").read_bytes()
     fs.pipe(f"{root[len('s3://') :]}/align/state.json", b"{not json")
     with pytest.raises(ValueError, match=r"state.json is not an alignment state written by lplgrad align"):
