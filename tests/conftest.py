@@ -1,11 +1,14 @@
 """Shared session fixtures: a loopback S3 server (moto) and one local Ray session.
 
 Both start on first use only, once per test session, so test files that need neither pay
-nothing. Other test packages reuse them as they are.
+nothing. Other test packages reuse them as they are. boto3, moto and ray are required (the `test`
+extra and the runtime dependencies): a missing or broken one fails every test that needs it,
+never skips it, so a broken moto cannot turn the S3 race tests into silent skips.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import socket
@@ -43,6 +46,18 @@ class S3Server:
         return f"s3://{self.bucket}/{uuid.uuid4().hex[:12]}/{name}".rstrip("/")
 
 
+def _required(module: str) -> Any:
+    """Import a required test dependency, failing (not skipping) the test when it is missing or broken."""
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # noqa: BLE001  (a broken install fails in many ways; each one is a failure)
+        pytest.fail(
+            f"{module} is required to run these tests but does not import ({type(error).__name__}: {error}); "
+            "install the test extra: pip install -e '.[test]'",
+            pytrace=False,
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,8 +67,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """Start moto's S3 server on loopback (as s3fs's own tests do) with one bucket."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
+    boto3 = _required("boto3")
+    moto_server = _required("moto.server")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -81,7 +96,7 @@ def ray_local() -> Iterator[Any]:
     More logical CPUs than the 2 cores CI machines have: Ray Data reserves CPUs per task and
     actor, and a stage waiting on CPUs held by another stage would stall the test.
     """
-    ray = pytest.importorskip("ray")
+    ray = _required("ray")
     temp_dir = None
     if not ray.is_initialized():
         # address="local" and a temp dir of its own: never join (or disturb) another Ray on this

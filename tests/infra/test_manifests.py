@@ -321,6 +321,40 @@ def test_cronjob_forbids_concurrency_and_submits_a_dated_rayjob(doc: Doc) -> Non
     )
 
 
+def service_account_names(body: Any) -> set[str]:
+    """Every serviceAccountName a document's pods run as (pod templates anywhere inside it)."""
+    return {
+        node["serviceAccountName"] for node in walk(body) if isinstance(node, dict) and "serviceAccountName" in node
+    }
+
+
+def test_pods_run_as_service_accounts_infra_defines() -> None:
+    defined = {d.body["metadata"]["name"] for d in by_kind("ServiceAccount")}
+    for doc in DOCS:
+        missing = sorted(service_account_names(doc.body) - defined)
+        assert not missing, f"{doc.where}: runs as service account(s) {missing} that infra/ does not define"
+
+
+@pytest.mark.parametrize("doc", by_kind("ServiceAccount"), ids=lambda d: d.where)
+def test_service_accounts_are_used_and_bound_to_a_defined_role(doc: Doc) -> None:
+    name = doc.body["metadata"]["name"]
+    assert any(name in service_account_names(d.body) for d in DOCS), (
+        f"{doc.where}: no pod runs as service account {name!r} (use it, or drop it)"
+    )
+    bindings = [
+        b
+        for b in by_kind("RoleBinding")
+        if any(s.get("kind") == "ServiceAccount" and s.get("name") == name for s in b.body.get("subjects") or [])
+    ]
+    assert bindings, f"{doc.where}: service account {name!r} is bound to no Role"
+    roles = {r.body["metadata"]["name"] for r in by_kind("Role")}
+    for binding in bindings:
+        ref = binding.body["roleRef"]
+        assert ref.get("kind") == "Role" and ref.get("name") in roles, (
+            f"{binding.where}: binds {name!r} to {ref.get('kind')} {ref.get('name')!r}, which infra/ does not define"
+        )
+
+
 def test_every_kind_is_checked() -> None:
     checked = {"RayCluster", "RayJob", "RayCronJob", "CronJob", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"}
     unknown = sorted({d.kind for d in DOCS} - checked)
