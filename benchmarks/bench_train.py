@@ -1,6 +1,8 @@
 """Joint LPLgrad training speed: the joint step beside a plain cross-entropy step and beside the
 joint step with training augmentation, and Ray Train throughput with 1 and 2 workers (the first
-count also with augmentation), measured side by side in one run.
+count also with augmentation), measured side by side in one run. The Ray Train runs train on
+random arrays held in Ray's object store (`--samples` of them): no pool is read or decoded, so
+their samples/s is the training loop's, not a pool's (bench_read.py measures reading a pool).
 
     python benchmarks/bench_train.py                      # small_cnn, batch 128, this CPU
     python benchmarks/bench_train.py --model cifar_resnet18 --json
