@@ -80,6 +80,20 @@ class Job(Generic[C]):
         return load_config(self.config, args.config, overrides)
 
 
+def _importable(job: Job[Any]) -> Job[Any]:
+    """Under `python -m ray_jobs.JOB` the job's module is `__main__`, and Ray pickles what a
+    `__main__` defines (the config class, the training loop) by value: a worker then rebuilds the
+    config class without the module's other names and fails (`NameError: TrainSchedule`). The same
+    `Job` imported under the module's own name is pickled by reference, as under `lplgrad JOB`."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if getattr(job.start, "__module__", None) != "__main__" or not name:
+        return job
+    import importlib
+
+    return importlib.import_module(name).JOB
+
+
 # The resolved config waiting to be printed (see the module docstring): one per process, since a
 # process runs one job from its command line.
 _pending_echo: list[str] = []
@@ -100,6 +114,7 @@ def run_job(job: Job[Any], argv: Sequence[str] | None = None) -> int:
     from ray_jobs._shared.cluster import refuse_working_dir_paths
     from ray_jobs._shared.config_cli import help_for
 
+    job = _importable(job)
     argv, debug = strip_debug(list(sys.argv[1:] if argv is None else argv))
     if {"-h", "--help"} & set(argv):
         print(help_for(job))
