@@ -16,13 +16,20 @@ from typing import Any
 import numpy as np
 
 from pipeline.acquisition._strategies import available_strategies, check_stochastic
+from pipeline.acquisition.cluster_margin import default_clusters
+from pipeline.acquisition.diverse import DIVERSE_STRATEGIES
 
 __all__ = ["SelectionSpec", "TopK", "select_topk"]
 
 
 @dataclass(frozen=True)
 class SelectionSpec:
-    """How a query picks its rows from the acquisition values: the strategy, k and the draw.
+    """How a query picks its rows: the strategy, k, the draw, and for a diverse strategy its candidates.
+
+    A per-sample strategy (``margin``, ``lplgrad``, ...) is selected by the streaming exact top-k or
+    a stochastic draw. A diverse strategy (``badge``, ``cluster-margin``:
+    :data:`~pipeline.acquisition.diverse.DIVERSE_STRATEGIES`) picks from the ``candidates``
+    smallest-margin rows gathered with their embeddings, within ``candidate_memory_mb``.
 
     It is also what the run manifest records as ``inputs.strategy`` (name, and the params other
     than scoring ones such as ``norm``) and ``inputs.k``
@@ -35,10 +42,18 @@ class SelectionSpec:
             ``softrank``) drawing k rows without replacement.
         beta: Inverse temperature of the draw. Without a draw it means nothing and is stored as
             ``None``, so two exact top-k specs compare (and fingerprint) equal whatever beta was given.
-        seed: Seed of the ``random`` strategy and of the draw's Gumbel noise.
+        seed: Seed of the ``random`` strategy, of the draw's Gumbel noise and of a diverse
+            strategy's draws.
+        candidates: M, the smallest-margin rows a diverse strategy picks from (default ``10 * k``,
+            at least k); ``None`` for per-sample strategies.
+        candidate_memory_mb: The budget of the gathered candidates (M x (C + D) floats), checked
+            before any scoring (default 1024 MiB); ``None`` for per-sample strategies.
+        clusters: ``cluster-margin``'s k-means clusters (default
+            :func:`~pipeline.acquisition.cluster_margin.default_clusters`); ``None`` otherwise.
 
     Raises:
-        ValueError: On an unknown strategy, k <= 0, or a bad stochastic mode or beta.
+        ValueError: On an unknown strategy, k <= 0, a bad stochastic mode or beta, a stochastic
+            diverse strategy, or candidate settings that do not fit.
     """
 
     strategy: str
@@ -46,18 +61,46 @@ class SelectionSpec:
     stochastic: str | None = None
     beta: float | None = None
     seed: int = 0
+    candidates: int | None = None
+    candidate_memory_mb: float | None = None
+    clusters: int | None = None
 
     def __post_init__(self) -> None:
-        if self.strategy not in available_strategies():
-            raise ValueError(
-                f"strategy {self.strategy!r} is unknown; choose one of {', '.join(available_strategies())}"
-            )
+        known = (*available_strategies(), *sorted(DIVERSE_STRATEGIES))
+        if self.strategy not in known:
+            raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {', '.join(known)}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
             raise ValueError(f"k must be positive, got {self.k}")
+        # frozen: the normalisations happen here, once, so equal selections compare (and fingerprint) equal
         if self.stochastic is None:
-            object.__setattr__(self, "beta", None)  # frozen: the one normalisation, at construction
+            object.__setattr__(self, "beta", None)
+        elif self.is_diverse:
+            raise ValueError(f"{self.strategy} has no stochastic variant: leave stochastic unset")
         else:
             check_stochastic(self.stochastic, self.beta, self.strategy)
+        if not self.is_diverse:
+            for name in ("candidates", "candidate_memory_mb", "clusters"):
+                object.__setattr__(self, name, None)
+            return
+        candidates = 10 * self.k if self.candidates is None else self.candidates
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < self.k:
+            raise ValueError(f"candidates must be an integer >= k={self.k}, got {self.candidates}")
+        budget = 1024.0 if self.candidate_memory_mb is None else float(self.candidate_memory_mb)
+        if not budget > 0:
+            raise ValueError(f"candidate_memory_mb must be positive, got {self.candidate_memory_mb}")
+        clusters = None
+        if DIVERSE_STRATEGIES[self.strategy].clustered:
+            clusters = default_clusters(self.k, candidates) if self.clusters is None else self.clusters
+            if isinstance(clusters, bool) or not isinstance(clusters, int) or not 0 < clusters <= candidates:
+                raise ValueError(f"clusters must be an integer in [1, candidates={candidates}], got {self.clusters}")
+        object.__setattr__(self, "candidates", candidates)
+        object.__setattr__(self, "candidate_memory_mb", budget)
+        object.__setattr__(self, "clusters", clusters)
+
+    @property
+    def is_diverse(self) -> bool:
+        """Whether the strategy picks from gathered candidates rather than by per-sample values."""
+        return self.strategy in DIVERSE_STRATEGIES
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-ready dict (inverse of :meth:`from_dict`)."""
@@ -70,7 +113,7 @@ class SelectionSpec:
         Raises:
             ValueError: On unknown or missing fields, or an invalid spec.
         """
-        known = {"strategy", "k", "stochastic", "beta", "seed"}
+        known = {"strategy", "k", "stochastic", "beta", "seed", "candidates", "candidate_memory_mb", "clusters"}
         if set(values) - known or not {"strategy", "k"} <= set(values):
             raise ValueError(
                 f"a selection spec has fields {sorted(known)} (strategy and k required), got {sorted(values)}"
@@ -78,14 +121,32 @@ class SelectionSpec:
         return cls(**values)
 
     def manifest_params(self) -> dict[str, Any]:
-        """This spec's entries of the manifest's ``inputs.strategy.params``."""
-        return {"seed": self.seed, "stochastic": self.stochastic, "beta": self.beta}
+        """This spec's entries of the manifest's ``inputs.strategy.params``; a diverse strategy adds
+        its method, M (``candidates``), the memory budget and its clusters."""
+        params = {"seed": self.seed, "stochastic": self.stochastic, "beta": self.beta}
+        if self.is_diverse:
+            params.update(
+                method=DIVERSE_STRATEGIES[self.strategy].method,
+                candidates=self.candidates,
+                candidate_memory_mb=self.candidate_memory_mb,
+                clusters=self.clusters,
+            )
+        return params
 
     @classmethod
     def from_manifest(cls, strategy: str, k: int, params: Mapping[str, Any]) -> SelectionSpec:
         """The spec a manifest recorded (``inputs.strategy.name``, ``inputs.k``,
         ``inputs.strategy.params``; params it does not know, such as ``norm``, are ignored)."""
-        return cls(strategy, k, params.get("stochastic"), params.get("beta"), int(params.get("seed", 0)))
+        return cls(
+            strategy,
+            k,
+            params.get("stochastic"),
+            params.get("beta"),
+            int(params.get("seed", 0)),
+            params.get("candidates"),
+            params.get("candidate_memory_mb"),
+            params.get("clusters"),
+        )
 
 
 @dataclass(order=True)

@@ -76,6 +76,11 @@ def select_streamed(
     Returns:
         The :class:`StreamedSelection`.
     """
+    if spec.is_diverse:
+        raise ValueError(
+            f"{spec.strategy} picks from gathered candidates, not by a per-sample top-k: "
+            "gather them with CandidateGatherer and select with select_diverse"
+        )
     top = TopK(spec.k)
     summary = ScoreSummary()
     ranks = ScoreRanks() if spec.stochastic == "softrank" else None

@@ -1,13 +1,21 @@
-"""BADGE: gradient embeddings, k-means++ seeding, and the memory refusal."""
+"""BADGE: gradient embeddings, k-means++ seeding (materialised and factored), and the memory refusal."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.acquisition import BadgeMemoryError, badge_embeddings, check_badge_memory, kmeanspp_seeding
+from pipeline.acquisition import (
+    BadgeMemoryError,
+    badge_embeddings,
+    badge_select,
+    check_badge_memory,
+    kmeanspp_seeding,
+    prediction_residuals,
+)
 
 
 def test_embedding_is_the_last_layer_gradient_at_the_predicted_label() -> None:
@@ -49,3 +57,47 @@ def test_memory_budget_refusal_names_sizes_and_the_fix() -> None:
         BadgeMemoryError, match=r"1000000 x 10 x 512 float32 embeddings = 19531 MiB, over the budget of 2048 MiB"
     ):
         check_badge_memory(1_000_000, 10, 512, budget_mb=2048)
+
+
+def _factors(n: int, c: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(n, c, generator=generator, dtype=torch.float64)
+    features = torch.randn(n, d, generator=generator, dtype=torch.float64).relu()
+    return logits, features
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_factored_seeding_picks_what_the_materialised_embeddings_pick(seed: int) -> None:
+    logits, features = _factors(300, 4, 6, seed)
+    residuals = prediction_residuals(logits).double()
+    embeddings = badge_embeddings(logits, features).double()
+    assert torch.allclose(embeddings, (residuals[:, :, None] * features[:, None, :]).flatten(1))
+    for k in (1, 25, 120):
+        assert badge_select(residuals, features, k, seed) == kmeanspp_seeding(embeddings, k, seed)
+
+
+def test_factored_distances_equal_the_materialised_ones() -> None:
+    from pipeline.acquisition.badge import _FactoredSeeding
+
+    logits, features = _factors(50, 3, 5, 7)
+    residuals = prediction_residuals(logits).double()
+    embeddings = (residuals[:, :, None] * features[:, None, :]).flatten(1)
+    seeding = _FactoredSeeding(residuals, features, k=5)
+    for centre in (4, 17, 30):
+        seeding.add_centre(centre)
+    brute = torch.cdist(embeddings, embeddings[[4, 17, 30]]).pow(2).min(1).values
+    assert np.allclose(seeding.nearest2, brute.numpy(), rtol=1e-9, atol=1e-12)
+    assert seeding.recomputed < 50 * 3  # the bounds skipped some rows, exactly
+
+
+def test_factored_seeding_is_deterministic_and_without_repeats() -> None:
+    logits, features = _factors(400, 10, 16, 3)
+    residuals = prediction_residuals(logits).float()
+    picks = badge_select(residuals.numpy(), features.float().numpy(), 200, seed=11)
+    assert picks == badge_select(residuals.numpy(), features.float().numpy(), 200, seed=11)
+    assert picks != badge_select(residuals.numpy(), features.float().numpy(), 200, seed=12)
+    assert len(set(picks)) == 200
+    norms = residuals.norm(dim=1) * features.float().norm(dim=1)
+    assert picks[0] == int(norms.argmax())
+    duplicates = badge_select(torch.ones(6, 2), torch.ones(6, 3), 6, seed=0)
+    assert sorted(duplicates) == list(range(6))
