@@ -79,7 +79,7 @@ from pipeline.pools.sources import (
     SyntheticSource,
     synthetic,
 )
-from pipeline.pools.writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, PoolWriter
+from pipeline.pools.writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SAMPLES, PoolWriter, member_header
 
 __all__ = [
     "BUILD_DIR",
@@ -142,6 +142,7 @@ __all__ = [
     "iter_pool_samples",
     "iter_shard_samples",
     "label_pool",
+    "member_header",
     "read_index",
     "read_labels",
     "read_labels_table",

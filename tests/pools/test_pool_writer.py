@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,7 @@ from pipeline.pools import (
     UnfinishedPoolError,
     build_pool,
     iter_pool_samples,
+    member_header,
     resolve_pool,
     synthetic,
 )
@@ -135,3 +138,35 @@ def test_writer_rejects_bad_samples(local_store, key: str, files: dict, message:
     writer = PoolWriter(local_store.uri("p"))
     with pytest.raises(ValueError, match=message):
         writer.write(key, files)
+
+
+@pytest.mark.parametrize("name", ["a.png", "cat/img_001.cls", "k" * 96 + ".png", "k" * 97 + ".png", "ü/x.png"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 1_000_003])
+def test_member_headers_are_the_ones_tarfile_writes(name: str, size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+    assert member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_shards_are_the_bytes_tarfile_writes(local_store) -> None:
+    members = [("a", {"png": b"x" * 700, "cls": b"3"}), ("b/" + "n" * 120, {"jpg": b"y" * 512, "json": b"{}"})]
+    writer = PoolWriter(local_store.uri("p"))
+    for key, files in members:
+        writer.write(key, files)
+    writer.close()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for key, files in members:
+            for ext in sorted(files):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(files[ext]),
+                    0,
+                    0o444,
+                    0,
+                    0,
+                    "",
+                    "",
+                )
+                tar.addfile(info, io.BytesIO(files[ext]))
+    assert local_store.read("p/pool-000000.tar") == buffer.getvalue()

@@ -145,7 +145,8 @@ class ImageFiles:
     def _contents(self) -> Iterator[tuple[_Item, bytes]]:
         if is_local(self.fs):
             for item in self.items:
-                yield item, self.fs.cat_file(item.path)
+                with open(item.path, "rb") as f:  # fsspec's file object costs more than the read
+                    yield item, f.read()
             return
         for i in range(0, len(self.items), _FETCH_BATCH):
             batch = self.items[i : i + _FETCH_BATCH]
