@@ -359,8 +359,11 @@ def _build_stream(
 
     for sample in source:
         if sample.key in seen:
-            shard = display_uri(build.fs, join_path(build.path, partition_shard_name(seen[sample.key], 0)))
-            raise DuplicateKeyError(sample.key, shard, f"partition {len(records)}")
+
+            def shard(i: int) -> str:
+                return display_uri(build.fs, join_path(build.path, partition_shard_name(i, 0)))
+
+            raise DuplicateKeyError(sample.key, shard(seen[sample.key]), shard(len(records)))
         seen[sample.key] = len(records)
         chunk.append(sample)
         if len(chunk) == settings.shard_samples:
