@@ -144,6 +144,14 @@ class Progress:
             self._last_line, self._printed = now, self.done
         self.stream.flush()
 
+    def note(self, text: str) -> None:
+        """A line of its own, `phase: text`, between steps (a waiting line, a warning). On a
+        terminal it starts on a new line, below any bar drawn in place there."""
+        lead = "\n" if self._width or (self.stream.isatty() and not self.tty) else ""
+        self._width = 0
+        self.stream.write(f"{lead}{self.phase}: {text}\n")
+        self.stream.flush()
+
     def close(self) -> None:
         """End the bar's line (terminal mode); in line mode, print the last step if it was thinned out."""
         if self.tty and self._width:
