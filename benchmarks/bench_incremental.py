@@ -20,7 +20,7 @@ Each is timed `--repeats` times and the best is reported (all times are in the J
 runs in a fresh output root holding a copy of the night before (a committed run directory is
 self-contained, so a copy is a valid source), so every repeat sees the same inputs.
 
-Each run reports the whole job (`query.run` wall time: resolving the pool, hashing the
+Each run reports the whole job (`querying.query` wall time: resolving the pool, hashing the
 checkpoint, listing shard identities, planning the reuse, streaming, committing) and the
 streaming phase alone (`extra.seconds` of its manifest: copying reused rows, Ray Data and the
 scoring actors, the top-k). Ratios are to the full run. `ray.init` is not counted (a nightly job
@@ -54,7 +54,7 @@ import ray
 from pipeline import manifest
 from pipeline.checkpoint import ModelSpec, save_untrained_checkpoint
 from pipeline.pools import encode_image, synthetic
-from ray_jobs import query
+from ray_jobs._shared import querying
 
 CLASSES = [str(c) for c in range(10)]
 
@@ -74,10 +74,10 @@ def make_checkpoint(directory: Path) -> str:
     return save_untrained_checkpoint(directory, ModelSpec("small_cnn", num_classes=len(CLASSES)), CLASSES)
 
 
-def timed_run(config: query.QueryConfig) -> dict[str, Any]:
+def timed_run(config: querying.QuerySpec) -> dict[str, Any]:
     """Run one query; the job's wall time, its streaming phase, and where its rows came from."""
     start = time.perf_counter()
-    written = query.run(config)
+    written = querying.query(config)
     job = time.perf_counter() - start
     shards = written.shards or ()
     return {
@@ -100,7 +100,7 @@ def best_of(
         out.mkdir()
         if before is not None:
             shutil.copytree(before, out / before.name)
-        results.append(timed_run(query.QueryConfig(**base, out=str(out), run_id=run_id)))
+        results.append(timed_run(querying.QuerySpec(**base, out=str(out), run_id=run_id)))
     best = min(results, key=lambda result: result["job_s"])
     return {**best, "job_s_all": [r["job_s"] for r in results], "stream_s_all": [r["stream_s"] for r in results]}
 
@@ -123,7 +123,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     (work / "warmup-pool").mkdir()
     write_shard(work / "warmup-pool" / "shard-00000.tar", 0, args.batch_size, seed=0)
     timed_run(
-        query.QueryConfig(**{**base, "pool": str(work / "warmup-pool")}, out=str(work / "warmup"), run_id="warmup")
+        querying.QuerySpec(**{**base, "pool": str(work / "warmup-pool")}, out=str(work / "warmup"), run_id="warmup")
     )
     runs = {"full": best_of(args.repeats, work, "full", "night-1", base, None)}
     runs["unchanged"] = best_of(args.repeats, work, "unchanged", "night-2", base, work / "full-0" / "night-1")

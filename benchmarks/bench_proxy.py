@@ -48,7 +48,8 @@ from pipeline.models import input_spec  # noqa: E402
 from pipeline.pools import build_pool, iter_pool_samples, label_pool, resolve_pool, synthetic  # noqa: E402
 from pipeline.proxy.store import features_matrix, open_store  # noqa: E402
 from pipeline.scoring import gradnorm_scores  # noqa: E402
-from ray_jobs import features, proxy, query  # noqa: E402
+from ray_jobs import features, proxy  # noqa: E402
+from ray_jobs._shared import querying  # noqa: E402
 from ray_jobs._shared.cluster import connect  # noqa: E402
 
 CLASSES = 10
@@ -91,7 +92,7 @@ def in_process_rates(
     full = RowScorer(lambda: build_from_checkpoint(loaded), device="cpu")
     table = pa.concat_tables(list(open_store(store_uri).iter_tables())).slice(0, len(samples))
     table = table.drop_columns(["generation"])
-    head = query.ProxyQueryScorer(
+    head = querying.ProxyQueryScorer(
         functools.partial(scoring_model, proxy_checkpoint, {}, len(loaded.classes)), norm="per_tensor_sum"
     )
     rates = {}
@@ -148,8 +149,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     timed(
         "warmup",
         results,
-        query.run,
-        query.QueryConfig(
+        querying.query,
+        querying.QuerySpec(
             pool=str(work / "pool"),
             checkpoint=backbone,
             out=str(work / "warm"),
@@ -161,8 +162,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     full = timed(
         "full_query",
         results,
-        query.run,
-        query.QueryConfig(
+        querying.query,
+        querying.QuerySpec(
             pool=str(work / "pool"), checkpoint=backbone, out=str(work / "full"), run_id="full", **common
         ),
     )
@@ -194,8 +195,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     proxied = timed(
         "proxy_query",
         results,
-        query.run,
-        query.QueryConfig(
+        querying.query,
+        querying.QuerySpec(
             checkpoint=trained["checkpoint"],
             features=str(work / "store"),
             out=str(work / "proxyq"),

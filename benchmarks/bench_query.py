@@ -14,7 +14,7 @@ Three figures, in one run:
    to a loopback S3 server (moto, started here in its own process; output written to S3 too).
    The in-memory rate is measured right before and right after each job run and averaged, so that
    background load drifting during the run affects both sides of the ratio alike. The wall time of
-   ``query.run`` (Ray Data planning, actor start, commit) is reported beside it. A first query of
+   ``querying.query`` (Ray Data planning, actor start, commit) is reported beside it. A first query of
    a few batches runs before both: on a fresh Ray it pays for starting worker processes and their
    torch import (reported as the cold start), which would otherwise fall on the local run only.
    Each run writes to its own output root, so an incremental query has nothing to reuse.
@@ -22,7 +22,7 @@ Three figures, in one run:
    process; to compare like with like the benchmark pins ``OMP_NUM_THREADS`` for its Ray job
    (``--threads``), checks it inside a probe actor, and uses ``torch.set_num_threads`` here.
 2. Driver memory: each memory query runs in a fresh child process (this script with ``--child``)
-   connected to the same local Ray; its peak RSS during ``query.run`` is read from VmHWM after
+   connected to the same local Ray; its peak RSS during ``querying.query`` is read from VmHWM after
    resetting it through ``/proc/self/clear_refs`` (else ``ru_maxrss``, which includes start-up).
    Pools are 8x8 grayscale PNGs (a few hundred distinct payloads, repeated) scored by a two-stage
    CNN registered here as ``bench_tiny_cnn`` (in the child's workers through Ray's
@@ -79,7 +79,7 @@ from pipeline.pools import (  # noqa: E402
 )
 from pipeline.scoring import RowScorer  # noqa: E402
 from pipeline.storage import filesystem_for  # noqa: E402
-from ray_jobs import query  # noqa: E402
+from ray_jobs._shared import querying  # noqa: E402
 from ray_jobs._shared.cluster import LOCAL_MIN_CPUS  # noqa: E402
 
 TINY_MODEL = "bench_tiny_cnn"
@@ -174,10 +174,10 @@ def in_memory_rate(checkpoint: str, num_classes: int, data: dict[str, np.ndarray
     return n / (time.perf_counter() - begin)
 
 
-def timed_query(config: query.QueryConfig) -> dict[str, Any]:
+def timed_query(config: querying.QuerySpec) -> dict[str, Any]:
     """Run the job; its manifest's rate plus the wall time of the whole call."""
     begin = time.perf_counter()
-    manifest = query.run(config)
+    manifest = querying.query(config)
     wall = time.perf_counter() - begin
     return {
         "job_sps": manifest.extra["samples_per_s"],
@@ -254,7 +254,7 @@ def efficiency(args: argparse.Namespace, work: Path, s3: dict[str, Any] | None) 
         synthetic(4 * args.batch_size, seed=1, num_classes=10, image_size=28, channels=1), warm_pool, unlabeled=True
     )
     results["cold_start_wall_s"] = timed_query(
-        query.QueryConfig(pool=warm_pool, out=str(work / "warmup_out"), run_id="warmup", **base)
+        querying.QuerySpec(pool=warm_pool, out=str(work / "warmup_out"), run_id="warmup", **base)
     )["wall_s"]
     targets = [("local", pool, str(work / "out"), {})]
     if s3 is not None:
@@ -262,7 +262,7 @@ def efficiency(args: argparse.Namespace, work: Path, s3: dict[str, Any] | None) 
         targets.append(("s3", "s3://bench/pool20k", "s3://bench/out", s3))
     for name, pool_uri, out, options in targets:
         before = in_memory_rate(checkpoint, len(classes), data, args.batch_size)
-        run = timed_query(query.QueryConfig(pool=pool_uri, out=out, run_id=name, storage_options=options, **base))
+        run = timed_query(querying.QuerySpec(pool=pool_uri, out=out, run_id=name, storage_options=options, **base))
         after = in_memory_rate(checkpoint, len(classes), data, args.batch_size)
         memory_sps = (before + after) / 2
         results[name] = {
@@ -277,7 +277,7 @@ def efficiency(args: argparse.Namespace, work: Path, s3: dict[str, Any] | None) 
 
 
 def child_main(spec: dict[str, Any]) -> None:
-    """One memory query in this fresh process: print its driver's peak RSS during query.run as JSON."""
+    """One memory query in this fresh process: print its driver's peak RSS during querying.query as JSON."""
     ray.init(
         address=spec["address"],
         log_to_driver=False,
@@ -288,7 +288,7 @@ def child_main(spec: dict[str, Any]) -> None:
         },
     )
     quiet_ray_data()
-    config = query.QueryConfig(**spec["config"])
+    config = querying.QuerySpec(**spec["config"])
     baseline = proc_status_kb("VmRSS")
     try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0): the peak then covers the run only
         Path("/proc/self/clear_refs").write_text("5")
@@ -296,7 +296,7 @@ def child_main(spec: dict[str, Any]) -> None:
     except OSError:
         peak_source = "ru_maxrss (includes start-up)"
     begin = time.perf_counter()
-    manifest = query.run(config)
+    manifest = querying.query(config)
     wall = time.perf_counter() - begin
     peak = (
         proc_status_kb("VmHWM")
@@ -326,7 +326,7 @@ def proc_status_kb(field: str) -> int:
 
 
 def driver_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Peak driver RSS of query.run over tiny-image pools of each size, each in a fresh process."""
+    """Peak driver RSS of querying.query over tiny-image pools of each size, each in a fresh process."""
     classes = [f"c{i}" for i in range(10)]
     checkpoint = make_checkpoint(work / "ckpt_tiny", TINY_MODEL, classes, lossnet_hidden=16)
     results: dict[str, Any] = {}

@@ -1,8 +1,9 @@
 """The selection manifest of a query run: its layout (_layout), the commit protocol (commit), the
-readers (read), the parquet tables and recorded inputs behind it, verification, export, and
-incremental reuse of a previous night's scores. See docs/manifest.md."""
+readers (read), the parquet tables and recorded inputs behind it, the earlier runs a query
+excludes (exclusions), verification, export, and incremental reuse of a previous night's scores.
+See docs/manifest.md."""
 
-from pipeline.manifest._inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest
+from pipeline.manifest._inputs import PoolShard, QueryInputs, inputs_fingerprint, keys_digest, query_inputs
 from pipeline.manifest._layout import (
     ATTEMPTS_DIR,
     ERRORS_NAME,
@@ -38,6 +39,7 @@ from pipeline.manifest.commit import (
     new_run_id,
     software_versions,
 )
+from pipeline.manifest.exclusions import Exclusions, exclusion_run, resolve_exclusions
 from pipeline.manifest.export import (
     EXPORT_FORMATS,
     CommittedRun,
@@ -86,6 +88,7 @@ __all__ = [
     "SELECTION_NAME",
     "SELECTION_SCHEMA",
     "CommittedRun",
+    "Exclusions",
     "ExtractReport",
     "Manifest",
     "ManifestError",
@@ -105,6 +108,7 @@ __all__ = [
     "commit_run",
     "errors_table",
     "excluded_table",
+    "exclusion_run",
     "export_selection",
     "extract_images",
     "format_summary",
@@ -122,7 +126,9 @@ __all__ = [
     "plan_reuse",
     "previous_run",
     "previously_selected_keys",
+    "query_inputs",
     "read_manifest",
+    "resolve_exclusions",
     "resolve_run",
     "run_summary",
     "selection_rows",

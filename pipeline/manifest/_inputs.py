@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the acquisition package imports torch; reading a manifest must not
+if TYPE_CHECKING:  # the acquisition and proxy packages import torch; reading a manifest must not
     from pipeline.acquisition.selection import SelectionSpec
+    from pipeline.pools import ShardRef
+    from pipeline.proxy.store import FeatureStore
 
-__all__ = ["PoolShard", "QueryInputs", "inputs_fingerprint", "keys_digest"]
+__all__ = ["PoolShard", "QueryInputs", "inputs_fingerprint", "keys_digest", "query_inputs"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +148,56 @@ def inputs_fingerprint(inputs: Mapping[str, Any]) -> str:
 def keys_digest(keys: Iterable[str]) -> str:
     """sha256 hex of a key set, independent of order and repeats (JSON of the sorted keys)."""
     return hashlib.sha256(json.dumps(sorted(set(keys)), ensure_ascii=True).encode("ascii")).hexdigest()
+
+
+def query_inputs(
+    selection: SelectionSpec,
+    score_params: Mapping[str, Any],
+    *,
+    pool_uri: str,
+    shards: Sequence[ShardRef],
+    identities: Mapping[str, Mapping[str, Any] | None],
+    checkpoint_uri: str,
+    checkpoint_sha256: str,
+    exclusion_runs: Sequence[str] = (),
+    excluded: Collection[str] = (),
+    subset_size: int | None = None,
+    subset_seed: int = 0,
+    store: FeatureStore | None = None,
+) -> QueryInputs:
+    """The inputs a query records, from what it resolved before scoring.
+
+    Args:
+        selection: What the query selects with (:meth:`QueryInputs.for_selection`).
+        score_params: Scoring parameters (``{"norm": ...}``).
+        pool_uri: The pool as named (a proxy query: the pool its feature store was extracted from).
+        shards: The resolved pool's shards, in read order.
+        identities: Shard path -> identity (``pipeline.manifest.shard_identities``).
+        checkpoint_uri: The checkpoint as named.
+        checkpoint_sha256: Its content hash.
+        exclusion_runs: Resolved run directories whose selections are excluded.
+        excluded: Every key the query excludes (those runs' and the labeled pool's); enters as
+            :func:`keys_digest` and a count.
+        subset_size: Samples of the random subset, ``None`` for the whole pool.
+        subset_seed: The subset's seed.
+        store: A proxy query's feature store, recorded with its backbone and commit time.
+
+    Returns:
+        The inputs, fingerprinted into the manifest.
+    """
+    return QueryInputs.for_selection(
+        selection,
+        score_params,
+        pool_uri=pool_uri,
+        shards=tuple(PoolShard(s.uri, s.samples, s.bytes, identities[s.path]) for s in shards),
+        checkpoint_uri=checkpoint_uri,
+        checkpoint_sha256=checkpoint_sha256,
+        exclusion_runs=tuple(exclusion_runs),
+        excluded_keys_sha256=keys_digest(excluded) if excluded else None,
+        excluded_keys_count=len(excluded),
+        subset_size=subset_size,
+        subset_seed=subset_seed,
+        features=None
+        if store is None
+        else {"store": store.uri, "backbone_sha256": store.backbone.sha256, "committed_at": store.committed_at},
+    )

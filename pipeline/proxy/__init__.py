@@ -1,8 +1,10 @@
 """Proxy mode: score a pool through a small head on cached backbone features instead of the
 whole model. Extraction fills a feature store (features, store); a proxy head with its loss
 module is trained on the labeled rows' features (head, training); the backbone is fine-tuned and
-promoted when the alignment policy says the features have drifted (alignment). See docs/proxy.md."""
+promoted when the alignment policy says the features have drifted (alignment). A proxy query checks
+its store against the checkpoint and the pool first (_checks). See docs/proxy.md."""
 
+from pipeline.proxy._checks import check_store_fresh, proxy_record, proxy_store
 from pipeline.proxy.alignment import FINETUNE_MODES, AlignmentPolicy, AlignmentState, load_probe_into
 from pipeline.proxy.extraction import FeatureExtractor, feature_batch, feature_dim
 from pipeline.proxy.head import PROXY_KINDS, TAP_LAYER, ProxyHead, ProxySpec
@@ -40,6 +42,7 @@ __all__ = [
     "ProxySpec",
     "ProxyTraining",
     "StoreShard",
+    "check_store_fresh",
     "commit_store",
     "feature_batch",
     "feature_dim",
@@ -50,6 +53,8 @@ __all__ = [
     "open_store",
     "plan_extraction",
     "proxy_accuracy",
+    "proxy_record",
+    "proxy_store",
     "save_proxy_checkpoint",
     "train_proxy",
 ]

@@ -39,7 +39,8 @@ from pipeline.pools import (
 from pipeline.proxy import alignment
 from pipeline.proxy.store import FeatureStoreError, features_matrix, open_store
 from pipeline.scoring import gradnorm_scores
-from ray_jobs import align, cli, features, proxy, query, train
+from ray_jobs import align, cli, features, proxy, train
+from ray_jobs._shared import querying
 
 CLASSES = [str(c) for c in range(4)]
 PER_SHARD = 40
@@ -166,8 +167,8 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -
             epochs=5,
         )
     )
-    written = query.run(
-        query.QueryConfig(
+    written = querying.query(
+        querying.QuerySpec(
             checkpoint=trained["checkpoint"],
             features=env["store"],
             k=10,
@@ -181,9 +182,9 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -
     selection = manifest.load(str(env["root"] / "queries" / "p1")).column("key").to_pylist()
     assert selection == brute_force(env["store"], trained["checkpoint"], env["labeled_keys"], 10)
     assert not set(selection) & env["labeled_keys"]
-    assert written["inputs"]["features"]["store"] == env["store"]
-    assert written["inputs"]["features"]["backbone_sha256"] == open_store(env["store"]).backbone.sha256
-    assert written["extra"]["mode"] == "proxy" and written["extra"]["proxy"]["kind"] == "mlp"
+    assert written.inputs["features"]["store"] == env["store"]
+    assert written.inputs["features"]["backbone_sha256"] == open_store(env["store"]).backbone.sha256
+    assert written.extra["mode"] == "proxy" and written.extra["proxy"]["kind"] == "mlp"
     assert [e["key"] for e in manifest.load_errors(str(env["root"] / "queries" / "p1")).to_pylist()] == ["corrupt-0001"]
     capsys.readouterr()
     assert cli.main(["manifest", "verify", str(env["root"] / "queries" / "p1")]) == 0
@@ -195,20 +196,20 @@ def test_refusals_before_any_scoring(env) -> None:
     trained = str(env["root"] / "proxy")
     base = dict(checkpoint=trained, features=env["store"], k=5, out=str(env["root"] / "refused"), run_id="r")
     with pytest.raises(CheckpointError, match="is a proxy checkpoint: pass features="):
-        query.prepare(query.QueryConfig(**{**base, "features": None, "pool": env["pool"]}))
+        querying.prepare(querying.QuerySpec(**{**base, "features": None, "pool": env["pool"]}))
     with pytest.raises(CheckpointError, match="features= is for proxy checkpoints"):
-        query.prepare(query.QueryConfig(**{**base, "checkpoint": env["a"]}))
+        querying.prepare(querying.QuerySpec(**{**base, "checkpoint": env["a"]}))
     other = str(env["root"] / "store-b")
     extract(env, env["b"], out=other)
     with pytest.raises(CheckpointError, match="trained on features of backbone"):
-        query.prepare(query.QueryConfig(**{**base, "features": other}))
+        querying.prepare(querying.QuerySpec(**{**base, "features": other}))
     with pytest.raises(ValueError, match="is a proxy checkpoint; features come from a backbone"):
         extract(env, trained, out=str(env["root"] / "never"))
     samples, _ = shard_samples(300, seed=11)
     write_shard(Path(env["pool"]) / "shard-0003.tar", samples)
     try:
         with pytest.raises(FeatureStoreError, match="is stale: 1 shards new or changed"):
-            query.prepare(query.QueryConfig(**base))
+            querying.prepare(querying.QuerySpec(**base))
     finally:
         (Path(env["pool"]) / "shard-0003.tar").unlink()
     with pytest.raises(FeatureStoreError, match="have no features"):
@@ -244,8 +245,8 @@ def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
             storage_options=options,
         )
     )
-    written = query.run(
-        query.QueryConfig(
+    written = querying.query(
+        querying.QuerySpec(
             checkpoint=trained["checkpoint"],
             features=f"{root}/store",
             k=7,
@@ -256,7 +257,7 @@ def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
             storage_options=options,
         )
     )
-    assert written["counts"]["selected"] == 7
+    assert written.counts.selected == 7
     assert len(manifest.load(f"{root}/queries/s3", options)) == 7
 
 

@@ -24,7 +24,9 @@ from pipeline.config import ConfigError
 from pipeline.manifest.verify import verify_run
 from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
 from pipeline.scoring import gradnorm_scores
-from ray_jobs import query, train
+from ray_jobs import query as query_job
+from ray_jobs import train
+from ray_jobs._shared.querying import FAULT_DRILL_ENV, QuerySpec, query
 
 CLASSES = [str(c) for c in range(4)]
 
@@ -79,7 +81,7 @@ def library_scores(cycle, keys: list[str]) -> np.ndarray:
     return gradnorm_scores(model, torch.from_numpy(images)).numpy()
 
 
-def query_config(cycle, **overrides) -> query.QueryConfig:
+def query_config(cycle, **overrides) -> QuerySpec:
     values = dict(
         pool=cycle["pool"],
         checkpoint=cycle["checkpoint"],
@@ -90,7 +92,15 @@ def query_config(cycle, **overrides) -> query.QueryConfig:
         cpus_per_actor=0.5,
     )
     values.update(overrides)
-    return query.QueryConfig(**values)
+    return QuerySpec(**values)
+
+
+@pytest.fixture(scope="module")
+def first_run(cycle) -> tuple[dict, str]:
+    """Run r1 under `queries`, the reference other tests compare with, whichever test runs first;
+    with what LATEST said right after (a later run under `queries` moves it)."""
+    written = query(query_config(cycle, run_id="r1"))
+    return written, (cycle["root"] / "queries" / "LATEST").read_text().strip()
 
 
 def run_scores(run) -> pa.Table:
@@ -98,8 +108,8 @@ def run_scores(run) -> pa.Table:
     return pa.Table.from_batches(list(manifest.iter_scores(str(run))))
 
 
-def test_selection_is_the_exact_topk_of_library_scores(cycle) -> None:
-    written = query.run(query_config(cycle, run_id="r1"))
+def test_selection_is_the_exact_topk_of_library_scores(cycle, first_run) -> None:
+    written, latest = first_run
     run_dir = cycle["root"] / "queries" / "r1"
     scores = run_scores(run_dir).to_pydict()
     keys = scores["key"]
@@ -115,14 +125,14 @@ def test_selection_is_the_exact_topk_of_library_scores(cycle) -> None:
     assert errors["key"] == ["corrupt-0001"] and errors["reason"][0]
     counts = json.loads((run_dir / "manifest.json").read_text())["counts"]
     assert counts == {"scored": 230, "excluded": 0, "errors": 1, "selected": 12}
-    assert written.checkpoint["sha256"] and (cycle["root"] / "queries" / "LATEST").read_text().strip() == "r1"
+    assert written.checkpoint["sha256"] and latest == "r1"
 
 
-def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, capsys) -> None:
+def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, first_run, capsys) -> None:
     first = manifest.read_manifest(str(cycle["root"] / "queries" / "r1"))
-    assert query.run(query_config(cycle, run_id="r1")) == first
+    assert query(query_config(cycle, run_id="r1")) == first
     assert "nothing to do" in capsys.readouterr().out
-    query.run(
+    query(
         query_config(
             cycle,
             run_id="r2",
@@ -137,8 +147,9 @@ def test_rerun_is_a_noop_and_exclusions_are_honoured(cycle, capsys) -> None:
     assert counts.excluded == len(first_keys | cycle["labeled_keys"])
 
 
-def test_a_scoring_actor_killed_mid_run_still_gives_a_complete_manifest(cycle) -> None:
-    query.run(query_config(cycle, run_id="r3", fail_once_after_batches=2, out=str(cycle["root"] / "drill")))
+def test_a_scoring_actor_killed_mid_run_still_gives_a_complete_manifest(cycle, first_run, monkeypatch) -> None:
+    monkeypatch.setenv(FAULT_DRILL_ENV, "2")  # the first actor to reach 2 batches exits hard, once
+    query(query_config(cycle, run_id="r3", out=str(cycle["root"] / "drill")))
     assert (cycle["root"] / "drill" / ".actor-failure-drill").exists()  # the actor really died
     keys = run_scores(cycle["root"] / "drill" / "r3").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 231
@@ -146,12 +157,12 @@ def test_a_scoring_actor_killed_mid_run_still_gives_a_complete_manifest(cycle) -
     assert manifest.load(str(cycle["root"] / "drill" / "r3")).column("key").to_pylist() == reference
 
 
-def test_pool_and_manifest_on_s3_read_back_with_plain_pyarrow(cycle, s3_server) -> None:
+def test_pool_and_manifest_on_s3_read_back_with_plain_pyarrow(cycle, first_run, s3_server) -> None:
     fs = s3fs.S3FileSystem(**s3_server.storage_options)
     pool = s3_server.uri("pool")
     fs.put(cycle["pool"] + "/", pool.removeprefix("s3://") + "/", recursive=True)
     out = s3_server.uri("queries")
-    query.run(query_config(cycle, pool=pool, out=out, run_id="s3run", storage_options=s3_server.storage_options))
+    query(query_config(cycle, pool=pool, out=out, run_id="s3run", storage_options=s3_server.storage_options))
     via_library = manifest.load(out, storage_options=s3_server.storage_options)  # follows LATEST
     selection = manifest.read_manifest(out, storage_options=s3_server.storage_options).files.selection
     with fs.open(out.removeprefix("s3://") + f"/s3run/{selection}", "rb") as handle:
@@ -163,35 +174,35 @@ def test_pool_and_manifest_on_s3_read_back_with_plain_pyarrow(cycle, s3_server) 
 
 def test_bad_input_is_refused_before_scoring(cycle, tmp_path) -> None:
     with pytest.raises(ConfigError, match="k must be positive"):
-        query.JOB.parse_args([f"pool={cycle['pool']}", f"checkpoint={cycle['checkpoint']}", "k=0"])
+        query_job.JOB.parse_args([f"pool={cycle['pool']}", f"checkpoint={cycle['checkpoint']}", "k=0"])
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
-        query.run(query_config(cycle, checkpoint=str(tmp_path), run_id="bad1"))
+        query(query_config(cycle, checkpoint=str(tmp_path), run_id="bad1"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="is not writable"):
-        query.run(query_config(cycle, out=str(blocker / "out"), run_id="bad2"))
+        query(query_config(cycle, out=str(blocker / "out"), run_id="bad2"))
     assert not (cycle["root"] / "queries" / "bad1").exists()
 
 
 def test_k_larger_than_the_pool_selects_everything_scoreable(cycle, capsys) -> None:
-    query.run(query_config(cycle, k=1000, run_id="all", out=str(tmp_out := cycle["root"] / "all")))
+    query(query_config(cycle, k=1000, run_id="all", out=str(tmp_out := cycle["root"] / "all")))
     assert manifest.load(str(tmp_out / "all")).num_rows == 230
     assert "larger than the 230 scoreable samples" in capsys.readouterr().out
 
 
 def test_random_subset_and_stochastic_acquisition_are_reproducible(cycle) -> None:
     out = cycle["root"] / "stochastic"
-    first = query.run(query_config(cycle, run_id="a", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7))
-    again = query.run(
+    first = query(query_config(cycle, run_id="a", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7))
+    again = query(
         query_config(cycle, run_id="b", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=7, actors=1)
     )
-    query.run(query_config(cycle, run_id="c", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=8))
-    assert 60 < first["counts"]["scored"] + first["counts"]["errors"] < 140  # about `subset` of 231 rows
+    query(query_config(cycle, run_id="c", out=str(out), subset=100, stochastic="softmax", beta=5.0, seed=8))
+    assert 60 < first.counts.scored + first.counts.errors < 140  # about `subset` of 231 rows
     keys = {run: manifest.load(str(out / run)).column("key").to_pylist() for run in "abc"}
     assert keys["a"] == keys["b"] and keys["a"] != keys["c"]
     scored = set(run_scores(out / "a").column("key").to_pylist())
     assert set(keys["a"]) <= scored
-    assert again["counts"] == first["counts"]
+    assert again.counts == first.counts
 
 
 def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(cycle, tmp_path, capsys) -> None:
@@ -201,7 +212,7 @@ def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(cycle
     good = (cycle["root"] / "pool" / "shard-0000.tar").read_bytes()
     (pool / "shard-0001.tar").write_bytes(good[: len(good) // 3 + 100])  # truncated mid-member
     out = tmp_path / "queries"
-    written = query.run(query_config(cycle, pool=str(pool), out=str(out), run_id="bad", incremental=False))
+    written = query(query_config(cycle, pool=str(pool), out=str(out), run_id="bad", incremental=False))
     assert written.counts.selected == 0 and written.counts.scored == 0
     errors = manifest.load_errors(str(out / "bad")).to_pylist()
     by_shard = {e["shard"]: e["reason"] for e in errors if e["key"] is None}
@@ -222,10 +233,10 @@ def test_a_label_outside_the_class_range_in_a_pool_without_index_is_scored(cycle
                 info = tarfile.TarInfo(key + suffix)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    written = query.run(
+    written = query(
         query_config(cycle, pool=str(pool), out=str(tmp_path / "q"), run_id="stray", k=3, incremental=False)
     )
-    assert written["counts"]["errors"] == 0 and written["counts"]["scored"] == 6  # cls 9 of 4 classes: still scored
+    assert written.counts.errors == 0 and written.counts.scored == 6  # cls 9 of 4 classes: still scored
 
 
 def test_a_query_killed_during_its_commit_is_no_result_and_a_rerun_commits(cycle, tmp_path) -> None:
@@ -262,6 +273,6 @@ def test_a_query_killed_during_its_commit_is_no_result_and_a_rerun_commits(cycle
     assert "no manifest.json" in verify_run(str(out / "n1")).problems[0]
     with pytest.raises(manifest.UncommittedRunError):
         manifest.load(str(out / "n1"))
-    written = query.run(query_config(cycle, out=str(out), run_id="n1", incremental=False))
-    assert verify_run(str(out / "n1")).ok and written["counts"]["scored"] == 230
+    written = query(query_config(cycle, out=str(out), run_id="n1", incremental=False))
+    assert verify_run(str(out / "n1")).ok and written.counts.scored == 230
     assert len(list((out / "n1" / "attempts").iterdir())) == 2  # the killed attempt's files are left, never read
