@@ -8,8 +8,8 @@ excluded.parquet). The actor keeps one row per key, so a task that Ray runs agai
 re-executed block) does not count its rows twice; pool keys are unique, so that is exactly one row
 per excluded sample.
 
-Kept apart from `ray_jobs.query` on purpose: a task's function is imported by module in every
-worker process that runs it, and the query module pulls in torch (seconds per process), while
+Kept apart from `querying` on purpose: a task's function is imported by module in every
+worker process that runs it, and querying pulls in torch (seconds per process), while
 these need only numpy, pyarrow and ray. Many small read tasks start many worker processes.
 """
 

@@ -26,7 +26,7 @@ from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_mod
 from pipeline.scoring import gradnorm_scores
 from ray_jobs import query as query_job
 from ray_jobs import train
-from ray_jobs._shared.querying import FAULT_DRILL_ENV, QuerySpec, query
+from ray_jobs._shared.querying import FAULT_DRILL_ENV, QuerySpec, fault_drill, query
 
 CLASSES = [str(c) for c in range(4)]
 
@@ -276,3 +276,25 @@ def test_a_query_killed_during_its_commit_is_no_result_and_a_rerun_commits(cycle
     written = query(query_config(cycle, out=str(out), run_id="n1", incremental=False))
     assert verify_run(str(out / "n1")).ok and written.counts.scored == 230
     assert len(list((out / "n1" / "attempts").iterdir())) == 2  # the killed attempt's files are left, never read
+
+
+def test_the_driver_guard_covers_every_uri_the_checks_read(monkeypatch) -> None:
+    guarded = []
+    monkeypatch.setattr(query_job, "check_before_ray", lambda spec: None)
+    monkeypatch.setattr(query_job, "connect", lambda address: "joined")
+    monkeypatch.setattr(query_job, "guard_driver", lambda named, options: guarded.extend(named))
+    monkeypatch.setattr(query_job, "query", lambda spec, checked: None)
+    spec = QuerySpec(pool="s3://b/pool", checkpoint="s3://b/ckpt", out="s3://b/q", exclude_manifests=("s3://b/q/r1",))
+    query_job.start(spec)
+    assert guarded == [("pool", "s3://b/pool"), ("checkpoint", "s3://b/ckpt"), ("out", "s3://b/q")] + [
+        ("exclude_manifests", "s3://b/q/r1")
+    ]
+
+
+def test_the_fault_drill_is_off_by_default_and_refuses_a_remote_out(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv(FAULT_DRILL_ENV, raising=False)
+    assert fault_drill(str(tmp_path)) == {}
+    monkeypatch.setenv(FAULT_DRILL_ENV, "3")
+    assert fault_drill(str(tmp_path)) == {"fail_after": 3, "marker": str(tmp_path / ".actor-failure-drill")}
+    with pytest.raises(ValueError, match="needs a local out"):
+        fault_drill("s3://bucket/queries")
