@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -62,6 +63,30 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_tmpdir() -> Iterator[str]:
+    """A private RAY_TMPDIR for the session, with its ``ray/`` folder made.
+
+    Ray writes the address of the last cluster started on a machine to ``$RAY_TMPDIR/ray/
+    ray_current_cluster`` (``/tmp/ray`` by default) whatever temp dir the cluster itself uses, and
+    fails when that folder does not exist, so a test starting a cluster (ray.cluster_utils) passed
+    only after something else had made ``/tmp/ray``, and then pointed a bare ``ray.init()`` on the
+    machine at the test's cluster. Short, under /tmp: Ray's socket paths must fit 107 bytes.
+    """
+    directory = tempfile.mkdtemp(prefix="lrt-", dir="/tmp")
+    os.makedirs(os.path.join(directory, "ray"))
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = directory
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
