@@ -17,6 +17,7 @@ filesystem so Ray tasks use this code path too, with reads retried and failures 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -372,8 +373,10 @@ def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes, *, how: str
             raise
         except (TypeError, NotImplementedError):  # an fsspec backend without mode="create"
             pass
-        except OSError as error:
-            if not any(s in str(error) for s in ("NotImplemented", "not implemented", "501")):
+        except OSError as error:  # s3fs turns a 501 into OSError(ENOSYS, ...)
+            if error.errno != errno.ENOSYS and not any(
+                s in str(error) for s in ("NotImplemented", "not implemented", "501")
+            ):
                 raise
     if how == EXCLUSIVE:
         raise StorageError(

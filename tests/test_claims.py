@@ -3,12 +3,14 @@ only the winner publishes, and that readers roll a pointer forward through later
 
 from __future__ import annotations
 
+import errno
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from s3fs import S3FileSystem
 
 from pipeline.claims import claim_kind, claim_then_publish, follow_claims
 from pipeline.storage import StorageError, create_exclusive, filesystem_for
@@ -62,6 +64,35 @@ def test_create_exclusive_says_which_path_it_took(tmp_path: Path, s3_server) -> 
     assert create_exclusive(memory, f"{base}/a", b"1") == "check-then-put"
     with pytest.raises(FileExistsError):
         create_exclusive(memory, f"{base}/a", b"2")
+
+
+class NoConditionalWrites(S3FileSystem):
+    """The loopback S3 server seen through a store that answers 501 to If-None-Match, as some
+    S3-compatible stores do; every other request is the real one."""
+
+    async def _pipe_file(self, path: str, data: bytes, mode: str = "overwrite", **kwargs: Any) -> Any:
+        if mode == "create":
+            # What s3fs raises for a 501 NotImplemented answer (s3fs.errors).
+            raise OSError(errno.ENOSYS, "A header you provided implies functionality that is not implemented")
+        return await super()._pipe_file(path, data, mode=mode, **kwargs)
+
+
+def test_a_store_answering_501_is_known_before_the_record_is_written(s3_server) -> None:
+    fs = NoConditionalWrites(**s3_server.storage_options)
+    root = s3_server.uri("no-conditional").removeprefix("s3://")
+    kinds: list[str] = []
+
+    def record(kind: str) -> bytes:
+        kinds.append(kind)
+        return kind.encode()
+
+    claim = claim_then_publish(fs, f"{root}/claim.json", record)
+    assert kinds == ["check-then-put"] and claim.kind == "check-then-put"
+    assert fs.cat_file(f"{root}/claim.json") == b"check-then-put"
+    with pytest.raises(FileExistsError):  # the fallback still refuses an existing claim
+        claim_then_publish(fs, f"{root}/claim.json", record)
+    with pytest.raises(StorageError, match="does not implement conditional writes"):
+        create_exclusive(fs, f"{root}/other.json", b"1", how="exclusive")
 
 
 def test_follow_claims_rolls_a_pointer_forward(tmp_path: Path) -> None:
