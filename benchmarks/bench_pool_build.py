@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup_s": round(setup_s, 1),
     }
     try:
+        figures["load_avg_at_serial_start"] = _load()
         start = time.perf_counter()
         serial_index = build_pool(
             ImageFolderSource(str(folder)), str(out_root / "serial"), shard_samples=args.shard_samples
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         init_s = time.perf_counter() - start
         try:
+            figures["load_avg_at_ray_start"] = _load()
             start = time.perf_counter()
             source = ImageFolderSource(str(folder))
             writer = RayPartitionWriter(task_cpus=args.task_cpus, progress=False)
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "pool_bytes": report.index.total_bytes,
             "load_avg_1_5_15_before": load_before,
             "load_avg_1_5_15_after": _load(),
+            "note": "load averages are 1/5/15-minute; on a shared machine read the ratio beside each phase's load",
         }
     )
     return figures
@@ -188,7 +191,10 @@ def main() -> None:
         f"  Ray ({figures['ray_cpus']} CPUs, {figures['task_cpus']}/task): {figures['ray_images_per_s']:>8,} images/s  "
         f"({figures['ray_s']} s; {figures['ray_over_serial']}x serial; Ray start-up {figures['ray_init_s']} s)"
     )
-    print(f"  load average before {figures['load_avg_1_5_15_before']}, after {figures['load_avg_1_5_15_after']}")
+    print(
+        f"  load average (1/5/15 min) at the serial start {figures['load_avg_at_serial_start']}, "
+        f"at the Ray start {figures['load_avg_at_ray_start']}, after {figures['load_avg_1_5_15_after']}"
+    )
 
 
 if __name__ == "__main__":
