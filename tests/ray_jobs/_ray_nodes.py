@@ -52,19 +52,27 @@ class RayNode:
     extra: dict = field(default_factory=dict)
 
     def stop(self) -> None:
-        """SIGTERM to `ray start --block`, which stops the node's own processes; SIGKILL to its
-        process group (its own session) if it does not end in 60 s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        """Stop this node (see :func:`stop_nodes`)."""
+        stop_nodes([self])
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def stop_nodes(nodes: list[RayNode], timeout: float = 45.0) -> None:
+    """SIGTERM to each `ray start --block` (it stops its node's processes), all at once; SIGKILL
+    to the process group (each node's own session) of any still running after `timeout`."""
+    for node in nodes:
+        if node.process.poll() is None:
+            node.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        try:
+            node.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(node.process.pid, signal.SIGKILL)
+            node.process.wait(timeout=30)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 def _node_ports() -> list[str]:
