@@ -26,6 +26,7 @@ new or changed shards are scored (pipeline/manifest/incremental.py, docs/manifes
 
 from __future__ import annotations
 
+from ray_jobs._shared.capacity import check_capacity, query_demands
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
 from ray_jobs._shared.entry import Job, run_job
@@ -41,7 +42,20 @@ def start(config: QueryConfig) -> None:
     checked = check_before_ray(config)
     print(connect(config.address))
     guard_driver(spec_uris(config), config.storage_options)
-    query(config, checked)
+    # Refused before any work when the actors and their read and decode tasks can never all fit.
+    check_capacity(query_demands(config.actors, config.cpus_per_actor, config.gpus_per_actor, bool(config.features)))
+    manifest = query(config, checked)
+    if manifest.counts.scored == 0 and manifest.counts.errors:
+        # Committed, so the errors are on record; a non-zero exit makes a nightly schedule's alert fire.
+        run = f"{config.out.rstrip('/')}/{manifest.run_id}"
+        raise NothingScoredError(
+            f"run {manifest.run_id} scored nothing: {manifest.counts.errors} rows or shards could not be read, and "
+            f"its error record is committed (`lplgrad manifest show {run}` lists why; fix or drop those shards)"
+        )
+
+
+class NothingScoredError(ValueError):
+    """A query committed, but every row it read was an error."""
 
 
 JOB = Job("query", QueryConfig, start, query, "Score a pool with a checkpoint and commit a selection manifest.")

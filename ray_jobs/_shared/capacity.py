@@ -76,19 +76,16 @@ class Demand:
     keys: tuple[str, ...] = field(default=())
 
 
-def query_demands(
-    actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0, read_cpus: float = READ_CPUS
-) -> list[Demand]:
-    """A query's parts at once: its scoring actors, one read task and one decode task."""
+def query_demands(actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0, proxy: bool = False) -> list[Demand]:
+    """A query's parts at once: its scoring actors, one read task and one decode task (a proxy
+    query reads feature rows in 0.25-CPU tasks and decodes nothing)."""
     actor = {"CPU": cpus_per_actor, **({"GPU": gpus_per_actor} if gpus_per_actor else {})}
+    keys = ("actors", "cpus_per_actor") + (("gpus_per_actor",) if gpus_per_actor else ())
+    if proxy:
+        return [Demand("scoring actor", actors, actor, keys), Demand("read task", 1, {"CPU": 0.25})]
     return [
-        Demand(
-            "scoring actor",
-            actors,
-            actor,
-            ("actors", "cpus_per_actor") + (("gpus_per_actor",) if gpus_per_actor else ()),
-        ),
-        Demand("read task", 1, {"CPU": read_cpus}),
+        Demand("scoring actor", actors, actor, keys),
+        Demand("read task", 1, {"CPU": READ_CPUS}),
         Demand("decode task", 1, {"CPU": DECODE_CPUS}),
     ]
 

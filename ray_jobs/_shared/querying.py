@@ -74,6 +74,7 @@ from pipeline.pools import ResolvedPool, resolve_pool, spec_for_model
 from pipeline.proxy import FeatureStore, check_store_fresh, feature_batch, proxy_record, proxy_store
 from pipeline.scoring import NORMS, RowScorer
 from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local, uri_prefix
+from ray_jobs._shared.capacity import watch_pending
 from ray_jobs._shared.pool_data import read_pool, read_pool_raw
 from ray_jobs._shared.progress import Progress
 from ray_jobs._shared.row_filters import ExcludedRows, ExcludedRowSet, drop_excluded, prefilter_raw, store_prefilter
@@ -112,7 +113,7 @@ class QuerySpec:
     run_id: str | None = None  # default: a UTC timestamp; nightly runs pass the date
     batch_size: int = 128
     actors: int = 1
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 0.5  # with a read (0.5) and a decode (1) task, fits a 2-CPU node (docs/cluster.md)
     gpus_per_actor: float = 0.0
     subset: int | None = None  # score a random subset of about this many samples (paper: 10k)
     stochastic: str | None = None  # power | softmax | softrank (stochastic batch acquisition)
@@ -518,7 +519,10 @@ def score_and_select(
     excluded = ExcludedRowSet()
     excluded.add(plan.still_excluded)  # reused shards' keys the source excluded too: never read
     arrival = _Arrival()
-    with Progress("score", expected, "rows", min_interval=10.0) as progress:
+    with (
+        Progress("score", expected, "rows", min_interval=10.0) as progress,
+        watch_pending("query", progress=lambda: progress.done),  # a waiting line while stalled on resources
+    ):
         fresh = arrival.watch(_scored_batches(score_stream(spec, prepared, plan, recorder)))
         reused = reused_rows(spec, prepared, plan, excluded)
         streamed = select(spec.selection(), run, _counted(fresh, progress), _counted(reused, progress))

@@ -188,3 +188,21 @@ def test_a_submitted_job_refuses_relative_paths(inputs, no_ray, monkeypatch, cap
     err = capsys.readouterr().err
     assert err.startswith("lplgrad query: error: pool=runs/pools/p is a relative path") and err.count("\n") == 1
     assert "absolute path" in err and "s3://" in err and "checkpoint=" not in err
+
+
+def test_a_query_that_scored_nothing_commits_its_errors_and_exits_non_zero(inputs, ray_local, tmp_path, capsys) -> None:
+    from pipeline import manifest
+
+    pool = tmp_path / "unreadable-pool"
+    pool.mkdir()
+    (pool / "shard-0000.tar").write_bytes(bytes((i * 53 + 7) % 256 for i in range(4096)))  # not a tar
+    out = tmp_path / "queries"
+    argv = ["query", f"pool={pool}", f"checkpoint={inputs['checkpoint']}", f"out={out}", "run_id=bad"]
+    assert cli.main(argv + ["incremental=false", "actors=1", "cpus_per_actor=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1].startswith("lplgrad query: error: run bad scored nothing: 1 rows or shards")
+        and "manifest show" in err[-1]
+    )
+    errors = manifest.load_errors(str(out / "bad")).to_pylist()
+    assert [e["shard"] for e in errors] == [str(pool / "shard-0000.tar")]
