@@ -196,15 +196,19 @@ def check_capacity(
 # -- the waiting line -------------------------------------------------------------------------
 
 
-def _pending_and_free() -> tuple[list[tuple[dict[str, float], int]], dict[str, tuple[float, float]]]:
-    """(pending resource shapes with counts, {resource: (free, total)}) from the GCS."""
+def _pending_and_free(
+    groups_only: bool = False,
+) -> tuple[list[tuple[dict[str, float], int]], dict[str, tuple[float, float]]]:
+    """(pending resource shapes with counts, {resource: (free, total)}) from the GCS; with
+    `groups_only`, placement groups alone (what Ray Train's workers wait in)."""
     import ray
     from ray.autoscaler.v2.sdk import get_cluster_status
 
     status = get_cluster_status(ray.get_runtime_context().gcs_address)
     pending: list[tuple[dict[str, float], int]] = []
     demand = status.resource_demands
-    for group in list(demand.ray_task_actor_demand) + list(demand.placement_group_demand):
+    tasks_and_actors = [] if groups_only else list(demand.ray_task_actor_demand)
+    for group in tasks_and_actors + list(demand.placement_group_demand):
         for request in group.bundles_by_count:
             pending.append((dict(request.bundle), int(request.count)))
     usage = {u.resource_name: (u.total - u.used, u.total) for u in status.cluster_resource_usage}
@@ -242,6 +246,8 @@ class watch_pending:  # noqa: N801  (used as a function: `with watch_pending(...
         stream: Where the lines go (stdout).
         on_give_up: Called with (command, what it waited for) when the bound is reached (default: one error
             line and exit code 2).
+        groups_only: Count only pending placement groups: a training job's workers start in one,
+            while its data tasks queue and run as training goes, whatever its epoch counter says.
     """
 
     def __init__(
@@ -252,8 +258,9 @@ class watch_pending:  # noqa: N801  (used as a function: `with watch_pending(...
         max_wait_s: float | None = None,
         stream: TextIO | None = None,
         on_give_up: Callable[[str, str], Any] | None = None,
+        groups_only: bool = False,
     ) -> None:
-        self.command, self.progress = command, progress
+        self.command, self.progress, self.groups_only = command, progress, groups_only
         self.interval_s = float(os.environ.get(WAIT_INTERVAL_ENV, 30)) if interval_s is None else interval_s
         bound = os.environ.get(MAX_WAIT_ENV) if max_wait_s is None else max_wait_s
         self.max_wait_s = float(bound) if bound not in (None, "") else None
@@ -276,7 +283,7 @@ class watch_pending:  # noqa: N801  (used as a function: `with watch_pending(...
         stalled_since: float | None = None
         while not self._stop.wait(self.interval_s):
             try:
-                pending, usage = _pending_and_free()
+                pending, usage = _pending_and_free(self.groups_only)
             except Exception:  # noqa: BLE001  (the cluster is gone or busy: cluster_guard's watchdog decides)
                 continue
             now = self.progress() if self.progress else 0

@@ -124,3 +124,35 @@ def test_a_job_that_makes_progress_is_not_waiting(ray_local) -> None:
         ray_local.kill(hog)
     ray_local.get(pending, timeout=120)
     assert stream.getvalue() == ""
+
+
+def test_a_training_job_waits_on_its_workers_placement_group_only(ray_local) -> None:
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    total = ray_local.cluster_resources()["CPU"]
+
+    @ray_local.remote(num_cpus=total)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    @ray_local.remote(num_cpus=1)
+    def work() -> int:
+        return 1
+
+    hog = Hog.remote()
+    ray_local.get(hog.ready.remote())
+    stream = io.StringIO()
+    try:
+        pending = work.remote()  # a data task queued: not what training waits on
+        group = placement_group([{"CPU": 0.5}, {"CPU": 0.5}])  # the workers' bundles
+        with watch_pending("train", interval_s=0.5, stream=stream, groups_only=True) as watch:
+            deadline = time.monotonic() + 60
+            while not watch.lines and time.monotonic() < deadline:
+                time.sleep(0.2)
+        remove_placement_group(group)
+    finally:
+        ray_local.kill(hog)
+    ray_local.get(pending, timeout=120)
+    line = stream.getvalue().splitlines()[0]
+    assert "for 2 x {0.5 CPU} to start" in line and "{1 CPU}" not in line, line

@@ -83,7 +83,7 @@ def storage(s3_server) -> list[str]:
 def test_train_and_query_spread_over_nodes_and_select_what_one_node_selects(cluster, s3_server, ray_local) -> None:
     from pipeline.manifest import load
     from pipeline.pools import build_pool, synthetic
-    from ray_jobs import query
+    from ray_jobs._shared.querying import QuerySpec, query
 
     options = s3_server.storage_options
     labeled, unlabeled, root = s3_server.uri("labeled"), s3_server.uri("unlabeled"), s3_server.uri("runs")
@@ -132,7 +132,7 @@ def test_train_and_query_spread_over_nodes_and_select_what_one_node_selects(clus
     assert len(workers) == 2 and set(workers) == cpu_nodes, where  # one training worker per worker node
     assert len(scorers) >= 2 and set(scorers) == cpu_nodes, where  # the scoring actors on both nodes
 
-    single = query.QueryConfig(
+    single = QuerySpec(
         pool=unlabeled,
         checkpoint=checkpoint,
         k=12,
@@ -144,7 +144,7 @@ def test_train_and_query_spread_over_nodes_and_select_what_one_node_selects(clus
         incremental=False,
         storage_options=options,
     )
-    query.run(single)
+    query(single)
     three = load(f"{root}/q-three-nodes/r1", options, columns=["key", "score"]).to_pylist()
     one = load(f"{root}/q-one-node/r1", options, columns=["key", "score"]).to_pylist()
     assert [row["key"] for row in three] == [row["key"] for row in one]

@@ -9,6 +9,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -283,7 +284,9 @@ def test_the_driver_guard_covers_every_uri_the_checks_read(monkeypatch) -> None:
     monkeypatch.setattr(query_job, "check_before_ray", lambda spec: None)
     monkeypatch.setattr(query_job, "connect", lambda address: "joined")
     monkeypatch.setattr(query_job, "guard_driver", lambda named, options: guarded.extend(named))
-    monkeypatch.setattr(query_job, "query", lambda spec, checked: None)
+    monkeypatch.setattr(query_job, "check_capacity", lambda demands: None)
+    scored_one = SimpleNamespace(counts=SimpleNamespace(scored=1, errors=0))  # what start reads of the manifest
+    monkeypatch.setattr(query_job, "query", lambda spec, checked: scored_one)
     spec = QuerySpec(pool="s3://b/pool", checkpoint="s3://b/ckpt", out="s3://b/q", exclude_manifests=("s3://b/q/r1",))
     query_job.start(spec)
     assert guarded == [("pool", "s3://b/pool"), ("checkpoint", "s3://b/ckpt"), ("out", "s3://b/q")] + [
