@@ -83,12 +83,16 @@ __all__ = [
     "FAULT_DRILL_ENV",
     "CheckedInputs",
     "PreparedQuery",
+    "ProxyQueryScorer",
+    "QueryScorer",
     "QuerySpec",
     "Scored",
     "check_before_ray",
+    "fault_drill",
     "prepare",
     "query",
     "spec_uris",
+    "with_run_id",
 ]
 
 FAULT_DRILL_ENV = "LPLGRAD_FAULT_SCORER_AFTER_BATCHES"
