@@ -38,7 +38,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,7 +344,13 @@ class QueryScorer(RowScorer):
     """RowScorer plus the fault drill: with `fail_after`, the first actor to reach that many
     batches exits hard once (the `marker` file keeps its restart from failing again)."""
 
-    def __init__(self, build, norm: str, fail_after: int | None = None, marker: str | None = None) -> None:
+    def __init__(
+        self,
+        build: Callable[[], tuple[Any, Any, Any]],
+        norm: str,
+        fail_after: int | None = None,
+        marker: str | None = None,
+    ) -> None:
         super().__init__(build, norm=norm)
         self.batches, self.fail_after, self.marker = 0, fail_after, marker
 
