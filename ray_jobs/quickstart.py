@@ -146,7 +146,9 @@ artifacts under {root}:
   ground_truth.csv                the annotators' answers (the simulation's oracle)
   labeled-cycle-0, labeled-cycle-1  labeled pools built with `lplgrad pool label`
   train/cycle-0, train/cycle-1    Ray Train runs; checkpoints {checkpoint0} and {checkpoint1}
-  queries/cycle-1                 the selection manifest: manifest.json, selection.parquet, scores/, errors.parquet
+  queries/cycle-1                 the selection: manifest.json names its files, which are under
+                                  attempts/<id>/ (selection.parquet, scores/, errors.parquet); read them
+                                  through it (`lplgrad manifest show|export RUN`, pipeline.manifest.load)
   labels-cycle-*.csv              the labels tables fed to `lplgrad pool label`
   report.html                     the selection as a page: images in rank order, scores against the pool, class mix
                                   (`lplgrad manifest report RUN --out FILE` writes one for any run)

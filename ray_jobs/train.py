@@ -45,6 +45,7 @@ from pipeline.proxy.alignment import load_probe_into
 from pipeline.storage import arrow_filesystem, check_writable, display_uri, filesystem_for, is_local
 from pipeline.training import TrainSchedule, joint_train_step, make_optimizers
 from ray_jobs._shared import pool_data
+from ray_jobs._shared.capacity import check_capacity, training_demands, watch_pending
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
 from ray_jobs._shared.entry import Job, run_job
@@ -377,7 +378,11 @@ def start(config: TrainConfig) -> str:
         ],
         config.storage_options,
     )
-    uri = train(config)
+    # Refused before any work when the workers and a read and a decode task can never all fit;
+    # a waiting line while the workers' placement group is pending (ray_jobs/_shared/capacity.py).
+    check_capacity(training_demands(config.num_workers, config.cpus_per_worker, config.use_gpu))
+    with watch_pending("train", groups_only=True):
+        uri = train(config)
     print(f"final checkpoint: {uri}")
     return uri
 

@@ -156,3 +156,17 @@ def test_a_training_job_waits_on_its_workers_placement_group_only(ray_local) -> 
     ray_local.get(pending, timeout=120)
     line = stream.getvalue().splitlines()[0]
     assert "for 2 x {0.5 CPU} to start" in line and "{1 CPU}" not in line, line
+
+
+def test_train_asking_for_more_workers_than_a_fixed_cluster_has_is_refused_before_any_work(
+    ray_local, tmp_path, capsys
+) -> None:
+    from ray_jobs import cli
+
+    total = ray_local.cluster_resources()["CPU"]
+    argv = ["train", f"labeled={tmp_path / 'never-read'}", f"num_workers={int(total) + 1}", "cpus_per_worker=1"]
+    assert cli.main(argv + [f"storage_path={tmp_path / 'train'}"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"lplgrad train: error: this job needs at once {int(total) + 1} training workers x 1 CPU")
+    assert f"the cluster has {total:g} CPU on 1 node(s)" in line and "lower num_workers, cpus_per_worker" in line
+    assert not (tmp_path / "train").exists()

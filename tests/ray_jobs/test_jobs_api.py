@@ -121,6 +121,18 @@ def test_a_relative_path_in_a_submitted_job_is_refused(head, trained) -> None:
     assert "joined Ray cluster" not in logs  # refused before any work
 
 
+def test_a_query_larger_than_the_fixed_size_cluster_is_refused_before_any_work(head, pools, trained) -> None:
+    out = head["data"] / "too-large"
+    status, logs = submit(
+        head,
+        f"python -m ray_jobs.query pool={pools['unlabeled']} checkpoint={trained} out={out} actors=4 cpus_per_actor=1",
+    )
+    assert status == "FAILED"
+    line = next(line for line in logs.splitlines() if line.startswith("lplgrad query: error:"))
+    assert "4 scoring actors x 1 CPU" in line and "the cluster has 4 CPU on 1 node(s)" in line and "cannot grow" in line
+    assert "scored " not in logs and not list(out.glob("**/manifest.json"))  # nothing was scored or committed
+
+
 @pytest.mark.parametrize("token", [None, "0" * 32], ids=["no token", "wrong token"])
 def test_a_driver_without_the_clusters_token_says_how_to_pass_it(head, pools, trained, token) -> None:
     env = node_env(PYTHONPATH=str(ROOT), **({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {}))
