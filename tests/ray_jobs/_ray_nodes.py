@@ -37,6 +37,8 @@ def node_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # A raylet registers with the GCS within 30 s by default; a loaded CI machine can take longer.
+    env["RAY_raylet_start_wait_time_s"] = "180"
     return {**env, **extra}
 
 
