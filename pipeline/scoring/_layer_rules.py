@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.scoring._tuning import fastest
+
 __all__ = [
     "LayerRule",
     "register_layer_rule",
@@ -114,18 +116,35 @@ def _weight_from_patches(activations: Tensor, grads: Tensor, materialize: bool) 
             if groups == 1
             else (activations.pow(2).sum((2, 3)) * grads.pow(2).sum((2, 3))).sum(1)
         )
-    gram_cost = t * t * (k + o)
-    materialize_cost = t * k * o
+    key = ("patches", activations.device, activations.dtype, batch, groups, k, o, t)
+    return fastest(
+        key,
+        {
+            "gram": (t * t * (k + o), lambda: _gram_norms(activations, grads)),
+            "product": (t * k * o, lambda: _product_norms(activations, grads)),
+        },
+        activations.device,
+    )
+
+
+def _gram_norms(activations: Tensor, grads: Tensor) -> Tensor:
+    """||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) per sample: [B, G, K, T], [B, G, O, T] -> [B]."""
+    batch, groups, _, t = activations.shape
     out = activations.new_empty(batch)
-    if gram_cost < materialize_cost:
-        for part in _chunks(batch, 2 * groups * t * t):
-            a, g = activations[part], grads[part]
-            gram_a = torch.matmul(a.transpose(-1, -2), a)  # [b, G, T, T]
-            gram_g = torch.matmul(g.transpose(-1, -2), g)
-            out[part] = (gram_a * gram_g).sum((1, 2, 3))
-    else:
-        for part in _chunks(batch, groups * o * k):
-            out[part] = _sq(torch.matmul(grads[part], activations[part].transpose(-1, -2)))
+    for part in _chunks(batch, 2 * groups * t * t):
+        a, g = activations[part], grads[part]
+        gram_a = torch.matmul(a.transpose(-1, -2), a)  # [b, G, T, T]
+        gram_g = torch.matmul(g.transpose(-1, -2), g)
+        out[part] = (gram_a * gram_g).sum((1, 2, 3))
+    return out
+
+
+def _product_norms(activations: Tensor, grads: Tensor) -> Tensor:
+    """||sum_t g_t a_t^T||^2 per sample by forming the [O, K] product: [B, G, K, T], [B, G, O, T] -> [B]."""
+    batch, groups, k, _ = activations.shape
+    out = activations.new_empty(batch)
+    for part in _chunks(batch, groups * grads.shape[2] * k):
+        out[part] = _sq(torch.matmul(grads[part], activations[part].transpose(-1, -2)))
     return out
 
 
@@ -178,19 +197,49 @@ def _conv(
         k = conv.weight[0].numel()  # (Cin/G) * prod(kernel): one group's patch length
         o = conv.out_channels // groups
         want_grad = "weight" in materialize
-        # Gram form only for 1-D/2-D convolutions (it needs unfold) and only where it is cheaper.
-        if not want_grad and spatial <= 2 and positions * (k + o) < k * o:
-            w = _conv_weight_gram(conv, x, g, padding)
-        else:
-            w = _conv_weight_per_sample(conv, x, g, padding, squared=not want_grad)
-        result["weight"] = w
+        key = ("conv", x.device, x.dtype, tuple(x.shape), tuple(g.shape), conv.weight.shape, conv.stride, padding,
+               conv.dilation, groups, want_grad)  # fmt: skip
+        per_sample_cost = positions * k * o * groups
+        candidates = {
+            "grouped": (per_sample_cost, lambda: _conv_weight_grouped(conv, x, g, padding, squared=not want_grad)),
+            "loop": (per_sample_cost, lambda: _conv_weight_loop(conv, x, g, padding, squared=not want_grad)),
+        }
+        if not want_grad and spatial <= 2:  # the Gram form needs unfold (1-D/2-D) and gives norms only
+            gram_cost = positions * positions * (k + o) * groups
+            candidates["gram"] = (gram_cost, lambda: _conv_weight_gram(conv, x, g, padding))
+        result["weight"] = fastest(key, candidates, x.device)
     if "bias" in names:
         gb = g.reshape(batch, g.shape[1], -1).sum(dim=-1)
         result["bias"] = gb if "bias" in materialize else _sq(gb)
     return result
 
 
-def _conv_weight_per_sample(
+def _conv_weight_loop(
+    conv: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, padding: tuple[int, ...], squared: bool
+) -> Tensor:
+    """[B, *weight.shape] per-sample weight gradients ([B] squared norms when `squared`), by the
+    convolution's own weight-gradient kernel on one sample at a time: on a CPU thread the dense
+    kernel at batch 1 beats the grouped one wherever the positions T are many (early layers)."""
+    pieces = []
+    for b in range(x.shape[0]):
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            g[b : b + 1],
+            x[b : b + 1],
+            conv.weight,
+            None,
+            list(conv.stride),
+            list(padding),
+            list(conv.dilation),
+            False,
+            [0] * len(padding),
+            conv.groups,
+            [False, True, False],
+        )
+        pieces.append(grad_weight.pow(2).sum() if squared else grad_weight)
+    return torch.stack(pieces)
+
+
+def _conv_weight_grouped(
     conv: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, padding: tuple[int, ...], squared: bool
 ) -> Tensor:
     """[B, *weight.shape] per-sample weight gradients ([B] squared norms when `squared`), by the
@@ -237,7 +286,7 @@ def _conv_weight_gram(conv: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, paddi
     for part in _chunks(batch, per_sample):
         patches = F.unfold(x[part], kernel, dilation=dilation, padding=padding, stride=stride)
         patches = patches.reshape(patches.shape[0], groups, -1, positions)
-        out[part] = _weight_from_patches(patches, g[part], materialize=False)
+        out[part] = _gram_norms(patches, g[part])
     return out
 
 
