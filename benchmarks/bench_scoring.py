@@ -54,6 +54,7 @@ from pipeline.scoring.uncertainty import entropy
 METHODS = ("backpack", "opacus_per_sample", "opacus_ghost", "vmap", "loop", "train")
 ANCHORS = ("backpack", "opacus_per_sample", "opacus_ghost", "vmap", "loop")
 WRONG_ABOVE = 1e-3  # max relative error beyond which a method is reported as wrong
+WRONG_ABOVE_AUTOCAST = 5e-2  # the same under bfloat16 autocast, whose resolution is ~1e-2
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -299,24 +300,55 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, objec
     return time.perf_counter() - start, out
 
 
-def bench_row(key: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+def _under_autocast(fn: Callable[[], object], device: torch.device, dtype: torch.dtype | None) -> Callable[[], object]:
+    if dtype is None:
+        return fn
+
+    def run() -> object:
+        with torch.autocast(device.type, dtype=dtype):
+            return fn()
+
+    return run
+
+
+def bench_row(
+    key: str, args: argparse.Namespace, device: torch.device, autocast: torch.dtype | None = None
+) -> dict[str, object]:
+    """One row: every method in `args.methods` beside the scorer, in interleaved rounds.
+
+    Args:
+        key: a ROWS key.
+        args: methods, rounds, check, loop_samples and batch (None: the row's own batch).
+        device: where everything runs.
+        autocast: run every method (and the scorer, through its autocast_dtype) under
+            torch.autocast with this dtype; errors are then at that dtype's resolution.
+    """
     row = ROWS[key]
+    batch = getattr(args, "batch", None) or row.batch
     torch.manual_seed(0)
     model = _randomize(row.build()).to(device).eval()
-    x = torch.randn(row.batch, 3, row.side, row.side, device=device)
-    labels = torch.randint(0, 10, (row.batch,), device=device)
+    x = torch.randn(batch, 3, row.side, row.side, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
     reference = {k: v.to(device) for k, v in float64_reference(model, x[: args.check].cpu().to(device)).items()}
+    wrong_above = WRONG_ABOVE if autocast is None else WRONG_ABOVE_AUTOCAST
 
-    scorer = GradNormScorer(copy.deepcopy(model))
+    scorer = GradNormScorer(copy.deepcopy(model), autocast_dtype=autocast)
     calls: dict[str, tuple[Callable[[], object], int, str]] = {
-        "scorer": (lambda: scorer(x).gradnorm, row.batch, "per_tensor_sum")
+        "scorer": (lambda: scorer(x).gradnorm, batch, "per_tensor_sum")
     }
-    result: dict[str, object] = {"row": key, "label": row.label, "batch": row.batch, "image_size": row.side}
+    result: dict[str, object] = {
+        "row": key,
+        "label": row.label,
+        "batch": batch,
+        "image_size": row.side,
+        "autocast": str(autocast).removeprefix("torch.") if autocast else None,
+    }
     status: dict[str, str] = {}
     errors: dict[str, float] = {}
     for name in args.methods:
         try:
-            calls[name] = build_method(name, model, x, labels, args.loop_samples)
+            fn, samples, norm = build_method(name, model, x, labels, args.loop_samples)
+            calls[name] = (_under_autocast(fn, device, autocast), samples, norm)
             _, out = _timed(calls[name][0], device)  # warm-up, and the values to check
         except Refused as e:
             status[name] = str(e)
@@ -328,7 +360,7 @@ def bench_row(key: str, args: argparse.Namespace, device: torch.device) -> dict[
             continue
         if isinstance(out, Tensor):
             ref = reference[calls[name][2]][: args.check]
-            errors[name] = ((out[: args.check].to(ref) - ref).abs() / ref.abs()).max().item()
+            errors[name] = ((out[: args.check].float().to(ref) - ref).abs() / ref.abs()).max().item()
     _, out = _timed(calls["scorer"][0], device)
     errors["scorer"] = (
         ((out[: args.check].to(device) - reference["per_tensor_sum"]).abs() / reference["per_tensor_sum"].abs())
@@ -362,7 +394,7 @@ def bench_row(key: str, args: argparse.Namespace, device: torch.device) -> dict[
     # A method whose norms disagree with the float64 reference computes something else (Opacus's
     # DPMultiheadAttention does not reproduce a batch-first nn.MultiheadAttention): flagged, and
     # not an anchor.
-    wrong = {name for name, err in errors.items() if name != "scorer" and err > WRONG_ABOVE}
+    wrong = {name for name, err in errors.items() if name != "scorer" and err > wrong_above}
     result["wrong"] = sorted(wrong)
     fastest = max((ratios[a]["median"] for a in ANCHORS if a in ratios and a not in wrong), default=0.0)
     result["scorer_over_fastest_anchor"] = 1.0 / fastest if fastest else None
@@ -386,6 +418,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--check", type=int, default=4, help="samples checked against the float64 reference")
     parser.add_argument("--loop-samples", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="override every row's batch (quicker, noisier)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the issue's figures: 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

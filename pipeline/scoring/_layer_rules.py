@@ -9,10 +9,10 @@ For a layer y = W a (per position t), the per-sample weight gradient is
 whose squared norm can be computed two ways (Li et al. 2022, "ghost clipping"):
     materialise: build G_b ([out, in]) and sum its squares      cost ~ T * in * out
     Gram:        sum_{t,s} (a_t . a_s) (g_t . g_s)              cost ~ T^2 * (in + out)
-Each call picks the cheaper for its own shape: early convolutions (large T) materialise,
-late ones (small T, wide channels) use the Gram form. Convolutions materialise through the
-convolution's own weight-gradient kernel with the batch folded into groups, which is as fast as
-the summed weight gradient a training step computes.
+Convolutions can also materialise through the convolution's own weight-gradient kernel, with the
+batch folded into groups or one sample at a time. Which form is fastest depends on the kernels as
+much as on these counts, so `_tuning.fastest` times the plausible ones on the first call of each
+shape and keeps the winner.
 
 Rules never approximate. Layers without a rule are handled by the exact fallbacks in
 ``_fallback.py``. `register_layer_rule` adds a rule for another layer type; `LayerRule` is the
