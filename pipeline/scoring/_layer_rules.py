@@ -225,7 +225,7 @@ def _conv_weight_loop(
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
             g[b : b + 1],
             x[b : b + 1],
-            conv.weight,
+            conv.weight.detach(),  # only its shape is read; detached, so no graph is recorded
             None,
             list(conv.stride),
             list(padding),

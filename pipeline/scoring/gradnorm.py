@@ -494,12 +494,13 @@ class GradNormScorer:
         # token's expand) run and fire their prehooks; their summed gradients are dropped.
         targets = [o for *_, o in sources] + whole_model + [p for p, _ in graph_read]
         grads = torch.autograd.grad(objective, targets, allow_unused=True)
-        for (call, index, _), g in zip(sources, grads):
-            if g is not None:
-                self._on_grad(call, index, g)
-        for call in self._calls:
-            if call.pending > 0 and any(g is not None for g in call.grads):
-                self._contribute(call)  # outputs that got no gradient contribute zero
+        with torch.no_grad():  # as inside the backward pass: the rules' results are plain values
+            for (call, index, _), g in zip(sources, grads):
+                if g is not None:
+                    self._on_grad(call, index, g)
+            for call in self._calls:
+                if call.pending > 0 and any(g is not None for g in call.grads):
+                    self._contribute(call)  # outputs that got no gradient contribute zero
         if whole_model:
             names = {id(p): n for n, p in self.model.named_parameters()}
             with self._timed_fallback():
