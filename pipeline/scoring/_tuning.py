@@ -4,9 +4,10 @@ Which form wins depends on the kernels more than on flop counts: on one CPU thre
 batch-of-one convolution weight-gradient kernels beats the grouped kernel on early layers (large
 T) and is 2-3x slower than it on others; the Gram form beats both on late layers. So the first call
 of every (layer kind, shapes, device, dtype) times each candidate whose flop estimate is within
-`SHORTLIST_FACTOR` of the cheapest, twice in interleaved order, and keeps the faster for the rest of
-the process. Every candidate is exact, so the choice changes speed only, never the scores (beyond
-float32 rounding order).
+`SHORTLIST_FACTOR` of the cheapest, `ROUNDS` times in interleaved order (CPU time on a CPU, wall time
+around synchronisation on a GPU), and keeps the fastest for the rest of the process. Every
+candidate is exact, so the choice changes speed only, never the scores (beyond float32 rounding
+order).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ __all__ = ["fastest", "choices", "SHORTLIST_FACTOR"]
 
 # Candidates estimated more than this many times the cheapest one's flops are never timed.
 SHORTLIST_FACTOR = 4.0
+
+# Timed rounds per candidate, interleaved; the best of them counts.
+ROUNDS = 3
 
 _CHOSEN: dict[Hashable, str] = {}
 
@@ -53,15 +57,17 @@ def fastest(key: Hashable, candidates: Candidates, device: torch.device) -> Tens
         ((name, call),) = shortlist.items()
         _CHOSEN[key] = name
         return call()
+    # CPU time on the CPU: on a shared machine, waiting for a core would otherwise decide.
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     best: dict[str, float] = {}
     result: Tensor | None = None
-    for _ in range(2):  # the first round also pays one-time set-up (allocations, kernel selection)
+    for _ in range(ROUNDS):  # the first round also pays one-time set-up (allocations, kernel selection)
         for name, call in shortlist.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             result = call()
             _sync(device)
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+            best[name] = min(best.get(name, float("inf")), clock() - start)
     _CHOSEN[key] = min(best, key=best.__getitem__)
     assert result is not None
     return result
