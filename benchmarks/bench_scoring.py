@@ -345,7 +345,7 @@ def bench_row(
     }
     result: dict[str, object] = {
         "row": key,
-        "label": row.label,
+        "label": row.label if batch == row.batch else f"{row.label} (run at batch {batch})",
         "batch": batch,
         "image_size": row.side,
         "autocast": str(autocast).removeprefix("torch.") if autocast else None,
