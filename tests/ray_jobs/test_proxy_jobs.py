@@ -5,9 +5,7 @@ LP-FT's probe reaching the training workers. Tests share one pool and run in fil
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import s3fs
 import torch
+from _tar_shards import write_png_shard as write_shard
 
 from pipeline import manifest
 from pipeline.acquisition.coreset import penultimate_features
@@ -44,14 +43,6 @@ from ray_jobs._shared import querying
 
 CLASSES = [str(c) for c in range(4)]
 PER_SHARD = 40
-
-
-def write_shard(path: Path, samples: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, payload in samples:
-            info = tarfile.TarInfo(f"{key}.png")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def shard_samples(start: int, seed: int) -> tuple[list[tuple[str, bytes]], dict[str, int]]:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
+from _tar_shards import write_png_shard
 
 from pipeline import manifest
 from pipeline.acquisition.selection import select_topk
@@ -36,11 +37,7 @@ def write_tar_pool(directory, samples: list, per_shard: int = 50) -> None:
     """Shards as another tool would write them: GNU-tar layout, no index, no class list."""
     directory.mkdir(parents=True)
     for start in range(0, len(samples), per_shard):
-        with tarfile.open(directory / f"shard-{start // per_shard:04d}.tar", "w") as tar:
-            for key, payload in samples[start : start + per_shard]:
-                info = tarfile.TarInfo(f"{key}.png")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+        write_png_shard(directory / f"shard-{start // per_shard:04d}.tar", samples[start : start + per_shard])
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,8 @@ test asks first, and tests pass in any order."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _tar_shards import write_png_shard as write_shard
 
 from pipeline import manifest
 from pipeline.acquisition.selection import select_topk
@@ -29,14 +28,6 @@ from ray_jobs._shared.querying import QuerySpec, query
 
 CLASSES = [str(c) for c in range(4)]
 PER_SHARD = 40
-
-
-def write_shard(path: Path, samples: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, payload in samples:
-            info = tarfile.TarInfo(f"{key}.png")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def pool_samples(start: int, count: int, seed: int) -> list[tuple[str, bytes]]:
