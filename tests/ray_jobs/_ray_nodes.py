@@ -78,7 +78,9 @@ def stop_nodes(nodes: list[RayNode], timeout: float = 45.0) -> None:
 
 
 def _node_ports() -> list[str]:
-    low = random.randrange(30000, 59000, 200)  # a worker port range of its own, away from Ray's 10002-19999
+    # A worker port range of its own: above Ray's default 10002-19999, below the ephemeral ports
+    # (32768 and up) that free_port() hands out for the node's other components.
+    low = random.randrange(20000, 32400, 200)
     return [
         f"--node-manager-port={free_port()}",
         f"--object-manager-port={free_port()}",
