@@ -94,7 +94,7 @@ def ray_train_rate(
     per-epoch wall times the job records in its checkpoint."""
     import ray
 
-    from ray_jobs.train import TrainConfig, run
+    from ray_jobs._shared.training import TrainConfig, TrainingData, fit
 
     channels, height, width = input_spec(model_name)
     rng = np.random.default_rng(0)
@@ -117,7 +117,9 @@ def ray_train_rate(
             checkpoint_every=epochs,
             augment=augment,
         )
-        metrics = load_checkpoint(run(config, {"train": dataset}, [str(c) for c in range(10)])).metrics
+        metrics = load_checkpoint(
+            fit(config, TrainingData({"train": dataset}, [str(c) for c in range(10)])).checkpoint
+        ).metrics
     steady = [m["epoch_seconds"] for m in metrics[1:]] or [metrics[0]["epoch_seconds"]]
     return samples * len(steady) / sum(steady)
 

@@ -39,10 +39,10 @@ from pipeline.proxy.alignment import (
 )
 from pipeline.proxy.store import FeatureStoreError, open_store
 from pipeline.storage import check_writable
-from ray_jobs._shared import jobs
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
 from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.training import TrainConfig, finetune_backbone
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,7 @@ def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -
     """Fine-tune; return the state to commit and the fetched new checkpoint (promoted at the commit)."""
     backbone = load_checkpoint(fetch_checkpoint(state.backbone, config.storage_options))
     name = f"align-{labeled}"
-    train_config = jobs.config(
-        "train",
+    train_config = TrainConfig(
         labeled=config.labeled,
         holdout=config.holdout,
         model=backbone.model_name,
@@ -156,7 +155,7 @@ def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -
         augment=config.augment,
     )
     probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
-    checkpoint = jobs.finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs)
+    checkpoint = finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs).checkpoint
     local = fetch_checkpoint(checkpoint, config.storage_options)  # one download serves the copy and the hash
     return state.observe(labeled).aligned(checkpoint, checkpoint_digest(local), labeled, mode), local
 

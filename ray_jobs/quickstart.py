@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.config import config_to_yaml
 from pipeline.manifest import load as load_selection
 from pipeline.pools import build_pool, label_pool, synthetic
@@ -25,6 +24,7 @@ from pipeline.simulation import initial_keys
 from ray_jobs._shared import jobs
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.training import TrainConfig, fit
 
 
 @dataclass(frozen=True)
@@ -58,23 +58,24 @@ def write_labels(path: Path, labels: dict[str, int]) -> Path:
 
 
 def train_cycle(config: QuickstartConfig, root: Path, labeled: str, cycle: int) -> tuple[str, float]:
-    train_config = jobs.config(
-        "train",
-        labeled=labeled,
-        holdout=str(root / "pools" / "test"),
-        model="small_cnn",
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        num_workers=1,
-        cpus_per_worker=1.0,
-        storage_path=str(root / "train"),
-        name=f"cycle-{cycle}",
-        checkpoint_every=config.epochs,
-        eval_every=config.epochs,
-        seed=config.seed,
+    """Train on a cycle's labeled pool: (final checkpoint, accuracy on the test pool)."""
+    trained = fit(
+        TrainConfig(
+            labeled=labeled,
+            holdout=str(root / "pools" / "test"),
+            model="small_cnn",
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            num_workers=1,
+            cpus_per_worker=1.0,
+            storage_path=str(root / "train"),
+            name=f"cycle-{cycle}",
+            checkpoint_every=config.epochs,
+            eval_every=config.epochs,
+            seed=config.seed,
+        )
     )
-    checkpoint = jobs.run("train", train_config)
-    return checkpoint, load_checkpoint(checkpoint).metrics[-1]["holdout_accuracy"]
+    return trained.checkpoint, trained.final.holdout_accuracy
 
 
 def run(config: QuickstartConfig) -> dict[str, object]:

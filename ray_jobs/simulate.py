@@ -37,6 +37,7 @@ head's own accuracy on the test pool's features.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from pipeline.learning_curves import (
 from pipeline.manifest import load as load_selection
 from pipeline.models import available_models
 from pipeline.pools import iter_pool_samples, label_pool, read_labels, resolve_pool, spec_for_model
+from pipeline.proxy import ProxyConfig, fit_proxy
 from pipeline.proxy.alignment import AlignmentPolicy, AlignmentState
 from pipeline.report import write_simulation_report
 from pipeline.simulation import (
@@ -75,7 +77,9 @@ from pipeline.training import TrainSchedule
 from ray_jobs._shared import jobs
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.extraction import FeaturesConfig, extract_features
 from ray_jobs._shared.pool_data import read_pool
+from ray_jobs._shared.training import TrainConfig, finetune_backbone, fit
 
 MODES = ("full", "proxy", "proxy-aligned")
 ENGINES = ("memory", "ray")
@@ -198,11 +202,10 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
 
 def cycle_train_config(
     config: SimulateConfig, labeled_uri: str, storage: Path, cycle: int, seed: int, warm_start: str | None
-) -> Any:
+) -> TrainConfig:
     """The `lplgrad train` config of one cycle: the simulation's model and schedule, one
     checkpoint at the end, evaluated on the test pool."""
-    return jobs.config(
-        "train",
+    return TrainConfig(
         labeled=labeled_uri,
         holdout=config.test_pool,
         model=config.model,
@@ -239,10 +242,8 @@ def train_cycle(
         return shared[seed]
     warm_start = previous if config.warm_start else None
     train_config = cycle_train_config(config, labeled_uri, work / "train", cycle, seed * 1000 + cycle, warm_start)
-    started = time.perf_counter()
-    checkpoint = jobs.run("train", train_config)
-    metrics = load_checkpoint(fetch_checkpoint(checkpoint, config.storage_options)).metrics[-1]
-    result = (checkpoint, metrics, time.perf_counter() - started)
+    trained = fit(train_config)
+    result = (trained.checkpoint, dataclasses.asdict(trained.final), trained.seconds)
     if cycle == 0:
         shared[seed] = result
     return result
@@ -360,10 +361,8 @@ def ensure_features(config: SimulateConfig, backbone: str) -> tuple[str, str, fl
     root = Path(config.out) / "features" / checkpoint_digest(fetch_checkpoint(backbone, config.storage_options))[:16]
     started = time.perf_counter()
     for pool, name in ((config.pool, "pool"), (config.test_pool, "test")):
-        jobs.run(
-            "features",
-            jobs.config(
-                "features",
+        extract_features(
+            FeaturesConfig(
                 pool=pool,
                 out=str(root / name),
                 checkpoint=backbone,
@@ -371,7 +370,7 @@ def ensure_features(config: SimulateConfig, backbone: str) -> tuple[str, str, fl
                 cpus_per_actor=config.cpus_per_actor,
                 gpus_per_actor=1.0 if config.gpus else 0.0,
                 storage_options=config.storage_options,
-            ),
+            )
         )
     return str(root / "pool"), str(root / "test"), time.perf_counter() - started
 
@@ -383,9 +382,8 @@ def align_backbone(
     `lplgrad align`: (new backbone checkpoint, LP-FT or FT)."""
     finetune = config.alignment().finetune_mode(len(read_labels(labeled_uri, config.storage_options)[0]))
     train_config = cycle_train_config(config, labeled_uri, work / "align", cycle, seed * 1000 + cycle + 500, backbone)
-    return jobs.finetune_backbone(
-        train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs
-    ), finetune
+    tuned = finetune_backbone(train_config, finetune, (store,), str(work / f"probe-c{cycle}"), config.proxy_epochs)
+    return tuned.checkpoint, finetune
 
 
 def run_proxy_chain(
@@ -424,10 +422,8 @@ def run_proxy_chain(
         state = state.observe(len(labeled))
         store, test_store, row["feature_seconds"] = ensure_features(config, state.backbone)
         started = time.perf_counter()
-        trained = jobs.run(
-            "proxy",
-            jobs.config(
-                "proxy",
+        trained = fit_proxy(
+            ProxyConfig(
                 labeled=labeled_uri,
                 features=(store, test_store),
                 out=str(work / "proxy" / f"c{cycle}"),
@@ -436,14 +432,14 @@ def run_proxy_chain(
                 seed=seed * 1000 + cycle,
                 holdout=config.test_pool,
                 storage_options=config.storage_options,
-            ),
+            )
         )
         row["proxy_train_seconds"] = time.perf_counter() - started
-        row["proxy_accuracy"] = trained["holdout_accuracy"]
+        row["proxy_accuracy"] = trained.holdout_accuracy
         if not last:
             started = time.perf_counter()
             picked = query_cycle(
-                config, strategy, trained["checkpoint"], labeled, labeled_uri, work, cycle, seed, features=store
+                config, strategy, trained.checkpoint, labeled, labeled_uri, work, cycle, seed, features=store
             )
             row["query_seconds"] = time.perf_counter() - started
             labeled = labeled + [k for k in picked if k not in set(labeled)]

@@ -9,12 +9,10 @@ as a person's `lplgrad train`.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["JOBS", "config", "finetune_backbone", "job", "run"]
+__all__ = ["JOBS", "config", "job", "run"]
 
 # command -> (module holding its JOB, help). Modules load only when used, so `lplgrad --help`
 # stays fast.
@@ -54,26 +52,3 @@ def config(command: str, /, **values: Any) -> Any:
 def run(name: str, job_config: Any) -> Any:
     """Run job `name` on the Ray this process is connected to; its result (see each job's `run`)."""
     return job(name).run(job_config)
-
-
-def finetune_backbone(train_config: Any, mode: str, stores: Sequence[str], probe_out: str, probe_epochs: int) -> str:
-    """Fine-tune `train_config.warm_start` on `train_config.labeled`: LP-FT (the classifier starts
-    from a linear probe trained on the cached features) or FT. Returns the new checkpoint URI.
-
-    Shared by `lplgrad align` and the proxy-aligned mode of `lplgrad simulate`, so a simulation
-    measures the alignment a person runs.
-    """
-    probe = None
-    if mode == "lp-ft":
-        probe_config = config(
-            "proxy",
-            labeled=train_config.labeled,
-            features=tuple(stores),
-            out=probe_out,
-            kind="linear",
-            epochs=probe_epochs,
-            seed=train_config.seed,
-            storage_options=train_config.storage_options,
-        )
-        probe = run("proxy", probe_config)["checkpoint"]
-    return run("train", dataclasses.replace(train_config, init_head=probe))

@@ -38,6 +38,7 @@ from pipeline.pools import (
 from pipeline.proxy import alignment
 from pipeline.proxy.store import FeatureStoreError, features_matrix, open_store
 from pipeline.scoring import gradnorm_scores
+from pipeline.training import TrainSchedule
 from ray_jobs import align, cli, features, proxy, train
 from ray_jobs._shared import querying
 
@@ -160,7 +161,7 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -
     )
     written = querying.query(
         querying.QuerySpec(
-            checkpoint=trained["checkpoint"],
+            checkpoint=trained.checkpoint,
             features=env["store"],
             k=10,
             exclude_labeled=env["labeled"],
@@ -171,7 +172,7 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -
         )
     )
     selection = manifest.load(str(env["root"] / "queries" / "p1")).column("key").to_pylist()
-    assert selection == brute_force(env["store"], trained["checkpoint"], env["labeled_keys"], 10)
+    assert selection == brute_force(env["store"], trained.checkpoint, env["labeled_keys"], 10)
     assert not set(selection) & env["labeled_keys"]
     assert written.inputs["features"]["store"] == env["store"]
     assert written.inputs["features"]["backbone_sha256"] == open_store(env["store"]).backbone.sha256
@@ -238,7 +239,7 @@ def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
     )
     written = querying.query(
         querying.QuerySpec(
-            checkpoint=trained["checkpoint"],
+            checkpoint=trained.checkpoint,
             features=f"{root}/store",
             k=7,
             out=f"{root}/queries",
@@ -257,7 +258,7 @@ def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
         proxy.ProxyConfig(
             labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "probe"), kind="linear", epochs=5
         )
-    )["checkpoint"]
+    ).checkpoint
     weight, bias = build_from_checkpoint(load_checkpoint(probe))[0].raw_linear()
     monkeypatch.chdir(env["root"])  # a relative probe path must reach workers that run in Ray's own directory
     config = train.TrainConfig(
@@ -271,9 +272,9 @@ def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
         name="lpft",
         warm_start=env["a"],
         init_head="probe",
-        schedule=train.TrainSchedule(epochs=1, epoch_loss=1, lr=1e-12, milestones=(1,)),
+        schedule=TrainSchedule(epochs=1, epoch_loss=1, lr=1e-12, milestones=(1,)),
     )
-    tuned = build_from_checkpoint(load_checkpoint(train.run(config, *train.labeled_training_data(config))))[0]
+    tuned = build_from_checkpoint(load_checkpoint(train.run(config).checkpoint))[0]
     torch.testing.assert_close(tuned.fc.weight, weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tuned.fc.bias, bias, rtol=1e-5, atol=1e-6)
     mlp = str(env["root"] / "proxy")
@@ -288,8 +289,7 @@ def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
                 storage_path=str(env["root"] / "lpft"),
                 name="bad",
                 init_head=mlp,
-            ),
-            *train.labeled_training_data(config),
+            )
         )
 
 

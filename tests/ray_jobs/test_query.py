@@ -59,7 +59,7 @@ def cycle(ray_local, tmp_path_factory):
         storage_path=str(root / "train"),
         name="cycle",
     )
-    checkpoint = train.run(config, *train.labeled_training_data(config))
+    checkpoint = train.run(config).checkpoint
     return {
         "root": root,
         "pool": str(root / "pool"),

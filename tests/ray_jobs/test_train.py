@@ -13,6 +13,7 @@ import torch
 from pipeline.checkpoint import CHECKPOINT_FILE, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint
 from pipeline.config import ConfigError
 from ray_jobs import train
+from ray_jobs._shared.training import TrainingData, fit
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -49,8 +50,10 @@ def config(tmp_path, **overrides) -> train.TrainConfig:
 
 
 def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) -> None:
-    uri = train.run(config(tmp_path, fail_once_at_epoch=1, max_failures=1), task, CLASSES)
+    result = fit(config(tmp_path, max_failures=1), TrainingData(task, CLASSES), fail_once_at_epoch=1)
+    uri = result.checkpoint
     state = load_checkpoint(uri)  # weights_only load
+    assert "fail_once_at_epoch" not in state.config  # a test hook, not a setting of the run
     assert state.epoch == 2 and list(state.classes) == CLASSES
     assert isinstance(state.spec, ModelSpec) and state.model_name == "small_cnn" and state.config["epochs"] == 3
     assert state.optimizer_state["state"] and state.scheduler_state["last_epoch"] == 3  # resumable
@@ -62,6 +65,7 @@ def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) 
     assert all(m["samples"] == 192 for m in metrics)  # the two workers covered the set once per epoch
     assert metrics[-1]["ce"] < metrics[0]["ce"]
     assert metrics[-1]["holdout_accuracy"] is not None
+    assert result.final.holdout_accuracy == metrics[-1]["holdout_accuracy"] and result.final.epoch == 2
     assert (tmp_path / "train" / "run" / "injected_failure").exists()
     model, lossnet, tap = build_from_checkpoint(state, expected_classes=4)
     assert tap.layers and sum(p.numel() for p in lossnet.parameters()) > 0
@@ -70,15 +74,20 @@ def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) 
 def test_resume_continues_a_named_run_and_refuses_to_resume_by_accident(task, tmp_path) -> None:
     # With augmentation on: the worker's per-epoch generator runs through the real training loop.
     first = load_checkpoint(
-        train.run(config(tmp_path, epochs=2, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES)
+        fit(
+            config(tmp_path, epochs=2, num_workers=1, augment="gray28"), TrainingData({"train": task["train"]}, CLASSES)
+        ).checkpoint
     )
     assert first.config["augment"] == "gray28"
     with pytest.raises(ValueError, match="already has checkpoints"):
-        train.run(config(tmp_path, epochs=3, num_workers=1, augment="gray28"), {"train": task["train"]}, CLASSES)
-    resumed = load_checkpoint(
-        train.run(
-            config(tmp_path, epochs=3, num_workers=1, resume=True, augment="gray28"), {"train": task["train"]}, CLASSES
+        fit(
+            config(tmp_path, epochs=3, num_workers=1, augment="gray28"), TrainingData({"train": task["train"]}, CLASSES)
         )
+    resumed = load_checkpoint(
+        fit(
+            config(tmp_path, epochs=3, num_workers=1, resume=True, augment="gray28"),
+            TrainingData({"train": task["train"]}, CLASSES),
+        ).checkpoint
     )
     assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2]
     assert resumed.metrics[:2] == first.metrics
@@ -86,11 +95,10 @@ def test_resume_continues_a_named_run_and_refuses_to_resume_by_accident(task, tm
 
 def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
     storage = f"s3://{s3_server.bucket}/train-runs"
-    uri = train.run(
+    uri = fit(
         config(tmp_path, epochs=1, num_workers=2, storage_path=storage, storage_options=s3_server.storage_options),
-        {"train": task["train"]},
-        CLASSES,
-    )
+        TrainingData({"train": task["train"]}, CLASSES),
+    ).checkpoint
     assert uri.startswith(storage + "/run/checkpoint_")
     state = load_checkpoint(fetch_checkpoint(uri, s3_server.storage_options))
     assert state.epoch == 0
@@ -98,21 +106,14 @@ def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
 
 def test_bad_input_is_refused_before_training(task, tmp_path) -> None:
     with pytest.raises(ValueError, match="train set is empty"):
-        train.run(
-            config(tmp_path),
-            {
-                "train": ray.data.from_items([{"image": np.zeros((1, 28, 28), np.float32), "label": 0}]).filter(
-                    lambda r: False
-                )
-            },
-            CLASSES,
-        )
+        empty = ray.data.from_items([{"image": np.zeros((1, 28, 28), np.float32), "label": 0}]).filter(lambda r: False)
+        fit(config(tmp_path), TrainingData({"train": empty}, CLASSES))
     with pytest.raises(ValueError, match=r"labels in \[0, 3\] but the model has 2 classes"):
-        train.run(config(tmp_path, name="two"), {"train": task["train"]}, ["a", "b"])
+        fit(config(tmp_path, name="two"), TrainingData({"train": task["train"]}, ["a", "b"]))
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match="is not writable"):
-        train.run(config(tmp_path, storage_path=str(blocker / "sub")), {"train": task["train"]}, CLASSES)
+        fit(config(tmp_path, storage_path=str(blocker / "sub")), TrainingData({"train": task["train"]}, CLASSES))
     with pytest.raises(ConfigError, match="batch_size must be at least 2"):
         train.JOB.parse_args(["labeled=x", "batch_size=1"])
     with pytest.raises(ConfigError, match="labeled is required"):
