@@ -10,6 +10,10 @@ over its part of each shuffled epoch of the labeled pool (streamed by Ray Data).
 checkpoints (model, LossNet, optimiser, scheduler, epoch, spec, classes, metrics) through
 `ray.train.report`; a failed worker group restarts from the latest one (`max_failures`).
 `finetune_backbone` is the alignment's fine-tune (LP-FT or FT) on top of `fit`.
+
+Fault drill (tests only): with ``LPLGRAD_FAULT_TRAIN_AT_EPOCH=E`` in the driver's environment,
+rank 0 raises once at epoch E; a marker file ``injected_failure`` in the run directory keeps the
+restarted worker group from failing again. It is not a config key, so no checkpoint records it.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from ray_jobs._shared import pool_data
 from ray_jobs._shared.progress import EpochFeed, put_epoch
 
 __all__ = [
+    "FAULT_DRILL_ENV",
     "EpochMetrics",
     "TrainConfig",
     "TrainResult",
@@ -60,6 +65,8 @@ __all__ = [
     "labeled_training_data",
     "linear_probe",
 ]
+
+FAULT_DRILL_ENV = "LPLGRAD_FAULT_TRAIN_AT_EPOCH"
 
 
 @dataclass(frozen=True)
@@ -184,8 +191,7 @@ def _evaluate(model: torch.nn.Module, device: torch.device, batch_size: int) -> 
 
 
 def _maybe_fail(loop_config: dict[str, Any], epoch: int, rank: int, storage_options: dict[str, Any]) -> None:
-    """The fault drill (a test hook of `fit`, never part of the recorded config): rank 0 raises
-    once at the armed epoch; a marker in the run directory keeps the restarted group going."""
+    """The fault drill (FAULT_DRILL_ENV, read by the driver: workers do not see its environment)."""
     if loop_config.get("fail_once_at_epoch") != epoch or rank != 0:
         return
     fs, root = filesystem_for(loop_config["run_dir"], storage_options)
@@ -382,14 +388,12 @@ def _resolved(config: TrainConfig) -> TrainConfig:
     )
 
 
-def fit(config: TrainConfig, data: TrainingData | None = None, *, fail_once_at_epoch: int | None = None) -> TrainResult:
+def fit(config: TrainConfig, data: TrainingData | None = None) -> TrainResult:
     """Train on the Ray this process is connected to.
 
     Args:
         config: The run.
         data: Datasets to train on instead of reading `config.labeled` and `config.holdout`.
-        fail_once_at_epoch: Fault drill for tests: rank 0 raises once at this epoch (not recorded
-            in the checkpoint's config).
 
     Returns:
         The final checkpoint's URI and its last epoch's metrics.
@@ -424,7 +428,7 @@ def fit(config: TrainConfig, data: TrainingData | None = None, *, fail_once_at_e
             "run_dir": config.storage_path.rstrip("/") + "/" + config.name,
             "has_holdout": "holdout" in data.datasets,
             "progress": feed.queue,
-            "fail_once_at_epoch": fail_once_at_epoch,
+            "fail_once_at_epoch": int(os.environ[FAULT_DRILL_ENV]) if os.environ.get(FAULT_DRILL_ENV) else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,

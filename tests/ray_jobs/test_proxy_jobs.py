@@ -35,7 +35,7 @@ from pipeline.pools import (
     spec_for_model,
     synthetic,
 )
-from pipeline.proxy import alignment
+from pipeline.proxy import alignment, lookup_features
 from pipeline.proxy.store import FeatureStoreError, features_matrix, open_store
 from pipeline.scoring import gradnorm_scores
 from pipeline.training import TrainSchedule
@@ -205,7 +205,7 @@ def test_refusals_before_any_scoring(env) -> None:
     finally:
         (Path(env["pool"]) / "shard-0003.tar").unlink()
     with pytest.raises(FeatureStoreError, match="have no features"):
-        proxy.lookup_features([open_store(env["store"])], ["s0001", "not-a-key"])
+        lookup_features([open_store(env["store"])], ["s0001", "not-a-key"])
 
 
 def test_features_and_proxy_query_on_s3(env, s3_server) -> None:

@@ -7,7 +7,8 @@ import pytest
 from pipeline import manifest
 from pipeline.config import ConfigError
 from pipeline.learning_curves import read_results
-from pipeline.pools import build_pool, synthetic
+from pipeline.pools import build_pool, read_labels, synthetic
+from pipeline.simulation import initial_keys
 from ray_jobs import simulate
 
 
@@ -45,17 +46,19 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
     # The stochastic chain went through the query job as a power draw.
     inputs = manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad+power-s0" / "queries" / "c0")).inputs
     assert inputs["strategy"]["name"] == "lplgrad" and inputs["strategy"]["params"]["stochastic"] == "power"
-    # Both strategies started from the same seeded initial set.
-    initial = {r["strategy"]: r for r in rows if r["cycle"] == 0}
-    assert initial["lplgrad+power"]["labeled"] == initial["coreset"]["labeled"]
+    # Both strategies started from the same seeded initial set: the same keys, not just as many.
+    work = tmp_path / "sim" / "work"
+    keys = {name: set(read_labels(str(work / f"{name}-s0" / "labeled-c0"))[0]) for name in ("lplgrad+power", "coreset")}
+    assert len(keys["coreset"]) == 16 and keys["lplgrad+power"] == keys["coreset"]
+    assert keys["coreset"] < set(read_labels(str(work / "coreset-s0" / "labeled-c1"))[0])
     with pytest.raises(ValueError, match="results.parquet exists"):
         simulate.run(config)
 
 
 def test_initial_set_is_seeded_and_strategies_are_checked() -> None:
     keys = [f"k{i:03d}" for i in range(100)]
-    assert simulate.initial_keys(keys, 10, 0) == simulate.initial_keys(list(reversed(keys)), 10, 0)
-    assert simulate.initial_keys(keys, 10, 0) != simulate.initial_keys(keys, 10, 1)
+    assert initial_keys(keys, 10, 0) == initial_keys(list(reversed(keys)), 10, 0)
+    assert initial_keys(keys, 10, 0) != initial_keys(keys, 10, 1)
     with pytest.raises(ConfigError, match="unknown strategies"):
         simulate.JOB.parse_args(["pool=x", "strategies=[bogus]"])
 

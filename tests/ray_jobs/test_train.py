@@ -13,7 +13,7 @@ import torch
 from pipeline.checkpoint import CHECKPOINT_FILE, ModelSpec, build_from_checkpoint, fetch_checkpoint, load_checkpoint
 from pipeline.config import ConfigError
 from ray_jobs import train
-from ray_jobs._shared.training import TrainingData, fit
+from ray_jobs._shared.training import FAULT_DRILL_ENV, TrainingData, fit
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -49,8 +49,9 @@ def config(tmp_path, **overrides) -> train.TrainConfig:
     return train.TrainConfig(**values)
 
 
-def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path) -> None:
-    result = fit(config(tmp_path, max_failures=1), TrainingData(task, CLASSES), fail_once_at_epoch=1)
+def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(FAULT_DRILL_ENV, "1")  # rank 0 raises once at epoch 1
+    result = fit(config(tmp_path, max_failures=1), TrainingData(task, CLASSES))
     uri = result.checkpoint
     state = load_checkpoint(uri)  # weights_only load
     assert "fail_once_at_epoch" not in state.config  # a test hook, not a setting of the run

@@ -42,7 +42,7 @@ def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, 
     )
     assert config.engine == "memory"
     rows = simulate.run(config)
-    assert sorted({(r["strategy"], r["seed"]) for r in rows}) == [
+    assert sorted({(r.strategy, r.seed) for r in rows}) == [
         (s, seed) for s in ("badge", "lplgrad+power", "random") for seed in (0, 1)
     ]
     for row in read_results(tmp_path / "sim" / "results.parquet"):
@@ -51,10 +51,10 @@ def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, 
             assert row["labeled"] == 12 and sum(json.loads(row["class_mix"])) == 10 and row["query_seconds"] >= 0
         else:
             assert row["labeled"] == 22 and row["class_mix"] is None
-    lplgrad = [r for r in rows if r["strategy"] == "lplgrad+power" and r["cycle"] == 0]
-    assert all(r["mean_score"] > 0 for r in lplgrad)  # the gradient norm was computed for the power draw
+    lplgrad = [r for r in rows if r.strategy == "lplgrad+power" and r.cycle == 0]
+    assert all(r.mean_score > 0 for r in lplgrad)  # the gradient norm was computed for the power draw
     # Every chain of a seed starts from the same shared first model.
-    first = {(r["strategy"], r["seed"]): r["test_accuracy"] for r in rows if r["cycle"] == 0}
+    first = {(r.strategy, r.seed): r.test_accuracy for r in rows if r.cycle == 0}
     assert first[("badge", 0)] == first[("random", 0)] == first[("lplgrad+power", 0)]
     summary = pq.read_table(tmp_path / "sim" / "summary.parquet").to_pylist()
     assert {"diff", "diff_low", "diff_high", "mean", "std"} <= summary[0].keys()
