@@ -42,7 +42,7 @@ from pipeline.storage import check_writable
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.cluster_guard import guard_driver
 from ray_jobs._shared.entry import Job, run_job
-from ray_jobs._shared.training import TrainConfig, finetune_backbone
+from ray_jobs._shared.training import finetune_backbone, one_checkpoint_run
 
 
 @dataclass(frozen=True)
@@ -134,25 +134,17 @@ def align(config: AlignConfig, state: AlignmentState, labeled: int, mode: str) -
     """Fine-tune; return the state to commit and the fetched new checkpoint (promoted at the commit)."""
     backbone = load_checkpoint(fetch_checkpoint(state.backbone, config.storage_options))
     name = f"align-{labeled}"
-    train_config = TrainConfig(
-        labeled=config.labeled,
+    train_config = one_checkpoint_run(
+        config,
+        config.labeled,
+        config.storage_path,
+        name,
         holdout=config.holdout,
         model=backbone.model_name,
         in_channels=backbone.in_channels,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
         use_gpu=config.use_gpu,
-        cpus_per_worker=config.cpus_per_worker,
-        storage_path=config.storage_path,
-        name=name,
-        checkpoint_every=config.epochs,
-        eval_every=config.epochs,
-        keep_checkpoints=1,
         seed=config.seed,
         warm_start=state.backbone,
-        storage_options=config.storage_options,
-        augment=config.augment,
     )
     probe_out = f"{config.storage_path.rstrip('/')}/{name}-probe"
     checkpoint = finetune_backbone(train_config, mode, config.features, probe_out, config.probe_epochs).checkpoint

@@ -75,7 +75,7 @@ from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.entry import Job, run_job
 from ray_jobs._shared.extraction import FeaturesConfig, extract_features
 from ray_jobs._shared.pool_data import read_pool
-from ray_jobs._shared.training import TrainConfig, finetune_backbone, fit
+from ray_jobs._shared.training import TrainConfig, finetune_backbone, fit, one_checkpoint_run
 
 __all__ = ["JOB", "JobSteps", "SimulateConfig", "run"]
 
@@ -109,26 +109,17 @@ def coreset_query(config: SimulateConfig, checkpoint: str, labeled: set[str], k:
 def cycle_train_config(
     config: SimulateConfig, labeled_uri: str, storage: Path, cycle: int, seed: int, warm_start: str | None
 ) -> TrainConfig:
-    """The training of one cycle: the simulation's model and schedule, one checkpoint at the end,
-    evaluated on the test pool."""
-    return TrainConfig(
-        labeled=labeled_uri,
+    """The training of one cycle: the simulation's model and recipe, evaluated on the test pool."""
+    return one_checkpoint_run(
+        config,
+        labeled_uri,
+        str(storage),
+        f"c{cycle}",
         holdout=config.test_pool,
         model=config.model,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
         use_gpu=config.gpus,
-        cpus_per_worker=config.cpus_per_worker,
-        storage_path=str(storage),
-        name=f"c{cycle}",
-        checkpoint_every=config.epochs,
-        eval_every=config.epochs,
-        keep_checkpoints=1,
-        augment=config.augment,
         seed=seed,
         warm_start=warm_start,
-        storage_options=config.storage_options,
     )
 
 

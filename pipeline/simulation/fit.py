@@ -1,5 +1,5 @@
 """Joint training and evaluation on arrays in one process: the per-worker loop of
-`ray_jobs.train` without Ray, for simulations (same model, LossNet, schedule, joint step and
+`ray_jobs._shared.training.fit` without Ray, for simulations (same model, LossNet, schedule, joint step and
 augmentation; one worker, so no gradient all-reduce).
 """
 

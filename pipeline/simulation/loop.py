@@ -162,9 +162,17 @@ def run_cycles(
         previous = model
         scorer, fields = steps.scorer(model, labeled, cycle, last)
         row = CycleRow(
-            name, mode, seed, cycle, len(labeled), model.test_accuracy, model.train_accuracy, model.seconds,
-            checkpoint=model.checkpoint, **fields,
-        )  # fmt: skip
+            name,
+            mode,
+            seed,
+            cycle,
+            len(labeled),
+            model.test_accuracy,
+            model.train_accuracy,
+            model.seconds,
+            checkpoint=model.checkpoint,
+            **fields,
+        )
         if not last:
             started = time.perf_counter()
             picked = steps.query(scorer, labeled, cycle)

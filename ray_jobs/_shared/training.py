@@ -64,6 +64,7 @@ __all__ = [
     "fit",
     "labeled_training_data",
     "linear_probe",
+    "one_checkpoint_run",
 ]
 
 FAULT_DRILL_ENV = "LPLGRAD_FAULT_TRAIN_AT_EPOCH"
@@ -452,6 +453,26 @@ def fit(config: TrainConfig, data: TrainingData | None = None) -> TrainResult:
     # The last report is rank 0's, made with the final checkpoint: its metrics are the last epoch's.
     final = EpochMetrics.from_dict(result.metrics)
     return TrainResult(display_uri(fs, result.checkpoint.path), final, time.perf_counter() - started)
+
+
+# The keys a job that trains shares with `lplgrad train`, with the same names and meaning.
+RECIPE_KEYS = ("epochs", "batch_size", "augment", "num_workers", "cpus_per_worker", "storage_options")
+
+
+def one_checkpoint_run(recipe: Any, labeled: str, storage_path: str, name: str, **fields: Any) -> TrainConfig:
+    """A run inside a composed job (a simulated cycle, an alignment's fine-tune): evaluated and
+    checkpointed at its last epoch only, that one checkpoint kept.
+
+    Args:
+        recipe: The composing job's config; its `RECIPE_KEYS` are the run's.
+        labeled: The labeled pool.
+        storage_path: Where the run's directory goes.
+        name: The run's name.
+        fields: Any other `TrainConfig` key (model, holdout, seed, warm_start, ...).
+    """
+    shared = {key: getattr(recipe, key) for key in RECIPE_KEYS}
+    once = {"checkpoint_every": recipe.epochs, "eval_every": recipe.epochs, "keep_checkpoints": 1}
+    return TrainConfig(labeled=labeled, storage_path=storage_path, name=name, **shared, **once, **fields)
 
 
 def finetune_backbone(
