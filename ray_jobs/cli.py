@@ -26,7 +26,28 @@ import sys
 from ray_jobs._shared import config_cli as _config_cli
 from ray_jobs._shared import errors as _errors
 from ray_jobs._shared.entry import run_job
-from ray_jobs._shared.jobs import JOBS
+
+# command -> (module holding its JOB, help). The only place a job is found by its name: a job that
+# needs another's work calls it through ray_jobs/_shared/ (training.fit, querying.query, ...).
+# Modules load only when their subcommand runs, so `lplgrad --help` stays fast.
+JOBS = {
+    "train": ("ray_jobs.train", "joint LPLgrad training on Ray Train; prints the final checkpoint URI"),
+    "query": ("ray_jobs.query", "score a pool with a checkpoint and commit a selection manifest"),
+    "features": (
+        "ray_jobs.features",
+        "extract a pool's penultimate features under a frozen backbone into a feature store",
+    ),
+    "proxy": (
+        "ray_jobs.proxy",
+        "train a proxy head (linear or MLP, with LossNet) on cached features of the labeled set",
+    ),
+    "align": (
+        "ray_jobs.align",
+        "proxy mode: fine-tune the backbone (LP-FT or FT) when the alignment policy says so, and promote it",
+    ),
+    "simulate": ("ray_jobs.simulate", "simulated active-learning cycles on a pool whose labels are known"),
+    "quickstart": ("ray_jobs.quickstart", "one whole cycle on a synthetic pool: build, train, query, label, retrain"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

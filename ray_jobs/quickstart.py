@@ -4,9 +4,9 @@
     lplgrad quickstart samples=5000 epochs=20
 
 Builds an unlabeled synthetic pool (its ground truth kept aside as the "annotators' answers"),
-labels a random initial set, trains (`ray_jobs.train`), queries the pool (`ray_jobs.query`,
-LPLgrad), commits a selection manifest, labels the selection from the ground truth, trains
-again, and prints the accuracy of each cycle and where every artifact is.
+labels a random initial set, trains (`fit`, the call `lplgrad train` makes), queries the pool with
+LPLgrad (`query`, as `lplgrad query`), commits a selection manifest, labels the selection from the
+ground truth, trains again, and prints the accuracy of each cycle and where every artifact is.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pipeline.manifest import load as load_selection
 from pipeline.pools import build_pool, label_pool, synthetic
 from pipeline.report import write_run_report
 from pipeline.simulation import initial_keys
-from ray_jobs._shared import jobs
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.entry import Job, run_job
+from ray_jobs._shared.querying import QuerySpec, query
 from ray_jobs._shared.training import TrainConfig, fit
 
 
@@ -108,10 +108,8 @@ def run(config: QuickstartConfig) -> dict[str, object]:
     checkpoint0, accuracy0 = train_cycle(config, root, str(root / "labeled-cycle-0"), 0)
 
     # 3. Query the rest of the pool with LPLgrad and commit a manifest.
-    jobs.run(
-        "query",
-        jobs.config(
-            "query",
+    query(
+        QuerySpec(
             pool=pool,
             checkpoint=checkpoint0,
             k=config.per_cycle,
@@ -121,7 +119,7 @@ def run(config: QuickstartConfig) -> dict[str, object]:
             actors=1,
             cpus_per_actor=1.0,
             seed=config.seed,
-        ),
+        )
     )
     selected = load_selection(str(root / "queries" / "cycle-1")).column("key").to_pylist()
     write_run_report(str(root / "queries" / "cycle-1"), str(root / "report.html"))  # the selection, as pictures

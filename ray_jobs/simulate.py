@@ -70,11 +70,11 @@ from pipeline.simulation import (
     subset_rows,
     write_results,
 )
-from ray_jobs._shared import jobs
 from ray_jobs._shared.cluster import connect
 from ray_jobs._shared.entry import Job, run_job
 from ray_jobs._shared.extraction import FeaturesConfig, extract_features
 from ray_jobs._shared.pool_data import read_pool
+from ray_jobs._shared.querying import QuerySpec, query
 from ray_jobs._shared.training import TrainConfig, finetune_backbone, fit, one_checkpoint_run
 
 __all__ = ["JOB", "JobSteps", "SimulateConfig", "run"]
@@ -241,10 +241,8 @@ class JobSteps:
         seed = self.seed * 1000 + cycle
         if self.chain.strategy == "coreset":
             return Picked(coreset_query(self.config, checkpoint, set(labeled), self.config.per_cycle, seed))
-        jobs.run(
-            "query",
-            jobs.config(
-                "query",
+        query(
+            QuerySpec(
                 pool="" if features else self.config.pool,
                 checkpoint=checkpoint,
                 features=features,
@@ -261,7 +259,7 @@ class JobSteps:
                 cpus_per_actor=self.config.cpus_per_actor,
                 gpus_per_actor=1.0 if self.config.gpus else 0.0,
                 storage_options=self.config.storage_options,
-            ),
+            )
         )
         return Picked(load_selection(str(self.work / "queries" / f"c{cycle}")).column("key").to_pylist())
 

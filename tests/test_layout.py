@@ -1,5 +1,6 @@
-"""The layout's rules, read off the source: the library never needs Ray, jobs never import jobs,
-and no module-level import cycle exists anywhere in pipeline/ or ray_jobs/."""
+"""The layout's rules, read off the source: the library never needs Ray, jobs never import jobs
+(statically, or by name through importlib: only the CLI's dispatch loads modules by name), and no
+module-level import cycle exists anywhere in pipeline/ or ray_jobs/."""
 
 from __future__ import annotations
 
@@ -120,6 +121,76 @@ def test_the_layout_rules_see_the_modules() -> None:
     assert {"pipeline.manifest.commit", "pipeline.proxy.store", "pipeline.storage", "ray_jobs.query"} <= set(MODULES)
     assert "ray_jobs._shared.training" in _imports("ray_jobs.simulate", top_level_only=True)
     assert "pipeline.manifest.commit" in _imports("pipeline.manifest", top_level_only=True)
+    assert _dynamic_imports(MODULES["ray_jobs.cli"].read_text())  # the CLI's dispatch is seen
+
+
+# Modules that may load modules by name: the CLI's dispatch (a subcommand runs its job), the help
+# it prints from a job's config class, and `python -m ray_jobs.JOB`'s entry, which imports the job's
+# own module under its name (so Ray pickles it by reference). Everything else composes through
+# typed calls.
+DISPATCH = {"ray_jobs.cli", "ray_jobs._shared.config_cli", "ray_jobs._shared.entry"}
+_LOADERS = {"importlib.import_module", "importlib.__import__", "__import__", "importlib.util.spec_from_file_location"}
+_LOADERS |= {"runpy.run_module", "runpy.run_path"}
+
+
+def _dynamic_imports(source: str) -> list[str]:
+    """Calls in `source` that load a module by name (importlib.import_module, __import__, runpy,
+    ...), however the loader was imported or aliased: each as `line: call`."""
+    tree = ast.parse(source)
+    aliases: dict[str, str] = {}  # local name -> dotted name it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({alias.asname or alias.name.split(".")[0]: alias.name for alias in node.names})
+            aliases.update({alias.asname: alias.name for alias in node.names if alias.asname})
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            aliases.update({alias.asname or alias.name: f"{node.module}.{alias.name}" for alias in node.names})
+
+    def dotted(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Name):
+            return aliases.get(node.id, node.id)
+        if isinstance(node, ast.Attribute):
+            base = dotted(node.value)
+            return None if base is None else f"{base}.{node.attr}"
+        if isinstance(node, ast.Call) and dotted(node.func) in ("getattr", "builtins.getattr") and len(node.args) >= 2:
+            base, name = dotted(node.args[0]), node.args[1]
+            if base is not None and isinstance(name, ast.Constant) and isinstance(name.value, str):
+                return f"{base}.{name.value}"
+        return None
+
+    return [
+        f"{node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and dotted(node.func) in _LOADERS
+    ]
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m not in DISPATCH))
+def test_only_the_cli_dispatch_loads_modules_by_name(module: str) -> None:
+    found = _dynamic_imports(MODULES[module].read_text())
+    assert found == [], (
+        f"{module} loads modules by name ({found}): compose jobs through the typed calls in ray_jobs/_shared/ "
+        "(training.fit, querying.query, ...); only the CLI's dispatch (ray_jobs/cli.py) runs a job by name"
+    )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import importlib\nimportlib.import_module('ray_jobs.train')",
+        "import importlib as il\nil.import_module(name)",
+        "from importlib import import_module as load\nload('ray_jobs.query')",
+        "__import__('ray_jobs.train', fromlist=['JOB'])",
+        "import importlib\ngetattr(importlib, 'import_module')('ray_jobs.train')",
+        "import runpy\nrunpy.run_module('ray_jobs.train')",
+        "def f():\n    from importlib import import_module\n    return import_module('ray_jobs.' + name)",
+    ],
+)
+def test_a_dynamic_import_is_seen_however_it_is_written(source: str) -> None:
+    assert len(_dynamic_imports(source)) == 1
+
+
+def test_ordinary_calls_are_not_taken_for_dynamic_imports() -> None:
+    assert _dynamic_imports("import json\njson.loads('{}')\nimport_module = 3\nprint(import_module)") == []
 
 
 def test_private_modules_stay_inside_their_package() -> None:

@@ -5,7 +5,7 @@
     lplgrad config show train > configs/train/mine.yaml
 
 A job's config class is its module's `JOB.config` (entry.py), so a job needs no registration here
-beyond its row in `ray_jobs._shared.jobs.JOBS`.
+beyond its row in `ray_jobs.cli.JOBS`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def add_commands(subparsers: Any, jobs: Mapping[str, tuple[str, str]]) -> None:
 
     Args:
         subparsers: What `ArgumentParser.add_subparsers()` returned.
-        jobs: subcommand -> (module with its `JOB`, help), as `ray_jobs._shared.jobs.JOBS`.
+        jobs: subcommand -> (module with its `JOB`, help), as `ray_jobs.cli.JOBS`.
     """
     config = subparsers.add_parser(
         "config",

@@ -43,8 +43,8 @@ class Job(Generic[C]):
         config: The job's frozen config dataclass; `--help` and `lplgrad config show` read it.
         start: Runs the job from a config read off the command line: connects to Ray where the
             job needs it, guards the driver, runs, prints the result.
-        run: The job for a caller already on Ray (another job, through jobs.py): takes the config,
-            returns the job's result (a checkpoint URI, a manifest, a feature store).
+        run: The job for a caller already on Ray (a test, a benchmark): takes the config,
+            returns the job's result (a `TrainResult`, a manifest, a feature store).
         description: One line for `--help`.
         shortcuts: Extra flags, each standing for `key=value` overrides that apply unless the
             command line already sets that key (`--proxy` for `modes=[...]`).
