@@ -66,14 +66,42 @@ def _factors(n: int, c: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return logits, features
 
 
+def _grouped_kmeanspp(embeddings: torch.Tensor, k: int, seed: int) -> list[int]:
+    """Brute force on materialised embeddings: full distances every pick, and the draw laid over
+    rows grouped by nearest centre (a group by cumulative group weights, then a row in it)."""
+    points = embeddings.double().numpy()
+    rng = np.random.default_rng(seed)
+    picks = [int(np.argmax((points * points).sum(1)))]
+    nearest2 = ((points - points[picks[0]]) ** 2).sum(1)
+    nearest2[picks[0]] = 0.0
+    assigned = np.zeros(len(points), dtype=np.int64)
+    chosen = np.zeros(len(points), dtype=bool)
+    chosen[picks[0]] = True
+    while len(picks) < min(k, len(points)):
+        groups = [np.flatnonzero(assigned == g) for g in range(len(picks))]
+        cumulative = np.cumsum([nearest2[rows].sum() for rows in groups])
+        target = rng.random() * cumulative[-1]
+        g = int(np.searchsorted(cumulative, target, side="right"))
+        within = np.cumsum(nearest2[groups[g]])
+        index = int(groups[g][np.searchsorted(within, target - (cumulative[g - 1] if g else 0.0), side="right")])
+        assert not chosen[index]
+        distances = ((points - points[index]) ** 2).sum(1)
+        closer = distances < nearest2
+        nearest2[closer], assigned[closer] = distances[closer], len(picks)
+        nearest2[index], assigned[index] = 0.0, len(picks)
+        picks.append(index)
+        chosen[index] = True
+    return picks
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_factored_seeding_picks_what_the_materialised_embeddings_pick(seed: int) -> None:
+def test_factored_seeding_picks_what_brute_force_on_materialised_embeddings_picks(seed: int) -> None:
     logits, features = _factors(300, 4, 6, seed)
     residuals = prediction_residuals(logits).double()
     embeddings = badge_embeddings(logits, features).double()
     assert torch.allclose(embeddings, (residuals[:, :, None] * features[:, None, :]).flatten(1))
     for k in (1, 25, 120):
-        assert badge_select(residuals, features, k, seed) == kmeanspp_seeding(embeddings, k, seed)
+        assert badge_select(residuals, features, k, seed) == _grouped_kmeanspp(embeddings, k, seed)
 
 
 def test_factored_distances_equal_the_materialised_ones() -> None:
@@ -85,8 +113,10 @@ def test_factored_distances_equal_the_materialised_ones() -> None:
     seeding = _FactoredSeeding(residuals, features, k=5)
     for centre in (4, 17, 30):
         seeding.add_centre(centre)
-    brute = torch.cdist(embeddings, embeddings[[4, 17, 30]]).pow(2).min(1).values
-    assert np.allclose(seeding.nearest2, brute.numpy(), rtol=1e-9, atol=1e-12)
+    brute = torch.cdist(embeddings, embeddings[[4, 17, 30]]).pow(2)
+    assert np.allclose(seeding.nearest2, brute.min(1).values.numpy(), rtol=1e-9, atol=1e-12)
+    assert np.array_equal(seeding.assigned, brute.argmin(1).numpy())
+    assert sorted(np.concatenate(seeding.members).tolist()) == list(range(50))  # every row in one group
     assert seeding.recomputed < 50 * 3  # the bounds skipped some rows, exactly
 
 
