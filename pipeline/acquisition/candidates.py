@@ -152,7 +152,8 @@ class CandidateGatherer:
         self._keys = np.empty(capacity, dtype=object)
         self._residuals = np.zeros((capacity, num_classes), np.float32)
         self._features = np.zeros((capacity, feature_dim), np.float32)
-        self._extras: dict[str, np.ndarray] = {name: np.empty(capacity, dtype=object) for name in extras}
+        self._extra_names = tuple(extras)
+        self._extras: dict[str, np.ndarray] = {}  # typed like the first batch's columns (strings: object)
         self._count = 0
         self.offered = 0  # rows offered with a finite margin
 
@@ -195,7 +196,7 @@ class CandidateGatherer:
                 f"C={self._residuals.shape[1]} and D={self._features.shape[1]}"
             )
         extras = extras or {}
-        if missing := sorted(set(self._extras) - set(extras)):
+        if missing := sorted(set(self._extra_names) - set(extras)):
             raise ValueError(f"the batch lacks the extra columns {missing}")
         rows = np.flatnonzero(np.isfinite(margins))
         self.offered += len(rows)
@@ -223,8 +224,12 @@ class CandidateGatherer:
         self._keys[slots] = batch_keys[entering]
         self._residuals[slots] = np.asarray(residuals)[entering]
         self._features[slots] = np.asarray(features)[entering]
-        for name, column in self._extras.items():
-            column[slots] = np.asarray(extras[name], dtype=object)[entering]
+        for name in self._extra_names:
+            values = np.asarray(extras[name])
+            values = values.astype(object) if values.dtype.kind in "USO" else values
+            if name not in self._extras:
+                self._extras[name] = np.zeros(self.capacity, dtype=values.dtype)
+            self._extras[name][slots] = values[entering]
         self._count = min(self.capacity, self._count + len(entering))
 
     def result(self) -> Candidates:
@@ -236,7 +241,7 @@ class CandidateGatherer:
             margins=self._margins[order].copy(),
             residuals=self._residuals[order],
             features=self._features[order],
-            extras={name: column[order] for name, column in self._extras.items()},
+            extras={name: self._extras[name][order] for name in self._extra_names if name in self._extras},
         )
 
     def _worst(self) -> int:

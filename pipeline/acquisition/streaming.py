@@ -1,6 +1,8 @@
 """A query's selection over a stream of scored rows, on the driver: write every row to the run's
-scores table, keep the exact top-k (or a stochastic draw) in O(k) memory, collect error rows and
-summarise the acquisition values.
+scores table, keep the exact top-k (or a stochastic draw) in O(k) memory, or for a diverse strategy
+(``badge``, ``cluster-margin``) gather the M smallest-margin rows with their embeddings in
+M x (C + D) memory and pick from them at the end; collect error rows and summarise the acquisition
+values.
 
 No Ray here: the job hands in an iterable of pyarrow batches (RowScorer output: ``key``,
 ``shard``, ``error`` and the score columns) and the run's scores writer.
@@ -17,13 +19,28 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.acquisition._strategies import ScoreRanks, acquisition_values, stochastic_values
+from pipeline.acquisition.candidates import CandidateGatherer, Candidates, check_candidate_memory
+from pipeline.acquisition.diverse import select_diverse
 from pipeline.acquisition.selection import SelectionSpec, TopK
 from pipeline.manifest import ScoreSummary, selection_rows
 
-__all__ = ["ScoresSink", "StreamedSelection", "select_streamed"]
+__all__ = ["ScoresSink", "StreamedSelection", "select_candidates", "select_streamed"]
 
 # Columns a scored batch must hold; the score columns a strategy reads come on top.
 _ID_COLUMNS = ("key", "shard", "error")
+# Columns of RowScorer(embeddings=True) that feed the candidate set and never reach scores/.
+_EMBEDDING_COLUMNS = ("residual", "penultimate")
+# Per-candidate columns kept for the selection table.
+_CANDIDATE_EXTRAS = (
+    "shard",
+    "score",
+    "entropy",
+    "margin",
+    "least_confidence",
+    "pred_class",
+    "pred_prob",
+    "predicted_loss",
+)
 
 
 class ScoresSink(Protocol):
@@ -64,23 +81,30 @@ def select_streamed(
     """Stream scored rows (copied ones first, then the fresh ones) into ``scores`` and select.
 
     Memory is O(k + batch), except for ``softrank``, which keeps one float per scored row to know
-    global ranks (:class:`ScoreRanks`) and reads the rows back from ``scores`` for a second pass.
+    global ranks (:class:`ScoreRanks`) and reads the rows back from ``scores`` for a second pass,
+    and for a diverse strategy, which gathers ``spec.candidates`` rows with their embeddings
+    (:class:`~pipeline.acquisition.candidates.CandidateGatherer`, M x (C + D) floats) and selects
+    from them once the stream ends (:func:`select_candidates`). Its acquisition values (the summary,
+    the selection's ``score``) are margin's, ``-margin``; its selection's rank is the pick order.
 
     Args:
         spec: What to select.
         scored: Freshly scored batches (any batching; ``key``, ``shard``, ``error`` plus the
-            strategy's score columns).
+            strategy's score columns; for a diverse strategy ``margin``, ``residual`` [N, C] and
+            ``penultimate`` [N, D], which are not written to ``scores``).
         scores: Receives every row, reused and fresh, in arrival order.
-        reused: Batches copied from an earlier run, in the same schema.
+        reused: Batches copied from an earlier run, in the same schema (none for a diverse strategy:
+            scores/ holds no embeddings).
 
     Returns:
         The :class:`StreamedSelection`.
+
+    Raises:
+        CandidateMemoryError: When the candidate set would exceed ``spec.candidate_memory_mb`` (checked
+            at the first batch; a job checks it before scoring).
+        ValueError: A diverse strategy's batch without embeddings.
     """
-    if spec.is_diverse:
-        raise ValueError(
-            f"{spec.strategy} picks from gathered candidates, not by a per-sample top-k: "
-            "gather them with CandidateGatherer and select with select_diverse"
-        )
+    gather = _Candidates(spec) if spec.is_diverse else None
     top = TopK(spec.k)
     summary = ScoreSummary()
     ranks = ScoreRanks() if spec.stochastic == "softrank" else None
@@ -92,6 +116,9 @@ def select_streamed(
         if not batch.num_rows:
             continue
         rows[origin].update(batch.column("shard").to_pylist())
+        embeddings = None
+        if gather is not None:
+            batch, embeddings = _split_embeddings(batch, spec.strategy)  # None: error rows only
         scores.write(batch)
         columns, values, failed = _values(spec, batch)
         errors.extend(
@@ -99,7 +126,10 @@ def select_streamed(
         )
         good += int((~failed).sum())
         summary.add(values[~failed], columns["key"][~failed].tolist())
-        if ranks is not None:
+        if gather is not None:
+            if embeddings is not None:
+                gather.add(columns, values, embeddings)
+        elif ranks is not None:
             ranks.add(values)  # pass 1 of 2: the draw needs every value's global rank
         else:
             _offer(top, spec, columns, values)
@@ -107,7 +137,80 @@ def select_streamed(
         for batch in scores.iter_batches():
             columns, values, _ = _values(spec, pa.Table.from_batches([batch]))
             _offer(top, spec, columns, values, ranks.ranks(values))
-    return StreamedSelection(top.result(), summary, errors, good, rows["reused"], rows["scored"])
+    selected = gather.select() if gather is not None else top.result()
+    return StreamedSelection(selected, summary, errors, good, rows["reused"], rows["scored"])
+
+
+def select_candidates(spec: SelectionSpec, candidates: Candidates) -> list[tuple[str, float, dict[str, Any]]]:
+    """What a diverse strategy picks from a gathered candidate set, as selection rows.
+
+    The one place the query and the simulation both select from, so they agree on the same
+    candidates.
+
+    Args:
+        spec: A diverse selection (``spec.is_diverse``).
+        candidates: The gathered set, in canonical order.
+
+    Returns:
+        ``(key, -margin, selection row)`` in pick order, at most ``spec.k``.
+    """
+    picks = select_diverse(spec.strategy, candidates, spec.k, spec.seed, spec.clusters)
+    picked = candidates.rows(picks)
+    values = -np.asarray(candidates.margins)[picks]
+    return list(zip(picked["key"].tolist(), values.tolist(), selection_rows(picked, values)))
+
+
+class _Candidates:
+    """The candidate gatherer of a diverse selection, sized from the first batch's embeddings."""
+
+    def __init__(self, spec: SelectionSpec) -> None:
+        self.spec = spec
+        self.gatherer: CandidateGatherer | None = None
+
+    def add(
+        self, columns: Mapping[str, np.ndarray], values: np.ndarray, embeddings: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        residual, penultimate = embeddings
+        if self.gatherer is None:
+            classes, width = residual.shape[1], penultimate.shape[1]
+            check_candidate_memory(self.spec.candidates, classes, width, self.spec.candidate_memory_mb)
+            extras = [name for name in _CANDIDATE_EXTRAS if name in columns]
+            self.gatherer = CandidateGatherer(self.spec.candidates, classes, width, extras=extras)
+        # values = -margin, NaN on error rows: those never enter.
+        self.gatherer.add(columns["key"].tolist(), -values, residual, penultimate, columns)
+
+    def select(self) -> list[tuple[str, float, dict[str, Any]]]:
+        if self.gatherer is None:
+            return []
+        return select_candidates(self.spec, self.gatherer.result())
+
+
+def _split_embeddings(batch: pa.Table, strategy: str) -> tuple[pa.Table, tuple[np.ndarray, np.ndarray] | None]:
+    """(the batch without its embedding columns, (residual [N, C], penultimate [N, D])); None for a
+    batch without embeddings whose rows are all errors (a whole-shard error row)."""
+    if missing := [name for name in _EMBEDDING_COLUMNS if name not in batch.column_names]:
+        if batch.column("error").null_count == 0:
+            return batch.drop_columns([n for n in _EMBEDDING_COLUMNS if n in batch.column_names]), None
+        raise ValueError(
+            f"{strategy} needs the scorer's embeddings, but a batch lacks {missing} "
+            "(score with RowScorer(embeddings=True); rows copied from an earlier run have none)"
+        )
+    matrices = tuple(_matrix(batch.column(name)) for name in _EMBEDDING_COLUMNS)
+    return batch.drop_columns(list(_EMBEDDING_COLUMNS)), matrices
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A column of equal-length float vectors as float32 [N, W]: a list or fixed-size-list column,
+    or an extension type stored as one (Ray Data's tensor columns)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    if not (
+        pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type)
+    ):
+        raise ValueError(f"an embedding column must hold vectors, got {array.type}")
+    flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(array), -1) if len(array) else flat.reshape(0, 0)
 
 
 def _tagged(reused: Iterable[pa.Table], scored: Iterable[pa.Table]) -> Iterator[tuple[str, pa.Table]]:
@@ -119,7 +222,8 @@ def _values(spec: SelectionSpec, batch: pa.Table) -> tuple[dict[str, np.ndarray]
     """(columns as numpy, acquisition values [N] with NaN on error rows, error mask [N])."""
     columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
     failed = np.array([e is not None for e in columns["error"]], dtype=bool)
-    values = acquisition_values(spec.strategy, columns, seed=spec.seed)
+    # A diverse strategy ranks its candidates by margin: its values are margin's.
+    values = acquisition_values("margin" if spec.is_diverse else spec.strategy, columns, seed=spec.seed)
     values[failed] = np.nan
     return columns, values, failed
 

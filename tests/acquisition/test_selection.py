@@ -5,10 +5,14 @@ import pyarrow as pa
 import pytest
 
 from pipeline.acquisition import (
+    DIVERSE_STRATEGIES,
+    CandidateMemoryError,
+    Candidates,
     ScoreRanks,
     SelectionSpec,
     TopK,
     acquisition_values,
+    select_diverse,
     select_streamed,
     select_topk,
     stochastic_values,
@@ -229,3 +233,79 @@ def test_streamed_selection_takes_rays_numpy_shaped_batches() -> None:
     assert [key for key, _, _ in result.selected] == ["b", "a"] and result.scored == 2
     assert sink.tables[0].column("key").type == pa.string() and sink.tables[0].column("key").null_count == 1
     assert len(sink.tables) == 2  # the empty batch is not written
+
+
+# -- diverse strategies over the stream -----------------------------------------------------------
+
+
+def embedded_pool(n: int = 500, classes: int = 4, width: int = 6, seed: int = 0) -> pa.Table:
+    """RowScorer(embeddings=True)-like rows: margins with ties, residuals, features, error rows."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    top = np.sort(probs, 1)
+    margin = np.round(top[:, -1] - top[:, -2], 2).astype(np.float32)  # rounded: ties, broken by key
+    residual = (probs - np.eye(classes)[probs.argmax(1)]).astype(np.float32)
+    features = rng.standard_normal((n, width)).astype(np.float32)
+    error = [None] * n
+    for i in rng.choice(n, 12, replace=False):
+        error[i], margin[i] = "not a PNG", np.nan
+        residual[i], features[i] = np.nan, np.nan
+    return pa.table(
+        {
+            "key": [f"k{i:04d}" for i in rng.permutation(n)],
+            "shard": [f"s{i % 3}.tar" for i in range(n)],
+            "margin": margin,
+            "error": pa.array(error, pa.string()),
+            # One as a fixed-size list, one as a plain list: both shapes reach the driver.
+            "residual": pa.FixedSizeListArray.from_arrays(pa.array(residual.ravel()), classes),
+            "penultimate": pa.array(list(features)),
+        }
+    )
+
+
+def in_memory_candidates(table: pa.Table, m: int) -> Candidates:
+    """The M smallest margins by one sort of the whole table (ties by key)."""
+    keys = table.column("key").to_pylist()
+    margin = table.column("margin").to_numpy(zero_copy_only=False)
+    errors = table.column("error").to_pylist()
+    order = sorted((i for i in range(len(keys)) if errors[i] is None), key=lambda i: (margin[i], keys[i]))[:m]
+    residual = np.array(table.column("residual").to_pylist(), np.float32)
+    features = np.array(table.column("penultimate").to_pylist(), np.float32)
+    shards = np.array(table.column("shard").to_pylist(), dtype=object)
+    return Candidates(
+        [keys[i] for i in order],
+        margin[order].astype(np.float64),
+        residual[order],
+        features[order],
+        {"shard": shards[order], "margin": margin[order]},
+    )
+
+
+@pytest.mark.parametrize("strategy", sorted(DIVERSE_STRATEGIES))
+def test_streamed_diverse_selection_equals_the_in_memory_one_whatever_the_batching(strategy: str) -> None:
+    pool = embedded_pool()
+    spec = SelectionSpec(strategy, 30, seed=2, candidates=120)
+    expected = select_diverse(strategy, in_memory_candidates(pool, 120), 30, 2, spec.clusters)
+    expected_keys = [in_memory_candidates(pool, 120).keys[i] for i in expected]
+    for size in (7, 64, 500):
+        sink = MemoryScores()
+        result = select_streamed(spec, batches(pool, size), sink)
+        assert [key for key, _, _ in result.selected] == expected_keys
+        assert result.scored == 488 and len(result.errors) == 12
+        written = pa.concat_tables(sink.tables)
+        assert "residual" not in written.column_names and "penultimate" not in written.column_names
+        assert written.num_rows == 500
+    key, value, row = result.selected[0]
+    assert row["shard"].endswith(".tar") and value == row["score"] == -row["margin"]
+
+
+def test_streamed_diverse_selection_refuses_rows_without_embeddings_and_an_over_budget_set() -> None:
+    with pytest.raises(ValueError, match="needs the scorer's embeddings"):
+        select_streamed(
+            SelectionSpec("badge", 5), [scored_pool().append_column("margin", pa.array([0.5] * 600))], MemoryScores()
+        )
+    with pytest.raises(CandidateMemoryError, match="M=100000 x"):
+        select_streamed(
+            SelectionSpec("badge", 10, candidates=100_000, candidate_memory_mb=1), [embedded_pool()], MemoryScores()
+        )
