@@ -4,9 +4,10 @@
     lplgrad quickstart samples=5000 epochs=20
 
 Builds an unlabeled synthetic pool (its ground truth kept aside as the "annotators' answers"),
-labels a random initial set, trains (`fit`, the call `lplgrad train` makes), queries the pool with
-LPLgrad (`query`, as `lplgrad query`), commits a selection manifest, labels the selection from the
-ground truth, trains again, and prints the accuracy of each cycle and where every artifact is.
+labels a random initial set, trains (`fit`, the call `lplgrad train` makes), queries the pool
+(`query`, as `lplgrad query`: `margin` as the README recommends, `strategy=lplgrad` for LPLgrad),
+commits a selection manifest, labels the selection from the ground truth, trains again, and prints
+the accuracy of each cycle and where every artifact is.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class QuickstartConfig:
     num_classes: int = 10
     initial: int = 200
     per_cycle: int = 200
+    strategy: str = "margin"  # the query's strategy: the README's recommendation; lplgrad is one key away
     epochs: int = 15
     batch_size: int = 64
     seed: int = 0
@@ -107,11 +109,12 @@ def run(config: QuickstartConfig) -> dict[str, object]:
     label_pool(pool, str(labels0), str(root / "labeled-cycle-0"))
     checkpoint0, accuracy0 = train_cycle(config, root, str(root / "labeled-cycle-0"), 0)
 
-    # 3. Query the rest of the pool with LPLgrad and commit a manifest.
+    # 3. Query the rest of the pool (margin unless strategy= says otherwise) and commit a manifest.
     query(
         QuerySpec(
             pool=pool,
             checkpoint=checkpoint0,
+            strategy=config.strategy,
             k=config.per_cycle,
             exclude_labeled=str(root / "labeled-cycle-0"),
             out=str(root / "queries"),

@@ -39,7 +39,7 @@ from pipeline.acquisition.cluster_margin import cluster_margin_select, default_c
 from pipeline.acquisition.coreset import FeatureRows, kcenter_greedy, penultimate_features
 from pipeline.acquisition.diverse import DIVERSE_STRATEGIES, DiverseStrategy, register_diverse, select_diverse
 from pipeline.acquisition.selection import SelectionSpec, TopK, select_topk
-from pipeline.acquisition.streaming import ScoresSink, StreamedSelection, select_streamed
+from pipeline.acquisition.streaming import ScoresSink, StreamedSelection, select_candidates, select_streamed
 
 __all__ = [
     "DIVERSE_STRATEGIES",
@@ -82,6 +82,7 @@ __all__ = [
     "register_diverse",
     "register_strategy",
     "select_by_values",
+    "select_candidates",
     "select_diverse",
     "select_streamed",
     "select_topk",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.acquisition._strategies import available_strategies, check_stochastic
+from pipeline.acquisition._strategies import available_strategies, check_stochastic, get_strategy
 from pipeline.acquisition.cluster_margin import default_clusters
 from pipeline.acquisition.diverse import DIVERSE_STRATEGIES
 
@@ -96,6 +96,11 @@ class SelectionSpec:
         object.__setattr__(self, "candidates", candidates)
         object.__setattr__(self, "candidate_memory_mb", budget)
         object.__setattr__(self, "clusters", clusters)
+
+    @property
+    def needs_gradnorm(self) -> bool:
+        """Whether the selection reads the LPLgrad gradient norm, so scoring must run the backward pass."""
+        return not self.is_diverse and "score" in get_strategy(self.strategy).fields
 
     @property
     def is_diverse(self) -> bool:

@@ -53,8 +53,9 @@ __all__ = [
 ]
 
 # strategy_params that change the stored score columns; the others (seed, stochastic mode, beta)
-# only change acquisition values, which are recomputed from the columns every run.
-SCORE_PARAMS = ("norm",)
+# only change acquisition values, which are recomputed from the columns every run. `gradnorm`:
+# whether the backward pass ran (a margin run leaves `score` empty, an lplgrad run cannot reuse it).
+SCORE_PARAMS = ("norm", "gradnorm")
 # Packages whose version can change the stored scores.
 _SCORING_PACKAGES = ("lplgrad", "torch")
 

@@ -18,11 +18,14 @@ The chain, in the order :func:`query` runs it:
 3. **read and filter** (:func:`score_stream`): shards are read by Ray Data (no default decoder);
    excluded keys are dropped in the read tasks, before decoding, and recorded there
    (row_filters.py); a proxy query reads its feature store instead (:func:`proxy_score_stream`).
-4. **score**: an actor pool of `QueryScorer`s (model loaded once per actor), one forward and one
-   backward per batch. Incremental runs copy unchanged shards' rows from the previous run instead
-   (:func:`reuse_plan`, pipeline/manifest/incremental.py).
+4. **score**: an actor pool of `QueryScorer`s (model loaded once per actor), one forward per
+   batch, plus one backward for strategies that read the gradient norm (``lplgrad``), plus the
+   last layer's embeddings for the diverse strategies (``badge``, ``cluster-margin``).
+   Incremental runs copy unchanged shards' rows from the previous run instead (:func:`reuse_plan`,
+   pipeline/manifest/incremental.py).
 5. **select** (:func:`select`): the driver streams rows into the run's `scores/` and selects
-   (``pipeline.acquisition.select_streamed``: exact top-k in O(k) memory, or a stochastic draw).
+   (``pipeline.acquisition.select_streamed``: exact top-k in O(k) memory, a stochastic draw, or a
+   diverse strategy's pick from the M smallest-margin candidates gathered in M x (C + D) floats).
 6. **commit** (:func:`commit`): `selection.parquet`, `errors.parquet`, `excluded.parquet` and an
    exclusively created `manifest.json` (one attempt wins; docs/manifest.md); :func:`report` prints
    one summary line.
@@ -46,7 +49,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.acquisition import SelectionSpec, StreamedSelection, select_streamed
+from pipeline.acquisition import (
+    SelectionSpec,
+    StreamedSelection,
+    check_candidate_memory,
+    classifier_head,
+    select_streamed,
+)
 from pipeline.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -109,7 +118,7 @@ class QuerySpec:
     pool: str = ""  # with features=, default: the pool the store was extracted from
     checkpoint: str = ""
     features: str | None = None  # proxy mode: the feature store a proxy checkpoint scores from
-    strategy: str = "lplgrad"
+    strategy: str = "margin"  # what the README recommends; strategy=lplgrad for LPLgrad
     k: int = 1000
     exclude_labeled: str | None = None  # a labeled pool: its keys are never selected
     exclude_manifests: tuple[str, ...] = ()  # earlier runs (or output roots, via LATEST)
@@ -126,6 +135,9 @@ class QuerySpec:
     norm: str = "per_tensor_sum"
     storage_options: dict[str, Any] = field(default_factory=dict)
     incremental: bool = True  # copy unchanged shards' rows from the previous run under `out` (not with subset)
+    candidates: int | None = None  # badge, cluster-margin: pick among the M smallest-margin rows (default 10 * k)
+    candidate_memory_mb: float | None = None  # their budget, M x (C + D) floats, checked before scoring (default 1024)
+    clusters: int | None = None  # cluster-margin's k-means clusters (default ceil(k / 10))
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -141,7 +153,16 @@ class QuerySpec:
 
     def selection(self) -> SelectionSpec:
         """What the query selects; the manifest records this same spec (`QueryInputs.for_selection`)."""
-        return SelectionSpec(self.strategy, self.k, self.stochastic, self.beta, self.seed)
+        return SelectionSpec(
+            self.strategy,
+            self.k,
+            self.stochastic,
+            self.beta,
+            self.seed,
+            self.candidates,
+            self.candidate_memory_mb,
+            self.clusters,
+        )
 
 
 @dataclass(frozen=True)
@@ -271,7 +292,9 @@ def check_before_ray(spec: QuerySpec) -> CheckedInputs:
             f"checkpoint classes {list(classes)} differ from the pool's {list(pool.classes)} "
             "(query with a checkpoint trained on this pool's classes)"
         )
-    build_from_checkpoint(checkpoint, len(classes))  # weights must fit the recorded model now, not in an actor
+    # Weights must fit the recorded model now, not in an actor.
+    model = build_from_checkpoint(checkpoint, len(classes))[0]
+    check_selection_memory(spec.selection(), model)
     identities = shard_identities(pool.fs, [s.path for s in pool.shards])
     if store is not None:
         check_store_fresh(store, {s.uri: identities[s.path] for s in pool.shards})
@@ -289,6 +312,18 @@ def check_before_ray(spec: QuerySpec) -> CheckedInputs:
     return checked
 
 
+def check_selection_memory(selection: SelectionSpec, model: Any) -> None:
+    """A diverse selection's candidate set must fit its budget: M x (C + D) floats on the driver,
+    C and D read off the model's classifier head.
+
+    Raises:
+        CandidateMemoryError: Naming M, C, D, the bytes and the budget.
+    """
+    if selection.is_diverse:
+        head = classifier_head(model)
+        check_candidate_memory(selection.candidates, head.out_features, head.in_features, selection.candidate_memory_mb)
+
+
 def prepare(spec: QuerySpec, checked: CheckedInputs | None = None) -> PreparedQuery:
     """Everything that can fail before scoring: :func:`check_before_ray`, then the labeled pool's
     keys (read with Ray Data) and the run's inputs."""
@@ -296,7 +331,9 @@ def prepare(spec: QuerySpec, checked: CheckedInputs | None = None) -> PreparedQu
     excluded = checked.exclusions.keys | labeled_keys(spec)
     inputs = query_inputs(
         spec.selection(),
-        {"norm": spec.norm},  # a scoring parameter: reuse of earlier scores depends on it
+        # Scoring parameters: reuse of earlier scores depends on them (a run that skipped the
+        # backward pass has no gradient norm to lend to one that reads it).
+        {"norm": spec.norm, "gradnorm": spec.selection().needs_gradnorm},
         pool_uri=spec.pool or checked.store.pool_uri,
         shards=checked.pool.shards,
         identities=checked.identities,
@@ -333,6 +370,10 @@ def reuse_plan(spec: QuerySpec, prepared: PreparedQuery) -> ReusePlan:
         return ReusePlan(
             reason="proxy query: every row is scored from the feature store (the store itself is incremental)"
         )
+    if spec.selection().is_diverse:
+        return ReusePlan(
+            reason=f"{spec.strategy} reads every row's embeddings, which scores/ does not keep: every shard is scored"
+        )
     source = previous_run(spec.out, str(spec.run_id), spec.storage_options)
     return plan_reuse(source, prepared.inputs, prepared.excluded, spec.storage_options)
 
@@ -350,8 +391,10 @@ class QueryScorer(RowScorer):
         norm: str,
         fail_after: int | None = None,
         marker: str | None = None,
+        gradnorm: bool = True,
+        embeddings: bool = False,
     ) -> None:
-        super().__init__(build, norm=norm)
+        super().__init__(build, norm=norm, gradnorm=gradnorm, embeddings=embeddings)
         self.batches, self.fail_after, self.marker = 0, fail_after, marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -454,10 +497,13 @@ def score(
 ) -> ray.data.Dataset:
     """`data` scored by an actor pool of `scorer`s (the model loaded once per actor)."""
     build = functools.partial(scoring_model, spec.checkpoint, spec.storage_options, len(prepared.classes))
+    selection = spec.selection()
+    # The backward pass only for strategies that read the gradient norm; embeddings only for diverse ones.
+    outputs = {"gradnorm": selection.needs_gradnorm, "embeddings": selection.is_diverse}
     return data.map_batches(
         scorer,
         fn_constructor_args=(build,),
-        fn_constructor_kwargs={"norm": spec.norm, **(drill or {})},
+        fn_constructor_kwargs={"norm": spec.norm, **outputs, **(drill or {})},
         compute=ray.data.ActorPoolStrategy(size=spec.actors),
         batch_size=spec.batch_size,
         num_cpus=spec.cpus_per_actor,

@@ -162,6 +162,7 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -
     written = querying.query(
         querying.QuerySpec(
             checkpoint=trained.checkpoint,
+            strategy="lplgrad",
             features=env["store"],
             k=10,
             exclude_labeled=env["labeled"],
@@ -240,6 +241,7 @@ def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
     written = querying.query(
         querying.QuerySpec(
             checkpoint=trained.checkpoint,
+            strategy="lplgrad",
             features=f"{root}/store",
             k=7,
             out=f"{root}/queries",

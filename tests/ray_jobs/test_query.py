@@ -20,12 +20,13 @@ import torch
 from _tar_shards import write_png_shard
 
 from pipeline import manifest
+from pipeline.acquisition import CandidateGatherer, CandidateMemoryError, SelectionSpec, select_candidates
 from pipeline.acquisition.selection import select_topk
 from pipeline.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from pipeline.config import ConfigError
 from pipeline.manifest.verify import verify_run
 from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_model, synthetic
-from pipeline.scoring import gradnorm_scores
+from pipeline.scoring import RowScorer, gradnorm_scores
 from ray_jobs import query as query_job
 from ray_jobs import train
 from ray_jobs._shared.querying import FAULT_DRILL_ENV, QuerySpec, fault_drill, query
@@ -83,6 +84,7 @@ def query_config(cycle, **overrides) -> QuerySpec:
     values = dict(
         pool=cycle["pool"],
         checkpoint=cycle["checkpoint"],
+        strategy="lplgrad",  # these tests check the exact gradient-norm path; the default is margin
         k=12,
         out=str(cycle["root"] / "queries"),
         batch_size=32,
@@ -298,3 +300,35 @@ def test_the_fault_drill_is_off_by_default_and_refuses_a_remote_out(monkeypatch,
     assert fault_drill(str(tmp_path)) == {"fail_after": 3, "marker": str(tmp_path / ".actor-failure-drill")}
     with pytest.raises(ValueError, match="needs a local out"):
         fault_drill("s3://bucket/queries")
+
+
+@pytest.mark.parametrize("strategy", ["badge", "cluster-margin"])
+def test_diverse_selection_equals_the_in_memory_one_on_the_same_embeddings(cycle, strategy) -> None:
+    out = cycle["root"] / f"diverse-{strategy}"
+    written = query(query_config(cycle, strategy=strategy, k=20, candidates=231, run_id="d1", out=str(out)))
+    params = written.inputs["strategy"]["params"]
+    assert params["candidates"] == 231 and params["candidate_memory_mb"] == 1024.0
+    assert params["method"] and params["gradnorm"] is False
+    scores = run_scores(out / "d1").to_pydict()
+    assert "residual" not in scores and all(np.isnan(scores["score"]))  # forward only, no embeddings stored
+    good = sorted(k for k, e in zip(scores["key"], scores["error"]) if e is None)
+    # In memory: decode every scoreable sample, score it in one batch, gather, select.
+    networks = build_from_checkpoint(load_checkpoint(cycle["checkpoint"]))
+    spec = spec_for_model("small_cnn", num_classes=4)
+    images = np.stack([decode_sample({"png": cycle["samples"][k]}, spec).image for k in good])
+    rows = RowScorer(lambda: networks, device="cpu", gradnorm=False, embeddings=True)(
+        {"image": images, "key": np.array(good, dtype=object), "shard": np.array(["s"] * len(good), dtype=object)}
+    )
+    gatherer = CandidateGatherer(231, 4, rows["penultimate"].shape[1])
+    gatherer.add(good, rows["margin"], rows["residual"], rows["penultimate"])
+    expected = [key for key, _, _ in select_candidates(SelectionSpec(strategy, 20, candidates=231), gatherer.result())]
+    assert manifest.load(str(out / "d1")).column("key").to_pylist() == expected
+
+
+def test_a_diverse_selection_over_its_memory_budget_is_refused_before_scoring(cycle) -> None:
+    out = cycle["root"] / "over-budget"
+    with pytest.raises(CandidateMemoryError, match=r"M=1000000 x \(C=4 \+ D=64\)"):
+        query(
+            query_config(cycle, strategy="badge", candidates=1_000_000, candidate_memory_mb=1, run_id="o", out=str(out))
+        )
+    assert not (out / "o").exists()

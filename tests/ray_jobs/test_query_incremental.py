@@ -62,6 +62,7 @@ class Nights:
         values = dict(
             pool=str(self.root / "pool"),
             checkpoint=self.a,
+            strategy="lplgrad",  # the reused rows must carry gradient norms; the default (margin) has none
             k=12,
             out=str(self.out),
             run_id=run_id,
