@@ -3,7 +3,8 @@
 A chain is what a simulation compares and what a user deploys: a per-sample strategy from the
 registry (``lplgrad``, ``entropy``, ...) selected by exact top-k, the same strategy sampled
 with one of the stochastic modes of Kirsch et al. (``lplgrad+power``, ``margin+softrank``), or
-one of the set functions that pick from a gathered matrix (``coreset``, ``badge``).
+one of the set functions that pick from a gathered matrix (``coreset``, ``badge``,
+``cluster-margin``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from pipeline.acquisition.selection import select_topk
 
 __all__ = ["SET_STRATEGIES", "Chain", "parse_chain", "select_by_values"]
 
-SET_STRATEGIES = ("coreset", "badge")  # each pick depends on the previous ones
+# Each pick depends on the previous ones. badge and cluster-margin pick from the smallest-margin
+# candidates with their embeddings (pipeline.acquisition.diverse), as lplgrad query does.
+SET_STRATEGIES = ("coreset", "badge", "cluster-margin")
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,15 @@ class RowScorer:
             self._widths = (head.out_features, head.in_features)  # (C, D), also for batches without a scored row
             self._head_hook = head.register_forward_hook(self._record_head)
 
+    def close(self) -> None:
+        """Detach every hook from the model (for a model that lives on after scoring); the scorer
+        cannot be used afterwards."""
+        if self.scorer is not None:
+            self.scorer.remove()
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
+
     def _record_head(self, _module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         self._head_calls.append((args[0].detach().flatten(1), output.detach()))
 

@@ -16,28 +16,25 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.acquisition import (
+    DIVERSE_STRATEGIES,
+    CandidateGatherer,
     Chain,
+    SelectionSpec,
     badge_embeddings,
-    check_badge_memory,
+    check_candidate_memory,
+    classifier_head,
     get_strategy,
     kcenter_greedy,
-    kmeanspp_seeding,
     penultimate_features,
     select_by_values,
+    select_candidates,
 )
 from pipeline.scoring import entropy, top2
 from pipeline.scoring.gradnorm import GradNormScorer
+from pipeline.scoring.rows import RowScorer
 from pipeline.simulation.fit import TrainedModel
 
 __all__ = ["classifier_head", "query_in_memory", "score_rows"]
-
-
-def classifier_head(model: nn.Module) -> nn.Linear:
-    """The last nn.Linear of the model: the layer whose inputs are the penultimate features."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier: BADGE and core-set need one")
-    return linears[-1]
 
 
 def score_rows(
@@ -147,18 +144,49 @@ def query_in_memory(
         features = _features(trained.model, images, candidates)
         centres = _features(trained.model, images, labeled)
         return [int(candidates[i]) for i in kcenter_greedy(features, centres, k)], float("nan")
-    if chain.strategy == "badge":
-        head = classifier_head(trained.model)
-        check_badge_memory(len(candidates), head.out_features, head.in_features, badge_memory_mb)
-    needs_gradnorm = chain.strategy != "badge" and "score" in get_strategy(chain.strategy).fields
-    rows, embeddings = score_rows(
-        trained, images[candidates], candidate_keys, badge=chain.strategy == "badge", gradnorm=needs_gradnorm
-    )
+    if chain.strategy in DIVERSE_STRATEGIES:
+        picked = diverse_query(chain.strategy, trained, images[candidates], candidate_keys, k, seed, badge_memory_mb)
+        return _rows_of(picked, candidate_keys, candidates), float("nan")
+    needs_gradnorm = "score" in get_strategy(chain.strategy).fields
+    rows, _ = score_rows(trained, images[candidates], candidate_keys, gradnorm=needs_gradnorm)
     finite = rows["score"][np.isfinite(rows["score"])]
     mean_score = float(finite.mean()) if len(finite) else float("nan")
-    if embeddings is not None:
-        return [int(candidates[i]) for i in kmeanspp_seeding(embeddings, k, seed)], mean_score
     return _rows_of(select_by_values(chain, rows, k, seed), candidate_keys, candidates), mean_score
+
+
+def diverse_query(
+    strategy: str,
+    trained: TrainedModel,
+    images: np.ndarray,
+    keys: Sequence[str],
+    k: int,
+    seed: int,
+    memory_mb: float,
+    batch_size: int = 512,
+) -> list[str]:
+    """The keys a diverse strategy (``badge``, ``cluster-margin``) picks, as ``lplgrad query`` does:
+    the forward pass with embeddings (``RowScorer``), the ``10 * k`` smallest-margin rows gathered
+    (``CandidateGatherer``), then ``select_candidates``.
+
+    Raises:
+        CandidateMemoryError: When the candidate set would exceed ``memory_mb``, before scoring.
+    """
+    spec = SelectionSpec(strategy, k, seed=seed, candidate_memory_mb=memory_mb)
+    head = classifier_head(trained.model)
+    size = min(spec.candidates, len(keys))
+    check_candidate_memory(max(size, 1), head.out_features, head.in_features, memory_mb)
+    device = str(next(trained.model.parameters()).device)
+    scorer = RowScorer(lambda: (trained.model, trained.lossnet, trained.tap), device, gradnorm=False, embeddings=True)
+    gatherer = CandidateGatherer(spec.candidates, head.out_features, head.in_features)
+    try:
+        for start in range(0, len(keys), batch_size):
+            part = np.asarray(keys[start : start + batch_size], dtype=object)
+            rows = scorer({"image": images[start : start + batch_size], "key": part})
+            margins = np.where([e is None for e in rows["error"]], rows["margin"], np.nan)
+            gatherer.add(part.tolist(), margins, rows["residual"], rows["penultimate"])
+    finally:
+        scorer.close()
+    return [key for key, _, _ in select_candidates(spec, gatherer.result())]
 
 
 def _rows_of(picked: Sequence[str], keys: Sequence[str], rows: np.ndarray) -> list[int]:
