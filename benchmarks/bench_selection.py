@@ -7,7 +7,7 @@ cluster-margin, the clustering libraries side by side, and the candidate gathere
 Candidates are synthetic but shaped like a classifier's: penultimate features are ReLU'd draws
 around 500 modes (near-copies cluster), residuals ``p - onehot`` come from a fixed linear head on
 them, so margins, norms and clusters vary as they do on real data. Printed: seconds for each
-strategy (and, for badge, the fraction of row distances it computed; 1.0 = no pruning), the
+strategy, wall and CPU (and, for badge, the fraction of row distances it computed; 1.0 = no pruning), the
 k-means step by this repo's torch Lloyd, scikit-learn and faiss (each: seconds, ratio to ours,
 mean squared distance to the centres), and the gatherer's peak traced memory while streaming
 ``--stream`` rows against its M x (C + D) bound, at 1/10 of the stream and at all of it.
@@ -70,23 +70,32 @@ def time_badge(candidates: Candidates, k: int) -> dict[str, float]:
 
     badge_module._FactoredSeeding = Counting
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         picks = select_diverse("badge", candidates, k, seed=0)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     finally:
         badge_module._FactoredSeeding = original
     assert len(set(picks)) == k
-    return {"seconds": seconds, "distances_computed_fraction": seen[0].recomputed / (len(candidates) * k)}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "distances_computed_fraction": seen[0].recomputed / (len(candidates) * k),
+    }
 
 
 def time_cluster_margin(candidates: Candidates, k: int, clusters: int) -> dict[str, float]:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     labels = kmeans_labels(candidates.features, clusters, seed=0)
     clustered = time.perf_counter()
     picks = cluster_margin_select(labels, candidates.keys, k, seed=0)
     done = time.perf_counter()
     assert len(set(picks)) == k
-    return {"seconds": done - start, "kmeans_seconds": clustered - start, "round_robin_seconds": done - clustered}
+    return {
+        "seconds": done - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "kmeans_seconds": clustered - start,
+        "round_robin_seconds": done - clustered,
+    }
 
 
 def inertia(features: np.ndarray, labels: np.ndarray) -> float:
@@ -203,10 +212,13 @@ def main() -> None:
         return
     print(f"k={args.k} of M={args.m} candidates, C={args.classes}, D={args.width}, load {report['load_average']:.1f}")
     badge = report["badge"]
-    print(f"badge: {badge['seconds']:.1f} s, distances computed {badge['distances_computed_fraction']:.3f} of k x M")
+    print(
+        f"badge: {badge['seconds']:.1f} s ({badge['cpu_seconds']:.1f} s CPU), "
+        f"distances computed {badge['distances_computed_fraction']:.3f} of k x M"
+    )
     margin = report["cluster_margin"]
     print(
-        f"cluster-margin ({clusters} clusters): {margin['seconds']:.1f} s "
+        f"cluster-margin ({clusters} clusters): {margin['seconds']:.1f} s ({margin['cpu_seconds']:.1f} s CPU) "
         f"(k-means {margin['kmeans_seconds']:.1f} s, round-robin {margin['round_robin_seconds']:.2f} s)"
     )
     for name, entry in report["clustering_libraries"].items():
