@@ -1,10 +1,23 @@
-"""The query job measured against its own scorer, for driver memory, and for an exact selection.
+"""The query job measured against the loop a user would write, against its own scorer, for driver
+memory, and for an exact selection.
 
     python benchmarks/bench_query.py                                  # 20k pool; 100k and 1M memory pools
+    python benchmarks/bench_query.py --skip-efficiency --memory-sizes '' --strategies lplgrad,margin --json
+                                                                      # the fair comparison alone
     python benchmarks/bench_query.py --memory-sizes 100000,300000     # when 1M does not fit the time
     python benchmarks/bench_query.py --samples 2000 --memory-sizes 5000,20000 --json   # quick check
 
-Three figures, in one run:
+Four figures, in one run:
+
+0. The fair comparison (``--fair-sizes``, 20k and 100k rows: the fixed cost apart from the per-row
+   cost; ``--strategies``): on the same pool, local and on the loopback S3 server, the
+   single-process streaming loop a user would write instead of the job (shards read with
+   webdataset, the project's decoder, the same ``RowScorer``, forward-only when the strategy reads
+   no gradient norm, torch on every core) against ``python -m ray_jobs.query`` run cold (a fresh
+   process starting a fresh local Ray, as a nightly job starts, with the job's default actors and
+   CPUs). JSON per run: ``steady_vs_loop`` (rows scored over the manifest's streaming phase,
+   ``extra.seconds``, over the loop's rate), ``wall_vs_loop`` (rows over the command's wall time,
+   over the loop's rate) and ``startup_s`` (the wall time outside the streaming phase).
 
 1. Pipeline efficiency: the job's samples/s (``extra.samples_per_s`` of its manifest: the
    streaming and scoring phase, startup excluded) divided by the samples/s of the same scorer
@@ -364,6 +377,133 @@ def driver_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return results
 
 
+# -- the fair comparison: the job, cold, against the loop a user would write ----------------------
+
+
+def streaming_loop(
+    pool_uri: str, checkpoint: str, num_classes: int, strategy: str, batch_size: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The single-process loop a user would write instead of the job: read the shards with
+    webdataset, decode with the project's decoder, score with the same `RowScorer`, one batch after
+    the other. Its rate counts everything from the model's build to the last batch."""
+    import webdataset.tariterators as wds_tar
+
+    from pipeline.acquisition import get_strategy
+
+    begin = time.perf_counter()
+    gradnorm = "score" in get_strategy(strategy).fields  # as the job decides (a forward pass alone otherwise)
+    scorer = RowScorer(lambda: scoring_model(checkpoint, options, num_classes), device="cpu", gradnorm=gradnorm)
+    pool = resolve_pool(pool_uri, options)
+    spec = spec_for_model("small_cnn", num_classes=num_classes)
+    rows, keys, shards, images = 0, [], [], []
+
+    def flush() -> int:
+        scorer(
+            {
+                "key": np.array(keys, dtype=object),
+                "shard": np.array(shards, dtype=object),
+                "image": np.stack(images),
+                "error": np.full(len(keys), None, dtype=object),
+            }
+        )
+        done = len(keys)
+        keys.clear(), shards.clear(), images.clear()
+        return done
+
+    for shard in pool.shards:
+        with pool.fs.open(shard.path, "rb") as stream:
+            members = ({**member, "__url__": shard.uri} for member in wds_tar.tar_file_iterator(stream))
+            for sample in wds_tar.group_by_keys(members):
+                files = {name: value for name, value in sample.items() if not name.startswith("__")}
+                keys.append(sample["__key__"])
+                shards.append(shard.uri)
+                images.append(decode_sample(files, spec).image)
+                if len(keys) == batch_size:
+                    rows += flush()
+    if keys:
+        rows += flush()
+    seconds = time.perf_counter() - begin
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "gradnorm": gradnorm}
+
+
+def cold_query(
+    pool_uri: str, checkpoint: str, out: str, run_id: str, strategy: str, k: int, s3: dict[str, Any] | None
+) -> dict[str, Any]:
+    """`python -m ray_jobs.query` as a nightly job runs it: a fresh process starting a fresh local
+    Ray, the job's default actors and CPUs. Its wall time, streaming phase and start-up."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="bq", dir="/tmp")  # its own session dir, short for sockets
+    if s3 is not None:  # credentials and endpoint as a job on a cluster gets them: from the environment
+        env |= {
+            "AWS_ACCESS_KEY_ID": s3["key"],
+            "AWS_SECRET_ACCESS_KEY": s3["secret"],
+            "AWS_ENDPOINT_URL_S3": s3["endpoint_url"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    command = [sys.executable, "-m", "ray_jobs.query", f"pool={pool_uri}", f"checkpoint={checkpoint}"]
+    command += [f"out={out}", f"run_id={run_id}", f"strategy={strategy}", f"k={k}"]
+    begin = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - begin
+    subprocess.run(["rm", "-rf", env["RAY_TMPDIR"]], check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"query {run_id} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    fs, path = filesystem_for(f"{out}/{run_id}", s3 or {})
+    manifest = json.loads(fs.cat_file(f"{path}/manifest.json"))
+    extra, rows = manifest["extra"], manifest["counts"]["scored"]
+    return {
+        "wall_s": wall,
+        "stream_s": extra["seconds"],
+        "first_batch_s": extra.get("first_batch_s"),
+        "steady_sps": extra["samples_per_s"],
+        "wall_sps": rows / wall,
+        "startup_s": wall - extra["seconds"],
+        "rows": rows,
+    }
+
+
+def fair(args: argparse.Namespace, work: Path, s3: dict[str, Any] | None) -> dict[str, Any]:
+    """For each pool size, target and strategy: the loop's rate, then the job's (cold), side by side."""
+    checkpoint = None
+    torch.set_num_threads(os.cpu_count() or 1)  # the loop gets every core, as the job's Ray does
+    results: dict[str, Any] = {"strategies": args.strategies, "sizes": args.fair_sizes, "runs": []}
+    for size in args.fair_sizes:
+        pool = str(work / f"fair{size}")
+        build_pool(synthetic(size, seed=0, num_classes=10, image_size=28, channels=1), pool, unlabeled=True)
+        classes = list(resolve_pool(pool).classes)
+        checkpoint = checkpoint or make_checkpoint(work / "ckpt_fair", "small_cnn", classes)
+        targets = [("local", pool, str(work / f"fair_out{size}"), None)]
+        if s3 is not None:
+            filesystem_for("s3://bench", s3)[0].put(f"{pool}/", f"bench/fair{size}/", recursive=True)
+            targets.append(("s3", f"s3://bench/fair{size}", f"s3://bench/fair_out{size}", s3))
+        for target, pool_uri, out, options in targets:
+            for strategy in args.strategies:
+                loop = streaming_loop(pool_uri, checkpoint, len(classes), strategy, args.batch_size, options or {})
+                # An output root per run: an incremental query would copy an earlier run's rows instead of scoring.
+                job = cold_query(pool_uri, checkpoint, f"{out}-{strategy}", target, strategy, args.k, options)
+                run = {
+                    "size": size,
+                    "target": target,
+                    "strategy": strategy,
+                    "loop_sps": loop["rows_per_s"],
+                    "loop_gradnorm": loop["gradnorm"],
+                    **job,
+                    "steady_vs_loop": job["steady_sps"] / loop["rows_per_s"],
+                    "wall_vs_loop": job["wall_sps"] / loop["rows_per_s"],
+                    "load_avg": os.getloadavg()[0],
+                }
+                print(
+                    f"fair {size} {target} {strategy}: loop {loop['rows_per_s']:.0f} rows/s, job steady "
+                    f"{job['steady_sps']:.0f} ({run['steady_vs_loop']:.2f}x), wall {job['wall_sps']:.0f} "
+                    f"({run['wall_vs_loop']:.2f}x), start-up {job['startup_s']:.1f} s",
+                    flush=True,
+                )
+                results["runs"].append(run)
+        subprocess.run(["rm", "-rf", pool], check=True)
+    return results
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -374,6 +514,18 @@ def quiet_ray_data() -> None:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if args.fair_sizes:  # before this process joins a Ray: each job starts its own, cold
+        server, s3 = start_s3() if not args.skip_s3 else (None, None)
+        try:
+            results["fair"] = fair(args, work, s3)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
+    if args.skip_efficiency and not args.memory_sizes:
+        results |= {"cores": os.cpu_count(), "load_avg_end": os.getloadavg()[0]}
+        return results
     cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)  # as ray_jobs._shared.cluster.connect sizes a local Ray
     context = ray.init(
         num_cpus=cpus,
@@ -387,7 +539,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.target_block_mb is not None:  # an experiment: smaller blocks stream a shard in pieces
         ray.data.DataContext.get_current().target_max_block_size = int(args.target_block_mb * 2**20)
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {
+    results |= {
         "batch_size": args.batch_size,
         "k": args.k,
         "target_block_mb": args.target_block_mb,
@@ -418,6 +570,23 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
+    fair_runs = results.get("fair", {}).get("runs", [])
+    if fair_runs:
+        print(
+            "\nfair comparison (cold job via python -m ray_jobs.query, default actors/CPUs; loop: webdataset read, "
+            "the project's decoder, the same RowScorer, every core in one process):"
+        )
+        print(
+            f"  {'rows':>7} {'target':<6} {'strategy':<8} {'loop sps':>9} {'steady sps':>10} {'steady_vs_loop':>14} "
+            f"{'wall_vs_loop':>12} {'startup_s':>9} {'load':>5}"
+        )
+        for r in fair_runs:
+            print(
+                f"  {r['size']:>7} {r['target']:<6} {r['strategy']:<8} {r['loop_sps']:>9.0f} {r['steady_sps']:>10.0f} "
+                f"{r['steady_vs_loop']:>14.2f} {r['wall_vs_loop']:>12.2f} {r['startup_s']:>9.1f} {r['load_avg']:>5.0f}"
+            )
+    if "ray_logical_cpus" not in results:
+        return
     print(
         f"\ncores {results['cores']}, Ray logical CPUs {results['ray_logical_cpus']}, actor cpus "
         f"{results['cpus_per_actor']}, "
@@ -481,6 +650,10 @@ def main() -> None:
         default=None,
         help="Ray Data target_max_block_size for the efficiency runs (default: Ray's)",
     )
+    parser.add_argument(
+        "--fair-sizes", default="20000,100000", help="pool sizes of the fair comparison with the loop ('' skips)"
+    )
+    parser.add_argument("--strategies", default="lplgrad", help="comma-separated strategies of the fair comparison")
     parser.add_argument("--skip-s3", action="store_true")
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--workdir", default=None, help="parent of the temporary directory (default: system temp)")
@@ -491,6 +664,8 @@ def main() -> None:
         child_main(json.loads(args.child))
         return
     args.memory_sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
+    args.fair_sizes = [int(s) for s in args.fair_sizes.split(",") if s.strip()]
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if args.shard_samples is None:
         from pipeline.pools import DEFAULT_SHARD_SAMPLES
 

@@ -244,6 +244,8 @@ class watch_pending:  # noqa: N801  (used as a function: `with watch_pending(...
         interval_s: Seconds between looks (default ``LPLGRAD_WAIT_INTERVAL_S`` or 30).
         max_wait_s: Give up after this long stalled (default ``LPLGRAD_MAX_WAIT_S``; None: never).
         stream: Where the lines go (stdout).
+        printer: The job's own progress printer: the lines go through it (``query: waiting ...``), so a
+            job has one printer; None: a printer of their own (``waiting: ...``).
         on_give_up: Called with (command, what it waited for) when the bound is reached (default: one error
             line and exit code 2).
         groups_only: Count only pending placement groups: a training job's workers start in one,
@@ -259,12 +261,14 @@ class watch_pending:  # noqa: N801  (used as a function: `with watch_pending(...
         stream: TextIO | None = None,
         on_give_up: Callable[[str, str], Any] | None = None,
         groups_only: bool = False,
+        printer: Progress | None = None,
     ) -> None:
         self.command, self.progress, self.groups_only = command, progress, groups_only
         self.interval_s = float(os.environ.get(WAIT_INTERVAL_ENV, 30)) if interval_s is None else interval_s
         bound = os.environ.get(MAX_WAIT_ENV) if max_wait_s is None else max_wait_s
         self.max_wait_s = float(bound) if bound not in (None, "") else None
-        self.printer = Progress("waiting", None, "s", stream=stream, tty=False)
+        self.printer = printer or Progress("waiting", None, "s", stream=stream, tty=False)
+        self._lead = "waiting " if printer is not None else ""
         self.on_give_up = on_give_up or _give_up
         self.lines = 0
         self._stop = threading.Event()
@@ -297,7 +301,8 @@ class watch_pending:  # noqa: N801  (used as a function: `with watch_pending(...
             if self._stop.is_set():
                 return
             bound = f"gives up after {self.max_wait_s:g} s" if self.max_wait_s else f"{MAX_WAIT_ENV}=SECONDS bounds it"
-            self.printer.note(f"{text} (other jobs may hold resources, or an autoscaler is adding nodes; {bound})")
+            why = "other jobs may hold resources, or an autoscaler is adding nodes"
+            self.printer.note(f"{self._lead}{text} ({why}; {bound})")
             self.lines += 1
             if self.max_wait_s is not None and waited >= self.max_wait_s:
                 self.on_give_up(self.command, text)

@@ -19,12 +19,29 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-__all__ = ["EpochFeed", "Progress", "VERBOSE_ENV", "put_epoch", "quiet_ray", "ray_init_options", "verbose"]
+__all__ = [
+    "EpochFeed",
+    "PROGRESS_INTERVAL_ENV",
+    "Progress",
+    "VERBOSE_ENV",
+    "progress_interval",
+    "put_epoch",
+    "quiet_ray",
+    "ray_init_options",
+    "verbose",
+]
 
 VERBOSE_ENV = "LPLGRAD_VERBOSE"
+PROGRESS_INTERVAL_ENV = "LPLGRAD_PROGRESS_INTERVAL_S"  # seconds between a long phase's lines (default 10)
+
+
+def progress_interval() -> float:
+    """Seconds between the lines of a phase that prints while it waits (``LPLGRAD_PROGRESS_INTERVAL_S``, 10)."""
+    return float(os.environ.get(PROGRESS_INTERVAL_ENV) or 10.0)
 
 
 def verbose() -> bool:
@@ -75,6 +92,12 @@ class Progress:
     Elsewhere: one line per `update()` call (the caller decides what a step is), no control
     characters. `min_interval` thins the lines of fast, many-step phases (0: every step).
 
+    With `heartbeat_s`, a thread also prints the line whenever none was printed for that long, from
+    `__enter__` on, so a phase that waits (actors starting, a first batch in flight) is never silent;
+    `stage()` names what it is doing now ("starting actors", "scoring"). The rate is over the last
+    `window_s` seconds: it falls when the work stalls. One printer serves a job's lines: `note()`
+    (e.g. the waiting line of `capacity.watch_pending`) and `echo()` print between its lines.
+
     Args:
         phase: Short name printed first ("score", "train cycle-0").
         total: Steps expected, None when unknown (no bar, no ETA).
@@ -82,6 +105,8 @@ class Progress:
         stream: Where to print (stdout).
         tty: Force terminal or line mode (default: `stream.isatty()`).
         min_interval: Seconds between lines in line mode (the last step always prints).
+        heartbeat_s: Print the line at least this often (None: only on `update()`).
+        window_s: The rate is over this many recent seconds.
     """
 
     def __init__(
@@ -93,44 +118,75 @@ class Progress:
         stream: TextIO | None = None,
         tty: bool | None = None,
         min_interval: float = 0.0,
+        heartbeat_s: float | None = None,
+        window_s: float = 30.0,
     ) -> None:
         self.phase, self.total, self.unit = phase, total, unit
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.min_interval = min_interval
+        self.heartbeat_s, self.window_s = heartbeat_s, window_s
         self.done = 0
         self.start = time.perf_counter()
+        self.current_stage = ""
+        self.lines = 0  # status lines printed (line mode) or drawn (terminal)
         self._last_line = -float("inf")
         self._printed = 0
-        self._first_at: float | None = None
-        self._first_done = 0
+        self._note = ""
+        self._recent: deque[tuple[float, int]] = deque()  # (time, done) of the steps in the window
+        self._steps = 0
         self._width = 0
+        self._lock = threading.RLock()  # the heartbeat thread and the caller print through one stream
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def rate(self, now: float | None = None) -> float | None:
+        """Steps per second over the last `window_s` (0 when stalled that long; None before the
+        second step: the pace is unknown).
+
+        The window starts at the first step: start-up (workers, actors, the first batch) is not a step's pace.
+        """
+        now = time.perf_counter() if now is None else now
+        recent = self._recent
+        while len(recent) > 1 and recent[1][0] <= now - self.window_s:
+            recent.popleft()  # keep one step at or before the window's start as its base
+        if self._steps < 2:
+            return None
+        base_at, base_done = recent[0]
+        return (self.done - base_done) / (now - base_at) if now > base_at else None
 
     def _status(self, note: str) -> str:
         now = time.perf_counter()
         elapsed = now - self.start
-        # Rate from the first step on: start-up (workers, actors, the first batch) is not a step's pace.
-        since_first = now - self._first_at if self._first_at is not None else 0.0
-        # After the first step only, the pace is unknown: no rate, no ETA.
-        rate = (
-            (self.done - self._first_done) / since_first if self.done > self._first_done and since_first > 0 else None
-        )
+        rate = self.rate(now)
         count = f"{self.done:,}/{self.total:,}" if self.total else f"{self.done:,}"
-        parts = [f"{count} {self.unit}"]
+        parts = ([self.current_stage] if self.current_stage else []) + [f"{count} {self.unit}"]
         if rate is not None:
             parts.append(f"{rate:,.1f} {self.unit}/s" if rate < 100 else f"{rate:,.0f} {self.unit}/s")
         if self.total and self.done >= self.total:
             parts.append(f"in {_seconds(elapsed)}")
         elif self.total and rate:
             parts.append(f"ETA {_seconds((self.total - self.done) / rate)}")
+        if self.heartbeat_s is not None and not (self.total and self.done >= self.total):
+            parts.append(f"{_seconds(elapsed)} in")
         return "  ".join(parts + ([note] if note else []))
 
-    def update(self, steps: int = 1, note: str = "") -> None:
-        """Count `steps` more done; `note` is appended to the line (an epoch's loss, say)."""
-        self.done += steps
-        now = time.perf_counter()
-        if self._first_at is None:
-            self._first_at, self._first_done = now, self.done
+    def update(self, steps: int = 1, note: str = "", *, paced: bool = True) -> None:
+        """Count `steps` more done; `note` is appended to the line (an epoch's loss, say).
+        `paced=False` counts steps that took no work (rows skipped): the rate ignores them."""
+        with self._lock:
+            self.done += steps
+            now = time.perf_counter()
+            if not paced:
+                self._recent = deque((at, done + steps) for at, done in self._recent)
+            self._recent.append((now, self.done))
+            self._steps += 1
+            self._note = note
+            due = now - self._last_line >= self.min_interval or (self.total and self.done >= self.total)
+            if self.tty or due:
+                self._draw(now, note)
+
+    def _draw(self, now: float, note: str) -> None:
         if self.tty:
             bar = ""
             if self.total:
@@ -139,29 +195,59 @@ class Progress:
             line = f"{self.phase} {bar}{self._status(note)}"
             self.stream.write("\r" + line.ljust(self._width))
             self._width = len(line)
-        elif now - self._last_line >= self.min_interval or (self.total and self.done >= self.total):
+        else:
             self.stream.write(f"{self.phase}: {self._status(note)}\n")
-            self._last_line, self._printed = now, self.done
+        self._last_line, self._printed = now, self.done
+        self.lines += 1
         self.stream.flush()
+
+    def stage(self, name: str) -> None:
+        """What the phase is doing now; a change is shown at once (the line, with its new stage)."""
+        with self._lock:
+            if name != self.current_stage:
+                self.current_stage = name
+                self._draw(time.perf_counter(), "")
 
     def note(self, text: str) -> None:
         """A line of its own, `phase: text`, between steps (a waiting line, a warning). On a
         terminal it starts on a new line, below any bar drawn in place there."""
-        lead = "\n" if self._width or (self.stream.isatty() and not self.tty) else ""
-        self._width = 0
-        self.stream.write(f"{lead}{self.phase}: {text}\n")
-        self.stream.flush()
+        self.echo(f"{self.phase}: {text}")
+
+    def echo(self, text: str) -> None:
+        """`text` as a line of its own, between this printer's lines (below a bar drawn in place)."""
+        with self._lock:
+            lead = "\n" if self._width or (self.stream.isatty() and not self.tty) else ""
+            self._width = 0
+            self.stream.write(f"{lead}{text}\n")
+            self.stream.flush()
+
+    def _beat(self) -> None:
+        assert self.heartbeat_s is not None
+        while not self._stop.wait(min(self.heartbeat_s, 1.0)):
+            with self._lock:
+                now = time.perf_counter()
+                if now - self._last_line >= self.heartbeat_s:
+                    self._draw(now, self._note)
 
     def close(self) -> None:
         """End the bar's line (terminal mode); in line mode, print the last step if it was thinned out."""
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self._width = 0
-        elif not self.tty and self.done and self._printed < self.done:
-            self.stream.write(f"{self.phase}: {self._status('')}\n")
-        self.stream.flush()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        with self._lock:
+            if self.tty and self._width:
+                self.stream.write("\n")
+                self._width = 0
+            elif not self.tty and self.done and self._printed < self.done:
+                self.stream.write(f"{self.phase}: {self._status('')}\n")
+            self.stream.flush()
 
     def __enter__(self) -> Progress:
+        if self.heartbeat_s is not None and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, name=f"lplgrad-{self.phase}-progress", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

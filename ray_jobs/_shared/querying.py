@@ -82,11 +82,20 @@ from pipeline.manifest.incremental import ReusePlan, iter_reused_rows, plan_reus
 from pipeline.pools import ResolvedPool, resolve_pool, spec_for_model
 from pipeline.proxy import FeatureStore, check_store_fresh, feature_batch, proxy_record, proxy_store
 from pipeline.scoring import NORMS, RowScorer
-from pipeline.storage import arrow_filesystem, check_storage, check_writable, filesystem_for, is_local, uri_prefix
+from pipeline.storage import (
+    arrow_filesystem,
+    check_storage,
+    check_writable,
+    display_uri,
+    filesystem_for,
+    is_local,
+    join_path,
+    uri_prefix,
+)
 from ray_jobs._shared.capacity import watch_pending
 from ray_jobs._shared.pool_data import read_pool, read_pool_raw
-from ray_jobs._shared.progress import Progress
-from ray_jobs._shared.row_filters import ExcludedRows, ExcludedRowSet, drop_excluded, prefilter_raw, store_prefilter
+from ray_jobs._shared.progress import Progress, progress_interval
+from ray_jobs._shared.row_filters import DroppedParts, ExcludedRowSet, drop_excluded, prefilter_raw, store_prefilter
 
 __all__ = [
     "FAULT_DRILL_ENV",
@@ -196,19 +205,17 @@ class Scored:
 
     streamed: StreamedSelection  # the selection, the error rows, the rows per shard
     excluded: ExcludedRowSet  # every pool row an exclusion dropped, once
-    seconds: float  # the whole streaming phase, start-up included
-    first_batch_s: float  # to the first scored batch: an upper bound on start-up
-
-    @property
-    def fresh_rows(self) -> int:
-        """Rows that went through the scoring actors (not copied)."""
-        return sum(self.streamed.scored_rows.values())
+    fresh_scored: int  # rows the scoring actors scored in this run (not copied, not error rows)
+    seconds: float  # the whole streaming phase, actor start-up included
+    first_batch_s: float  # to the first scored batch: an upper bound on the actors' start-up
+    startup_s: float  # from the call to the streaming phase (the labeled keys, the run's inputs)
 
     @property
     def rows_per_s(self) -> float:
-        # Over the whole phase, start-up included: Ray Data delivers scored batches in bursts, so
-        # timing from the first batch would flatter the rate.
-        return self.fresh_rows / self.seconds if self.seconds > 0 else 0.0
+        """The streaming rate: rows scored here over the whole streaming phase, actor start-up
+        included (Ray Data delivers scored batches in bursts, so timing from the first batch would
+        flatter the rate). The manifest records it as ``extra.samples_per_s``."""
+        return self.fresh_scored / self.seconds if self.seconds > 0 else 0.0
 
 
 # -- the call --------------------------------------------------------------------------------
@@ -230,22 +237,31 @@ def query(spec: QuerySpec, checked: CheckedInputs | None = None) -> Manifest:
             input, one line each, before any scoring.
     """
     spec = with_run_id(spec)
-    # Records what the read tasks drop. Started first: its worker process (seconds on a small
-    # machine) then starts while the labeled pool's keys are read, not while read tasks wait on it.
-    recorder = ExcludedRows.remote() if spec.exclude_labeled or spec.exclude_manifests else None
-    prepared = prepare(spec, checked)
-    run = begin_run(spec.out, spec.run_id, prepared.inputs.fingerprint(), spec.storage_options)
-    print(run.message)
-    if run.already_committed:
-        return run.committed
-    if not prepared.excluded:
-        recorder = None  # nothing to drop: the actor ends with its last handle
-    plan = reuse_plan(spec, prepared)
-    print(plan.reason)
-    scored = score_and_select(spec, prepared, run, plan, recorder)
-    manifest = commit(spec, prepared, run, plan, scored)
+    # One printer for every line until the summary: a line at least every interval from here on,
+    # naming the stage, and the waiting line when the cluster has nothing free for the pipeline.
+    with Progress("query", None, "rows", min_interval=progress_interval(), heartbeat_s=progress_interval()) as progress:
+        started = time.perf_counter()
+        progress.stage("preparing")
+        prepared = prepare(spec, checked)
+        run = begin_run(spec.out, spec.run_id, prepared.inputs.fingerprint(), spec.storage_options)
+        progress.echo(run.message)
+        if run.already_committed:
+            return run.committed
+        recorder = dropped_parts(spec, run) if prepared.excluded else None
+        plan = reuse_plan(spec, prepared)
+        progress.echo(plan.reason)
+        with watch_pending("query", progress=lambda: progress.done, printer=progress):
+            scored = score_and_select(spec, prepared, run, plan, recorder, progress, time.perf_counter() - started)
+        progress.stage("committing")
+        manifest = commit(spec, prepared, run, plan, scored)
     report(spec, run, plan, scored, manifest)
     return manifest
+
+
+def dropped_parts(spec: QuerySpec, run: RunState) -> DroppedParts:
+    """Where this attempt's read tasks record the rows they drop (a scratch folder of the attempt,
+    never listed in the manifest; discarded with the attempt)."""
+    return DroppedParts(display_uri(run.fs, join_path(run.attempt_path, "dropped")), dict(spec.storage_options))
 
 
 def with_run_id(spec: QuerySpec) -> QuerySpec:
@@ -432,16 +448,16 @@ def fault_drill(out: str) -> dict[str, Any]:
 
 
 def score_stream(
-    spec: QuerySpec, prepared: PreparedQuery, plan: ReusePlan, recorder: ray.actor.ActorHandle | None = None
+    spec: QuerySpec, prepared: PreparedQuery, plan: ReusePlan, recorder: DroppedParts | None = None
 ) -> ray.data.Dataset | None:
     """The lazy Ray Data pipeline: read, subset, exclude, decode, score (None: nothing to score).
 
-    Excluded rows are dropped in the read tasks, before decoding, and recorded in `recorder`
-    (an `ExcludedRows` actor, required when `prepared.excluded` is not empty), which the caller
-    reads once the pipeline is exhausted.
+    Excluded rows are dropped in the read tasks, before decoding, and recorded as parts under
+    `recorder` (required when `prepared.excluded` is not empty), which the caller reads once the
+    pipeline is exhausted.
     """
     if prepared.excluded and recorder is None:
-        raise ValueError("a query with exclusions needs an ExcludedRows actor to count them in")
+        raise ValueError("a query with exclusions needs DroppedParts to record the rows it drops")
     if prepared.store is not None:
         return proxy_score_stream(spec, prepared, recorder)
     shards = prepared.pool.shards
@@ -459,7 +475,7 @@ def score_stream(
             fraction=fraction,
             seed=spec.seed,
             only=only,
-            excluded_rows=recorder,
+            dropped_to=recorder,
             shard_prefix=uri_prefix(prepared.pool.fs),
         )
     # No num_classes: a query ignores labels (they do not change a score), so a stray `cls` in a pool
@@ -513,7 +529,7 @@ def score(
 
 
 def proxy_score_stream(
-    spec: QuerySpec, prepared: PreparedQuery, recorder: ray.actor.ActorHandle | None = None
+    spec: QuerySpec, prepared: PreparedQuery, recorder: DroppedParts | None = None
 ) -> ray.data.Dataset | None:
     """The proxy pipeline: feature-store parquet -> current rows, subset, exclusions (recorded in
     `recorder`, as in :func:`score_stream`) -> head scoring."""
@@ -533,7 +549,7 @@ def proxy_score_stream(
             "excluded": prepared.excluded,
             "fraction": fraction,
             "seed": spec.seed,
-            "excluded_rows": recorder,
+            "dropped_to": recorder,
         },
     )
     return score(data, ProxyQueryScorer, spec, prepared, batch_format="pyarrow")
@@ -566,29 +582,34 @@ def score_and_select(
     prepared: PreparedQuery,
     run: RunState,
     plan: ReusePlan,
-    recorder: ray.actor.ActorHandle | None,
+    recorder: DroppedParts | None,
+    progress: Progress,
+    startup_s: float = 0.0,
 ) -> Scored:
     """Stream the copied rows, then the pipeline's, through the selection into the run's `scores/`,
-    with a progress bar (or a line per 10 s); then collect the rows the exclusions dropped."""
+    counting them on `progress` and naming its stage; then collect the rows the exclusions dropped."""
     start = time.perf_counter()
-    expected = prepared.pool.num_samples if prepared.store is None and spec.subset is None else None
+    progress.total = prepared.pool.num_samples if prepared.store is None and spec.subset is None else None
     excluded = ExcludedRowSet()
     excluded.add(plan.still_excluded)  # reused shards' keys the source excluded too: never read
-    arrival = _Arrival()
-    with (
-        Progress("score", expected, "rows", min_interval=10.0) as progress,
-        watch_pending("query", progress=lambda: progress.done),  # a waiting line while stalled on resources
-    ):
-        fresh = arrival.watch(_scored_batches(score_stream(spec, prepared, plan, recorder)))
-        reused = reused_rows(spec, prepared, plan, excluded)
-        streamed = select(spec.selection(), run, _counted(fresh, progress), _counted(reused, progress))
-        if recorder is not None:  # the pipeline is exhausted: every task has recorded its rows
-            excluded.add(ray.get(recorder.rows.remote()))
-        if dropped := len(excluded) - len(plan.still_excluded):
-            progress.update(dropped, note="excluded")  # rows of the pool read and dropped, not scored
+    arrival = _Arrival(progress)
+    fresh = arrival.watch(_scored_batches(score_stream(spec, prepared, plan, recorder)))
+    reused = _staged(reused_rows(spec, prepared, plan, excluded), progress, "reading copied rows")
+    streamed = select(spec.selection(), run, _counted(fresh, progress), _counted(reused, progress))
+    if recorder is not None:  # the pipeline is exhausted: every task has written its part
+        excluded.add(recorder.read())
+    if dropped := len(excluded) - len(plan.still_excluded):
+        progress.update(dropped, note="excluded", paced=False)  # rows of the pool read and dropped, not scored
     seconds = time.perf_counter() - start
     first = arrival.first
-    return Scored(streamed, excluded, seconds, (first - start) if first is not None else seconds)
+    return Scored(
+        streamed,
+        excluded,
+        arrival.scored,
+        seconds,
+        (first - start) if first is not None else seconds,
+        startup_s,
+    )
 
 
 def select(
@@ -612,16 +633,28 @@ def reused_rows(
 
 
 class _Arrival:
-    """Notes when the first scored batch arrives (the pipeline and the actors are up by then)."""
+    """Notes when the first scored batch arrives (the pipeline and the actors are up by then) and
+    counts the rows that scored; names the stage on `progress`."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
         self.first: float | None = None
+        self.scored = 0
 
     def watch(self, batches: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        # Ray Data starts the read tasks and the actors when the first batch is asked for.
+        self.progress.stage("starting actors, reading")
         for batch in batches:
             if self.first is None:
                 self.first = time.perf_counter()
+                self.progress.stage("scoring")
+            self.scored += batch.column("error").null_count  # error rows carry a reason, scored rows none
             yield batch
+
+
+def _staged(batches: Iterable[pa.Table], progress: Progress, stage: str) -> Iterator[pa.Table]:
+    progress.stage(stage)
+    yield from batches
 
 
 def _counted(batches: Iterable[pa.Table], progress: Progress) -> Iterator[pa.Table]:
@@ -654,6 +687,7 @@ def commit(spec: QuerySpec, prepared: PreparedQuery, run: RunState, plan: ReuseP
             "samples_per_s": scored.rows_per_s,
             "seconds": scored.seconds,
             "first_batch_s": scored.first_batch_s,
+            "startup_s": scored.startup_s,
             "config": config_to_dict(spec),
             "mode": "proxy" if prepared.store is not None else "full",
             **proxy_record(prepared.checkpoint, prepared.store),
@@ -665,23 +699,26 @@ def commit(spec: QuerySpec, prepared: PreparedQuery, run: RunState, plan: ReuseP
 
 
 def report(spec: QuerySpec, run: RunState, plan: ReusePlan, scored: Scored, manifest: Manifest) -> None:
-    """Print what the run did, in one line (or why another attempt's manifest stands)."""
+    """Print what the run did, in one line (or why another attempt's manifest stands): the
+    manifest's counts, the streaming rate it records, and the start-up apart."""
     streamed = scored.streamed
-    selected = len(streamed.selected)
-    if selected < spec.k:
-        print(f"k={spec.k} is larger than the {selected} scoreable samples: selecting all of them")
+    counts = manifest.counts
+    if counts.selected < spec.k:
+        print(f"k={spec.k} is larger than the {counts.selected} scoreable samples: selecting all of them")
     if manifest.attempt != run.attempt_id:
         print(
             f"run {run.run_id} was committed meanwhile by attempt {manifest.attempt} with the same inputs: "
             "this attempt's files were discarded"
         )
         return
-    copied = sum(streamed.reused_rows.values())
-    copied_from = f" and copied {copied} from {plan.source_id}" if plan.source_id else ""
+    copied = counts.scored - scored.fresh_scored
+    copied_from = f", {copied} copied from {plan.source_id}" if plan.source_id else ""
     unreadable = sorted({shard for key, shard, _ in streamed.errors if key is None})
-    nothing = "; nothing was scoreable: see errors.parquet for why" if not streamed.scored else ""
+    nothing = "; nothing was scoreable: see errors.parquet for why" if not counts.scored else ""
     print(
-        f"scored {scored.fresh_rows} rows at {scored.rows_per_s:.1f} rows/s{copied_from}, "
-        f"selected {selected}, errors {len(streamed.errors)} (unreadable shards {len(unreadable)}), "
-        f"excluded {len(scored.excluded)}, manifest {run.run_uri}/manifest.json{nothing}"
+        f"scored {counts.scored} rows ({scored.fresh_scored} here at {scored.rows_per_s:.1f} rows/s over the "
+        f"{scored.seconds:.1f} s streaming phase, first batch after {scored.first_batch_s:.1f} s{copied_from}), "
+        f"selected {counts.selected}, errors {counts.errors} (unreadable shards {len(unreadable)}), "
+        f"excluded {counts.excluded}; start-up {scored.startup_s:.1f} s before streaming; "
+        f"manifest {run.run_uri}/manifest.json{nothing}"
     )

@@ -2,31 +2,38 @@
 shard-restricted reads and exclusions, for image rows and for feature-store rows.
 
 Excluded rows are dropped here, before they cost any decoding or scoring, and recorded here: each
-filter sends the (key, shard) of the rows it dropped to an :data:`ExcludedRows` actor, which the
-driver reads once the pipeline is exhausted (the manifest counts them and lists them in
-excluded.parquet). The actor keeps one row per key, so a task that Ray runs again (a retry, a
-re-executed block) does not count its rows twice; pool keys are unique, so that is exactly one row
-per excluded sample.
+filter writes the (key, shard) of the rows it dropped as one small parquet part under the run's
+attempt directory (:class:`DroppedParts`), with no round trip to anything; the driver reads the
+parts once the pipeline is exhausted (the manifest counts them and lists them in excluded.parquet).
+A part is named by its shard and a hash of its keys, so a task that Ray runs again (a retry, a
+re-executed block) rewrites the same part; the driver keeps one row per key in any case
+(:class:`ExcludedRowSet`), and pool keys are unique, so that is exactly one row per excluded sample.
 
 Kept apart from `querying` on purpose: a task's function is imported by module in every
 worker process that runs it, and querying pulls in torch (seconds per process), while
-these need only numpy, pyarrow and ray. Many small read tasks start many worker processes.
+these need only numpy, pyarrow and fsspec. Many small read tasks start many worker processes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import ray
+import pyarrow.parquet as pq
 
 from pipeline.acquisition import random_values
 from pipeline.proxy.store import keep_current
+from pipeline.storage import filesystem_for, is_local, join_path
 
-__all__ = ["ExcludedRowSet", "ExcludedRows", "drop_excluded", "prefilter_raw", "store_prefilter"]
+__all__ = ["DroppedParts", "ExcludedRowSet", "drop_excluded", "prefilter_raw", "store_prefilter"]
+
+_DROPPED_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string())])
 
 
 class ExcludedRowSet:
@@ -49,19 +56,52 @@ class ExcludedRowSet:
         return len(self._shards)
 
 
-# The read tasks' shared record, one per query. No CPU: it must never wait for a slot that the
-# read tasks calling it hold.
-ExcludedRows = ray.remote(num_cpus=0)(ExcludedRowSet)
+@dataclass(frozen=True)
+class DroppedParts:
+    """Where the read tasks write the (key, shard) of the rows they drop: one parquet part per
+    block that dropped any, under `uri` (a folder of the run's attempt), read back by the driver.
+
+    Picklable (a URI and options): it travels into every read task. A part's name is a hash of its
+    shard and of its keys, so a task that runs again writes the same name and replaces its part.
+    Written before the task returns its block, so once the pipeline is exhausted every part is there.
+    """
+
+    uri: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def write(self, rows: list[tuple[str, str]]) -> None:
+        """Write one part holding `rows` (a block's dropped (key, shard) pairs, in its order)."""
+        keys = [key for key, _ in rows]
+        shards = sorted({shard for _, shard in rows})
+        name = f"{_digest(shards)[:12]}-{_digest(keys)[:20]}.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"key": keys, "shard": [s for _, s in rows]}, schema=_DROPPED_SCHEMA), buffer)
+        fs, path = filesystem_for(self.uri, self.storage_options)
+        if is_local(fs):
+            fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(join_path(path, name), buffer.getvalue())
+
+    def read(self) -> list[tuple[str, str]]:
+        """Every part's (key, shard) pairs, parts in name order (none written: an empty list)."""
+        fs, path = filesystem_for(self.uri, self.storage_options)
+        fs.invalidate_cache()  # an object store's listing may have been cached before the parts existed
+        if not fs.exists(path):
+            return []
+        rows: list[tuple[str, str]] = []
+        for part in sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet")):
+            table = pq.read_table(io.BytesIO(fs.cat_file(part)), schema=_DROPPED_SCHEMA)
+            rows += zip(table.column("key").to_pylist(), table.column("shard").to_pylist())
+        return rows
 
 
-def _record(excluded_rows: Any, rows: list[tuple[str, str]]) -> None:
-    if excluded_rows is None:
-        raise ValueError(
-            "excluded rows were dropped with nowhere to record them: pass excluded_rows (an ExcludedRows actor)"
-        )
-    # Waited for: once a task has returned its block, its rows are in the actor, so the driver
-    # reading the actor after the last block has every row.
-    ray.get(excluded_rows.add.remote(rows))
+def _digest(values: list[str]) -> str:
+    return hashlib.sha256("\0".join(values).encode()).hexdigest()
+
+
+def _record(dropped_to: DroppedParts | None, rows: list[tuple[str, str]]) -> None:
+    if dropped_to is None:
+        raise ValueError("excluded rows were dropped with nowhere to record them: pass dropped_to (DroppedParts)")
+    dropped_to.write(rows)
 
 
 def prefilter_raw(
@@ -71,11 +111,11 @@ def prefilter_raw(
     seed: int,
     only: Mapping[str, frozenset[str]] | None = None,
     *,
-    excluded_rows: Any = None,
+    dropped_to: DroppedParts | None = None,
     shard_prefix: str = "",
 ) -> dict[str, np.ndarray]:
     """Raw rows -> raw rows: drop rows outside the random subset or, in the shards `only` names
-    (by path), rows not among its keys; drop excluded rows and record them in `excluded_rows`.
+    (by path), rows not among its keys; drop excluded rows and record them in `dropped_to`.
 
     Args:
         batch: Raw rows (``__key__``, ``__url__`` and the payload columns).
@@ -83,7 +123,7 @@ def prefilter_raw(
         fraction: Keep about this fraction of the rows (by key hash); ``None`` keeps all.
         seed: Seed of the subset.
         only: Shard path -> the only keys to read from it.
-        excluded_rows: An :data:`ExcludedRows` actor; required when a row is excluded.
+        dropped_to: Where the excluded rows' (key, shard) go; required when a row is excluded.
         shard_prefix: Prepended to ``__url__`` gives the shard URI recorded (``RawPool.shard_prefix``).
     """
     keys = batch["__key__"].tolist()
@@ -96,7 +136,7 @@ def prefilter_raw(
         keep &= random_values(keys, seed + 1) < fraction
     hit = keep & np.array([k in excluded for k in keys], dtype=bool)
     if hit.any():
-        _record(excluded_rows, [(keys[i], f"{shard_prefix}{batch['__url__'][i]}") for i in np.flatnonzero(hit)])
+        _record(dropped_to, [(keys[i], f"{shard_prefix}{batch['__url__'][i]}") for i in np.flatnonzero(hit)])
     keep &= ~hit
     return batch if keep.all() else {name: values[keep] for name, values in batch.items()}
 
@@ -120,10 +160,10 @@ def store_prefilter(
     excluded: frozenset[str],
     fraction: float | None,
     seed: int,
-    excluded_rows: Any = None,
+    dropped_to: DroppedParts | None = None,
 ) -> pa.Table:
     """Store rows -> current rows of the random subset, excluded ones dropped and recorded in
-    `excluded_rows` (an :data:`ExcludedRows` actor, required when a row is excluded)."""
+    `dropped_to` (required when a row is excluded)."""
     batch = keep_current(batch, current)
     keys = batch.column("key").to_pylist()
     if fraction is not None:
@@ -133,5 +173,5 @@ def store_prefilter(
         batch = batch.filter(pa.array(keep, pa.bool_()))
     batch, dropped = drop_excluded(batch, excluded)
     if dropped:
-        _record(excluded_rows, dropped)
+        _record(dropped_to, dropped)
     return batch.drop_columns(["generation"])

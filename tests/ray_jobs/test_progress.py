@@ -45,6 +45,24 @@ def test_terminal_mode_redraws_one_bar_with_rate_and_eta() -> None:
     assert text.count("\n") == 1 and text.count("\r") == 3 and "[########################] 4/4 epochs" in text
 
 
+def test_a_heartbeat_prints_while_no_step_comes_and_the_rate_is_over_a_recent_window() -> None:
+    stream = io.StringIO()
+    with Progress("query", None, "rows", stream=stream, tty=False, heartbeat_s=0.1, window_s=0.4) as progress:
+        progress.stage("starting actors")
+        time.sleep(0.6)  # no step: the heartbeat alone speaks
+        waiting = stream.getvalue().splitlines()
+        assert len(waiting) >= 3 and all("starting actors  0 rows" in line for line in waiting), waiting
+        progress.stage("scoring")
+        progress.update(100)
+        time.sleep(0.05)
+        progress.update(100)
+        assert progress.rate() is not None and progress.rate() > 0
+        time.sleep(0.6)  # stalled past the window: the rate falls towards zero, it does not stay at the burst's
+        assert progress.rate() == 0.0
+        progress.echo("a line of its own")
+    assert "a line of its own" in stream.getvalue().splitlines()
+
+
 @pytest.mark.ray
 def test_train_job_prints_each_epoch_once_and_no_ray_info(tmp_path: Path) -> None:
     build_pool(synthetic(48, seed=0, num_classes=3, image_size=12, channels=1), str(tmp_path / "labeled"))

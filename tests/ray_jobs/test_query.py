@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ from pipeline.pools import decode_sample, encode_image, label_pool, spec_for_mod
 from pipeline.scoring import RowScorer, gradnorm_scores
 from ray_jobs import query as query_job
 from ray_jobs import train
+from ray_jobs._shared.progress import PROGRESS_INTERVAL_ENV
 from ray_jobs._shared.querying import FAULT_DRILL_ENV, QuerySpec, fault_drill, query
 
 CLASSES = [str(c) for c in range(4)]
@@ -205,7 +207,19 @@ def test_random_subset_and_stochastic_acquisition_are_reproducible(cycle) -> Non
     assert again.counts == first.counts
 
 
-def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(cycle, tmp_path, capsys) -> None:
+def summary_figures(line: str) -> dict[str, float]:
+    """The counts and the rate of the query's summary line."""
+    pattern = r"scored (\d+) rows \((\d+) here at ([\d.]+) rows/s .*selected (\d+), errors (\d+) .*excluded (\d+);"
+    found = re.search(pattern, line)
+    assert found, line
+    names = ("scored", "fresh", "rate", "selected", "errors", "excluded")
+    return {name: float(value) for name, value in zip(names, found.groups())}
+
+
+def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(
+    cycle, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv(PROGRESS_INTERVAL_ENV, "0.3")  # progress lines while the actors start
     pool = tmp_path / "bad-pool"
     pool.mkdir()
     (pool / "shard-0000.tar").write_bytes(np.random.default_rng(0).bytes(4096))  # random bytes
@@ -219,8 +233,24 @@ def test_a_pool_whose_every_shard_is_unreadable_commits_an_empty_selection(cycle
     assert set(by_shard) == {str(pool / "shard-0000.tar"), str(pool / "shard-0001.tar")}, errors
     assert all(reason for reason in by_shard.values())
     assert verify_run(str(out / "bad")).ok
-    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("scored ")]
+    lines = capsys.readouterr().out.splitlines()
+    summary = [line for line in lines if line.startswith("scored ")]
     assert len(summary) == 1 and "selected 0" in summary[0] and "unreadable shards 2" in summary[0], summary
+    # The summary says what the manifest says: error rows are not scored rows.
+    figures = summary_figures(summary[0])
+    counts = written.counts
+    assert (figures["scored"], figures["selected"], figures["errors"], figures["excluded"]) == (
+        counts.scored,
+        counts.selected,
+        counts.errors,
+        counts.excluded,
+    )
+    assert figures["fresh"] == 0 and figures["rate"] == round(written.extra["samples_per_s"], 1) == 0.0
+    # Progress lines from the start, and more than the stage's own while the first batch is awaited.
+    progress = [line for line in lines if line.startswith("query: ")]
+    assert progress and "preparing" in progress[0], lines
+    first_scored = next(i for i, line in enumerate(progress) if "scoring" in line)
+    assert sum("starting actors" in line for line in progress[:first_scored]) >= 2, progress
 
 
 def test_a_label_outside_the_class_range_in_a_pool_without_index_is_scored(cycle, tmp_path) -> None:

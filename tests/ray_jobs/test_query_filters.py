@@ -1,14 +1,13 @@
 """The query's row filters: excluded rows are dropped before decoding and recorded once per key,
-however often Ray runs the task that drops them."""
+however often Ray runs the task that drops them (each block's rows as one part, read by the driver)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
 
-from ray_jobs._shared.row_filters import ExcludedRows, ExcludedRowSet, drop_excluded, prefilter_raw, store_prefilter
+from ray_jobs._shared.row_filters import DroppedParts, ExcludedRowSet, drop_excluded, prefilter_raw, store_prefilter
 
 
 def raw_batch() -> dict[str, np.ndarray]:
@@ -35,23 +34,39 @@ def test_drop_excluded_splits_a_table_and_never_drops_keyless_rows() -> None:
     assert drop_excluded(table, frozenset()) == (table, [])
 
 
-def test_excluded_raw_rows_are_dropped_before_decoding_and_recorded_once_per_key(ray_local) -> None:
-    recorded = ExcludedRows.remote()
+def test_excluded_raw_rows_are_dropped_before_decoding_and_recorded_once_per_key(tmp_path) -> None:
+    recorded = DroppedParts(str(tmp_path / "dropped"))
+    assert recorded.read() == []  # no block dropped anything: no folder, no rows
     excluded = frozenset({"b", "d", "not-in-this-batch"})
     for _ in range(3):  # a retried or re-executed read task filters the same rows again
-        kept = prefilter_raw(raw_batch(), excluded, None, 0, excluded_rows=recorded, shard_prefix="s3://")
+        kept = prefilter_raw(raw_batch(), excluded, None, 0, dropped_to=recorded, shard_prefix="s3://")
         assert kept["__key__"].tolist() == ["a", "c", "e"] and kept["png"].tolist() == [b"a", b"c", b"e"]
-    assert sorted(ray.get(recorded.rows.remote())) == [("b", "s3://bucket/p/s0.tar"), ("d", "s3://bucket/p/s1.tar")]
+    assert len(list((tmp_path / "dropped").iterdir())) == 1  # the same part, rewritten
+    assert sorted(recorded.read()) == [("b", "s3://bucket/p/s0.tar"), ("d", "s3://bucket/p/s1.tar")]
     # Rows outside the subset or the `only` keys are not read at all, so they are not "excluded".
-    only = ExcludedRows.remote()
-    kept = prefilter_raw(raw_batch(), excluded, None, 0, only={"bucket/p/s0.tar": frozenset({"a"})}, excluded_rows=only)
+    only = DroppedParts(str(tmp_path / "only"))
+    kept = prefilter_raw(raw_batch(), excluded, None, 0, only={"bucket/p/s0.tar": frozenset({"a"})}, dropped_to=only)
     assert kept["__key__"].tolist() == ["a", "e"]
-    assert ray.get(only.rows.remote()) == [("d", "bucket/p/s1.tar")]
+    assert only.read() == [("d", "bucket/p/s1.tar")]
     with pytest.raises(ValueError, match="nowhere to record"):
         prefilter_raw(raw_batch(), excluded, None, 0)
 
 
-def test_excluded_store_rows_are_dropped_and_recorded_once_per_key(ray_local) -> None:
+def test_parts_of_blocks_cut_differently_count_each_key_once(tmp_path) -> None:
+    # A re-executed read may cut its blocks elsewhere: its parts differ, the driver's set does not.
+    recorded = DroppedParts(str(tmp_path / "dropped"))
+    excluded = frozenset({"b", "d", "e"})
+    prefilter_raw(raw_batch(), excluded, None, 0, dropped_to=recorded)
+    halves = raw_batch()
+    for part in (slice(0, 2), slice(2, 5)):
+        prefilter_raw({name: values[part] for name, values in halves.items()}, excluded, None, 0, dropped_to=recorded)
+    assert len(list((tmp_path / "dropped").iterdir())) == 3 and len(recorded.read()) == 6
+    rows = ExcludedRowSet()
+    rows.add(recorded.read())
+    assert sorted(rows.rows()) == [("b", "bucket/p/s0.tar"), ("d", "bucket/p/s1.tar"), ("e", "bucket/p/s1.tar")]
+
+
+def test_excluded_store_rows_are_dropped_and_recorded_once_per_key(tmp_path) -> None:
     store_rows = pa.table(
         {
             "key": ["a", "b", None],
@@ -60,8 +75,8 @@ def test_excluded_store_rows_are_dropped_and_recorded_once_per_key(ray_local) ->
             "error": pa.array([None, None, "shard unreadable"], pa.string()),
         }
     )
-    recorded = ExcludedRows.remote()
+    recorded = DroppedParts(str(tmp_path / "dropped"))
     for _ in range(2):
-        kept = store_prefilter(store_rows, {"s0": "g", "s1": "g"}, frozenset({"b"}), None, 0, excluded_rows=recorded)
+        kept = store_prefilter(store_rows, {"s0": "g", "s1": "g"}, frozenset({"b"}), None, 0, dropped_to=recorded)
         assert kept.column("key").to_pylist() == ["a", None] and "generation" not in kept.column_names
-    assert ray.get(recorded.rows.remote()) == [("b", "s1")]
+    assert recorded.read() == [("b", "s1")]
