@@ -42,6 +42,7 @@ class CycleRow:
     train_seconds: float
     query_seconds: float | None = None
     class_mix: str | None = None  # JSON list: picked count per class (text, so the CSV twin holds it)
+    picked: str | None = None  # JSON list: the picked keys in pick order (a batch's redundancy is read from them)
     mean_score: float | None = None  # mean LPLgrad score over the scored candidates, when scored
     checkpoint: str | None = None  # the cycle's checkpoint, when the engine writes one
     proxy_accuracy: float | None = None  # proxy modes: the head's accuracy on the test pool's features
@@ -181,6 +182,7 @@ def run_cycles(
                 row,
                 query_seconds=time.perf_counter() - started,
                 class_mix=json.dumps(mix),
+                picked=json.dumps(list(picked.keys)),
                 mean_score=None if picked.mean_score is None or np.isnan(picked.mean_score) else picked.mean_score,
             )
             taken = set(labeled)

@@ -45,12 +45,15 @@ def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, 
     assert sorted({(r.strategy, r.seed) for r in rows}) == [
         (s, seed) for s in ("badge", "lplgrad+power", "random") for seed in (0, 1)
     ]
+    keys = sorted(s.key for s in synthetic(90, seed=5, num_classes=3, image_size=28, channels=1))
     for row in read_results(tmp_path / "sim" / "results.parquet"):
         assert 0.0 <= row["test_accuracy"] <= 1.0
         if row["cycle"] == 0:
             assert row["labeled"] == 12 and sum(json.loads(row["class_mix"])) == 10 and row["query_seconds"] >= 0
+            picked = json.loads(row["picked"])  # the batch's keys, new to the labeled set
+            assert len(set(picked)) == 10 and not set(picked) & set(initial_keys(keys, 12, row["seed"]))
         else:
-            assert row["labeled"] == 22 and row["class_mix"] is None
+            assert row["labeled"] == 22 and row["class_mix"] is None and row["picked"] is None
     lplgrad = [r for r in rows if r.strategy == "lplgrad+power" and r.cycle == 0]
     assert all(r.mean_score > 0 for r in lplgrad)  # the gradient norm was computed for the power draw
     # Every chain of a seed starts from the same shared first model.
