@@ -10,6 +10,7 @@ No Ray here: the job hands in an iterable of pyarrow batches (RowScorer output: 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class StreamedSelection:
         scored: Rows that scored (error rows excluded).
         reused_rows: Rows per shard URI that came from the reused (copied) batches, error rows included.
         scored_rows: Rows per shard URI that came from the freshly scored batches, error rows included.
+        select_seconds: Wall seconds after the stream ended: a diverse strategy's pick from its
+            candidates, softrank's second pass (next to nothing for a top-k, which keeps up as rows arrive).
     """
 
     selected: list[tuple[str, float, dict[str, Any]]]
@@ -73,6 +76,7 @@ class StreamedSelection:
     scored: int
     reused_rows: Counter[str]
     scored_rows: Counter[str]
+    select_seconds: float = 0.0
 
 
 def select_streamed(
@@ -133,12 +137,14 @@ def select_streamed(
             ranks.add(values)  # pass 1 of 2: the draw needs every value's global rank
         else:
             _offer(top, spec, columns, values)
+    ended = time.perf_counter()
     if ranks is not None:
         for batch in scores.iter_batches():
             columns, values, _ = _values(spec, pa.Table.from_batches([batch]))
             _offer(top, spec, columns, values, ranks.ranks(values))
     selected = gather.select() if gather is not None else top.result()
-    return StreamedSelection(selected, summary, errors, good, rows["reused"], rows["scored"])
+    seconds = time.perf_counter() - ended
+    return StreamedSelection(selected, summary, errors, good, rows["reused"], rows["scored"], seconds)
 
 
 def select_candidates(spec: SelectionSpec, candidates: Candidates) -> list[tuple[str, float, dict[str, Any]]]:

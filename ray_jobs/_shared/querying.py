@@ -688,6 +688,7 @@ def commit(spec: QuerySpec, prepared: PreparedQuery, run: RunState, plan: ReuseP
             "seconds": scored.seconds,
             "first_batch_s": scored.first_batch_s,
             "startup_s": scored.startup_s,
+            "select_seconds": streamed.select_seconds,  # inside `seconds`: a diverse pick runs after the stream
             "config": config_to_dict(spec),
             "mode": "proxy" if prepared.store is not None else "full",
             **proxy_record(prepared.checkpoint, prepared.store),
