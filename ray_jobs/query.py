@@ -6,7 +6,7 @@ selection manifest to object storage.
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m ray_jobs.query --config configs/query/nightly.yaml actors=8 gpus_per_actor=1
 
-The job is config -> checks -> Ray -> `query(spec)` (ray_jobs/_shared/querying.py, where the read ->
+The job is config -> checks -> Ray -> `query(spec)` (ray_jobs/_shared/querying/, where the read ->
 filter -> score -> select -> commit chain lives, and which simulate and quickstart call too).
 Shards are read by Ray Data and decoded in CPU tasks; keys already labeled (`exclude_labeled`) or
 selected by earlier manifests (`exclude_manifests`) are dropped in the read tasks, before decoding;
