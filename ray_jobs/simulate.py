@@ -10,7 +10,10 @@ acquisition chains and seeds, learning curves with paired intervals against rand
 
 Chains (`strategies=`): a per-sample strategy by top-k (`lplgrad`, `entropy`, `margin`, `lpl`, ...),
 the same drawn stochastically (`lplgrad+power`, `entropy+softrank`, with `beta=`; Kirsch et al.,
-TMLR 2023), or a set function on the random subset (`coreset`, `badge`).
+TMLR 2023), a set function on the random subset (`coreset`), or a diverse strategy (`badge`,
+`cluster-margin`) picking from the smallest-margin candidates of the subset as `lplgrad query` does
+(on the Ray engine through the query job itself; `candidates=` sets M, default 10 x per_cycle, and
+`candidate_memory_mb=` bounds their M x (C + D) floats, checked before any training).
 
 Per (chain, seed): a random initial labeled set (the same for every chain of a seed); then per
 cycle: train (the first cycle's model is shared by every chain of a seed), record accuracy on the
@@ -50,7 +53,7 @@ import ray
 import torch
 
 from pipeline.acquisition import Chain, FeatureRows, kcenter_greedy
-from pipeline.checkpoint import checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
+from pipeline.checkpoint import ModelSpec, checkpoint_digest, fetch_checkpoint, load_checkpoint, scoring_model
 from pipeline.config import config_to_yaml
 from pipeline.learning_curves import append_results
 from pipeline.manifest import load as load_selection
@@ -65,6 +68,7 @@ from pipeline.simulation import (
     FirstCycles,
     Picked,
     SimulateConfig,
+    check_candidate_budget,
     in_memory,
     run_cycles,
     subset_rows,
@@ -236,7 +240,8 @@ class JobSteps:
 
     def query(self, scorer: tuple[str, str | None], labeled: Sequence[str], cycle: int) -> Picked:
         """The Ray engine's strategy dispatch: core-set on the model's features here, every other
-        chain through the query (a per-sample strategy, top-k or drawn stochastically)."""
+        chain through the query (a per-sample strategy, top-k or drawn stochastically, or a diverse
+        one picking from its gathered candidates)."""
         checkpoint, features = scorer
         seed = self.seed * 1000 + cycle
         if self.chain.strategy == "coreset":
@@ -255,6 +260,8 @@ class JobSteps:
                 run_id=f"c{cycle}",
                 subset=self.config.subset,
                 seed=seed,
+                candidates=self.config.candidates,
+                candidate_memory_mb=self.config.candidate_memory_mb,
                 actors=self.config.actors,
                 cpus_per_actor=self.config.cpus_per_actor,
                 gpus_per_actor=1.0 if self.config.gpus else 0.0,
@@ -273,6 +280,9 @@ def on_ray(config: SimulateConfig) -> tuple[StepsFactory, dict[str, int], list[s
     """engine=ray: every cycle through the jobs' calls; (steps per chain, truth, classes)."""
     keys, labels, classes = read_labels(config.pool, config.storage_options)
     truth = dict(zip(keys, labels.tolist()))
+    spec = ModelSpec(config.model, len(classes))
+    # As the query job will check it, before this first cycle's training.
+    check_candidate_budget(config.chains(), spec, config.per_cycle, config.candidate_memory_mb, None, config.candidates)
 
     def steps(chain: Chain, mode: str, seed: int) -> ChainSteps:
         return JobSteps(config, chain, mode, seed, truth, classes)

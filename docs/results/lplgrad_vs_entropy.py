@@ -41,7 +41,7 @@ def main(pool_uri: str) -> None:
         seed=0,
         augment=make_augment("gray28", (0.5,), (0.5,)),
     )
-    rows, _ = score_rows(trained, pool.images[candidates], [pool.keys[i] for i in candidates])
+    rows = score_rows(trained, pool.images[candidates], [pool.keys[i] for i in candidates])
     score, entropy = rows["score"], rows["entropy"] / np.log(len(pool.classes))
     print(f"Spearman rank correlation of LPLgrad with entropy: {np.corrcoef(ranks(score), ranks(entropy))[0, 1]:+.2f}")
     top_score, top_entropy = np.argsort(-score)[:200], np.argsort(-entropy)[:200]

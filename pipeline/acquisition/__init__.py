@@ -18,13 +18,7 @@ from pipeline.acquisition._strategies import (
     register_strategy,
     stochastic_values,
 )
-from pipeline.acquisition.badge import (
-    BadgeMemoryError,
-    badge_embeddings,
-    badge_select,
-    check_badge_memory,
-    kmeanspp_seeding,
-)
+from pipeline.acquisition.badge import badge_select
 from pipeline.acquisition.candidates import (
     CandidateGatherer,
     CandidateMemoryError,
@@ -46,7 +40,6 @@ __all__ = [
     "STOCHASTIC_MODES",
     "STRATEGIES",
     "SET_STRATEGIES",
-    "BadgeMemoryError",
     "CandidateGatherer",
     "CandidateMemoryError",
     "Candidates",
@@ -61,10 +54,8 @@ __all__ = [
     "TopK",
     "acquisition_values",
     "available_strategies",
-    "badge_embeddings",
     "badge_select",
     "candidate_bytes",
-    "check_badge_memory",
     "check_candidate_memory",
     "classifier_head",
     "cluster_margin_select",
@@ -74,7 +65,6 @@ __all__ = [
     "gumbel_noise",
     "kcenter_greedy",
     "kmeans_labels",
-    "kmeanspp_seeding",
     "parse_chain",
     "penultimate_features",
     "prediction_residuals",

@@ -7,14 +7,11 @@ is the softmax output and ``h`` the penultimate features. Its norm grows with un
 direction says what the sample would change. k-means++ seeding over the embeddings then picks a
 batch that is both uncertain and diverse.
 
-Two forms of the same seeding:
-
-- :func:`kmeanspp_seeding` over a materialised ``[N, C * D]`` matrix (the reference; its memory is
-  ``N x C x D`` floats, which :func:`check_badge_memory` bounds before any scoring);
-- :func:`badge_select` over the factors ``r = p - onehot`` [N, C] and ``h`` [N, D] of a gathered
-  candidate set (:mod:`pipeline.acquisition.candidates`), never forming ``r ⊗ h``:
-  ``||r_i ⊗ h_i - r_j ⊗ h_j||² = |r_i|²|h_i|² + |r_j|²|h_j|² - 2 (r_i·r_j)(h_i·h_j)``, so a
-  candidate costs ``C + D`` floats and one distance ``O(C + D)`` operations.
+:func:`badge_select` seeds over the factors ``r = p - onehot`` [M, C] and ``h`` [M, D] of a
+gathered candidate set (:mod:`pipeline.acquisition.candidates`), never forming ``r ⊗ h``:
+``||r_i ⊗ h_i - r_j ⊗ h_j||² = |r_i|²|h_i|² + |r_j|²|h_j|² - 2 (r_i·r_j)(h_i·h_j)``, so a
+candidate costs ``C + D`` floats (the materialised embeddings would cost ``C x D``) and one
+distance ``O(C + D)`` operations. The tests check it against brute force on materialised embeddings.
 
 Cost of :func:`badge_select`: seeding is sequential, each pick needs the distance of every
 candidate to the newest centre, so a plain implementation is ``O(k · M · (C + D))`` and reads the
@@ -40,104 +37,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BadgeMemoryError", "badge_embeddings", "badge_select", "check_badge_memory", "kmeanspp_seeding"]
-
-
-class BadgeMemoryError(ValueError):
-    """The BADGE embedding matrix of a subset would exceed the memory budget."""
-
-
-def check_badge_memory(candidates: int, num_classes: int, feature_dim: int, budget_mb: float) -> int:
-    """Bytes of the float32 embedding matrix; raises when it exceeds ``budget_mb``.
-
-    Args:
-        candidates: Rows to embed (the subset size).
-        num_classes: C.
-        feature_dim: D, the penultimate width.
-        budget_mb: Allowed size of the matrix in MiB.
-
-    Returns:
-        The matrix size in bytes.
-
-    Raises:
-        BadgeMemoryError: Naming the size, the budget and how to fit it.
-    """
-    size = candidates * num_classes * feature_dim * 4
-    if size > budget_mb * 2**20:
-        raise BadgeMemoryError(
-            f"BADGE needs {candidates} x {num_classes} x {feature_dim} float32 embeddings = {size / 2**20:.0f} MiB, "
-            f"over the budget of {budget_mb:.0f} MiB (set subset= smaller, or raise badge_memory_mb=)"
-        )
-    return size
-
-
-def badge_embeddings(logits: Tensor, features: Tensor) -> Tensor:
-    """Last-layer gradient embeddings of a batch.
-
-    Args:
-        logits: ``[B, C]`` classifier outputs.
-        features: ``[B, D]`` inputs of the classifier's last linear layer.
-
-    Returns:
-        ``[B, C * D]`` float32: ``(p - onehot(argmax p))`` outer ``h``, flattened class-major.
-    """
-    probs = torch.softmax(logits.float(), dim=1)
-    residual = probs - torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
-    return (residual[:, :, None] * features.float()[:, None, :]).flatten(1)
-
-
-def kmeanspp_seeding(embeddings: Tensor, k: int, seed: int) -> list[int]:
-    """k-means++ seeding as in the authors' code: the largest-norm point first, then each next
-    centre drawn with probability proportional to its squared distance to the nearest centre.
-
-    Args:
-        embeddings: ``[N, E]`` candidate embeddings.
-        k: Centres to pick; at most N are returned.
-        seed: Seed of the draws (a NumPy generator of its own, never a global one).
-
-    Returns:
-        Indices into ``embeddings``, in pick order, without repeats. When every remaining point
-        coincides with a centre (all distances 0), the rest are drawn uniformly.
-    """
-    n = embeddings.shape[0]
-    k = min(k, n)
-    if k <= 0:
-        return []
-    points = embeddings.double()
-    squared_norms = (points * points).sum(dim=1)  # [N]; distances by ||x||² - 2 x·c + ||c||², no [N, E] temporaries
-    rng = np.random.default_rng(seed)
-    first = int(torch.argmax(squared_norms))
-    picks = [first]
-    chosen = np.zeros(n, dtype=bool)
-    chosen[first] = True
-    nearest = _distances_squared(points, squared_norms, first)
-    while len(picks) < k:
-        weights = np.where(chosen, 0.0, nearest.numpy())
-        cumulative = np.cumsum(weights)
-        total = cumulative[-1]
-        if total > 0:
-            # Inverse-CDF draw: one uniform against the cumulative weights.
-            index = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
-            index = min(index, n - 1)
-            if chosen[index]:  # only reachable through rounding at a zero-weight boundary
-                index = int(np.flatnonzero(~chosen)[np.argmax(weights[~chosen])])
-        else:
-            index = int(rng.choice(np.flatnonzero(~chosen)))
-        picks.append(index)
-        chosen[index] = True
-        nearest = torch.minimum(nearest, _distances_squared(points, squared_norms, index))
-    return picks
-
-
-def _distances_squared(points: Tensor, squared_norms: Tensor, centre: int) -> Tensor:
-    distances = squared_norms - 2.0 * (points @ points[centre]) + squared_norms[centre]
-    return distances.clamp_(min=0.0)
+__all__ = ["badge_select"]
 
 
 def badge_select(residuals: np.ndarray | Tensor, features: np.ndarray | Tensor, k: int, seed: int) -> list[int]:
     """k-means++ seeding over the gradient embeddings ``residuals[i] ⊗ features[i]`` in factored form.
 
-    The seeding of :func:`kmeanspp_seeding` (largest norm first, then each next centre drawn with
+    The seeding of the authors' code (largest norm first, then each next centre drawn with
     probability proportional to its squared distance to the nearest centre), with the draw's
     inverse CDF laid over the rows grouped by nearest centre: one uniform per pick from
     ``numpy.random.default_rng(seed)`` picks a centre's group by the groups' cumulative weights,
@@ -152,7 +58,7 @@ def badge_select(residuals: np.ndarray | Tensor, features: np.ndarray | Tensor, 
 
     Returns:
         Row indices in pick order, without repeats. When every remaining row coincides with a
-        centre (all distances 0), the rest are drawn uniformly, as in :func:`kmeanspp_seeding`.
+        centre (all distances 0), the rest are drawn uniformly.
 
     Raises:
         ValueError: If the two factors disagree on M.

@@ -7,7 +7,7 @@ from pipeline.simulation.chain import SimulationProtocol, initial_keys, subset_r
 from pipeline.simulation.config import ENGINES, MODEL_FREE, MODES, SimulateConfig
 from pipeline.simulation.fit import NetworkWeights, TrainedModel, evaluate, train_in_memory
 from pipeline.simulation.loop import ChainSteps, CycleModel, CycleRow, FirstCycles, Picked, run_cycles
-from pipeline.simulation.memory import InMemorySteps, check_badge_budget, in_memory
+from pipeline.simulation.memory import InMemorySteps, check_candidate_budget, in_memory
 from pipeline.simulation.query import classifier_head, query_in_memory, score_rows
 from pipeline.simulation.results import write_results
 
@@ -26,7 +26,7 @@ __all__ = [
     "SimulateConfig",
     "SimulationProtocol",
     "TrainedModel",
-    "check_badge_budget",
+    "check_candidate_budget",
     "classifier_head",
     "evaluate",
     "in_memory",

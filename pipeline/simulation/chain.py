@@ -27,7 +27,8 @@ class SimulationProtocol:
     batch_size: int
     warm_start: bool
     augment: str
-    badge_memory_mb: float = 2048.0
+    candidates: int | None = None
+    candidate_memory_mb: float = 1024.0
     device: str = "cpu"
 
 

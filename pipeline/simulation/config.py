@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipeline.acquisition import Chain, parse_chain
+from pipeline.acquisition import Chain, SelectionSpec, parse_chain
 from pipeline.augment import AUGMENT_PRESETS
 from pipeline.models import available_models
 from pipeline.proxy.alignment import AlignmentPolicy
@@ -45,7 +45,8 @@ class SimulateConfig:
     warm_start: bool = False  # the reference implementation keeps the model across cycles
     augment: str = "none"  # training augmentation preset: none | cifar | gray28 | imagenet
     beta: float = 1.0  # inverse temperature of stochastic chains (lplgrad+power, ...)
-    badge_memory_mb: float = 2048.0  # BADGE's subset x classes x features embedding budget
+    candidates: int | None = None  # badge, cluster-margin: the M smallest-margin rows they pick from (default 10k)
+    candidate_memory_mb: float = 1024.0  # ... and their M x (C + D) floats' budget, checked before any training
     engine: str = "memory"  # memory: one process, pool in memory | ray: every cycle through the Ray jobs
     threads: int | None = None  # memory engine: torch threads (default: torch's choice)
     modes: tuple[str, ...] = ("full",)  # full | proxy | proxy-aligned
@@ -64,22 +65,20 @@ class SimulateConfig:
             raise ValueError("pool is required: a pool whose samples carry their true labels")
         if not self.strategies:
             raise ValueError("strategies must name at least one chain, e.g. [lplgrad, entropy, random]")
-        chains = self.chains()  # validates every name
+        self.chains()  # validates every name
         if self.engine not in ENGINES:
             raise ValueError(f"engine {self.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
         if self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"augment {self.augment!r} is unknown; choose one of {', '.join(AUGMENT_PRESETS)}")
-        if self.engine == "ray" and any(c.strategy == "badge" for c in chains):
-            raise ValueError("badge runs with engine=memory only (its embeddings are gathered in one process)")
         if self.engine == "memory" and any(m != "full" for m in self.modes):
             raise ValueError("proxy modes run through the Ray jobs: set engine=ray")
-        if self.badge_memory_mb <= 0:
-            raise ValueError(f"badge_memory_mb must be positive, got {self.badge_memory_mb}")
         if self.model not in available_models():
             raise ValueError(f"model {self.model!r} is unknown; choose one of {', '.join(available_models())}")
         for name in ("initial", "per_cycle", "cycles", "epochs", "batch_size", "num_workers", "actors"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # The query's own checks of candidates (>= k) and candidate_memory_mb (> 0), with k = per_cycle.
+        SelectionSpec("badge", self.per_cycle, candidates=self.candidates, candidate_memory_mb=self.candidate_memory_mb)
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         if not self.modes or any(m not in MODES for m in self.modes):
@@ -107,6 +106,7 @@ class SimulateConfig:
             batch_size=self.batch_size,
             warm_start=self.warm_start,
             augment=self.augment,
-            badge_memory_mb=self.badge_memory_mb,
+            candidates=self.candidates,
+            candidate_memory_mb=self.candidate_memory_mb,
             device="cuda" if self.gpus and torch.cuda.is_available() else "cpu",
         )

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.acquisition import Chain, check_badge_memory
+from pipeline.acquisition import DIVERSE_STRATEGIES, Chain, SelectionSpec, check_candidate_memory
 from pipeline.augment import make_augment
 from pipeline.checkpoint import ModelSpec
 from pipeline.pools import DecodeSpec, spec_for_model
@@ -23,7 +23,7 @@ from pipeline.simulation.fit import TrainedModel, evaluate, train_in_memory
 from pipeline.simulation.loop import CycleModel, Picked
 from pipeline.simulation.query import classifier_head, query_in_memory
 
-__all__ = ["InMemorySteps", "check_badge_budget", "in_memory"]
+__all__ = ["InMemorySteps", "check_candidate_budget", "in_memory"]
 
 
 class InMemorySteps:
@@ -86,18 +86,43 @@ class InMemorySteps:
             labeled_rows,
             self.protocol.per_cycle,
             seed,
-            self.protocol.badge_memory_mb,
+            self.protocol.candidate_memory_mb,
+            self.protocol.candidates,
         )
         return Picked([self.pool.keys[i] for i in picked], mean_score)
 
 
-def check_badge_budget(chains: Sequence[Chain], spec: ModelSpec, candidates: int, budget_mb: float) -> None:
-    """Refuse, before any training, a BADGE chain whose `candidates` x classes x features
-    embeddings would not fit `budget_mb` (raises `BadgeMemoryError`)."""
-    if not any(c.strategy == "badge" for c in chains):
+def check_candidate_budget(
+    chains: Sequence[Chain],
+    spec: ModelSpec,
+    k: int,
+    budget_mb: float,
+    scoreable: int | None = None,
+    candidates: int | None = None,
+) -> None:
+    """Refuse, before any training, a diverse chain (``badge``, ``cluster-margin``) whose candidate set
+    would not fit ``budget_mb``: the M (``candidates``, default 10 k) smallest-margin rows a query gathers (at most
+    ``scoreable``), each ``C + D`` floats (``check_candidate_memory``, the bound the query job checks
+    before scoring).
+
+    Args:
+        chains: The simulation's chains.
+        spec: The model (C and D are read off its classifier head).
+        k: Rows picked per query.
+        budget_mb: The candidate set's budget in MiB.
+        scoreable: Rows a query scores at most (the in-memory engine's subset or pool); ``None``
+            for the query job, which sizes its gatherer by M alone.
+        candidates: M; ``None`` for the default.
+
+    Raises:
+        CandidateMemoryError: Naming M, C, D, the bytes and the budget.
+    """
+    if not any(c.strategy in DIVERSE_STRATEGIES for c in chains):
         return
     head = classifier_head(spec.build()[0])
-    check_badge_memory(candidates, head.out_features, head.in_features, budget_mb)
+    m = SelectionSpec("badge", k, candidates=candidates, candidate_memory_mb=budget_mb).candidates
+    size = m if scoreable is None else max(1, min(m, scoreable))
+    check_candidate_memory(size, head.out_features, head.in_features, budget_mb)
 
 
 def in_memory(
@@ -107,7 +132,7 @@ def in_memory(
     key's true label, the class names).
 
     Raises:
-        BadgeMemoryError: A BADGE chain whose subset would not fit its budget (before any training).
+        CandidateMemoryError: A diverse chain whose candidate set would not fit its budget (before any training).
         ValueError: A pool sample without a label, or a pool in which nothing decoded.
     """
     if config.threads:
@@ -123,7 +148,10 @@ def in_memory(
         + (f"; {skipped} could not be decoded and are left out" if skipped else "")
     )
     spec = ModelSpec(config.model, len(pool.classes))
-    check_badge_budget(config.chains(), spec, min(config.subset or len(pool), len(pool)), config.badge_memory_mb)
+    scoreable = min(config.subset or len(pool), len(pool))
+    check_candidate_budget(
+        config.chains(), spec, config.per_cycle, config.candidate_memory_mb, scoreable, config.candidates
+    )
 
     def steps(chain: Chain, mode: str, seed: int) -> InMemorySteps:
         return InMemorySteps(chain, seed, pool, test, spec, decode, protocol)

@@ -2,8 +2,9 @@
 the chain (top-k, a stochastic draw, core-set or BADGE).
 
 Scoring goes through the query job's scorer (`GradNormScorer`: LPLgrad, entropy, margin, least
-confidence and the LossNet's predicted loss in one pass); BADGE's gradient embeddings are taken
-from that same pass, by a hook on the classifier's last linear layer.
+confidence and the LossNet's predicted loss in one pass). The diverse strategies (`badge`,
+`cluster-margin`) take the query's own path (`diverse_query`): `RowScorer`'s forward pass with
+embeddings, the smallest-margin candidates gathered, then `select_candidates`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pipeline.acquisition import (
     CandidateGatherer,
     Chain,
     SelectionSpec,
-    badge_embeddings,
     check_candidate_memory,
     classifier_head,
     get_strategy,
@@ -42,21 +42,14 @@ def score_rows(
     images: np.ndarray,
     keys: Sequence[str],
     batch_size: int = 512,
-    badge: bool = False,
     gradnorm: bool = True,
-) -> tuple[dict[str, np.ndarray], Tensor | None]:
-    """Score rows of the candidates and, with ``badge``, their gradient embeddings [N, C*D].
+) -> dict[str, np.ndarray]:
+    """Score rows of the candidates: ``key`` and the scorer's statistics, each [N].
 
     ``gradnorm=False`` skips the backward pass for chains that read no gradient norm (entropy,
-    margin, lpl, BADGE): the same forward, the same statistics, ``score`` left NaN.
+    margin, lpl): the same forward, the same statistics, ``score`` left NaN.
     """
     scorer = GradNormScorer(trained.model, loss_module=trained.lossnet, tap=trained.tap) if gradnorm else None
-    captured: list[Tensor] = []
-    hook = None
-    if badge:
-        hook = classifier_head(trained.model).register_forward_hook(
-            lambda _m, args, out: captured.append(badge_embeddings(out.detach(), args[0].detach().flatten(1)))
-        )
     columns: dict[str, list[np.ndarray]] = {
         name: [] for name in ("score", "entropy", "margin", "least_confidence", "predicted_loss")
     }
@@ -76,11 +69,9 @@ def score_rows(
     finally:
         if scorer is not None:
             scorer.remove()
-        if hook is not None:
-            hook.remove()
     rows = {name: np.concatenate(parts) if parts else np.empty(0, np.float32) for name, parts in columns.items()}
     rows["key"] = np.asarray(keys, dtype=object)
-    return rows, (torch.cat(captured).cpu() if badge and captured else None)
+    return rows
 
 
 @dataclass
@@ -117,7 +108,8 @@ def query_in_memory(
     labeled: np.ndarray,
     k: int,
     seed: int,
-    badge_memory_mb: float = 2048.0,
+    candidate_memory_mb: float = 1024.0,
+    diverse_candidates: int | None = None,
 ) -> tuple[list[int], float]:
     """Rows of ``images`` the chain picks among ``candidates``, and the pass's mean LPLgrad score.
 
@@ -129,8 +121,9 @@ def query_in_memory(
         candidates: Rows that may be picked (the unlabeled random subset).
         labeled: Rows already labeled (core-set's existing centres).
         k: Batch size.
-        seed: Seed of random, stochastic draws and BADGE's k-means++.
-        badge_memory_mb: BADGE's embedding budget, checked before scoring.
+        seed: Seed of random, stochastic draws and the diverse strategies.
+        candidate_memory_mb: The diverse strategies' candidate budget, checked before scoring.
+        diverse_candidates: Their M (default ``10 * k``).
 
     Returns:
         (picked rows in pick order, mean LPLgrad score of the candidates or NaN when not scored).
@@ -145,10 +138,19 @@ def query_in_memory(
         centres = _features(trained.model, images, labeled)
         return [int(candidates[i]) for i in kcenter_greedy(features, centres, k)], float("nan")
     if chain.strategy in DIVERSE_STRATEGIES:
-        picked = diverse_query(chain.strategy, trained, images[candidates], candidate_keys, k, seed, badge_memory_mb)
+        picked = diverse_query(
+            chain.strategy,
+            trained,
+            images[candidates],
+            candidate_keys,
+            k,
+            seed,
+            candidate_memory_mb,
+            candidates=diverse_candidates,
+        )
         return _rows_of(picked, candidate_keys, candidates), float("nan")
     needs_gradnorm = "score" in get_strategy(chain.strategy).fields
-    rows, _ = score_rows(trained, images[candidates], candidate_keys, gradnorm=needs_gradnorm)
+    rows = score_rows(trained, images[candidates], candidate_keys, gradnorm=needs_gradnorm)
     finite = rows["score"][np.isfinite(rows["score"])]
     mean_score = float(finite.mean()) if len(finite) else float("nan")
     return _rows_of(select_by_values(chain, rows, k, seed), candidate_keys, candidates), mean_score
@@ -163,15 +165,16 @@ def diverse_query(
     seed: int,
     memory_mb: float,
     batch_size: int = 512,
+    candidates: int | None = None,
 ) -> list[str]:
     """The keys a diverse strategy (``badge``, ``cluster-margin``) picks, as ``lplgrad query`` does:
-    the forward pass with embeddings (``RowScorer``), the ``10 * k`` smallest-margin rows gathered
-    (``CandidateGatherer``), then ``select_candidates``.
+    the forward pass with embeddings (``RowScorer``), the ``candidates`` (default ``10 * k``)
+    smallest-margin rows gathered (``CandidateGatherer``), then ``select_candidates``.
 
     Raises:
         CandidateMemoryError: When the candidate set would exceed ``memory_mb``, before scoring.
     """
-    spec = SelectionSpec(strategy, k, seed=seed, candidate_memory_mb=memory_mb)
+    spec = SelectionSpec(strategy, k, seed=seed, candidates=candidates, candidate_memory_mb=memory_mb)
     head = classifier_head(trained.model)
     size = min(spec.candidates, len(keys))
     check_candidate_memory(max(size, 1), head.out_features, head.in_features, memory_mb)

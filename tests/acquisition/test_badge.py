@@ -1,4 +1,5 @@
-"""BADGE: gradient embeddings, k-means++ seeding (materialised and factored), and the memory refusal."""
+"""BADGE: gradient embeddings, k-means++ seeding in factored form against brute force on the
+materialised embeddings."""
 
 from __future__ import annotations
 
@@ -8,20 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.acquisition import (
-    BadgeMemoryError,
-    badge_embeddings,
-    badge_select,
-    check_badge_memory,
-    kmeanspp_seeding,
-    prediction_residuals,
-)
+from pipeline.acquisition import badge_select, prediction_residuals
+
+
+def _embeddings(residuals: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The materialised gradient embeddings [N, C * D], class-major: what the factored form avoids."""
+    return (residuals[:, :, None] * features[:, None, :]).flatten(1)
 
 
 def test_embedding_is_the_last_layer_gradient_at_the_predicted_label() -> None:
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     features = torch.tensor([[1.0, 2.0, 3.0], [1.0, -1.0, 0.5]])
-    embedded = badge_embeddings(logits, features)
+    embedded = _embeddings(prediction_residuals(logits), features)
     p = 1 / (1 + math.exp(-2.0))  # softmax of (2, 0) at class 0
     expected_first = torch.tensor([(p - 1) * 1, (p - 1) * 2, (p - 1) * 3, (1 - p) * 1, (1 - p) * 2, (1 - p) * 3])
     assert torch.allclose(embedded[0], expected_first, atol=1e-6)
@@ -34,29 +33,18 @@ def test_embedding_is_the_last_layer_gradient_at_the_predicted_label() -> None:
     assert torch.allclose(weight.grad.flatten(), embedded[0], atol=1e-6)
 
 
-def test_kmeanspp_starts_at_the_largest_norm_and_covers_distant_clusters() -> None:
-    # Three tight, far-apart clusters; the largest-norm point sits in the third.
+def test_seeding_starts_at_the_largest_norm_and_covers_distant_clusters() -> None:
+    # Three tight, far-apart clusters; the largest-norm point sits in the third. Residuals of ones
+    # make the embedding the point itself.
     clusters = [torch.tensor([0.0, 0.0]), torch.tensor([100.0, 0.0]), torch.tensor([0.0, 200.0])]
     points = torch.cat([c + 0.01 * torch.arange(4, dtype=torch.float32)[:, None] for c in clusters])
-    picks = kmeanspp_seeding(points, 3, seed=0)
+    ones = torch.ones(len(points), 1)
+    picks = badge_select(ones, points, 3, seed=0)
     assert picks[0] == 11  # (0.03, 200.03): the largest norm
     assert sorted(p // 4 for p in picks) == [0, 1, 2]  # one per cluster: D² sampling makes it near-certain
-    assert kmeanspp_seeding(points, 3, seed=0) == picks  # reproducible by seed
-    assert len(set(kmeanspp_seeding(points, 12, seed=5))) == 12  # never a repeat
-    assert kmeanspp_seeding(points, 50, seed=0) == kmeanspp_seeding(points, 12, seed=0)  # at most N
-
-
-def test_identical_points_are_drawn_without_repeats() -> None:
-    picks = kmeanspp_seeding(torch.ones(5, 3), 4, seed=1)
-    assert len(set(picks)) == 4 and picks[0] == 0
-
-
-def test_memory_budget_refusal_names_sizes_and_the_fix() -> None:
-    assert check_badge_memory(10_000, 10, 64, budget_mb=100) == 10_000 * 10 * 64 * 4
-    with pytest.raises(
-        BadgeMemoryError, match=r"1000000 x 10 x 512 float32 embeddings = 19531 MiB, over the budget of 2048 MiB"
-    ):
-        check_badge_memory(1_000_000, 10, 512, budget_mb=2048)
+    assert badge_select(ones, points, 3, seed=0) == picks  # reproducible by seed
+    assert len(set(badge_select(ones, points, 12, seed=5))) == 12  # never a repeat
+    assert badge_select(ones, points, 50, seed=0) == badge_select(ones, points, 12, seed=0)  # at most M
 
 
 def _factors(n: int, c: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +86,7 @@ def _grouped_kmeanspp(embeddings: torch.Tensor, k: int, seed: int) -> list[int]:
 def test_factored_seeding_picks_what_brute_force_on_materialised_embeddings_picks(seed: int) -> None:
     logits, features = _factors(300, 4, 6, seed)
     residuals = prediction_residuals(logits).double()
-    embeddings = badge_embeddings(logits, features).double()
-    assert torch.allclose(embeddings, (residuals[:, :, None] * features[:, None, :]).flatten(1))
+    embeddings = _embeddings(residuals, features)
     for k in (1, 25, 120):
         assert badge_select(residuals, features, k, seed) == _grouped_kmeanspp(embeddings, k, seed)
 
@@ -109,7 +96,7 @@ def test_factored_distances_equal_the_materialised_ones() -> None:
 
     logits, features = _factors(50, 3, 5, 7)
     residuals = prediction_residuals(logits).double()
-    embeddings = (residuals[:, :, None] * features[:, None, :]).flatten(1)
+    embeddings = _embeddings(residuals, features)
     seeding = _FactoredSeeding(residuals, features, k=5)
     for centre in (4, 17, 30):
         seeding.add_centre(centre)

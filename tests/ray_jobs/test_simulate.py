@@ -18,7 +18,7 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
     config = simulate.SimulateConfig(
         pool=str(tmp_path / "pool"),
         test_pool=str(tmp_path / "test"),
-        strategies=("lplgrad+power", "coreset"),
+        strategies=("lplgrad+power", "coreset", "badge"),
         seeds=(0,),
         initial=16,
         per_cycle=12,
@@ -38,6 +38,8 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
         ("lplgrad+power", 1, 28),
         ("coreset", 0, 16),
         ("coreset", 1, 28),
+        ("badge", 0, 16),
+        ("badge", 1, 28),
     ]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert (tmp_path / "sim" / "results.csv").exists()
@@ -46,6 +48,10 @@ def test_two_cycle_simulation_writes_results_plot_and_table(ray_local, tmp_path)
     # The stochastic chain went through the query job as a power draw.
     inputs = manifest.read_manifest(str(tmp_path / "sim" / "work" / "lplgrad+power-s0" / "queries" / "c0")).inputs
     assert inputs["strategy"]["name"] == "lplgrad" and inputs["strategy"]["params"]["stochastic"] == "power"
+    # BADGE went through the query job too: its candidate set, within the simulation's budget.
+    badge = manifest.read_manifest(str(tmp_path / "sim" / "work" / "badge-s0" / "queries" / "c0"))
+    assert badge.inputs["strategy"]["name"] == "badge" and badge.counts.selected == 12
+    assert badge.inputs["strategy"]["params"]["candidate_memory_mb"] == config.candidate_memory_mb
     # Both strategies started from the same seeded initial set: the same keys, not just as many.
     work = tmp_path / "sim" / "work"
     keys = {name: set(read_labels(str(work / f"{name}-s0" / "labeled-c0"))[0]) for name in ("lplgrad+power", "coreset")}

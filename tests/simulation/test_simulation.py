@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.acquisition import BadgeMemoryError
+from pipeline.acquisition import CandidateMemoryError
 from pipeline.learning_curves import read_results
 from pipeline.pools import build_pool, synthetic
 from pipeline.simulation import initial_keys, subset_rows
@@ -70,18 +70,18 @@ def test_two_cycles_with_a_stochastic_chain_and_badge_write_every_column(pools, 
     assert "lplgrad+power" in (tmp_path / "sim" / "report.html").read_text()
 
 
-def test_badge_over_budget_is_refused_before_any_training(pools, tmp_path) -> None:
+def test_a_diverse_chain_over_its_candidate_budget_is_refused_before_any_training(pools, tmp_path) -> None:
     config = simulate.JOB.parse_args(
         [
             f"pool={pools / 'pool'}",
             f"test_pool={pools / 'test'}",
             "strategies=[badge]",
-            "badge_memory_mb=0.001",
+            "candidate_memory_mb=0.001",
             f"out={tmp_path / 'sim'}",
             "seeds=[0]",
         ]
     )
-    with pytest.raises(BadgeMemoryError, match="over the budget"):
+    with pytest.raises(CandidateMemoryError, match=r"M=90 x \(C=3 \+ D=\d+\) float32 .* over the budget of 0.001 MiB"):
         simulate.run(config)
     assert not (tmp_path / "sim" / "results.parquet").exists()
 
@@ -89,8 +89,12 @@ def test_badge_over_budget_is_refused_before_any_training(pools, tmp_path) -> No
 def test_configuration_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="unknown strategy 'bald'"):
         simulate.SimulateConfig(pool="x", strategies=("bald",))
-    with pytest.raises(ValueError, match="badge runs with engine=memory only"):
-        simulate.SimulateConfig(pool="x", strategies=("badge",), engine="ray")
+    # The diverse strategies run on both engines (the Ray engine through the query job).
+    assert simulate.SimulateConfig(pool="x", strategies=("badge", "cluster-margin"), engine="ray").engine == "ray"
+    with pytest.raises(ValueError, match="candidate_memory_mb must be positive, got 0"):
+        simulate.SimulateConfig(pool="x", candidate_memory_mb=0)
+    with pytest.raises(ValueError, match="candidates must be an integer >= k=10, got 5"):
+        simulate.SimulateConfig(pool="x", per_cycle=10, candidates=5)
     with pytest.raises(ValueError, match="augment 'crop' is unknown"):
         simulate.SimulateConfig(pool="x", augment="crop")
     with pytest.raises(ValueError, match="proxy modes run through the Ray jobs"):
