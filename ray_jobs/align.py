@@ -82,6 +82,13 @@ class AlignConfig:
     def policy(self) -> AlignmentPolicy:
         return AlignmentPolicy(self.every, self.growth, self.finetune, self.lp_ft_below)  # type: ignore[arg-type]
 
+    def uris(self, backbone: str) -> list[tuple[str, str]]:
+        """(config key, URI) of every location a due round reads or writes, `backbone` the one it
+        fine-tunes (the driver's guard checks them)."""
+        named = [("labeled", self.labeled), ("holdout", self.holdout), ("storage_path", self.storage_path)]
+        named += [("backbone", backbone), *(("features", store) for store in self.features)]
+        return [(key, uri) for key, uri in named if uri]
+
 
 # -- state (committed round by round: pipeline.proxy.alignment) ------------------------------
 
@@ -178,16 +185,7 @@ def run(config: AlignConfig) -> dict[str, Any]:
     aligned = None
     if mode is not None:
         print(connect(config.address))
-        guard_driver(
-            [
-                ("labeled", config.labeled),
-                ("holdout", config.holdout),
-                ("storage_path", config.storage_path),
-                ("backbone", state.backbone),
-                *(("features", store) for store in config.features),
-            ],
-            config.storage_options,
-        )
+        guard_driver(config.uris(state.backbone), config.storage_options)
         print(f"aligning at {labeled} labels ({mode}) from {state.backbone}")
         state, aligned = align(config, state, labeled, mode)
     else:

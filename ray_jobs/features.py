@@ -32,15 +32,7 @@ def start(config: FeaturesConfig) -> None:
 
     def join() -> None:
         print(connect(config.address))
-        guard_driver(
-            [
-                ("pool", config.pool),
-                ("out", config.out),
-                ("checkpoint", config.checkpoint),
-                ("weights", config.weights),
-            ],
-            config.storage_options,
-        )
+        guard_driver(config.uris(), config.storage_options)
 
     extract_features(config, join)  # inputs are checked before Ray starts
 

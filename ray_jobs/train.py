@@ -29,16 +29,7 @@ def run(config: TrainConfig) -> TrainResult:
 def start(config: TrainConfig) -> TrainResult:
     """`lplgrad train`: join Ray, train, print the final checkpoint URI."""
     print(connect(config.address))
-    guard_driver(
-        [
-            ("labeled", config.labeled),
-            ("holdout", config.holdout),
-            ("storage_path", config.storage_path),
-            ("warm_start", config.warm_start),
-            ("init_head", config.init_head),
-        ],
-        config.storage_options,
-    )
+    guard_driver(config.uris(), config.storage_options)
     # Refused before any work when the workers and a read and a decode task can never all fit;
     # a waiting line while the workers' placement group is pending (ray_jobs/_shared/capacity.py).
     check_capacity(training_demands(config.num_workers, config.cpus_per_worker, config.use_gpu))

@@ -71,6 +71,11 @@ class FeaturesConfig:
         if self.batch_size <= 0 or self.actors <= 0:
             raise ValueError("batch_size and actors must be positive")
 
+    def uris(self) -> list[tuple[str, str]]:
+        """(config key, URI) of every location the extraction reads or writes (the driver's guard checks them)."""
+        named = [("pool", self.pool), ("out", self.out), ("checkpoint", self.checkpoint), ("weights", self.weights)]
+        return [(key, uri) for key, uri in named if uri]
+
 
 # -- backbone --------------------------------------------------------------------------------
 
