@@ -2,7 +2,8 @@
 after a commit, and a process killed at each step of the commit, on local files and loopback S3.
 
 Each attempt is this file run as a script (``python tests/manifest/test_commit_protocol.py SPEC``): it
-begins the run, writes its scores, waits at a file barrier, commits, and prints what happened.
+begins the run, writes its scores, waits at a file barrier, commits, and prints what happened. The
+script imports the manifest package alone (no torch): each process starts in about a second.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipeline.acquisition.selection import TopK
 from pipeline.manifest import (
     COMMIT_STEPS,
     PoolShard,
@@ -60,20 +60,23 @@ def attempt(spec: dict[str, Any]) -> int:
         print(json.dumps({"status": "no-op"}))
         return 0
     rng = np.random.default_rng(spec["seed"])  # each attempt scores differently
-    top, summary = TopK(inputs.k), ScoreSummary()
+    summary = ScoreSummary()
     with state.scores_writer(rows_per_part=4) as writer:
         keys = np.array([f"key-{i}" for i in range(8)])
         values = rng.random(8)
         batch = {"key": keys, "shard": np.array(["pool-000000.tar"] * 8), "score": values}
         writer.write(batch)
-        top.add(list(keys), values, selection_rows(batch, values))
+        rows = selection_rows(batch, values)
         summary.add(values, list(keys))
+    # The exact top-k, as the query's TopK keeps it (distinct random scores: no ties to break).
+    best = np.argsort(-values)[: inputs.k]
+    selection = [(str(keys[i]), float(values[i]), rows[i]) for i in best]
     barrier = Path(spec["barrier"])
     (barrier / f"ready-{spec['name']}").touch()
     while not (barrier / f"go-{spec['name']}").exists() and not (barrier / "go").exists():
         time.sleep(0.01)
     try:
-        manifest = commit_run(state, inputs, top.result(), [], scored=8, excluded=0, summary=summary)
+        manifest = commit_run(state, inputs, selection, [], scored=8, excluded=0, summary=summary)
     except RunConflictError as error:
         print(json.dumps({"status": "conflict", "attempt": state.attempt_id, "message": str(error)}))
         return CONFLICT_EXIT

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _python import run_python
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -150,9 +152,7 @@ def port_open(address: str) -> bool:
 def count_nodes(gcs: str, env: dict[str, str]) -> int:
     """Alive nodes of the cluster, asked by a short driver process (-1 when it cannot join yet)."""
     script = "import sys, ray; ray.init(address=sys.argv[1]); print(sum(n['Alive'] for n in ray.nodes()))"
-    done = subprocess.run(
-        [sys.executable, "-c", script, gcs], env=env, capture_output=True, text=True, timeout=120, cwd="/tmp"
-    )
+    done = run_python("-c", script, gcs, env=env, cwd="/tmp", timeout=120)
     try:
         return int(done.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import re
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import yaml
@@ -22,6 +24,45 @@ from ray_jobs._shared.capacity import (
 )
 from ray_jobs._shared.cluster import LOCAL_MIN_CPUS
 from ray_jobs._shared.progress import Progress
+
+
+@dataclass(frozen=True)
+class CpuHog:
+    """An actor holding every CPU of the session's Ray: a task queued beside it stays pending."""
+
+    ray: Any
+    total: float
+    actor: Any
+    work: Any  # a remote function asking for 1 CPU, returning 1
+
+    def queue_one_cpu_task(self) -> Any:
+        """Submit a task asking for 1 CPU; its ObjectRef (it returns 1 once the hog is released)."""
+        return self.work.remote()
+
+    def release(self) -> None:
+        self.ray.kill(self.actor)
+
+
+@pytest.fixture
+def hog(ray_local) -> Any:
+    total = ray_local.cluster_resources()["CPU"]
+
+    @ray_local.remote(num_cpus=total)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    @ray_local.remote(num_cpus=1)
+    def work() -> int:
+        return 1
+
+    actor = Hog.remote()
+    ray_local.get(actor.ready.remote())
+    held = CpuHog(ray_local, total, actor, work)
+    try:
+        yield held
+    finally:
+        held.release()  # again, where the test did: killing a dead actor is a no-op
 
 
 def test_everything_at_once_must_fit_each_on_one_node() -> None:
@@ -62,23 +103,11 @@ def test_on_a_real_fixed_size_ray_too_much_is_refused_and_enough_passes(ray_loca
     check_capacity(query_demands(actors=1, cpus_per_actor=0.5))
 
 
-def test_a_stalled_job_prints_a_waiting_line_and_gives_up_after_the_bound(ray_local) -> None:
-    total = ray_local.cluster_resources()["CPU"]
-
-    @ray_local.remote(num_cpus=total)
-    class Hog:
-        def ready(self) -> bool:
-            return True
-
-    @ray_local.remote(num_cpus=1)
-    def work() -> int:
-        return 1
-
-    hog = Hog.remote()
-    ray_local.get(hog.ready.remote())
+def test_a_stalled_job_prints_a_waiting_line_and_gives_up_after_the_bound(ray_local, hog) -> None:
+    total = hog.total
     stream, gave_up = io.StringIO(), []
     try:
-        pending = work.remote()
+        pending = hog.queue_one_cpu_task()
         watch = watch_pending(
             "query",
             interval_s=0.5,
@@ -91,7 +120,7 @@ def test_a_stalled_job_prints_a_waiting_line_and_gives_up_after_the_bound(ray_lo
             while not gave_up and time.monotonic() < deadline:
                 time.sleep(0.2)
     finally:
-        ray_local.kill(hog)
+        hog.release()
     assert ray_local.get(pending, timeout=120) == 1
     lines = stream.getvalue().splitlines()
     assert gave_up and watch.lines >= 2 and gave_up[0][0] == "query", lines
@@ -99,52 +128,27 @@ def test_a_stalled_job_prints_a_waiting_line_and_gives_up_after_the_bound(ray_lo
     assert lines[-1].endswith("gives up after 3 s)") and "1 x {1 CPU}" in gave_up[0][1], lines
 
 
-def test_a_job_that_makes_progress_is_not_waiting(ray_local) -> None:
-    total = ray_local.cluster_resources()["CPU"]
-
-    @ray_local.remote(num_cpus=total)
-    class Hog:
-        def ready(self) -> bool:
-            return True
-
-    @ray_local.remote(num_cpus=1)
-    def work() -> int:
-        return 1
-
-    hog = Hog.remote()
-    ray_local.get(hog.ready.remote())
+def test_a_job_that_makes_progress_is_not_waiting(ray_local, hog) -> None:
     stream, progress = io.StringIO(), Progress("score", None, "rows", stream=io.StringIO(), tty=False)
     try:
-        pending = work.remote()  # pending beside a job whose own steps keep coming: backpressure, not a stall
+        # Pending beside a job whose own steps keep coming: backpressure, not a stall.
+        pending = hog.queue_one_cpu_task()
         with watch_pending("query", progress=lambda: progress.done, interval_s=0.3, stream=stream):
             for _ in range(10):
                 progress.update(1)
                 time.sleep(0.3)
     finally:
-        ray_local.kill(hog)
+        hog.release()
     ray_local.get(pending, timeout=120)
     assert stream.getvalue() == ""
 
 
-def test_a_training_job_waits_on_its_workers_placement_group_only(ray_local) -> None:
+def test_a_training_job_waits_on_its_workers_placement_group_only(ray_local, hog) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    total = ray_local.cluster_resources()["CPU"]
-
-    @ray_local.remote(num_cpus=total)
-    class Hog:
-        def ready(self) -> bool:
-            return True
-
-    @ray_local.remote(num_cpus=1)
-    def work() -> int:
-        return 1
-
-    hog = Hog.remote()
-    ray_local.get(hog.ready.remote())
     stream = io.StringIO()
     try:
-        pending = work.remote()  # a data task queued: not what training waits on
+        pending = hog.queue_one_cpu_task()  # a data task queued: not what training waits on
         group = placement_group([{"CPU": 0.5}, {"CPU": 0.5}])  # the workers' bundles
         with watch_pending("train", interval_s=0.5, stream=stream, groups_only=True) as watch:
             deadline = time.monotonic() + 60
@@ -152,7 +156,7 @@ def test_a_training_job_waits_on_its_workers_placement_group_only(ray_local) -> 
                 time.sleep(0.2)
         remove_placement_group(group)
     finally:
-        ray_local.kill(hog)
+        hog.release()
     ray_local.get(pending, timeout=120)
     line = stream.getvalue().splitlines()[0]
     assert "for 2 x {0.5 CPU} to start" in line and "{1 CPU}" not in line, line

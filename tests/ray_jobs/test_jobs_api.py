@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import re
 import secrets
-import subprocess
-import sys
 import time
 
 import pytest
 import yaml
+from _python import run_python
 from _ray_nodes import ROOT, node_env, port_open, start_node, wait_for
 
 pytestmark = pytest.mark.ray
@@ -137,14 +136,10 @@ def test_a_query_larger_than_the_fixed_size_cluster_is_refused_before_any_work(h
 def test_a_driver_without_the_clusters_token_says_how_to_pass_it(head, pools, trained, token) -> None:
     env = node_env(PYTHONPATH=str(ROOT), **({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {}))
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "ray_jobs.query", f"pool={pools['unlabeled']}", f"checkpoint={trained}", "k=3"]
-        + [f"out={head['data'] / 'refused'}", f"address={head['node'].gcs}"],
-        cwd=ROOT,
+    done = run_python(
+        *["-m", "ray_jobs.query", f"pool={pools['unlabeled']}", f"checkpoint={trained}", "k=3"],
+        *[f"out={head['data'] / 'refused'}", f"address={head['node'].gcs}"],
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert done.returncode == 2, done.stderr[-3000:]
     line = done.stderr.strip().splitlines()[-1]

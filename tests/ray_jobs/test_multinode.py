@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import subprocess
-import sys
 
 import pytest
+from _python import run_python
 from _ray_nodes import ROOT, count_nodes, node_env, port_open, start_node, stop_nodes, wait_for
 
 pytestmark = pytest.mark.ray
@@ -50,27 +49,14 @@ def cluster():
 
 def driver(cluster, module: str, *overrides: str, timeout: float = 480) -> str:
     """Run `python -m module overrides... address=HEAD` as a user's driver; its stdout."""
-    done = subprocess.run(
-        [sys.executable, "-m", module, *overrides, f"address={cluster['address']}"],
-        cwd=ROOT,
-        env={**cluster["env"], "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    env = {**cluster["env"], "PYTHONPATH": str(ROOT)}
+    done = run_python("-m", module, *overrides, f"address={cluster['address']}", env=env, timeout=timeout)
     assert done.returncode == 0, f"{module}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done.stdout
 
 
 def placement(cluster) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", PLACEMENT, cluster["address"]],
-        env=cluster["env"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd="/tmp",
-    )
+    done = run_python("-c", PLACEMENT, cluster["address"], env=cluster["env"], cwd="/tmp", timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -1,7 +1,8 @@
 """Proxy mode end to end on a local Ray: feature extraction into a store (incremental, error rows,
 a new backbone), proxy training on the labeled features, proxy queries whose selection is the
 exact top-k of the head's gradient norms, the refusals that come before any scoring, S3, and
-LP-FT's probe reaching the training workers. Tests share one pool and run in file order."""
+LP-FT's probe reaching the training workers. Tests share one pool, its feature store (backbone a) and
+an MLP proxy trained on it (module fixtures); a test that changes the pool or the store puts it back."""
 
 from __future__ import annotations
 
@@ -88,12 +89,28 @@ def extract(env: dict[str, Any], checkpoint: str, **overrides: Any):
     return features.run(features.FeaturesConfig(**values))
 
 
+@pytest.fixture(scope="module")
+def store(env) -> str:
+    """The pool's feature store under backbone a (tests that change it extract with a again)."""
+    extract(env, env["a"])
+    return env["store"]
+
+
+@pytest.fixture(scope="module")
+def mlp_proxy(env, store) -> str:
+    """An MLP proxy head trained on the labeled samples' features; its checkpoint directory."""
+    config = proxy.ProxyConfig(
+        labeled=env["labeled"], features=(store,), out=str(env["root"] / "proxy"), kind="mlp", hidden=16, epochs=5
+    )
+    return proxy.run(config).checkpoint
+
+
 def generations(store) -> dict[str, str]:
     return {Path(s.uri).name: s.generation for s in store.shards}
 
 
-def test_extraction_stores_every_sample_with_the_backbones_features(env) -> None:
-    store = extract(env, env["a"])
+def test_extraction_stores_every_sample_with_the_backbones_features(env, store) -> None:
+    store = extract(env, env["a"])  # as the fixture left it: nothing to extract
     assert store.num_rows == 3 * PER_SHARD and sum(s.errors for s in store.shards) == 1
     assert store.backbone.dim == 64 and store.backbone.model == "small_cnn"
     errors = {
@@ -111,21 +128,26 @@ def test_extraction_stores_every_sample_with_the_backbones_features(env) -> None
     np.testing.assert_allclose(store.lookup(keys), penultimate_features(model, images).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_unchanged_shards_are_not_extracted_again_and_a_rewritten_one_alone_is(env) -> None:
-    before = open_store(env["store"])
+def test_unchanged_shards_are_not_extracted_again_and_a_rewritten_one_alone_is(env, store) -> None:
+    before = open_store(store)
     again = extract(env, env["a"])
     assert generations(again) == generations(before)
-    samples, _ = shard_samples(200, seed=9)
-    write_shard(Path(env["pool"]) / "shard-0002.tar", samples)
-    after = extract(env, env["a"])
+    shard = Path(env["pool"]) / "shard-0002.tar"
+    original = shard.read_bytes()
+    write_shard(shard, shard_samples(200, seed=9)[0])
+    try:
+        after = extract(env, env["a"])
+    finally:
+        shard.write_bytes(original)
     changed = {name for name, g in generations(after).items() if g != generations(before)[name]}
     assert changed == {"shard-0002.tar"}
     keys = {k for t in after.iter_tables(("key",)) for k in t.column("key").to_pylist()}
     assert "s0200" in keys and "s0085" not in keys  # the old rows of shard 2 are gone from view
     assert after.num_rows == 3 * PER_SHARD
+    assert len(extract(env, env["a"]).lookup(["s0085"])) == 1  # the pool and store as the other tests know them
 
 
-def test_a_new_backbone_reextracts_everything_and_drops_old_generations(env) -> None:
+def test_a_new_backbone_reextracts_everything_and_drops_old_generations(env, store) -> None:
     store = extract(env, env["b"])
     assert len(set(generations(store).values())) == 1
     assert len(list((Path(env["store"]) / "generations").iterdir())) == 1
@@ -148,20 +170,10 @@ def brute_force(store_uri: str, checkpoint: str, excluded: set[str], k: int) -> 
     return select_topk(keys, scores.numpy(), k)
 
 
-def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -> None:
-    trained = proxy.run(
-        proxy.ProxyConfig(
-            labeled=env["labeled"],
-            features=(env["store"],),
-            out=str(env["root"] / "proxy"),
-            kind="mlp",
-            hidden=16,
-            epochs=5,
-        )
-    )
+def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, mlp_proxy, capsys) -> None:
     written = querying.query(
         querying.QuerySpec(
-            checkpoint=trained.checkpoint,
+            checkpoint=mlp_proxy,
             strategy="lplgrad",
             features=env["store"],
             k=10,
@@ -173,7 +185,7 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -
         )
     )
     selection = manifest.load(str(env["root"] / "queries" / "p1")).column("key").to_pylist()
-    assert selection == brute_force(env["store"], trained.checkpoint, env["labeled_keys"], 10)
+    assert selection == brute_force(env["store"], mlp_proxy, env["labeled_keys"], 10)
     assert not set(selection) & env["labeled_keys"]
     assert written.inputs["features"]["store"] == env["store"]
     assert written.inputs["features"]["backbone_sha256"] == open_store(env["store"]).backbone.sha256
@@ -185,8 +197,8 @@ def test_proxy_query_selects_the_exact_topk_and_records_its_store(env, capsys) -
     assert f"proxy       features {env['store']}" in capsys.readouterr().out
 
 
-def test_refusals_before_any_scoring(env) -> None:
-    trained = str(env["root"] / "proxy")
+def test_refusals_before_any_scoring(env, mlp_proxy) -> None:
+    trained = mlp_proxy
     base = dict(checkpoint=trained, features=env["store"], k=5, out=str(env["root"] / "refused"), run_id="r")
     with pytest.raises(CheckpointError, match="is a proxy checkpoint: pass features="):
         querying.prepare(querying.QuerySpec(**{**base, "features": None, "pool": env["pool"]}))
@@ -209,12 +221,12 @@ def test_refusals_before_any_scoring(env) -> None:
         lookup_features([open_store(env["store"])], ["s0001", "not-a-key"])
 
 
-def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
+def test_features_and_proxy_query_on_s3(env, store, s3_server) -> None:
     fs = s3fs.S3FileSystem(**s3_server.storage_options)
     root = s3_server.uri()  # unique per call: every URI below lives under it
     fs.put(env["pool"] + "/", root[len("s3://") :] + "/pool/", recursive=True)
     options = s3_server.storage_options
-    store = features.run(
+    remote = features.run(
         features.FeaturesConfig(
             pool=f"{root}/pool",
             out=f"{root}/store",
@@ -224,10 +236,10 @@ def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
             storage_options=options,
         )
     )
-    assert store.num_rows == 3 * PER_SHARD
+    assert remote.num_rows == 3 * PER_SHARD
     assert fs.exists(f"{root[len('s3://') :]}/store/store.json")
-    local = open_store(env["store"])
-    np.testing.assert_allclose(store.lookup(["s0001", "s0046"]), local.lookup(["s0001", "s0046"]), rtol=1e-5, atol=1e-6)
+    keys = ["s0001", "s0046"]
+    np.testing.assert_allclose(remote.lookup(keys), open_store(store).lookup(keys), rtol=1e-5, atol=1e-6)
     trained = proxy.run(
         proxy.ProxyConfig(
             labeled=env["labeled"],
@@ -255,10 +267,10 @@ def test_features_and_proxy_query_on_s3(env, s3_server) -> None:
     assert len(manifest.load(f"{root}/queries/s3", options)) == 7
 
 
-def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
+def test_lp_ft_starts_training_from_the_linear_probe(env, store, mlp_proxy, monkeypatch) -> None:
     probe = proxy.run(
         proxy.ProxyConfig(
-            labeled=env["labeled"], features=(env["store"],), out=str(env["root"] / "probe"), kind="linear", epochs=5
+            labeled=env["labeled"], features=(store,), out=str(env["root"] / "probe"), kind="linear", epochs=5
         )
     ).checkpoint
     weight, bias = build_from_checkpoint(load_checkpoint(probe))[0].raw_linear()
@@ -279,7 +291,6 @@ def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
     tuned = build_from_checkpoint(load_checkpoint(train.run(config).checkpoint))[0]
     torch.testing.assert_close(tuned.fc.weight, weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tuned.fc.bias, bias, rtol=1e-5, atol=1e-6)
-    mlp = str(env["root"] / "proxy")
     with pytest.raises(CheckpointError, match="must be a linear proxy checkpoint"):
         train.run(
             train.TrainConfig(
@@ -290,7 +301,7 @@ def test_lp_ft_starts_training_from_the_linear_probe(env, monkeypatch) -> None:
                 num_workers=1,
                 storage_path=str(env["root"] / "lpft"),
                 name="bad",
-                init_head=mlp,
+                init_head=mlp_proxy,
             )
         )
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _python import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,14 +23,7 @@ gpu_check.main(sys.argv[1:])
 def test_cpu_smoke_without_ray_writes_the_scorer_figures_and_skips_ray(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_RAY, "--cpu-smoke", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_python("-c", WITHOUT_RAY, "--cpu-smoke", "--out", str(out), env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["cpu_smoke"] and report["device"] == "cpu"
