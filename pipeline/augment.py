@@ -28,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["AUGMENT_PRESETS", "BatchAugment", "augment_generator", "make_augment"]
 
@@ -78,6 +76,8 @@ class BatchAugment:
         elif self.padding > 0:
             out = self._padded_crop(out, generator)
         if self.flip:
+            from torchvision.transforms.v2 import functional as TF  # see _resized_crop
+
             flip = (torch.rand(out.shape[0], generator=generator) < 0.5).to(out.device)
             out = torch.where(flip[:, None, None, None], TF.horizontal_flip(out), out)
         return out
@@ -114,6 +114,10 @@ class BatchAugment:
         y0 = torch.rand(b, generator=generator) * (h - ch)
         boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1)
         boxes = boxes.to(images.device, images.dtype)
+        # Imported here: torchvision's ops import torch._dynamo (about 2 CPU-s), which every Ray
+        # worker that imports the library would pay for at start-up, augmenting or not.
+        from torchvision.ops import roi_align
+
         # Bilinear resampling of each box to the input size, all images in one batched call.
         return roi_align(images, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 

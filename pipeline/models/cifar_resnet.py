@@ -12,7 +12,6 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock
 
 from pipeline.models.registry import register_model
 
@@ -47,6 +46,10 @@ class CifarResNet18(nn.Module):
         self._init_weights()
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        # Imported on first build: importing torchvision imports torch._dynamo (about 2 CPU-s),
+        # which every process importing the model registry would pay for, this model or not.
+        from torchvision.models.resnet import BasicBlock
+
         downsample = None
         if stride != 1 or self._inplanes != planes:
             # Projection shortcut when the block changes resolution or width.
