@@ -16,7 +16,9 @@ CPU accounting: read tasks reserve ``read_num_cpus=0.5`` (they alternate between
 storage and parsing tar headers), decode tasks ``decode_num_cpus=1`` (pure CPU work: reserving
 less oversubscribes the cores and halved throughput on a 2-core machine, see
 ``benchmarks/bench_read.py``). Lower both when scoring actors hold most of the CPUs, so reads
-can still be scheduled beside them.
+can still be scheduled beside them. The query reads and decodes in one task per shard instead
+(``read_num_cpus == decode_num_cpus``, ``concurrency``, ``block_rows``): a worker process per
+task at once costs its imports, and small blocks let scoring start on a shard's first rows.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def read_pool_raw(
     attempts: int = DEFAULT_ATTEMPTS,
     override_num_blocks: int | None = None,
     shards: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    task_per_shard: bool = False,
 ) -> RawPool:
     """Check a pool and open its good shards with ``read_webdataset``, bytes undecoded.
 
@@ -102,6 +106,10 @@ def read_pool_raw(
         attempts: Tries per storage operation.
         override_num_blocks: Passed to ``read_webdataset``.
         shards: Read only these shards of the pool (``ShardRef.uri`` values); ``None``: all.
+        concurrency: At most this many read tasks at once (``None``: as many as resources allow).
+        task_per_shard: One read task per shard, its output cut into blocks by the dataset's
+            ``target_max_block_size`` (instead of Ray's split of each task's output, which keeps a
+            read from fusing with the stages after it).
 
     Returns:
         The :class:`RawPool`.
@@ -130,7 +138,8 @@ def read_pool_raw(
             decoder=None,  # keep payloads as bytes: the library decides what is safe to decode
             num_cpus=read_num_cpus,
             shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
-            override_num_blocks=override_num_blocks,
+            override_num_blocks=len(result.good) if task_per_shard else override_num_blocks,
+            concurrency=concurrency,
         )
     return RawPool(raw, tuple(problems), uri_prefix(pool.fs), pool.classes)
 
@@ -157,7 +166,8 @@ def decode(
     *,
     shard_prefix: str = "",
     num_cpus: float = 1.0,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
+    concurrency: int | None = None,
 ) -> Dataset:
     """Decode raw pool rows into model inputs with ``map_batches`` CPU tasks.
 
@@ -166,7 +176,8 @@ def decode(
         spec: Target shape, normalisation and class count.
         shard_prefix: ``RawPool.shard_prefix``: turns ``__url__`` into a shard URI.
         num_cpus: CPUs reserved per decode task.
-        batch_size: Samples per decode call.
+        batch_size: Samples per decode call (``None``: a block per call).
+        concurrency: At most this many decode tasks at once (``None``: as many as resources allow).
 
     Returns:
         Rows ``key`` (string), ``shard`` (string), ``image`` (float32 tensor ``[C, H, W]``),
@@ -179,6 +190,7 @@ def decode(
         batch_format="numpy",
         batch_size=batch_size,
         num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
     )
 
 
@@ -224,6 +236,8 @@ def read_pool(
     attempts: int = DEFAULT_ATTEMPTS,
     prefilter: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     shards: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    block_rows: int | None = None,
 ) -> Dataset:
     """Read and decode a pool: the dataset later jobs score or train on.
 
@@ -246,6 +260,15 @@ def read_pool(
             query job drops rows outside a random subset and excluded rows there, so
             that they cost no decoding.
         shards: Read only these shards (see :func:`read_pool_raw`).
+        concurrency: At most this many read and decode tasks at once (``None``: as many as
+            resources allow; each is a worker process that imports the decoder first). With
+            ``read_num_cpus == decode_num_cpus``, Ray Data runs read, prefilter and decode as one
+            task per shard.
+        block_rows: About this many decoded rows per output block (``None``: Ray's block size,
+            128 MiB, which holds a whole 28x28 shard): a task hands its first rows downstream
+            while it decodes the rest, so scoring starts early and overlaps decoding. With it,
+            the prefilter and the decoder take a block per call (`batch_size` is not used), so
+            that they fuse with the read.
 
     Returns:
         Rows ``key, shard, image, label, error, meta``.
@@ -263,18 +286,38 @@ def read_pool(
         read_num_cpus=read_num_cpus,
         attempts=attempts,
         shards=shards,
+        concurrency=concurrency,
+        task_per_shard=block_rows is not None,
     )
     if spec.num_classes is None and raw.classes is not None:
         spec = dataclasses.replace(spec, num_classes=len(raw.classes))
     parts = []
     if raw.dataset is not None:
         dataset = raw.dataset
+        # Streaming blocks: a block per call, as a batch size would keep the read from fusing with the
+        # stages after it (Ray Data does not fuse a read into a map that regroups rows).
+        batch_size = None if block_rows is not None else batch_size
+        if block_rows is not None:  # the dataset's own context (a copy): every stage built on it
+            row_bytes = 4 * int(np.prod(spec.shape)) + 256  # float32 image plus key, shard and columns
+            current = dataset.context.target_max_block_size or block_rows * row_bytes
+            dataset.context.target_max_block_size = min(current, block_rows * row_bytes)
         if prefilter is not None:
             dataset = dataset.map_batches(
-                prefilter, batch_format="numpy", batch_size=batch_size, num_cpus=read_num_cpus
+                prefilter,
+                batch_format="numpy",
+                batch_size=batch_size,
+                num_cpus=read_num_cpus,
+                compute=ray.data.TaskPoolStrategy(size=concurrency),
             )
         parts.append(
-            decode(dataset, spec, shard_prefix=raw.shard_prefix, num_cpus=decode_num_cpus, batch_size=batch_size)
+            decode(
+                dataset,
+                spec,
+                shard_prefix=raw.shard_prefix,
+                num_cpus=decode_num_cpus,
+                batch_size=batch_size,
+                concurrency=concurrency,
+            )
         )
     if raw.bad_shards:
         parts.append(_shard_error_rows(raw.bad_shards, spec))

@@ -77,6 +77,7 @@ def no_ray(monkeypatch):
 CASES = {
     "k=0": (["k=0"], "k must be positive"),
     "k=-1": (["k=-1"], "k must be positive"),
+    "decoders=0": (["decoders=0"], "decoders must be positive"),
     "k=abc": (["k=abc"], "k"),
     "unknown key": (["kk=3"], "unknown config key"),
     "k: ten in YAML": (["--config", "{root}/ten.yaml"], "k"),

@@ -36,8 +36,9 @@ class QuerySpec:
     run_id: str | None = None  # default: a UTC timestamp; nightly runs pass the date
     batch_size: int = 128
     actors: int = 1
-    cpus_per_actor: float = 0.5  # with a read (0.5) and a decode (1) task, fits a 2-CPU node (docs/cluster.md)
+    cpus_per_actor: float = 0.5  # beside a read-and-decode task (1), fits a 2-CPU node (docs/cluster.md)
     gpus_per_actor: float = 0.0
+    decoders: int | None = None  # read-and-decode tasks at once, each a worker process (default: one per actor)
     subset: int | None = None  # score a random subset of about this many samples (paper: 10k)
     stochastic: str | None = None  # power | softmax | softrank (stochastic batch acquisition)
     beta: float = 1.0
@@ -54,8 +55,8 @@ class QuerySpec:
         if not (self.pool or self.features) or not self.checkpoint:
             raise ValueError("pool (or, for a proxy, features) and checkpoint are required (pool=URI checkpoint=URI)")
         self.selection()  # the spec checks strategy, k and the stochastic draw
-        if self.batch_size <= 0 or self.actors <= 0:
-            raise ValueError("batch_size and actors must be positive")
+        if self.batch_size <= 0 or self.actors <= 0 or (self.decoders is not None and self.decoders <= 0):
+            raise ValueError("batch_size, actors and decoders must be positive")
         if self.subset is not None and self.subset <= 0:
             raise ValueError(f"subset must be positive, got {self.subset}")
         if self.norm not in NORMS:

@@ -18,6 +18,7 @@ from pipeline.pools import ResolvedPool, spec_for_model
 from pipeline.proxy import feature_batch
 from pipeline.scoring import RowScorer
 from pipeline.storage import arrow_filesystem, filesystem_for, is_local, uri_prefix
+from ray_jobs._shared.capacity import DECODE_CPUS
 from ray_jobs._shared.pool_data import read_pool, read_pool_raw
 from ray_jobs._shared.querying._spec import PreparedQuery, QuerySpec
 from ray_jobs._shared.row_filters import DroppedParts, prefilter_raw, store_prefilter
@@ -131,8 +132,19 @@ def score_stream(
         batch_size=spec.batch_size,
         prefilter=prefilter,
         shards=to_score if len(to_score) < len(shards) else None,
+        # Read, filter and decode as one task per shard (equal CPUs fuse them), `decoders` at once:
+        # each is a worker process paying its imports first. Blocks of a few batches, so the
+        # actors score the first rows while the rest decode.
+        read_num_cpus=DECODE_CPUS,
+        decode_num_cpus=DECODE_CPUS,
+        concurrency=spec.decoders or spec.actors,
+        block_rows=4 * spec.batch_size,
     )
-    return score(data.drop_columns(["label", "meta"]), QueryScorer, spec, prepared, fault_drill(spec.out))
+    # In the read-and-decode task too (the same CPUs and concurrency fuse it): no stage of its own.
+    data = data.drop_columns(
+        ["label", "meta"], num_cpus=DECODE_CPUS, compute=ray.data.TaskPoolStrategy(size=spec.decoders or spec.actors)
+    )
+    return score(data, QueryScorer, spec, prepared, fault_drill(spec.out))
 
 
 def subset_fraction(spec: QuerySpec, pool: ResolvedPool) -> float | None:
