@@ -61,8 +61,7 @@ def _env(**extra: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def _start_cluster() -> dict:
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     process = subprocess.Popen(
         [sys.executable, "-c", CLUSTER, temp],
@@ -77,11 +76,29 @@ def cluster():
     if not line:
         process.kill()
         pytest.fail("the 2-node cluster did not start")
-    yield {"address": json.loads(line)["address"], "process": process}
-    if process.poll() is None:
-        process.stdin.write("\n")
-        process.stdin.flush()
-        process.wait(timeout=60)
+    return {"address": json.loads(line)["address"], "process": process}
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    """The clusters the module started: one, and another only after a test ended it."""
+    started: list[dict] = []
+    yield started
+    for running in started:
+        process = running["process"]
+        if process.poll() is None:
+            process.stdin.write("\n")
+            process.stdin.flush()
+            process.wait(timeout=60)
+
+
+@pytest.fixture
+def cluster(clusters):
+    """A live 2-node cluster: the module's, or a new one where a test (the dead-cluster test) ended
+    it, so the tests pass in any order."""
+    if not clusters or clusters[-1]["process"].poll() is not None:
+        clusters.append(_start_cluster())
+    return clusters[-1]
 
 
 def _driver(address: str) -> subprocess.Popen:
