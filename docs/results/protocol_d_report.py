@@ -2,11 +2,10 @@
 paired by seed, and what the batches were made of, from a `lplgrad simulate` run on the redundant pool.
 
     python docs/results/protocol_d_report.py /work/runs-protocols/pools/fmnist-redundant docs/results \\
-        /work/runs-protocols/simulate/fmnist-protocol-d{,-seed2,-s1-badge,-s1-cluster-margin,-s1-random,-s2-random}
+        /work/runs-protocols/simulate/fmnist-protocol-d /work/runs-lead/sim-d-seed1 /work/runs-lead/sim-d-seed2
 
 The runs' rows are pooled (seeds are independent: each fixes its own initial set and first
-model). The runs were stopped at the session's time limit, some chains part-way: a cycle's figures
-use the seeds that reached it, its differences pair the seeds where both chains reached it, and an
+model). A run stopped part-way leaves partial chains: a cycle's figures use the seeds that reached it, its differences pair the seeds where both chains reached it, and an
 AULC counts only chains that finished every cycle. A pick's
 *group* is its original: a near-copy's key is ``<original>_copyNN`` (scripts/build_redundant_pool.py),
 so an original and its copies share a group. Per query:
