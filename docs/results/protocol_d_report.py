@@ -5,10 +5,10 @@ paired by seed, and what the batches were made of, from a `lplgrad simulate` run
         /work/runs-protocols/simulate/fmnist-protocol-d /work/runs-lead/sim-d-seed1 /work/runs-lead/sim-d-seed2
 
 The runs' rows are pooled (seeds are independent: each fixes its own initial set and first
-model). A run stopped part-way leaves partial chains: a cycle's figures use the seeds that reached it, its differences pair the seeds where both chains reached it, and an
-AULC counts only chains that finished every cycle. A pick's
-*group* is its original: a near-copy's key is ``<original>_copyNN`` (scripts/build_redundant_pool.py),
-so an original and its copies share a group. Per query:
+model). A run stopped part-way leaves partial chains: a cycle's figures use the seeds that reached
+it, its differences pair the seeds where both chains reached it, and an AULC counts only chains that
+finished every cycle. A pick's *group* is its original: a near-copy's key is ``<original>_copyNN``
+(scripts/build_redundant_pool.py), so an original and its copies share a group. Per query:
 
 - copies: the share of the batch that are near-copies (the pool holds 30%);
 - repeats: the share of the batch whose group was already labeled or picked earlier in the same
