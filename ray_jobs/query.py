@@ -42,7 +42,7 @@ def start(config: QueryConfig) -> None:
     checked = check_before_ray(config)
     print(connect(config.address))
     guard_driver(spec_uris(config), config.storage_options)
-    # Refused before any work when the actors and their read and decode tasks can never all fit.
+    # Refused before any work when the actors and a read-and-decode task can never all fit.
     check_capacity(query_demands(config.actors, config.cpus_per_actor, config.gpus_per_actor, bool(config.features)))
     manifest = query(config, checked)
     if manifest.counts.scored == 0 and manifest.counts.errors:

@@ -5,10 +5,10 @@
     with watch_pending("query", progress=lambda: bar.done):
         ...                                       # a waiting line every interval while stalled
 
-- **Everything at once.** A job's parts must run together: training workers, or scoring actors
-  plus at least one read task and one decode task beside them (the actors alone can take every
-  CPU and starve the tasks that feed them, which waits forever; ray_jobs/_shared/pool_data.py for
-  the tasks' CPUs). :func:`check_capacity` packs every part onto the alive nodes' total resources
+- **Everything at once.** A job's parts must run together: training workers and a read and a
+  decode task, or scoring actors and a read-and-decode task (the actors alone can take every CPU
+  and starve the tasks that feed them, which waits forever; ray_jobs/_shared/pool_data.py for the
+  tasks' CPUs). :func:`check_capacity` packs every part onto the alive nodes' total resources
   (first fit, largest first). On a cluster that cannot grow (no autoscaler node group that can add
   nodes), a job that does not fit is refused before any work (CapacityError: one line, exit 2)
   naming what it asked for and what the cluster has. Where the cluster may grow, nothing is
@@ -77,16 +77,16 @@ class Demand:
 
 
 def query_demands(actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0, proxy: bool = False) -> list[Demand]:
-    """A query's parts at once: its scoring actors, one read task and one decode task (a proxy
-    query reads feature rows in 0.25-CPU tasks and decodes nothing)."""
+    """A query's parts at once: its scoring actors and one read-and-decode task (the query fuses
+    read, filter and decode into one task per shard; a proxy query reads feature rows in 0.25-CPU
+    tasks and decodes nothing)."""
     actor = {"CPU": cpus_per_actor, **({"GPU": gpus_per_actor} if gpus_per_actor else {})}
     keys = ("actors", "cpus_per_actor") + (("gpus_per_actor",) if gpus_per_actor else ())
     if proxy:
         return [Demand("scoring actor", actors, actor, keys), Demand("read task", 1, {"CPU": 0.25})]
     return [
         Demand("scoring actor", actors, actor, keys),
-        Demand("read task", 1, {"CPU": READ_CPUS}),
-        Demand("decode task", 1, {"CPU": DECODE_CPUS}),
+        Demand("read-and-decode task", 1, {"CPU": DECODE_CPUS}),
     ]
 
 

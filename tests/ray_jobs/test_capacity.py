@@ -69,8 +69,8 @@ def test_everything_at_once_must_fit_each_on_one_node() -> None:
     # The hang of issue 22: 2 actors x 1 CPU fit a 2-CPU head, but then no decode task can run.
     assert not fits(query_demands(actors=2, cpus_per_actor=1.0), [{"CPU": 2.0}])
     assert fits(query_demands(actors=2, cpus_per_actor=0.25), [{"CPU": 2.0}])
-    # 3.5 CPUs asked and 3.5 there, but once the actors sit on the two larger nodes no node has a
-    # whole CPU left for the decode task.
+    # 3 CPUs asked and 3.5 there, but once the actors sit on the two larger nodes no node has a
+    # whole CPU left for the read-and-decode task.
     assert not fits(query_demands(actors=2, cpus_per_actor=1.0), [{"CPU": 1.5}, {"CPU": 1.5}, {"CPU": 0.5}])
     assert fits(query_demands(actors=2, cpus_per_actor=2.0), [{"CPU": 3.0}, {"CPU": 3.0}])
     gpu_actors = query_demands(actors=2, cpus_per_actor=2.0, gpus_per_actor=1.0)
@@ -89,7 +89,7 @@ def test_a_request_that_can_never_fit_names_what_it_asked_for_and_what_there_is(
     with pytest.raises(CapacityError) as refused:
         check_capacity(query_demands(actors=2, cpus_per_actor=1.0), nodes=[{"CPU": 2.0}], can_grow=False)
     line = str(refused.value)
-    assert "2 scoring actors x 1 CPU" in line and "1 decode task x 1 CPU" in line and "3.5 CPU in all" in line
+    assert "2 scoring actors x 1 CPU" in line and "1 read-and-decode task x 1 CPU" in line and "3 CPU in all" in line
     assert "the cluster has 2 CPU on 1 node(s)" in line and "cannot grow" in line
     assert "lower actors, cpus_per_actor" in line and "gpus_per_actor" not in line and line.endswith(")")
     # Where an autoscaler may add nodes, the same request waits (with its waiting line) instead.
