@@ -63,9 +63,11 @@ class RayNode:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
-def stop_nodes(nodes: list[RayNode], timeout: float = 45.0) -> None:
+def stop_nodes(nodes: list[RayNode], timeout: float = 8.0) -> None:
     """SIGTERM to each `ray start --block` (it stops its node's processes), all at once; SIGKILL
-    to the process group (each node's own session) of any still running after `timeout`."""
+    to the process group (each node's own session) of any still running after `timeout`. The
+    dashboard and runtime-env agents ignore SIGTERM and `ray start` waits out a grace period
+    for them (about 30 s a node): nothing of a test node needs a clean exit, its temp dir goes."""
     for node in nodes:
         if node.process.poll() is None:
             node.process.send_signal(signal.SIGTERM)
