@@ -222,21 +222,33 @@ def _conv_weight_loop(
     kernel at batch 1 beats the grouped one wherever the positions T are many (early layers)."""
     pieces = []
     for b in range(x.shape[0]):
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            g[b : b + 1],
-            x[b : b + 1],
-            conv.weight.detach(),  # only its shape is read; detached, so no graph is recorded
-            None,
-            list(conv.stride),
-            list(padding),
-            list(conv.dilation),
-            False,
-            [0] * len(padding),
-            conv.groups,
-            [False, True, False],
+        # The weight is only read for its shape; detached, so no graph is recorded.
+        grad_weight = _conv_weight_backward(
+            conv, g[b : b + 1], x[b : b + 1], conv.weight.detach(), padding, conv.groups
         )
         pieces.append(grad_weight.pow(2).sum() if squared else grad_weight)
     return torch.stack(pieces)
+
+
+def _conv_weight_backward(
+    conv: nn.modules.conv._ConvNd, g: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, ...], groups: int
+) -> Tensor:
+    """The convolution's own weight-gradient kernel (aten's convolution_backward, weight output only)
+    with `conv`'s stride and dilation; `weight` only gives the shape."""
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g,
+        x,
+        weight,
+        None,
+        list(conv.stride),
+        list(padding),
+        list(conv.dilation),
+        False,
+        [0] * len(padding),
+        groups,
+        [False, True, False],
+    )
+    return grad_weight
 
 
 def _conv_weight_grouped(
@@ -253,18 +265,13 @@ def _conv_weight_grouped(
     for part in _chunks(batch, x[0].numel() + conv.weight.numel(), cap):
         b = part.stop - part.start
         folded_weight = x.new_empty(1).expand(b * weight_shape[0], *weight_shape[1:])
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_weight = _conv_weight_backward(
+            conv,
             g[part].reshape(1, -1, *g.shape[2:]),
             x[part].reshape(1, -1, *x.shape[2:]),
             folded_weight,
-            None,
-            list(conv.stride),
-            list(padding),
-            list(conv.dilation),
-            False,
-            [0] * len(padding),
+            padding,
             b * conv.groups,
-            [False, True, False],
         )
         grad_weight = grad_weight.reshape(b, *weight_shape)
         pieces.append(_sq(grad_weight) if squared else grad_weight)
