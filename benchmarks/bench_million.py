@@ -33,6 +33,9 @@ process starting a fresh local Ray (as a nightly job starts), the job's default 
   sum of their ``VmRSS`` at one sample, ``ray_daemons_peak_mb`` the same sum for gcs_server, raylet
   and the other Ray processes. RSS counts the shared pages a process touched (torch's libraries, the
   object store's mapped memory), so the sums overstate what the processes take together;
+  ``driver_anon_peak_mb``/``driver_shmem_peak_mb`` and ``worker_anon_peak_mb``/``worker_shmem_peak_mb``
+  split it (peaks of sampled ``RssAnon``, the process's private memory, and ``RssShmem``, the
+  object store's shared pages it has touched, which count in its RSS without being its own);
 - ``check``: ``margin``: the selection equals the k smallest margins of the run's own ``scores/``
   table (good rows, ties by key ascending, the documented order); ``badge``/``cluster-margin``: the
   candidates (the M smallest margins, same order) are read back from the pool, scored in this
@@ -84,7 +87,7 @@ def _status(pid: int) -> dict[str, int]:
     values = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, rest = line.partition(":")
-        if name in ("VmHWM", "VmRSS", "PPid"):
+        if name in ("VmHWM", "VmRSS", "RssAnon", "RssShmem", "PPid"):
             values[name] = int(rest.split()[0])
     return values
 
@@ -128,12 +131,20 @@ class TreeSampler(threading.Thread):
         self.workers_rss_peak_kb = 0
         self.daemons_rss_peak_kb = 0
         self.driver_hwm_kb = 0
+        # RSS split by kind: private memory (RssAnon) apart from the shared memory the process
+        # touched (RssShmem: the object store's mapped pages), peaks of the sampled values.
+        self.driver_anon_kb = self.driver_shmem_kb = 0
+        self.worker_anon_kb: dict[int, int] = {}
+        self.worker_shmem_kb: dict[int, int] = {}
         self.workers_seen = 0
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.driver_hwm_kb = max(self.driver_hwm_kb, _status(self.root)["VmHWM"])
+                driver = _status(self.root)
+                self.driver_hwm_kb = max(self.driver_hwm_kb, driver["VmHWM"])
+                self.driver_anon_kb = max(self.driver_anon_kb, driver.get("RssAnon", 0))
+                self.driver_shmem_kb = max(self.driver_shmem_kb, driver.get("RssShmem", 0))
             except (OSError, KeyError):
                 pass
             workers_rss = daemons_rss = 0
@@ -144,6 +155,8 @@ class TreeSampler(threading.Thread):
                     continue
                 if _is_worker(cmdline):
                     self.worker_hwm_kb[pid] = max(self.worker_hwm_kb.get(pid, 0), status.get("VmHWM", 0))
+                    self.worker_anon_kb[pid] = max(self.worker_anon_kb.get(pid, 0), status.get("RssAnon", 0))
+                    self.worker_shmem_kb[pid] = max(self.worker_shmem_kb.get(pid, 0), status.get("RssShmem", 0))
                     workers_rss += status.get("VmRSS", 0)
                 else:
                     daemons_rss += status.get("VmRSS", 0)
@@ -200,7 +213,11 @@ def timed_query(pool: str, checkpoint: str, strategy: str, k: int, out: str) -> 
         "driver_peak_mb": max(driver["driver_peak_mb"], sampler.driver_hwm_kb / 1024),
         "driver_maxrss_mb": driver["driver_peak_mb"],
         "driver_hwm_sampled_mb": sampler.driver_hwm_kb / 1024,
+        "driver_anon_peak_mb": sampler.driver_anon_kb / 1024,
+        "driver_shmem_peak_mb": sampler.driver_shmem_kb / 1024,
         "worker_peak_mb": max(sampler.worker_hwm_kb.values(), default=0) / 1024,
+        "worker_anon_peak_mb": max(sampler.worker_anon_kb.values(), default=0) / 1024,
+        "worker_shmem_peak_mb": max(sampler.worker_shmem_kb.values(), default=0) / 1024,
         "workers": len(sampler.worker_hwm_kb),
         "workers_rss_peak_mb": sampler.workers_rss_peak_kb / 1024,
         "ray_daemons_peak_mb": sampler.daemons_rss_peak_kb / 1024,
