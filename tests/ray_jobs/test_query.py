@@ -333,7 +333,7 @@ def test_the_fault_drill_is_off_by_default_and_refuses_a_remote_out(monkeypatch,
 
 
 @pytest.mark.parametrize("strategy", ["badge", "cluster-margin"])
-def test_diverse_selection_equals_the_in_memory_one_on_the_same_embeddings(cycle, strategy) -> None:
+def test_diverse_selection_equals_the_in_memory_one_on_the_same_embeddings(cycle, strategy, capsys) -> None:
     out = cycle["root"] / f"diverse-{strategy}"
     # M = 120 of the 230 scoreable rows: the gathering across actors and batches is exercised too.
     written = query(query_config(cycle, strategy=strategy, k=20, candidates=120, run_id="d1", out=str(out)))
@@ -341,6 +341,8 @@ def test_diverse_selection_equals_the_in_memory_one_on_the_same_embeddings(cycle
     assert params["candidates"] == 120 and params["candidate_memory_mb"] == 1024.0
     assert 0.0 < written.extra["select_seconds"] < written.extra["seconds"]
     assert params["method"] and params["gradnorm"] is False
+    # The pick after the stream is its own stage on the progress lines, not more "scoring".
+    assert f"query: picking 20 of the 120 smallest-margin rows ({strategy})" in capsys.readouterr().out
     scores = run_scores(out / "d1").to_pydict()
     assert "residual" not in scores and all(np.isnan(scores["score"]))  # forward only, no embeddings stored
     good = sorted(k for k, e in zip(scores["key"], scores["error"]) if e is None)

@@ -64,8 +64,12 @@ def score_and_select(
     excluded.add(plan.still_excluded)  # reused shards' keys the source excluded too: never read
     arrival = _Arrival(progress)
     fresh = arrival.watch(_scored_batches(score_stream(spec, prepared, plan, recorder)))
+    selection = spec.selection()
+    if selection.is_diverse:  # its pick runs once the stream ends, for seconds to minutes: named, not "scoring"
+        stage = f"picking {selection.k:,} of the {selection.candidates:,} smallest-margin rows ({selection.strategy})"
+        fresh = _then_stage(fresh, progress, stage)
     reused = _staged(reused_rows(spec, prepared, plan, excluded), progress, "reading copied rows")
-    streamed = select(spec.selection(), run, _counted(fresh, progress), _counted(reused, progress))
+    streamed = select(selection, run, _counted(fresh, progress), _counted(reused, progress))
     if recorder is not None:  # the pipeline is exhausted: every task has written its part
         excluded.add(recorder.read())
     if dropped := len(excluded) - len(plan.still_excluded):
@@ -125,6 +129,11 @@ class _Arrival:
 def _staged(batches: Iterable[pa.Table], progress: Progress, stage: str) -> Iterator[pa.Table]:
     progress.stage(stage)
     yield from batches
+
+
+def _then_stage(batches: Iterable[pa.Table], progress: Progress, stage: str) -> Iterator[pa.Table]:
+    yield from batches
+    progress.stage(stage)
 
 
 def _counted(batches: Iterable[pa.Table], progress: Progress) -> Iterator[pa.Table]:
