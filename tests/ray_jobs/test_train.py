@@ -72,38 +72,24 @@ def test_two_workers_checkpoint_and_survive_an_injected_failure(task, tmp_path, 
     assert tap.layers and sum(p.numel() for p in lossnet.parameters()) > 0
 
 
-def test_resume_continues_a_named_run_and_refuses_to_resume_by_accident(task, tmp_path) -> None:
+def test_resume_continues_a_named_run_on_s3_and_refuses_to_resume_by_accident(task, s3_server, tmp_path) -> None:
+    # On S3: rank 0 writes the checkpoints there and the resumed run reads its start back from there.
     # With augmentation on: the worker's per-epoch generator runs through the real training loop.
-    first = load_checkpoint(
-        fit(
-            config(tmp_path, epochs=2, num_workers=1, augment="gray28"), TrainingData({"train": task["train"]}, CLASSES)
-        ).checkpoint
-    )
-    assert first.config["augment"] == "gray28"
+    storage, options = s3_server.uri("train-runs"), s3_server.storage_options
+
+    def run(**overrides) -> str:
+        values = dict(num_workers=1, augment="gray28", storage_path=storage, storage_options=options, **overrides)
+        return fit(config(tmp_path, **values), TrainingData({"train": task["train"]}, CLASSES)).checkpoint
+
+    uri = run(epochs=2)
+    assert uri.startswith(storage + "/run/checkpoint_")
+    first = load_checkpoint(fetch_checkpoint(uri, options))
+    assert first.epoch == 1 and first.config["augment"] == "gray28"
     with pytest.raises(ValueError, match="already has checkpoints"):
-        fit(
-            config(tmp_path, epochs=3, num_workers=1, augment="gray28"), TrainingData({"train": task["train"]}, CLASSES)
-        )
-    resumed = load_checkpoint(
-        fit(
-            config(tmp_path, epochs=3, num_workers=1, resume=True, augment="gray28"),
-            TrainingData({"train": task["train"]}, CLASSES),
-        ).checkpoint
-    )
+        run(epochs=3)
+    resumed = load_checkpoint(fetch_checkpoint(run(epochs=3, resume=True), options))
     assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2]
     assert resumed.metrics[:2] == first.metrics
-
-
-def test_checkpoints_go_to_s3(task, s3_server, tmp_path) -> None:
-    storage = f"s3://{s3_server.bucket}/train-runs"
-    uri = fit(
-        # One worker: rank 0 alone writes checkpoints, so a second adds start-up, not coverage.
-        config(tmp_path, epochs=1, num_workers=1, storage_path=storage, storage_options=s3_server.storage_options),
-        TrainingData({"train": task["train"]}, CLASSES),
-    ).checkpoint
-    assert uri.startswith(storage + "/run/checkpoint_")
-    state = load_checkpoint(fetch_checkpoint(uri, s3_server.storage_options))
-    assert state.epoch == 0
 
 
 def test_bad_input_is_refused_before_training(task, tmp_path) -> None:
