@@ -28,6 +28,7 @@ from ray_jobs._shared.progress import quiet_ray, ray_init_options
 __all__ = [
     "ClusterAuthError",
     "LOCAL_MIN_CPUS",
+    "LocalRayStartError",
     "PATH_KEYS",
     "WorkingDirPathError",
     "connect",
@@ -67,6 +68,23 @@ _TOKEN_FIX = (
 
 class ClusterAuthError(PermissionError):
     """The cluster wants a token this process does not have (or has a different one)."""
+
+
+class LocalRayStartError(ConnectionError):
+    """A new local Ray did not come up: not a bug, and not fixed by changing the inputs."""
+
+
+# Ray's words when its raylet has not registered with the GCS within its fixed 30 s wait.
+_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def _start_error() -> LocalRayStartError:
+    load = os.getloadavg()[0]
+    return LocalRayStartError(
+        f"the local Ray did not start: its raylet did not register within Ray's 30 s start-up wait "
+        f"(load average {load:.1f} on {os.cpu_count()} cores; run the job again when the machine is less busy, "
+        "or pass address= a Ray cluster that is already running)"
+    )
 
 
 class WorkingDirPathError(ValueError):
@@ -158,6 +176,7 @@ def connect(address: str | None) -> str:
 
     Raises:
         ClusterAuthError: the cluster wants a token this process lacks.
+        LocalRayStartError: a new local cluster did not come up in Ray's start-up wait.
     """
     import ray
     from ray.exceptions import AuthenticationError
@@ -178,9 +197,14 @@ def connect(address: str | None) -> str:
         return f"joined Ray cluster at {address}"
     cpus = max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
     # address="local": a new cluster of our own, never another job's Ray found on this machine.
-    context = ray.init(
-        address="local", num_cpus=cpus, include_dashboard=False, **{"log_to_driver": True, **ray_init_options()}
-    )
+    try:
+        context = ray.init(
+            address="local", num_cpus=cpus, include_dashboard=False, **{"log_to_driver": True, **ray_init_options()}
+        )
+    except Exception as error:  # Ray raises a bare Exception for this one
+        if _STARTUP_TIMEOUT not in str(error):
+            raise
+        raise _start_error() from None
     quiet_ray()
     # Helpers that Ray libraries start later call ray.init() themselves; with another Ray running
     # on the same machine they would otherwise refuse to guess which cluster is ours.
