@@ -121,6 +121,7 @@ def score_stream(
             dropped_to=recorder,
             shard_prefix=uri_prefix(prepared.pool.fs),
         )
+    decoders = spec.decoders or spec.actors
     # No num_classes: a query ignores labels (they do not change a score), so a stray `cls` in a pool
     # without an index never makes a sample unscoreable; an index's class list is still checked
     # (read_pool), as docs/pools.md says.
@@ -137,13 +138,11 @@ def score_stream(
         # actors score the first rows while the rest decode.
         read_num_cpus=DECODE_CPUS,
         decode_num_cpus=DECODE_CPUS,
-        concurrency=spec.decoders or spec.actors,
+        concurrency=decoders,
         block_rows=4 * spec.batch_size,
     )
     # In the read-and-decode task too (the same CPUs and concurrency fuse it): no stage of its own.
-    data = data.drop_columns(
-        ["label", "meta"], num_cpus=DECODE_CPUS, compute=ray.data.TaskPoolStrategy(size=spec.decoders or spec.actors)
-    )
+    data = data.drop_columns(["label", "meta"], num_cpus=DECODE_CPUS, compute=ray.data.TaskPoolStrategy(size=decoders))
     return score(data, QueryScorer, spec, prepared, fault_drill(spec.out))
 
 
