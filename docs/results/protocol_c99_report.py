@@ -13,35 +13,20 @@ where it got to: a cycle's figures use the seeds that reached it, an AULC only c
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
+from _pooled_runs import pooled_rows, seconds_per_cycle, write_tables  # docs/results/, beside this script
 
 from pipeline.learning_curves import (
     difference_table,
     markdown_table,
     plot_learning_curves,
-    read_results,
-    write_summaries,
 )
 
 NAME = "fmnist_protocol_c99"
-
-
-def pooled_rows(runs: list[str]) -> list[dict]:
-    """Every run's rows, each (strategy, seed, cycle) once."""
-    rows, seen = [], set()
-    for row in (r for run in runs for r in read_results(Path(run) / "results.parquet")):
-        if (row["strategy"], row["seed"], row["cycle"]) not in seen:
-            seen.add((row["strategy"], row["seed"], row["cycle"]))
-            rows.append(row)
-    return rows
 
 
 def training_accuracy_table(rows: list[dict]) -> str:
@@ -68,19 +53,9 @@ def main(out: str, runs: list[str]) -> None:
     print(difference_table(rows, "margin") + "\n")
     print("Training accuracy (last epoch, augmented batches, %), mean over seeds (lowest seed):\n")
     print(training_accuracy_table(rows) + "\n")
-    print("seconds per cycle (mean over seeds): train, query")
-    by = defaultdict(list)
-    for r in rows:
-        by[(r["strategy"], r["cycle"])].append((r["train_seconds"], r["query_seconds"] or 0.0))
-    for (strategy, cycle), values in sorted(by.items()):
-        train, query = np.mean([a for a, _ in values]), np.mean([b for _, b in values])
-        print(f"  {strategy} cycle {cycle}: {train:.0f} s, {query:.0f} s")
+    print(seconds_per_cycle(rows))
     target = Path(out)
-    slim = [{k: v for k, v in r.items() if k != "picked"} for r in rows]
-    pacsv.write_csv(pa.Table.from_pylist(slim), target / f"{NAME}_results.csv")
-    with tempfile.TemporaryDirectory() as scratch:
-        for path in write_summaries(rows, scratch):
-            shutil.copy(path.with_suffix(".csv"), target / f"{NAME}_{path.stem}.csv")
+    write_tables(rows, target, NAME)
     title = "small_cnn, Fashion-MNIST, authors' schedule, 500 epochs a cycle"
     plot_learning_curves(rows, target / f"{NAME}_learning_curves.png", title=title)
 

@@ -21,23 +21,20 @@ finished every cycle. A pick's *group* is its original: a near-copy's key is ``<
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+from _pooled_runs import pooled_rows, seconds_per_cycle, write_tables  # docs/results/, beside this script
 
 from pipeline.learning_curves import (
     aulc_summary,
     difference_table,
     markdown_table,
     plot_learning_curves,
-    read_results,
-    write_summaries,
 )
 from pipeline.pools import read_labels
 from pipeline.simulation import initial_keys
@@ -120,13 +117,7 @@ def composition_table(entries: list[dict]) -> str:
 
 
 def main(pool: str, out: str, runs: list[str]) -> None:
-    rows, seen = [], set()
-    for r in (r for run in runs for r in read_results(Path(run) / "results.parquet")):
-        # A chain's rows can appear in two runs (a run stopped while starting a chain another run
-        # did in full); the same seed gives the same rows, so the first copy is kept.
-        if (r["strategy"], r["seed"], r["cycle"]) not in seen:
-            seen.add((r["strategy"], r["seed"], r["cycle"]))
-            rows.append(r)
+    rows = pooled_rows(runs)
     # Partial chains stay: a cycle's difference pairs the seeds that reached it in both chains; the
     # AULC counts only chains with every cycle (aulc_summary).
     chains = complete_chains(rows)
@@ -147,20 +138,11 @@ def main(pool: str, out: str, runs: list[str]) -> None:
         f"rare classes {sorted(rare.tolist())} hold {counts[rare].sum() / counts.sum():.1%}\n"
     )
     print(composition_table(composition))
-    print("\nseconds per cycle (mean over seeds): train, query")
-    by = defaultdict(list)
-    for r in rows:
-        by[(r["strategy"], r["cycle"])].append((r["train_seconds"], r["query_seconds"] or 0.0))
-    for (s, c), v in sorted(by.items()):
-        print(f"  {s} cycle {c}: {np.mean([a for a, _ in v]):.0f} s, {np.mean([b for _, b in v]):.0f} s")
+    print("\n" + seconds_per_cycle(rows))
     target = Path(out)
-    slim = [{k: v for k, v in r.items() if k != "picked"} for r in rows]
-    pacsv.write_csv(pa.Table.from_pylist(slim), target / f"{NAME}_results.csv")
+    write_tables(rows, target, NAME)
     pacsv.write_csv(pa.Table.from_pylist(composition), target / f"{NAME}_batches.csv")
     pacsv.write_csv(pa.Table.from_pylist(aulc_summary(rows, "margin")), target / f"{NAME}_aulc_vs_margin.csv")
-    with tempfile.TemporaryDirectory() as scratch:
-        for path in write_summaries(rows, scratch):
-            shutil.copy(path.with_suffix(".csv"), target / f"{NAME}_{path.stem}.csv")
     plot_learning_curves(rows, target / f"{NAME}_learning_curves.png", title="small_cnn, redundant Fashion-MNIST pool")
 
 
