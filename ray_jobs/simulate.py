@@ -262,6 +262,7 @@ class JobSteps:
                 seed=seed,
                 candidates=self.config.candidates,
                 candidate_memory_mb=self.config.candidate_memory_mb,
+                clusters=self.config.clusters,
                 actors=self.config.actors,
                 cpus_per_actor=self.config.cpus_per_actor,
                 gpus_per_actor=1.0 if self.config.gpus else 0.0,

@@ -29,6 +29,7 @@ class SimulationProtocol:
     augment: str
     candidates: int | None = None
     candidate_memory_mb: float = 1024.0
+    clusters: int | None = None
     device: str = "cpu"
 
 

@@ -47,6 +47,7 @@ class SimulateConfig:
     beta: float = 1.0  # inverse temperature of stochastic chains (lplgrad+power, ...)
     candidates: int | None = None  # badge, cluster-margin: the M smallest-margin rows they pick from (default 10k)
     candidate_memory_mb: float = 1024.0  # ... and their M x (C + D) floats' budget, checked before any training
+    clusters: int | None = None  # cluster-margin: its k-means clusters (default ceil(per_cycle / 10))
     engine: str = "memory"  # memory: one process, pool in memory | ray: every cycle through the Ray jobs
     threads: int | None = None  # memory engine: torch threads (default: torch's choice)
     modes: tuple[str, ...] = ("full",)  # full | proxy | proxy-aligned
@@ -78,7 +79,13 @@ class SimulateConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         # The query's own checks of candidates (>= k) and candidate_memory_mb (> 0), with k = per_cycle.
-        SelectionSpec("badge", self.per_cycle, candidates=self.candidates, candidate_memory_mb=self.candidate_memory_mb)
+        SelectionSpec(
+            "cluster-margin",
+            self.per_cycle,
+            candidates=self.candidates,
+            candidate_memory_mb=self.candidate_memory_mb,
+            clusters=self.clusters,
+        )
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         if not self.modes or any(m not in MODES for m in self.modes):
@@ -108,5 +115,6 @@ class SimulateConfig:
             augment=self.augment,
             candidates=self.candidates,
             candidate_memory_mb=self.candidate_memory_mb,
+            clusters=self.clusters,
             device="cuda" if self.gpus and torch.cuda.is_available() else "cpu",
         )

@@ -88,6 +88,7 @@ class InMemorySteps:
             seed,
             self.protocol.candidate_memory_mb,
             self.protocol.candidates,
+            self.protocol.clusters,
         )
         return Picked([self.pool.keys[i] for i in picked], mean_score)
 

@@ -110,6 +110,7 @@ def query_in_memory(
     seed: int,
     candidate_memory_mb: float = 1024.0,
     diverse_candidates: int | None = None,
+    clusters: int | None = None,
 ) -> tuple[list[int], float]:
     """Rows of ``images`` the chain picks among ``candidates``, and the pass's mean LPLgrad score.
 
@@ -124,6 +125,7 @@ def query_in_memory(
         seed: Seed of random, stochastic draws and the diverse strategies.
         candidate_memory_mb: The diverse strategies' candidate budget, checked before scoring.
         diverse_candidates: Their M (default ``10 * k``).
+        clusters: ``cluster-margin``'s k-means clusters (default ``ceil(k / 10)``).
 
     Returns:
         (picked rows in pick order, mean LPLgrad score of the candidates or NaN when not scored).
@@ -147,6 +149,7 @@ def query_in_memory(
             seed,
             candidate_memory_mb,
             candidates=diverse_candidates,
+            clusters=clusters,
         )
         return _rows_of(picked, candidate_keys, candidates), float("nan")
     needs_gradnorm = "score" in get_strategy(chain.strategy).fields
@@ -166,6 +169,7 @@ def diverse_query(
     memory_mb: float,
     batch_size: int = 512,
     candidates: int | None = None,
+    clusters: int | None = None,
 ) -> list[str]:
     """The keys a diverse strategy (``badge``, ``cluster-margin``) picks, as ``lplgrad query`` does:
     the forward pass with embeddings (``RowScorer``), the ``candidates`` (default ``10 * k``)
@@ -174,7 +178,9 @@ def diverse_query(
     Raises:
         CandidateMemoryError: When the candidate set would exceed ``memory_mb``, before scoring.
     """
-    spec = SelectionSpec(strategy, k, seed=seed, candidates=candidates, candidate_memory_mb=memory_mb)
+    spec = SelectionSpec(
+        strategy, k, seed=seed, candidates=candidates, candidate_memory_mb=memory_mb, clusters=clusters
+    )
     head = classifier_head(trained.model)
     size = min(spec.candidates, len(keys))
     check_candidate_memory(max(size, 1), head.out_features, head.in_features, memory_mb)

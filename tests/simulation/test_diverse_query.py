@@ -21,19 +21,25 @@ def trained() -> TrainedModel:
     return TrainedModel(model.eval(), lossnet.eval(), tap, 0.0, 0.0)
 
 
-@pytest.mark.parametrize(("strategy", "m"), [("badge", None), ("cluster-margin", None), ("badge", 50)])
-def test_simulated_diverse_query_equals_the_query_path_on_the_same_rows(trained, strategy, m) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "m", "clusters"),
+    [("badge", None, None), ("cluster-margin", None, None), ("badge", 50, None), ("cluster-margin", 24, 12)],
+)
+def test_simulated_diverse_query_equals_the_query_path_on_the_same_rows(trained, strategy, m, clusters) -> None:
     images = np.random.default_rng(1).standard_normal((300, 1, 28, 28), dtype=np.float32)
     keys = [f"s{i:04d}" for i in range(300)]
     candidates = np.arange(20, 300)  # the unlabeled subset
     chain = parse_chain(strategy)
-    picked = query_in_memory(chain, trained, images, keys, candidates, np.arange(20), 12, 5, diverse_candidates=m)
+    picked = query_in_memory(
+        chain, trained, images, keys, candidates, np.arange(20), 12, 5, diverse_candidates=m, clusters=clusters
+    )
     assert len(set(picked[0])) == 12 and set(picked[0]) <= set(candidates.tolist())
     # The query's path by hand: one RowScorer batch, the gatherer, select_candidates.
     rows = RowScorer(lambda: (trained.model, None, None), "cpu", gradnorm=False, embeddings=True)(
         {"image": images[candidates], "key": np.array([keys[i] for i in candidates], dtype=object)}
     )
-    spec = SelectionSpec(strategy, 12, seed=5, candidates=m)  # M = 120 by default
+    spec = SelectionSpec(strategy, 12, seed=5, candidates=m, clusters=clusters)  # M = 120 by default
+    assert spec.clusters == (clusters or (2 if strategy == "cluster-margin" else None))
     gatherer = CandidateGatherer(spec.candidates, 4, rows["penultimate"].shape[1])
     gatherer.add(list(rows["key"]), rows["margin"], rows["residual"], rows["penultimate"])
     expected = [key for key, _, _ in select_candidates(spec, gatherer.result())]

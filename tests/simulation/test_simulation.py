@@ -95,6 +95,9 @@ def test_configuration_errors_name_the_problem() -> None:
         simulate.SimulateConfig(pool="x", candidate_memory_mb=0)
     with pytest.raises(ValueError, match="candidates must be an integer >= k=10, got 5"):
         simulate.SimulateConfig(pool="x", per_cycle=10, candidates=5)
+    with pytest.raises(ValueError, match=r"clusters must be an integer in \[1, candidates=40\], got 41"):
+        simulate.SimulateConfig(pool="x", per_cycle=10, candidates=40, clusters=41)
+    assert simulate.SimulateConfig(pool="x", per_cycle=10, candidates=40, clusters=10).protocol().clusters == 10
     with pytest.raises(ValueError, match="augment 'crop' is unknown"):
         simulate.SimulateConfig(pool="x", augment="crop")
     with pytest.raises(ValueError, match="proxy modes run through the Ray jobs"):
