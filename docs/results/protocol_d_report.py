@@ -4,6 +4,10 @@ paired by seed, and what the batches were made of, from a `lplgrad simulate` run
     python docs/results/protocol_d_report.py /work/runs-protocols/pools/fmnist-redundant docs/results \\
         /work/runs-protocols/simulate/fmnist-protocol-d /work/runs-lead/sim-d-seed1 /work/runs-lead/sim-d-seed2
 
+``--name`` sets the tables' file prefix (default ``fmnist_protocol_d``) and ``--strategies`` keeps
+only those chains, so a rerun of some chains with other settings can be reported with the runs it
+pairs with (a run's chains are listed first to win over the same chain in a later run).
+
 The runs' rows are pooled (seeds are independent: each fixes its own initial set and first
 model). A run stopped part-way leaves partial chains: a cycle's figures use the seeds that reached
 it, its differences pair the seeds where both chains reached it, and an AULC counts only chains that
@@ -20,8 +24,8 @@ finished every cycle. A pick's *group* is its original: a near-copy's key is ``<
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -38,8 +42,6 @@ from pipeline.learning_curves import (
 )
 from pipeline.pools import read_labels
 from pipeline.simulation import initial_keys
-
-NAME = "fmnist_protocol_d"
 
 
 def complete_chains(rows: list[dict]) -> set[tuple[str, int]]:
@@ -116,8 +118,10 @@ def composition_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(pool: str, out: str, runs: list[str]) -> None:
-    rows = pooled_rows(runs)
+def main(
+    pool: str, out: str, runs: list[str], name: str = "fmnist_protocol_d", strategies: list[str] | None = None
+) -> None:
+    rows = [r for r in pooled_rows(runs) if strategies is None or r["strategy"] in strategies]
     # Partial chains stay: a cycle's difference pairs the seeds that reached it in both chains; the
     # AULC counts only chains with every cycle (aulc_summary).
     chains = complete_chains(rows)
@@ -140,11 +144,18 @@ def main(pool: str, out: str, runs: list[str]) -> None:
     print(composition_table(composition))
     print("\n" + seconds_per_cycle(rows))
     target = Path(out)
-    write_tables(rows, target, NAME)
-    pacsv.write_csv(pa.Table.from_pylist(composition), target / f"{NAME}_batches.csv")
-    pacsv.write_csv(pa.Table.from_pylist(aulc_summary(rows, "margin")), target / f"{NAME}_aulc_vs_margin.csv")
-    plot_learning_curves(rows, target / f"{NAME}_learning_curves.png", title="small_cnn, redundant Fashion-MNIST pool")
+    write_tables(rows, target, name)
+    pacsv.write_csv(pa.Table.from_pylist(composition), target / f"{name}_batches.csv")
+    pacsv.write_csv(pa.Table.from_pylist(aulc_summary(rows, "margin")), target / f"{name}_aulc_vs_margin.csv")
+    plot_learning_curves(rows, target / f"{name}_learning_curves.png", title="small_cnn, redundant Fashion-MNIST pool")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pool")
+    parser.add_argument("out")
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--name", default="fmnist_protocol_d")
+    parser.add_argument("--strategies", type=lambda text: text.split(","), default=None)
+    args = parser.parse_args()
+    main(args.pool, args.out, args.runs, args.name, args.strategies)
