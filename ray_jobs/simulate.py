@@ -12,8 +12,9 @@ Chains (`strategies=`): a per-sample strategy by top-k (`lplgrad`, `entropy`, `m
 the same drawn stochastically (`lplgrad+power`, `entropy+softrank`, with `beta=`; Kirsch et al.,
 TMLR 2023), a set function on the random subset (`coreset`), or a diverse strategy (`badge`,
 `cluster-margin`) picking from the smallest-margin candidates of the subset as `lplgrad query` does
-(on the Ray engine through the query job itself; `candidates=` sets M, default 10 x per_cycle, and
-`candidate_memory_mb=` bounds their M x (C + D) floats, checked before any training).
+(on the Ray engine through the query job itself; `candidates=` sets M, default 10 x per_cycle,
+`candidate_memory_mb=` bounds their M x (C + D) floats, checked before any training, and `clusters=`
+sets cluster-margin's k-means clusters, default per_cycle / 10).
 
 Per (chain, seed): a random initial labeled set (the same for every chain of a seed); then per
 cycle: train (the first cycle's model is shared by every chain of a seed), record accuracy on the
