@@ -18,13 +18,20 @@ from pipeline.learning_curves import read_results, write_summaries
 def pooled_rows(runs: list[str]) -> list[dict]:
     """Every run's rows, each (strategy, seed, cycle) once. A chain's rows can appear in two runs (a
     run stopped while starting a chain another run did in full); the same seed gives the same rows,
-    so the first copy is kept."""
+    so the first copy is kept. A run given as ``RUN:STRATEGY,...`` contributes only those chains."""
     rows, seen = [], set()
-    for row in (r for run in runs for r in read_results(Path(run) / "results.parquet")):
+    for run in runs:
+        path, _, only = run.partition(":")
+        kept = set(only.split(",")) if only else None
+        for row in read_results(Path(path) / "results.parquet"):
+            if kept is None or row["strategy"] in kept:
+                rows.append(row)
+    unique = []
+    for row in rows:
         if (row["strategy"], row["seed"], row["cycle"]) not in seen:
             seen.add((row["strategy"], row["seed"], row["cycle"]))
-            rows.append(row)
-    return rows
+            unique.append(row)
+    return unique
 
 
 def seconds_per_cycle(rows: list[dict]) -> str:

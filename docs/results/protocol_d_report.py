@@ -4,9 +4,9 @@ paired by seed, and what the batches were made of, from a `lplgrad simulate` run
     python docs/results/protocol_d_report.py /work/runs-protocols/pools/fmnist-redundant docs/results \\
         /work/runs-protocols/simulate/fmnist-protocol-d /work/runs-lead/sim-d-seed1 /work/runs-lead/sim-d-seed2
 
-``--name`` sets the tables' file prefix (default ``fmnist_protocol_d``) and ``--strategies`` keeps
-only those chains, so a rerun of some chains with other settings can be reported with the runs it
-pairs with (a run's chains are listed first to win over the same chain in a later run).
+``--name`` sets the tables' file prefix (default ``fmnist_protocol_d``). A run given as
+``RUN:STRATEGY,...`` contributes only those chains, so chains rerun with other settings are reported
+beside the runs they pair with, without the earlier settings' chains of the same name.
 
 The runs' rows are pooled (seeds are independent: each fixes its own initial set and first
 model). A run stopped part-way leaves partial chains: a cycle's figures use the seeds that reached
@@ -154,8 +154,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pool")
     parser.add_argument("out")
-    parser.add_argument("runs", nargs="+")
+    parser.add_argument("runs", nargs="+", help="run directories, each optionally RUN:STRATEGY,...")
     parser.add_argument("--name", default="fmnist_protocol_d")
-    parser.add_argument("--strategies", type=lambda text: text.split(","), default=None)
     args = parser.parse_args()
-    main(args.pool, args.out, args.runs, args.name, args.strategies)
+    main(args.pool, args.out, args.runs, args.name)
