@@ -18,7 +18,8 @@ selection is exactly what the in-memory implementation picks (issues 23 and 24).
 
 Each run is ``python -m ray_jobs.query pool=... checkpoint=... strategy=... k=...`` in a fresh
 process starting a fresh local Ray (as a nightly job starts), the job's default actors, CPUs,
-``candidates`` (M = 10 k) and budget, ``incremental=false``. Measured per run:
+``candidates`` (M = 2 k; the README's figures ran at the earlier default, 10 k) and budget,
+``incremental=false``. Measured per run:
 
 - ``wall_s``: the command's wall time; ``stream_s``, ``select_s``, ``startup_s``: the manifest's
   ``extra.seconds`` (rows streamed through the selection, the diverse pick at its end included),

@@ -12,7 +12,7 @@ Chains (`strategies=`): a per-sample strategy by top-k (`lplgrad`, `entropy`, `m
 the same drawn stochastically (`lplgrad+power`, `entropy+softrank`, with `beta=`; Kirsch et al.,
 TMLR 2023), a set function on the random subset (`coreset`), or a diverse strategy (`badge`,
 `cluster-margin`) picking from the smallest-margin candidates of the subset as `lplgrad query` does
-(on the Ray engine through the query job itself; `candidates=` sets M, default 10 x per_cycle,
+(on the Ray engine through the query job itself; `candidates=` sets M, default 2 x per_cycle,
 `candidate_memory_mb=` bounds their M x (C + D) floats, checked before any training, and `clusters=`
 sets cluster-margin's k-means clusters, default per_cycle / 10).
 

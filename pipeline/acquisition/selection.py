@@ -19,7 +19,12 @@ from pipeline.acquisition._strategies import available_strategies, check_stochas
 from pipeline.acquisition.cluster_margin import default_clusters
 from pipeline.acquisition.diverse import DIVERSE_STRATEGIES
 
-__all__ = ["SelectionSpec", "TopK", "select_topk"]
+__all__ = ["DEFAULT_CANDIDATES_PER_PICK", "SelectionSpec", "TopK", "select_topk"]
+
+# A diverse strategy's candidates (M) per row picked, when unset. Protocol D (docs/results.md) chose 2 on
+# development seeds and confirmed it on twenty others: badge from the 2k smallest margins beat margin top-k;
+# from 10k, a set so large it held most of that pool, the margin filter hardly filtered and it did not.
+DEFAULT_CANDIDATES_PER_PICK = 2
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class SelectionSpec:
             ``None``, so two exact top-k specs compare (and fingerprint) equal whatever beta was given.
         seed: Seed of the ``random`` strategy, of the draw's Gumbel noise and of a diverse
             strategy's draws.
-        candidates: M, the smallest-margin rows a diverse strategy picks from (default ``10 * k``,
+        candidates: M, the smallest-margin rows a diverse strategy picks from (default ``2 * k``,
             at least k); ``None`` for per-sample strategies.
         candidate_memory_mb: The budget of the gathered candidates (M x (C + D) floats), checked
             before any scoring (default 1024 MiB); ``None`` for per-sample strategies.
@@ -82,7 +87,7 @@ class SelectionSpec:
             for name in ("candidates", "candidate_memory_mb", "clusters"):
                 object.__setattr__(self, name, None)
             return
-        candidates = 10 * self.k if self.candidates is None else self.candidates
+        candidates = DEFAULT_CANDIDATES_PER_PICK * self.k if self.candidates is None else self.candidates
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < self.k:
             raise ValueError(f"candidates must be an integer >= k={self.k}, got {self.candidates}")
         budget = 1024.0 if self.candidate_memory_mb is None else float(self.candidate_memory_mb)

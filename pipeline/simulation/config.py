@@ -45,7 +45,7 @@ class SimulateConfig:
     warm_start: bool = False  # the reference implementation keeps the model across cycles
     augment: str = "none"  # training augmentation preset: none | cifar | gray28 | imagenet
     beta: float = 1.0  # inverse temperature of stochastic chains (lplgrad+power, ...)
-    candidates: int | None = None  # badge, cluster-margin: the M smallest-margin rows they pick from (default 10k)
+    candidates: int | None = None  # badge, cluster-margin: the M smallest-margin rows they pick from (default 2k)
     candidate_memory_mb: float = 1024.0  # ... and their M x (C + D) floats' budget, checked before any training
     clusters: int | None = None  # cluster-margin: its k-means clusters (default ceil(per_cycle / 10))
     engine: str = "memory"  # memory: one process, pool in memory | ray: every cycle through the Ray jobs

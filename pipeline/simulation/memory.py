@@ -102,7 +102,7 @@ def check_candidate_budget(
     candidates: int | None = None,
 ) -> None:
     """Refuse, before any training, a diverse chain (``badge``, ``cluster-margin``) whose candidate set
-    would not fit ``budget_mb``: the M (``candidates``, default 10 k) smallest-margin rows a query gathers (at most
+    would not fit ``budget_mb``: the M (``candidates``, default 2 k) smallest-margin rows a query gathers (at most
     ``scoreable``), each ``C + D`` floats (``check_candidate_memory``, the bound the query job checks
     before scoring).
 

@@ -124,7 +124,7 @@ def query_in_memory(
         k: Batch size.
         seed: Seed of random, stochastic draws and the diverse strategies.
         candidate_memory_mb: The diverse strategies' candidate budget, checked before scoring.
-        diverse_candidates: Their M (default ``10 * k``).
+        diverse_candidates: Their M (default ``2 * k``).
         clusters: ``cluster-margin``'s k-means clusters (default ``ceil(k / 10)``).
 
     Returns:
@@ -172,7 +172,7 @@ def diverse_query(
     clusters: int | None = None,
 ) -> list[str]:
     """The keys a diverse strategy (``badge``, ``cluster-margin``) picks, as ``lplgrad query`` does:
-    the forward pass with embeddings (``RowScorer``), the ``candidates`` (default ``10 * k``)
+    the forward pass with embeddings (``RowScorer``), the ``candidates`` (default ``2 * k``)
     smallest-margin rows gathered (``CandidateGatherer``), then ``select_candidates``.
 
     Raises:

@@ -85,7 +85,7 @@ def test_every_diverse_strategy_is_deterministic_bounded_and_seeded(name: str) -
     assert picks != select_diverse(name, candidates, 50, seed=4)
     assert sorted(select_diverse(name, candidates, 10_000, seed=3)) == list(range(len(candidates)))
     spec = SelectionSpec(name, 50, seed=3)
-    assert spec.candidates == 500 and spec.manifest_params()["method"] == DIVERSE_STRATEGIES[name].method
+    assert spec.candidates == 100 and spec.manifest_params()["method"] == DIVERSE_STRATEGIES[name].method
     assert SelectionSpec.from_manifest(name, 50, spec.manifest_params()) == spec
 
 

@@ -23,7 +23,7 @@ def trained() -> TrainedModel:
 
 @pytest.mark.parametrize(
     ("strategy", "m", "clusters"),
-    [("badge", None, None), ("cluster-margin", None, None), ("badge", 50, None), ("cluster-margin", 24, 12)],
+    [("badge", None, None), ("cluster-margin", None, None), ("badge", 50, None), ("cluster-margin", 60, 12)],
 )
 def test_simulated_diverse_query_equals_the_query_path_on_the_same_rows(trained, strategy, m, clusters) -> None:
     images = np.random.default_rng(1).standard_normal((300, 1, 28, 28), dtype=np.float32)
@@ -38,7 +38,7 @@ def test_simulated_diverse_query_equals_the_query_path_on_the_same_rows(trained,
     rows = RowScorer(lambda: (trained.model, None, None), "cpu", gradnorm=False, embeddings=True)(
         {"image": images[candidates], "key": np.array([keys[i] for i in candidates], dtype=object)}
     )
-    spec = SelectionSpec(strategy, 12, seed=5, candidates=m, clusters=clusters)  # M = 120 by default
+    spec = SelectionSpec(strategy, 12, seed=5, candidates=m, clusters=clusters)  # M = 24 by default
     assert spec.clusters == (clusters or (2 if strategy == "cluster-margin" else None))
     gatherer = CandidateGatherer(spec.candidates, 4, rows["penultimate"].shape[1])
     gatherer.add(list(rows["key"]), rows["margin"], rows["residual"], rows["penultimate"])

@@ -46,7 +46,7 @@ class QuerySpec:
     norm: str = "per_tensor_sum"
     storage_options: dict[str, Any] = field(default_factory=dict)
     incremental: bool = True  # copy unchanged shards' rows from the previous run under `out` (not with subset)
-    candidates: int | None = None  # badge, cluster-margin: pick among the M smallest-margin rows (default 10 * k)
+    candidates: int | None = None  # badge, cluster-margin: pick among the M smallest-margin rows (default 2 * k)
     candidate_memory_mb: float | None = None  # their budget, M x (C + D) floats, checked before scoring (default 1024)
     clusters: int | None = None  # cluster-margin's k-means clusters (default ceil(k / 10))
     address: str | None = None
