@@ -24,14 +24,11 @@ def pooled_rows(runs: list[str]) -> list[dict]:
         path, _, only = run.partition(":")
         kept = set(only.split(",")) if only else None
         for row in read_results(Path(path) / "results.parquet"):
-            if kept is None or row["strategy"] in kept:
+            chain_cycle = (row["strategy"], row["seed"], row["cycle"])
+            if (kept is None or row["strategy"] in kept) and chain_cycle not in seen:
+                seen.add(chain_cycle)
                 rows.append(row)
-    unique = []
-    for row in rows:
-        if (row["strategy"], row["seed"], row["cycle"]) not in seen:
-            seen.add((row["strategy"], row["seed"], row["cycle"]))
-            unique.append(row)
-    return unique
+    return rows
 
 
 def seconds_per_cycle(rows: list[dict]) -> str:

@@ -118,10 +118,8 @@ def composition_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(
-    pool: str, out: str, runs: list[str], name: str = "fmnist_protocol_d", strategies: list[str] | None = None
-) -> None:
-    rows = [r for r in pooled_rows(runs) if strategies is None or r["strategy"] in strategies]
+def main(pool: str, out: str, runs: list[str], name: str = "fmnist_protocol_d") -> None:
+    rows = pooled_rows(runs)
     # Partial chains stay: a cycle's difference pairs the seeds that reached it in both chains; the
     # AULC counts only chains with every cycle (aulc_summary).
     chains = complete_chains(rows)

@@ -78,7 +78,7 @@ class SimulateConfig:
         for name in ("initial", "per_cycle", "cycles", "epochs", "batch_size", "num_workers", "actors"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        # The query's own checks of candidates (>= k) and candidate_memory_mb (> 0), with k = per_cycle.
+        # The query's own checks of candidates (>= k), candidate_memory_mb (> 0) and clusters, with k = per_cycle.
         SelectionSpec(
             "cluster-margin",
             self.per_cycle,
